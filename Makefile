@@ -1,0 +1,49 @@
+# EmbedDeck. `make run` sets up and starts the product; `make test` sets up and runs the tests.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export SPARK_LOCAL_IP := 127.0.0.1
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: run test setup system-deps bench lint clean
+
+run: setup
+	$(BIN)/python -m jobs seed-demo
+	$(BIN)/python -m jobs run --source products --id-column id --text-column description \
+		--target product_embeddings --master 'local[2]' || true
+
+test: setup
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python -m jobs.bench $(if $(QUICK),--quick,)
+
+lint: setup
+	$(BIN)/ruff check .
+
+setup: system-deps $(STAMP)
+
+# Java for Spark, unixODBC for pyodbc, PostgreSQL for the tests, Chromium for browser tests.
+system-deps:
+	@missing=""; \
+	java -version 2>&1 | grep -qE 'version "(1[7-9]|2[0-9])' || missing="$$missing openjdk-17-jre-headless"; \
+	ldconfig -p | grep -q 'libodbc.so.2' || missing="$$missing unixodbc"; \
+	ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:$$missing"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache

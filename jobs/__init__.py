@@ -1,0 +1,1 @@
+"""EmbedDeck jobs: everything that defines, drives and stores an embedding run."""

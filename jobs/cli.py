@@ -1,0 +1,192 @@
+"""`python -m jobs <verb>`: run, status, list, cancel, search, seed-demo.
+
+Exit codes: 0 success, 1 the run failed, 2 bad input (one line on stderr naming the problem),
+3 the run was cancelled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from jobs import db
+from jobs.progress import eta_seconds, format_duration
+from jobs.runs import CANCELLED, SUCCEEDED, Registry, Run
+from jobs.spec import DEFAULT_MODEL, RunSpec, SpecError
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jobs", description="EmbedDeck embedding runs")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    run = verbs.add_parser("run", help="start an embedding run")
+    run.add_argument("--db", default=None, help="SQLAlchemy URL (default $EMBEDDECK_DB_URL or embedded SQLite)")
+    run.add_argument("--source", required=True)
+    run.add_argument("--id-column", required=True)
+    run.add_argument("--text-column", required=True)
+    run.add_argument("--target", required=True)
+    run.add_argument("--model", default=DEFAULT_MODEL)
+    run.add_argument("--master", default="local[*]", help="local[N] or spark://host:port")
+    run.add_argument("--mode", default="incremental", choices=["incremental", "full"])
+    run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--chunk-rows", type=int, default=256)
+    run.add_argument("--partitions", type=int, default=None)
+    run.add_argument("--detach", action="store_true", help="print the run id and return at once")
+
+    status = verbs.add_parser("status", help="state and progress of one run")
+    status.add_argument("run_id")
+    status.add_argument("--json", action="store_true")
+
+    lst = verbs.add_parser("list", help="all runs, newest first")
+    lst.add_argument("--json", action="store_true")
+
+    cancel = verbs.add_parser("cancel", help="cancel an active run")
+    cancel.add_argument("run_id")
+
+    search = verbs.add_parser("search", help="top-k rows most similar to a query")
+    search.add_argument("--db", default=None)
+    search.add_argument("--target", required=True)
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--model", default=None, help="query model (default: the stored vectors' model)")
+    search.add_argument("--json", action="store_true")
+    search.add_argument("query")
+
+    seed = verbs.add_parser("seed-demo", help="create the demo products table if missing")
+    seed.add_argument("--db", default=None)
+    seed.add_argument("--rows", type=int, default=None)
+    return parser
+
+
+def progress_line(run: Run) -> str:
+    """One line: state, rows done/total, rows/s, ETA."""
+    total = run.rows_total
+    pct = f"{100 * run.rows_done / total:5.1f}%" if total else "  —  "
+    eta = eta_seconds(total, run.rows_done, run.rows_per_s) if run.state == "running" else None
+    return (f"{run.run_id} {run.state:<9} {pct} {run.rows_done}/{total if total is not None else '?'} rows"
+            f"  {run.rows_per_s:7.1f} rows/s  ETA {format_duration(eta)}  skipped {run.rows_skipped}")
+
+
+def wait(registry: Registry, run_id: str, out=sys.stderr) -> Run:
+    """Follow a run until it ends, drawing a progress line; Ctrl-C cancels the run."""
+    from jobs.launcher import cancel
+
+    try:
+        while True:
+            registry.reconcile()
+            run = registry.get(run_id)
+            if out.isatty():
+                out.write("\r" + progress_line(run) + "   ")
+            out.flush()
+            if not run.active:
+                if out.isatty():
+                    out.write("\n")
+                return run
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        cancel(run_id, registry)
+        return registry.get(run_id)
+
+
+def exit_code(run: Run) -> int:
+    return {SUCCEEDED: EXIT_OK, CANCELLED: EXIT_CANCELLED}.get(run.state, EXIT_FAILED)
+
+
+def cmd_run(args) -> int:
+    from jobs.launcher import launch
+
+    spec = RunSpec(db_url=args.db or db.default_db_url(), source=args.source, id_column=args.id_column,
+                   text_column=args.text_column, target=args.target, model=args.model,
+                   batch_size=args.batch_size, chunk_rows=args.chunk_rows, partitions=args.partitions,
+                   mode=args.mode, master=args.master, launched_by="cli")
+    registry = Registry()
+    run_id = launch(spec, registry)
+    if args.detach:
+        print(run_id)
+        return EXIT_OK
+    print(f"run {run_id} started", file=sys.stderr)
+    run = wait(registry, run_id)
+    print(progress_line(run))
+    if run.error:
+        print(f"error: {run.error}", file=sys.stderr)
+    return exit_code(run)
+
+
+def _get(registry: Registry, run_id: str) -> Run:
+    registry.reconcile()
+    run = registry.get(run_id)
+    if run is None:
+        raise SpecError(f"run {run_id} does not exist")
+    return run
+
+
+def cmd_status(args) -> int:
+    run = _get(Registry(), args.run_id)
+    if args.json:
+        print(json.dumps(run.as_dict(), indent=2))
+    else:
+        print(progress_line(run))
+        if run.error:
+            print(f"error: {run.error}")
+    return EXIT_OK
+
+
+def cmd_list(args) -> int:
+    registry = Registry()
+    registry.reconcile()
+    runs = registry.list()
+    if args.json:
+        print(json.dumps([r.as_dict() for r in runs], indent=2))
+    else:
+        for run in runs:
+            print(f"{run.run_id}  {run.state:<9} {run.rows_done:>8} rows  {run.source} -> {run.target}"
+                  f"  {run.model}  by {run.launched_by}")
+    return EXIT_OK
+
+
+def cmd_cancel(args) -> int:
+    from jobs.launcher import cancel
+
+    registry = Registry()
+    _get(registry, args.run_id)
+    print(cancel(args.run_id, registry))
+    return EXIT_OK
+
+
+def cmd_search(args) -> int:
+    from jobs.search import search
+
+    result = search(args.db or db.default_db_url(), args.target, args.query, k=args.k, model=args.model)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if args.json:
+        print(json.dumps([{"id": h.id, "score": round(h.score, 6), "text": h.text} for h in result.hits]))
+    else:
+        for rank, hit in enumerate(result.hits, 1):
+            print(f"{rank:>3}. {hit.score:.4f}  [{hit.id}]  {(hit.text or '')[:100]}")
+        print(f"model {result.model}; encode {result.encode_ms:.0f} ms, search {result.search_ms:.0f} ms",
+              file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_seed_demo(args) -> int:
+    from jobs.demo import DEMO_ROWS, seed_demo
+
+    url = args.db or db.default_db_url()
+    count = seed_demo(url, n=args.rows or DEMO_ROWS)
+    print(f"products: {count} rows in {db.redact_url(url)}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"run": cmd_run, "status": cmd_status, "list": cmd_list, "cancel": cmd_cancel,
+               "search": cmd_search, "seed-demo": cmd_seed_demo}[args.verb]
+    try:
+        return handler(args)
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT

@@ -1,0 +1,353 @@
+"""Database access on SQLAlchemy: engines, catalog, target tables, range reads, vector upserts.
+
+Three dialects: SQLite (embedded default), PostgreSQL (psycopg) and SQL Server (pyodbc).
+Identifiers always come from the reflected catalog and are quoted by the dialect.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mssql, postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.types import UserDefinedType
+
+from jobs import vectors
+from jobs.spec import RunSpec, SpecError
+
+TARGET_COLUMNS = ("source_id", "embedding", "model", "content_hash", "embedded_at")
+
+
+class MSSQLVector(UserDefinedType):
+    """SQL Server 2025 VECTOR(n); values travel as JSON array text."""
+
+    cache_ok = True
+
+    def __init__(self, dim: int | None = None):
+        self.dim = dim
+
+    def get_col_spec(self, **_: object) -> str:
+        return f"VECTOR({self.dim})" if self.dim else "VECTOR"
+
+
+# Reflection of an existing VECTOR column would otherwise give NullType with a warning.
+mssql.base.ischema_names.setdefault("vector", MSSQLVector)
+
+
+def default_home() -> Path:
+    """Where EmbedDeck keeps local state (registry, embedded database, logs)."""
+    home = Path(os.environ.get("EMBEDDECK_HOME", Path(__file__).resolve().parent.parent / "var"))
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def default_db_url() -> str:
+    """$EMBEDDECK_DB_URL, else the embedded SQLite demo database."""
+    return os.environ.get("EMBEDDECK_DB_URL") or f"sqlite:///{default_home() / 'embeddeck.sqlite'}"
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ***, safe to show and log."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparseable database URL>"
+
+
+def _sqlite_on_connect(dbapi_conn, _record) -> None:
+    # Undecodable bytes in a TEXT column must not abort a whole chunk: decode with U+FFFD.
+    dbapi_conn.text_factory = lambda b: b.decode("utf-8", errors="replace")
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    # Concurrent Spark tasks commit to one file; with no busy timeout half the commits fail.
+    cur.execute("PRAGMA busy_timeout=60000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+@functools.lru_cache(maxsize=16)
+def engine_for(url: str) -> Engine:
+    """One pooled engine per URL per process."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    kwargs: dict = {"pool_pre_ping": True}
+    if backend == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"timeout": 60}
+    elif backend == "mssql":
+        # Microsoft's driver batches executemany; FreeTDS crashes with it, so only then.
+        driver = str(parsed.query.get("driver", ""))
+        kwargs["fast_executemany"] = "ODBC Driver" in driver
+    elif backend == "postgresql":
+        kwargs["connect_args"] = {"connect_timeout": 10}
+    engine = sa.create_engine(parsed, **kwargs)
+    if backend == "sqlite":
+        sa.event.listen(engine, "connect", _sqlite_on_connect)
+    return engine
+
+
+def connection_error_message(exc: Exception, url: str) -> str:
+    """One line naming what failed, without the password."""
+    first = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
+    reason = first[0] if first else type(exc).__name__
+    password = make_url(url).password
+    if password:
+        reason = reason.replace(str(password), "***")
+    return f"cannot connect to {redact_url(url)}: {reason}"
+
+
+def check_connection(url: str) -> Engine:
+    """Engine for url after a round trip; raises SpecError with a redacted message."""
+    try:
+        engine = engine_for(url)
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return engine
+    except SpecError:
+        raise
+    except Exception as exc:
+        raise SpecError(connection_error_message(exc, url)) from None
+
+
+def list_tables(engine: Engine) -> list[str]:
+    """Table names in the default schema, sorted."""
+    return sorted(sa.inspect(engine).get_table_names())
+
+
+def _split_name(engine: Engine, name: str) -> tuple[str | None, str]:
+    names = set(list_tables(engine))
+    if name in names or "." not in name:
+        return None, name
+    schema, _, table = name.partition(".")
+    return schema, table
+
+
+def reflect(engine: Engine, name: str, role: str = "table") -> sa.Table:
+    """The table as the catalog has it; SpecError naming it when it does not exist."""
+    schema, table = _split_name(engine, name)
+    if not sa.inspect(engine).has_table(table, schema=schema):
+        known = ", ".join(list_tables(engine)[:20]) or "none"
+        raise SpecError(f"{role} table {name!r} does not exist (tables: {known})")
+    return sa.Table(table, sa.MetaData(), schema=schema, autoload_with=engine)
+
+
+def column(table: sa.Table, name: str, role: str) -> sa.Column:
+    """A column of table; SpecError naming it and the columns that exist."""
+    if name not in table.c:
+        known = ", ".join(c.name for c in table.c)
+        raise SpecError(f"{role} column {name!r} is not in table {table.name!r} (columns: {known})")
+    return table.c[name]
+
+
+def is_integer_type(col_type: sa.types.TypeEngine) -> bool:
+    """Whether key ranges can be planned over a column of this type."""
+    return isinstance(col_type, sa.Integer) or (
+        isinstance(col_type, sa.Numeric) and getattr(col_type, "scale", None) == 0
+    )
+
+
+@dataclass
+class Tables:
+    """Source and target of a run, reflected or created."""
+
+    source: sa.Table
+    id_col: sa.Column
+    text_col: sa.Column
+    target: sa.Table | None
+    vector_native: bool
+
+
+def inspect_run(engine: Engine, spec: RunSpec) -> Tables:
+    """Check source, columns and an existing target against the catalog; SpecError if wrong."""
+    source = reflect(engine, spec.source, "source")
+    id_col = column(source, spec.id_column, "id")
+    text_col = column(source, spec.text_column, "text")
+    if not is_integer_type(id_col.type):
+        raise SpecError(
+            f"id column {spec.id_column!r} is {id_col.type}; key ranges need an integer id column"
+        )
+    target = None
+    schema, name = _split_name(engine, spec.target)
+    if sa.inspect(engine).has_table(name, schema=schema):
+        target = sa.Table(name, sa.MetaData(), schema=schema, autoload_with=engine)
+        check_target(target, engine)
+    native = target is not None and isinstance(target.c.embedding.type, MSSQLVector)
+    return Tables(source, id_col, text_col, target, native)
+
+
+def check_target(target: sa.Table, engine: Engine) -> None:
+    """Refuse an existing target that cannot hold our upserts, saying what differs."""
+    problems = [f"column {c!r} is missing" for c in TARGET_COLUMNS if c not in target.c]
+    if "embedding" in target.c:
+        etype = target.c.embedding.type
+        if not isinstance(etype, (sa.LargeBinary, MSSQLVector, sa.types._Binary)):
+            problems.append(f"column 'embedding' is {etype}, not a binary or VECTOR type")
+    if "source_id" in target.c:
+        pk = {c.name for c in target.primary_key.columns}
+        uniques = [set(u["column_names"]) for u in sa.inspect(engine).get_unique_constraints(
+            target.name, schema=target.schema)]
+        if pk != {"source_id"} and {"source_id"} not in uniques:
+            problems.append("column 'source_id' is not the primary key")
+    if problems:
+        raise SpecError(f"existing target table {target.name!r} is incompatible: " + "; ".join(problems))
+
+
+def target_table(name: str, id_type: sa.types.TypeEngine, vector_type: sa.types.TypeEngine,
+                 schema: str | None = None) -> sa.Table:
+    """The target table's definition: one row per source id."""
+    metadata = sa.MetaData()
+    table = sa.Table(
+        name, metadata,
+        sa.Column("source_id", id_type, primary_key=True, autoincrement=False),
+        sa.Column("embedding", vector_type, nullable=False),
+        sa.Column("model", sa.String(200), nullable=False),
+        sa.Column("content_hash", sa.String(64), nullable=False),
+        sa.Column("embedded_at", sa.DateTime(), nullable=False),
+        schema=schema,
+    )
+    # Progress is counted as rows embedded since the run started; the index keeps that cheap.
+    sa.Index(f"ix_{name}_embedded_at"[:120], table.c.embedded_at)
+    return table
+
+
+def vector_type_for(dialect_name: str, dim: int, native: bool = False) -> sa.types.TypeEngine:
+    """Column type for a new embedding column in this dialect."""
+    if dialect_name == "mssql":
+        return MSSQLVector(dim) if native else mssql.VARBINARY(8000)
+    return sa.LargeBinary()
+
+
+def ensure_target(engine: Engine, spec: RunSpec, tables: Tables, dim: int) -> sa.Table:
+    """The existing compatible target, or a new one created with the contract's columns."""
+    if tables.target is not None:
+        return tables.target
+    schema, name = _split_name(engine, spec.target)
+    id_type = tables.id_col.type
+    if not isinstance(id_type, sa.Integer):
+        id_type = sa.BigInteger()
+    table = target_table(name, id_type, vector_type_for(engine.dialect.name, dim), schema)
+    table.metadata.create_all(engine, checkfirst=True)
+    tables.target = table
+    return table
+
+
+def id_bounds(engine: Engine, source: sa.Table, id_col: sa.Column) -> tuple[int, int, int] | None:
+    """(min id, max id, row count) of the source, or None when it is empty."""
+    with engine.connect() as conn:
+        lo, hi, n = conn.execute(sa.select(sa.func.min(id_col), sa.func.max(id_col), sa.func.count())
+                                 .select_from(source)).one()
+    if n == 0 or lo is None:
+        return None
+    return int(lo), int(hi), int(n)
+
+
+def chunk_query(source: sa.Table, id_col: sa.Column, text_col: sa.Column, target: sa.Table,
+                lo: int, hi: int, after: int | None, limit: int) -> sa.Select:
+    """Next chunk of a key range: source id and text beside the stored hash and model."""
+    cond = [id_col >= lo, id_col <= hi]
+    if after is not None:
+        cond.append(id_col > after)
+    j = source.outerjoin(target, target.c.source_id == id_col)
+    return (sa.select(id_col.label("id"), text_col.label("text"),
+                      target.c.content_hash.label("hash"), target.c.model.label("model"))
+            .select_from(j).where(*cond).order_by(id_col).limit(limit))
+
+
+def upsert_statement(target: sa.Table, dialect_name: str, native_dim: int | None = None):
+    """Idempotent insert-or-update keyed by source_id, as executemany-able statement."""
+    cols = list(TARGET_COLUMNS)
+    if dialect_name in ("sqlite", "postgresql"):
+        ins = (sqlite.insert if dialect_name == "sqlite" else postgresql.insert)(target)
+        return ins.on_conflict_do_update(
+            index_elements=[target.c.source_id],
+            set_={c: ins.excluded[c] for c in cols if c != "source_id"},
+        )
+    if dialect_name == "mssql":
+        prep = mssql.dialect().identifier_preparer
+        q = {c: prep.quote(c) for c in cols}
+        emb = f"CAST(:embedding AS VECTOR({native_dim}))" if native_dim else ":embedding"
+        src = ", ".join(
+            [f":source_id AS {q['source_id']}", f"{emb} AS {q['embedding']}"]
+            + [f":{c} AS {q[c]}" for c in cols[2:]])
+        sets = ", ".join(f"tgt.{q[c]} = src.{q[c]}" for c in cols[1:])
+        names = ", ".join(q[c] for c in cols)
+        values = ", ".join(f"src.{q[c]}" for c in cols)
+        return sa.text(
+            f"MERGE INTO {prep.format_table(target)} WITH (HOLDLOCK) AS tgt "
+            f"USING (SELECT {src}) AS src ON tgt.{q['source_id']} = src.{q['source_id']} "
+            f"WHEN MATCHED THEN UPDATE SET {sets} "
+            f"WHEN NOT MATCHED THEN INSERT ({names}) VALUES ({values});"
+        )
+    raise SpecError(f"database dialect {dialect_name!r} is not supported (sqlite, postgresql, mssql)")
+
+
+def encode_for(target: sa.Table, vector) -> object:
+    """A vector in the form the target's embedding column takes."""
+    if isinstance(target.c.embedding.type, MSSQLVector):
+        return vectors.to_json(vector)
+    return vectors.to_bytes(vector)
+
+
+def upsert(conn: Connection, target: sa.Table, rows: list[dict]) -> None:
+    """Upsert rows (dicts with the target's columns) in the caller's transaction."""
+    if not rows:
+        return
+    native = isinstance(target.c.embedding.type, MSSQLVector)
+    dim = len(vectors.from_json(rows[0]["embedding"])) if native else None
+    conn.execute(upsert_statement(target, conn.dialect.name, dim), rows)
+
+
+def utcnow() -> dt.datetime:
+    """Naive UTC timestamp, the form every dialect stores in a DateTime column."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def count_embedded_since(engine: Engine, target: sa.Table, since: dt.datetime) -> int:
+    """Rows of target written at or after since: the progress of the run that started then."""
+    with engine.connect() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(target)
+                                .where(target.c.embedded_at >= since)).scalar_one())
+
+
+def target_models(engine: Engine, target: sa.Table) -> list[str]:
+    """Distinct model names stored in a target."""
+    with engine.connect() as conn:
+        return [r[0] for r in conn.execute(sa.select(target.c.model).distinct())]
+
+
+targets_table = sa.Table(
+    "embeddeck_targets", sa.MetaData(),
+    sa.Column("target", sa.String(400), primary_key=True),
+    sa.Column("source", sa.String(400), nullable=False),
+    sa.Column("id_column", sa.String(400), nullable=False),
+    sa.Column("text_column", sa.String(400), nullable=False),
+    sa.Column("model", sa.String(400), nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+)
+
+
+def record_target(engine: Engine, spec: RunSpec) -> None:
+    """Remember which source and columns a target was embedded from (search shows that text)."""
+    targets_table.metadata.create_all(engine, checkfirst=True)
+    values = {"source": spec.source, "id_column": spec.id_column, "text_column": spec.text_column,
+              "model": spec.model, "updated_at": utcnow()}
+    with engine.begin() as conn:
+        n = conn.execute(targets_table.update().where(targets_table.c.target == spec.target)
+                         .values(**values)).rowcount
+        if n == 0:
+            conn.execute(targets_table.insert().values(target=spec.target, **values))
+
+
+def target_origin(engine: Engine, target: str) -> dict | None:
+    """Source, id column, text column and model a target was last embedded from, if known."""
+    if not sa.inspect(engine).has_table(targets_table.name):
+        return None
+    with engine.connect() as conn:
+        row = conn.execute(targets_table.select().where(targets_table.c.target == target)).mappings().first()
+    return dict(row) if row else None

@@ -1,0 +1,113 @@
+"""Deterministic demo catalogue: product rows with ids, titles, categories and descriptions."""
+
+from __future__ import annotations
+
+import random
+
+import sqlalchemy as sa
+
+from jobs import db
+
+DEMO_TABLE = "products"
+DEMO_TARGET = "product_embeddings"
+DEMO_ROWS = 6000
+
+CATALOGUE = {
+    "Footwear": (["running shoe", "hiking boot", "sandal", "sneaker", "loafer", "rain boot", "trail runner"],
+                 ["mesh", "full-grain leather", "suede", "recycled rubber", "waterproof nylon"],
+                 ["cushioned midsole", "grippy lugged outsole", "breathable lining", "removable insole",
+                  "reinforced toe cap", "quick-lace system"],
+                 ["daily runs", "mountain trails", "city walks", "the beach", "long shifts on your feet"]),
+    "Kitchen": (["chef's knife", "cast iron skillet", "espresso machine", "blender", "dutch oven",
+                 "cutting board", "kettle"],
+                ["stainless steel", "enamelled cast iron", "bamboo", "tempered glass", "carbon steel"],
+                ["ergonomic handle", "even heat distribution", "dishwasher-safe parts",
+                 "15-bar pressure pump", "non-slip base", "temperature control"],
+                ["weeknight dinners", "slow braises", "morning coffee", "meal prep", "baking bread"]),
+    "Electronics": (["wireless headphones", "bluetooth speaker", "mechanical keyboard", "4K monitor",
+                     "portable charger", "smartwatch", "webcam"],
+                    ["aluminium", "matte plastic", "tempered glass", "woven fabric"],
+                    ["active noise cancellation", "30-hour battery", "USB-C fast charging",
+                     "hot-swappable switches", "HDR support", "heart-rate sensor", "auto focus"],
+                    ["commuting", "video calls", "gaming", "working from home", "travel"]),
+    "Outdoor": (["tent", "sleeping bag", "backpack", "camping stove", "headlamp", "trekking poles",
+                 "water filter"],
+                ["ripstop nylon", "down fill", "titanium", "carbon fibre", "polyester"],
+                ["two-minute setup", "rated to -10°C", "adjustable torso length", "wind-resistant burner",
+                 "red night mode", "hollow-fibre membrane"],
+                ["backcountry trips", "festival weekends", "alpine climbs", "family camping"]),
+    "Home": (["sofa", "desk lamp", "area rug", "bookshelf", "duvet", "air purifier", "office chair"],
+             ["solid oak", "linen", "wool", "walnut veneer", "organic cotton", "powder-coated steel"],
+             ["adjustable height", "dimmable warm light", "HEPA filter", "lumbar support",
+              "stain-resistant finish", "hypoallergenic fill"],
+             ["small apartments", "home offices", "reading nooks", "allergy sufferers", "guest rooms"]),
+    "Beauty": (["face serum", "shampoo", "sunscreen", "moisturiser", "lip balm", "hair dryer"],
+               ["vitamin C", "hyaluronic acid", "argan oil", "shea butter", "ceramides"],
+               ["fragrance-free formula", "SPF 50 protection", "ionic technology", "refillable bottle",
+                "dermatologist tested", "vegan ingredients"],
+               ["sensitive skin", "dry hair", "daily routines", "sunny holidays"]),
+    "Toys": (["building blocks", "puzzle", "plush bear", "remote-control car", "board game", "train set"],
+             ["sustainably sourced wood", "BPA-free plastic", "soft fleece", "cardboard"],
+             ["1000 pieces", "rechargeable battery", "ages 3 and up", "cooperative play",
+              "magnetic couplings", "machine-washable"],
+             ["rainy afternoons", "family game night", "birthday gifts", "early learning"]),
+    "Books": (["cookbook", "thriller novel", "field guide", "children's picture book", "biography",
+               "science primer"],
+              ["hardcover", "paperback", "illustrated edition", "large print"],
+              ["over 120 recipes", "a twist in every chapter", "full-colour photographs",
+               "rhyming text", "archival letters", "clear diagrams"],
+              ["curious readers", "holiday reading", "bedtime stories", "students"]),
+}
+BRANDS = ["Northwind", "Contoso", "Fabrikam", "Tailspin", "Litware", "Adatum", "Proseware",
+          "Woodgrove", "Lucerne", "Wingtip"]
+ADJECTIVES = ["lightweight", "durable", "compact", "premium", "versatile", "classic", "eco-friendly",
+              "ultra-quiet", "heavy-duty", "minimalist"]
+COLOURS = ["black", "slate grey", "forest green", "navy", "sand", "crimson", "white", "teal"]
+
+
+def product(rng: random.Random, row_id: int) -> dict:
+    """One product row; the same id always gives the same product."""
+    category = rng.choice(sorted(CATALOGUE))
+    nouns, materials, features, uses = CATALOGUE[category]
+    noun, material, brand = rng.choice(nouns), rng.choice(materials), rng.choice(BRANDS)
+    adjective, colour = rng.choice(ADJECTIVES), rng.choice(COLOURS)
+    picked = rng.sample(features, k=rng.randint(1, min(4, len(features))))
+    title = f"{brand} {adjective.title()} {noun.title()}"
+    sentences = [f"A {adjective} {noun} made from {material}, in {colour}."]
+    sentences.append("It features " + ", ".join(picked[:-1]) + (" and " if len(picked) > 1 else "")
+                     + picked[-1] + ".")
+    if rng.random() < 0.7:
+        sentences.append(f"Designed for {rng.choice(uses)}.")
+    if rng.random() < 0.4:
+        sentences.append(f"{brand} backs it with a {rng.choice([1, 2, 3, 5])}-year warranty.")
+    if rng.random() < 0.25:
+        sentences.append(f"Customers say it is ideal for {rng.choice(uses)} and easy to care for.")
+    return {"id": row_id, "title": title, "category": category,
+            "price": round(rng.uniform(5, 900), 2), "description": " ".join(sentences)}
+
+
+def products(n: int = DEMO_ROWS, seed: int = 7) -> list[dict]:
+    """n deterministic product rows with ids 1..n."""
+    rng = random.Random(seed)
+    return [product(rng, i) for i in range(1, n + 1)]
+
+
+def seed_demo(url: str | None = None, n: int = DEMO_ROWS, table: str = DEMO_TABLE) -> int:
+    """Create and fill the demo source table if it is missing; returns its row count."""
+    engine = db.engine_for(url or db.default_db_url())
+    meta = sa.MetaData()
+    products_table = sa.Table(
+        table, meta,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("title", sa.String(200), nullable=False),
+        sa.Column("category", sa.String(60), nullable=False),
+        sa.Column("price", sa.Float, nullable=False),
+        sa.Column("description", sa.Text),
+    )
+    meta.create_all(engine, checkfirst=True)
+    with engine.begin() as conn:
+        count = conn.execute(sa.select(sa.func.count()).select_from(products_table)).scalar_one()
+        if count == 0:
+            conn.execute(products_table.insert(), products(n))
+            count = n
+    return int(count)

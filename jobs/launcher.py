@@ -1,0 +1,140 @@
+"""Start and cancel runs: each run's driver is its own spark-submit process (client mode)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import psutil
+
+from jobs import db
+from jobs.encoder import model_path
+from jobs.runs import CANCELLED, Registry
+from jobs.spec import RunSpec, SpecError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def spark_submit() -> str:
+    """The spark-submit script of the installed pyspark."""
+    import pyspark
+
+    return str(Path(pyspark.__file__).parent / "bin" / "spark-submit")
+
+
+def check_master(master: str, timeout_s: float = 3.0) -> None:
+    """Raise SpecError unless a spark:// master accepts connections (local masters always do)."""
+    if master.startswith("local"):
+        return
+    parsed = urlparse(master)
+    if parsed.scheme != "spark" or not parsed.hostname:
+        raise SpecError(f"master must be local[N] or spark://host:port, not {master!r}")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 7077), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise SpecError(f"Spark master {master} is unreachable: {exc.strerror or exc}") from None
+
+
+def validate(spec: RunSpec) -> db.Tables:
+    """Everything a front door checks before a run is recorded: shape, catalog, model, master."""
+    spec.check_shape()
+    engine = db.check_connection(spec.db_url)
+    tables = db.inspect_run(engine, spec)
+    model_path(spec.model)
+    check_master(spec.master)
+    return tables
+
+
+def spark_env(db_url: str | None = None) -> dict[str, str]:
+    """Environment of a driver: loopback binding, our Python, our code on the path."""
+    env = dict(os.environ)
+    env.update({
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+        "PYTHONUNBUFFERED": "1",
+    })
+    if db_url:
+        env["EMBEDDECK_RUN_DB_URL"] = db_url
+    return env
+
+
+def spark_conf(master: str) -> dict[str, str]:
+    """Spark settings every run uses."""
+    return {
+        "spark.master": master,
+        "spark.driver.host": os.environ.get("EMBEDDECK_DRIVER_HOST", "127.0.0.1"),
+        "spark.driver.bindAddress": os.environ.get("EMBEDDECK_DRIVER_BIND", "127.0.0.1"),
+        "spark.ui.showConsoleProgress": "false",
+        "spark.python.worker.reuse": "true",
+        "spark.pyspark.python": sys.executable,
+        "spark.executorEnv.PYTHONPATH": str(REPO),
+        "spark.executorEnv.EMBEDDECK_TORCH_THREADS": os.environ.get("EMBEDDECK_TORCH_THREADS", "1"),
+        "spark.executorEnv.HF_HUB_OFFLINE": "1",
+        "spark.task.maxFailures": "4",
+        "spark.executor.memory": os.environ.get("EMBEDDECK_EXECUTOR_MEMORY", "1g"),
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.master.rest.enabled": "false",
+    }
+
+
+def launch(spec: RunSpec, registry: Registry | None = None) -> str:
+    """Validate, record a queued run and start its driver; returns the run id at once."""
+    validate(spec)
+    registry = registry or Registry()
+    stored = spec.with_db_url(db.redact_url(spec.db_url))
+    run_id = registry.create(stored.to_json(), spec.launched_by, spec.source, spec.target,
+                             spec.model, spec.master)
+    log_dir = db.default_home() / "runs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{run_id}.log"
+    cmd = [spark_submit()]
+    for key, value in spark_conf(spec.master).items():
+        cmd += ["--conf", f"{key}={value}"]
+    cmd += [str(REPO / "jobs" / "pipeline.py"), "--run-id", run_id]
+    env = spark_env(spec.db_url)
+    env["EMBEDDECK_REGISTRY_URL"] = registry.url
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, cwd=str(REPO), start_new_session=True)
+    registry.set_driver(run_id, proc.pid, str(log_path))
+    # Reap the child when it exits so it never lingers as a zombie of a long-lived front door.
+    threading.Thread(target=proc.wait, daemon=True).start()
+    return run_id
+
+
+def cancel(run_id: str, registry: Registry | None = None, grace_s: float = 20.0) -> str:
+    """Ask the driver to cancel its Spark jobs; kill its process group if it does not stop in time."""
+    registry = registry or Registry()
+    run = registry.get(run_id)
+    if run is None:
+        raise SpecError(f"run {run_id} does not exist")
+    if not run.active:
+        return run.state
+    registry.request_cancel(run_id)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        run = registry.get(run_id)
+        if not run.active:
+            return run.state
+        if run.driver_pid is None or not psutil.pid_exists(run.driver_pid):
+            break
+        time.sleep(0.5)
+    if run.driver_pid:
+        try:
+            os.killpg(run.driver_pid, signal.SIGTERM)
+            time.sleep(2)
+            os.killpg(run.driver_pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    registry.finish(run_id, CANCELLED, error="cancelled by request")
+    return registry.get(run_id).state

@@ -1,0 +1,251 @@
+"""The Spark application of a run: plan key ranges, then read, encode and upsert inside tasks.
+
+Started by the launcher with spark-submit (client mode). No vector passes through the driver:
+each task reads its own id range from the database, encodes with the model cached in its Python
+worker, and commits its upserts per chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pandas as pd
+
+from jobs import db, plan
+from jobs.encoder import get_encoder, model_dim
+from jobs.progress import rate
+from jobs.runs import CANCELLED, FAILED, SUCCEEDED, Registry
+from jobs.spec import RunSpec, SpecError
+from jobs.texts import content_hash, normalize_text
+
+log = logging.getLogger("embeddeck.pipeline")
+
+RANGE_SCHEMA = "index long, lo long, hi long"
+SCAN_SCHEMA = "index long, lo long, hi long, rows long, needed long, empty long, current long"
+EMBED_SCHEMA = "index long, embedded long, seconds double"
+PROGRESS_EVERY_S = 2.0
+
+
+def _tables(spec: RunSpec) -> db.Tables:
+    engine = db.engine_for(spec.db_url)
+    tables = db.inspect_run(engine, spec)
+    if tables.target is None:
+        raise SpecError(f"target table {spec.target!r} does not exist")
+    return tables
+
+
+def _chunks(spec: RunSpec, tables: db.Tables, lo: int, hi: int) -> Iterator[list]:
+    """Rows of [lo, hi] with their stored hash and model, chunk by chunk (bounded memory)."""
+    engine = db.engine_for(spec.db_url)
+    after = None
+    while True:
+        q = db.chunk_query(tables.source, tables.id_col, tables.text_col, tables.target,
+                           lo, hi, after, spec.chunk_rows)
+        with engine.connect() as conn:
+            rows = conn.execute(q).all()
+        if not rows:
+            return
+        yield rows
+        after = rows[-1][0]
+
+
+def _classify(spec: RunSpec, rows: list) -> tuple[list[tuple[int, str, str]], int, int]:
+    """Split a chunk into rows to embed (id, text, hash), empty rows and up-to-date rows."""
+    todo, empty, current = [], 0, 0
+    for row_id, raw, stored_hash, stored_model in rows:
+        text = normalize_text(raw)
+        if text is None:
+            empty += 1
+            continue
+        digest = content_hash(text)
+        if plan.needs_vector(text, digest, stored_hash, stored_model, spec.model, spec.mode):
+            todo.append((row_id, text, digest))
+        else:
+            current += 1
+    return todo, empty, current
+
+
+def scan_partitions(spec: RunSpec):
+    """mapInPandas function: count per key range what the run has to embed."""
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        tables = _tables(spec)
+        for batch in batches:
+            out = []
+            for r in batch.itertuples(index=False):
+                rows = needed = empty = current = 0
+                for chunk in _chunks(spec, tables, int(r.lo), int(r.hi)):
+                    todo, e, c = _classify(spec, chunk)
+                    rows += len(chunk)
+                    needed += len(todo)
+                    empty += e
+                    current += c
+                out.append((r.index, r.lo, r.hi, rows, needed, empty, current))
+            yield pd.DataFrame(out, columns=["index", "lo", "hi", "rows", "needed", "empty", "current"])
+
+    return run
+
+
+def embed_partitions(spec: RunSpec):
+    """mapInPandas function: read, encode and upsert each key range, committing per chunk."""
+
+    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        threads = int(os.environ.get("EMBEDDECK_TORCH_THREADS", "0"))
+        if threads > 0:
+            import torch
+
+            torch.set_num_threads(threads)
+        tables = _tables(spec)
+        engine = db.engine_for(spec.db_url)
+        encoder = get_encoder(spec.model)
+        for batch in batches:
+            out = []
+            for r in batch.itertuples(index=False):
+                t0, embedded = time.perf_counter(), 0
+                for chunk in _chunks(spec, tables, int(r.lo), int(r.hi)):
+                    todo, _, _ = _classify(spec, chunk)
+                    if not todo:
+                        continue
+                    vecs = encoder.encode([t for _, t, _ in todo], batch_size=spec.batch_size)
+                    now = db.utcnow()
+                    rows = [{"source_id": i, "embedding": db.encode_for(tables.target, v),
+                             "model": spec.model, "content_hash": h, "embedded_at": now}
+                            for (i, _, h), v in zip(todo, vecs)]
+                    with engine.begin() as conn:
+                        db.upsert(conn, tables.target, rows)
+                    embedded += len(rows)
+                out.append((r.index, embedded, time.perf_counter() - t0))
+            yield pd.DataFrame(out, columns=["index", "embedded", "seconds"])
+
+    return run
+
+
+class _ProgressWatcher(threading.Thread):
+    """Publishes rows done and rows/s every 2 s, and turns a cancel request into a job cancel."""
+
+    def __init__(self, spark, registry: Registry, run_id: str, spec: RunSpec, target, since):
+        super().__init__(daemon=True)
+        self.spark, self.registry, self.run_id = spark, registry, run_id
+        self.engine, self.target, self.since = db.engine_for(spec.db_url), target, since
+        self.stop_event = threading.Event()
+        self.cancelled = False
+        self.samples: list[tuple[float, int]] = []
+
+    def sample(self) -> int:
+        done = db.count_embedded_since(self.engine, self.target, self.since)
+        self.samples.append((time.monotonic(), done))
+        self.registry.progress(self.run_id, done, rate(self.samples))
+        return done
+
+    def run(self) -> None:
+        while not self.stop_event.wait(PROGRESS_EVERY_S):
+            try:
+                self.sample()
+                run = self.registry.get(self.run_id)
+                if run is not None and run.cancel_requested and not self.cancelled:
+                    self.cancelled = True
+                    self.spark.sparkContext.cancelJobGroup(self.run_id)
+            except Exception as exc:  # progress must never kill the run it reports on
+                log.warning("progress update failed: %s", exc)
+
+
+def spark_error_message(exc: BaseException) -> str:
+    """The root cause of a failed Spark job in one or two lines, not a JVM stack trace."""
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for marker in ("SpecError:", "OperationalError", "IntegrityError", "ProgrammingError", "Error:"):
+        for ln in reversed(lines):
+            if marker in ln and not ln.startswith("at "):
+                return ln[:2000]
+    return (lines[0] if lines else type(exc).__name__)[:2000]
+
+
+def execute(spark, spec: RunSpec, registry: Registry, run_id: str) -> str:
+    """Run the whole job on an existing SparkSession; returns the final state."""
+    sc = spark.sparkContext
+    sc.setJobGroup(run_id, f"EmbedDeck {run_id}", interruptOnCancel=True)
+    engine = db.check_connection(spec.db_url)
+    tables = db.inspect_run(engine, spec)
+    target = db.ensure_target(engine, spec, tables, model_dim(spec.model))
+    db.record_target(engine, spec)
+    bounds = db.id_bounds(engine, tables.source, tables.id_col)
+    if bounds is None:
+        registry.start(run_id, 0, 0)
+        registry.finish(run_id, SUCCEEDED, rows_done=0)
+        return SUCCEEDED
+    lo, hi, _ = bounds
+    parts = spec.partitions or plan.default_partitions(sc.defaultParallelism)
+    ranges = [(r.index, r.lo, r.hi) for r in plan.split_range(lo, hi, parts)]
+
+    registry.set_phase(run_id, "planning")
+    ranges_df = spark.createDataFrame(sc.parallelize(ranges, len(ranges)), RANGE_SCHEMA)
+    scanned = ranges_df.mapInPandas(scan_partitions(spec), SCAN_SCHEMA).collect()
+    total = sum(r["needed"] for r in scanned)
+    skipped = sum(r["empty"] + r["current"] for r in scanned)
+    work = [(r["index"], r["lo"], r["hi"]) for r in scanned if r["needed"] > 0]
+    if registry.get(run_id).cancel_requested:
+        registry.finish(run_id, CANCELLED, error="cancelled before embedding started")
+        return CANCELLED
+    since = db.utcnow()
+    if not registry.start(run_id, total, skipped):
+        return registry.get(run_id).state
+    log.info("run %s: %d rows to embed in %d ranges, %d skipped", run_id, total, len(work), skipped)
+
+    watcher = _ProgressWatcher(spark, registry, run_id, spec, target, since)
+    watcher.start()
+    t0 = time.monotonic()
+    try:
+        if work:
+            registry.set_phase(run_id, "embedding")
+            work_df = spark.createDataFrame(sc.parallelize(work, len(work)), RANGE_SCHEMA)
+            work_df.mapInPandas(embed_partitions(spec), EMBED_SCHEMA).collect()
+    except Exception as exc:
+        watcher.stop_event.set()
+        done = watcher.sample()
+        if watcher.cancelled:
+            registry.finish(run_id, CANCELLED, error="cancelled by request", rows_done=done)
+            return CANCELLED
+        registry.finish(run_id, FAILED, error=spark_error_message(exc), rows_done=done)
+        return FAILED
+    watcher.stop_event.set()
+    watcher.join(timeout=5)
+    done = watcher.sample()
+    elapsed = time.monotonic() - t0
+    registry.finish(run_id, SUCCEEDED, rows_done=done, rows_per_s=done / elapsed if elapsed > 0 else 0.0)
+    return SUCCEEDED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """spark-submit entry point: python jobs/pipeline.py --run-id ID."""
+    from pyspark.sql import SparkSession
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description="EmbedDeck Spark driver")
+    parser.add_argument("--run-id", required=True)
+    opts = parser.parse_args(argv)
+    registry = Registry()
+    run = registry.get(opts.run_id)
+    if run is None:
+        print(f"run {opts.run_id} is not in the registry", file=sys.stderr)
+        return 2
+    # The stored spec has a redacted URL; the launcher hands the real one over the environment.
+    spec = RunSpec.from_json(run.spec_json).with_db_url(os.environ["EMBEDDECK_RUN_DB_URL"])
+    spark = SparkSession.builder.appName(f"embeddeck-{opts.run_id}").getOrCreate()
+    try:
+        state = execute(spark, spec, registry, opts.run_id)
+    except Exception as exc:
+        registry.finish(opts.run_id, FAILED, error=spark_error_message(exc))
+        state = FAILED
+    finally:
+        spark.stop()
+    return 0 if state == SUCCEEDED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Key-range planning and per-row decisions of a run: pure functions, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class KeyRange:
+    """Inclusive id range [lo, hi] that one Spark task reads."""
+
+    index: int
+    lo: int
+    hi: int
+
+
+def split_range(lo: int, hi: int, parts: int) -> list[KeyRange]:
+    """Split [lo, hi] into at most `parts` contiguous, non-overlapping, covering ranges."""
+    if hi < lo:
+        return []
+    parts = max(1, min(parts, hi - lo + 1))
+    width, extra = divmod(hi - lo + 1, parts)
+    ranges, start = [], lo
+    for i in range(parts):
+        end = start + width - 1 + (1 if i < extra else 0)
+        ranges.append(KeyRange(i, start, end))
+        start = end + 1
+    return ranges
+
+
+def needs_vector(text: str | None, text_hash: str | None, stored_hash: str | None,
+                 stored_model: str | None, model: str, mode: str) -> bool:
+    """Whether a row is embedded in this run: new, changed, another model, or a full run."""
+    if text is None:
+        return False
+    if mode == "full":
+        return True
+    return stored_hash is None or stored_hash != text_hash or stored_model != model
+
+
+def default_partitions(cores: int) -> int:
+    """Key ranges per run: several per core so a slow range does not hold the run back."""
+    return max(2, 4 * cores)

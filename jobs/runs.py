@@ -1,0 +1,227 @@
+"""The run registry: every run's state, progress and history, durable and shared by all front doors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import socket
+import uuid
+from dataclasses import dataclass, fields
+
+import psutil
+import sqlalchemy as sa
+
+from jobs.db import default_home, engine_for, utcnow
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
+# A driver on another host that has not written a heartbeat for this long is taken for dead.
+HEARTBEAT_TIMEOUT_S = 60
+
+metadata = sa.MetaData()
+runs_table = sa.Table(
+    "runs", metadata,
+    sa.Column("run_id", sa.String(40), primary_key=True),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("spec_json", sa.Text, nullable=False),
+    sa.Column("launched_by", sa.String(40), nullable=False),
+    sa.Column("source", sa.String(400)),
+    sa.Column("target", sa.String(400)),
+    sa.Column("model", sa.String(400)),
+    sa.Column("master", sa.String(200)),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("started_at", sa.DateTime),
+    sa.Column("ended_at", sa.DateTime),
+    sa.Column("heartbeat_at", sa.DateTime),
+    sa.Column("rows_total", sa.Integer),
+    sa.Column("rows_done", sa.Integer, nullable=False, default=0),
+    sa.Column("rows_skipped", sa.Integer, nullable=False, default=0),
+    sa.Column("rows_per_s", sa.Float, nullable=False, default=0.0),
+    sa.Column("phase", sa.String(40)),
+    sa.Column("error", sa.Text),
+    sa.Column("driver_pid", sa.Integer),
+    sa.Column("driver_host", sa.String(200)),
+    sa.Column("driver_started", sa.Float),
+    sa.Column("log_path", sa.Text),
+)
+progress_table = sa.Table(
+    "run_progress", metadata,
+    sa.Column("run_id", sa.String(40), nullable=False, index=True),
+    sa.Column("at", sa.DateTime, nullable=False),
+    sa.Column("rows_done", sa.Integer, nullable=False),
+    sa.Column("rows_per_s", sa.Float, nullable=False),
+)
+
+
+@dataclass
+class Run:
+    """One row of the registry."""
+
+    run_id: str
+    state: str
+    cancel_requested: bool
+    spec_json: str
+    launched_by: str
+    source: str | None
+    target: str | None
+    model: str | None
+    master: str | None
+    created_at: dt.datetime
+    started_at: dt.datetime | None
+    ended_at: dt.datetime | None
+    heartbeat_at: dt.datetime | None
+    rows_total: int | None
+    rows_done: int
+    rows_skipped: int
+    rows_per_s: float
+    phase: str | None
+    error: str | None
+    driver_pid: int | None
+    driver_host: str | None
+    driver_started: float | None
+    log_path: str | None
+
+    @property
+    def active(self) -> bool:
+        return self.state not in FINAL_STATES
+
+    def duration_s(self, now: dt.datetime | None = None) -> float | None:
+        if self.started_at is None:
+            return None
+        return ((self.ended_at or now or utcnow()) - self.started_at).total_seconds()
+
+    def as_dict(self) -> dict:
+        """JSON-ready view (no secrets: the stored spec has a redacted URL)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key, value in out.items():
+            if isinstance(value, dt.datetime):
+                out[key] = value.isoformat() + "Z"
+        out["duration_s"] = self.duration_s()
+        return out
+
+
+def default_registry_url() -> str:
+    """$EMBEDDECK_REGISTRY_URL, else a SQLite file in EmbedDeck's home."""
+    return os.environ.get("EMBEDDECK_REGISTRY_URL") or f"sqlite:///{default_home() / 'registry.sqlite'}"
+
+
+def new_run_id() -> str:
+    """Sortable, unique, short: r-20261128-104512-3fa2c1."""
+    return f"r-{utcnow():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+class Registry:
+    """Read and write runs; every method is one short transaction."""
+
+    def __init__(self, url: str | None = None):
+        self.url = url or default_registry_url()
+        self.engine = engine_for(self.url)
+        metadata.create_all(self.engine, checkfirst=True)
+
+    def create(self, spec_json: str, launched_by: str, source: str, target: str, model: str,
+               master: str) -> str:
+        """Record a queued run and return its id."""
+        run_id = new_run_id()
+        with self.engine.begin() as conn:
+            conn.execute(runs_table.insert().values(
+                run_id=run_id, state=QUEUED, cancel_requested=False, spec_json=spec_json,
+                launched_by=launched_by, source=source, target=target, model=model, master=master,
+                created_at=utcnow(), rows_done=0, rows_skipped=0, rows_per_s=0.0, phase="queued"))
+        return run_id
+
+    def _update(self, run_id: str, only_active: bool = True, **values) -> bool:
+        stmt = runs_table.update().where(runs_table.c.run_id == run_id)
+        if only_active:
+            stmt = stmt.where(runs_table.c.state.not_in(FINAL_STATES))
+        with self.engine.begin() as conn:
+            return conn.execute(stmt.values(**values)).rowcount > 0
+
+    def set_driver(self, run_id: str, pid: int, log_path: str) -> None:
+        """Remember the driver process so a dead one can be detected."""
+        try:
+            started = psutil.Process(pid).create_time()
+        except psutil.Error:
+            started = None
+        self._update(run_id, driver_pid=pid, driver_host=socket.gethostname(),
+                     driver_started=started, log_path=log_path)
+
+    def start(self, run_id: str, rows_total: int, rows_skipped: int) -> bool:
+        """Mark running with the planned totals; False if the run already ended (cancelled)."""
+        now = utcnow()
+        return self._update(run_id, state=RUNNING, started_at=now, heartbeat_at=now,
+                            rows_total=rows_total, rows_skipped=rows_skipped, phase="embedding")
+
+    def set_phase(self, run_id: str, phase: str) -> None:
+        self._update(run_id, phase=phase, heartbeat_at=utcnow())
+
+    def progress(self, run_id: str, rows_done: int, rows_per_s: float) -> None:
+        """Record progress and a heartbeat, plus a sample for the throughput chart."""
+        now = utcnow()
+        if self._update(run_id, rows_done=rows_done, rows_per_s=rows_per_s, heartbeat_at=now):
+            with self.engine.begin() as conn:
+                conn.execute(progress_table.insert().values(
+                    run_id=run_id, at=now, rows_done=rows_done, rows_per_s=rows_per_s))
+
+    def finish(self, run_id: str, state: str, error: str | None = None, **values) -> bool:
+        """Move an active run to a final state; a run already final is left as it is."""
+        assert state in FINAL_STATES
+        return self._update(run_id, state=state, error=error, ended_at=utcnow(), phase=state,
+                            **values)
+
+    def request_cancel(self, run_id: str) -> None:
+        self._update(run_id, cancel_requested=True)
+
+    def get(self, run_id: str) -> Run | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(runs_table.select().where(runs_table.c.run_id == run_id)).mappings().first()
+        return Run(**row) if row else None
+
+    def list(self, limit: int = 200) -> list[Run]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(runs_table.select().order_by(runs_table.c.created_at.desc())
+                                .limit(limit)).mappings().all()
+        return [Run(**r) for r in rows]
+
+    def samples(self, run_id: str) -> list[tuple[dt.datetime, int, float]]:
+        """Progress samples of a run, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(progress_table.c.at, progress_table.c.rows_done,
+                                          progress_table.c.rows_per_s)
+                                .where(progress_table.c.run_id == run_id)
+                                .order_by(progress_table.c.at)).all()
+        return [tuple(r) for r in rows]
+
+    def reconcile(self) -> list[str]:
+        """Mark failed every active run whose driver is gone; returns their ids."""
+        failed = []
+        host = socket.gethostname()
+        now = utcnow()
+        for run in self.list(limit=1000):
+            if not run.active:
+                continue
+            reason = driver_gone_reason(run, host, now)
+            if reason and self.finish(run.run_id, FAILED, error=reason):
+                failed.append(run.run_id)
+        return failed
+
+
+def driver_gone_reason(run: Run, host: str, now: dt.datetime) -> str | None:
+    """Why the run's driver is known to be dead, or None while it may be alive."""
+    if run.driver_pid is None:
+        if (now - run.created_at).total_seconds() > HEARTBEAT_TIMEOUT_S:
+            return "the run was never started by a driver process"
+        return None
+    if run.driver_host == host:
+        try:
+            proc = psutil.Process(run.driver_pid)
+            same = run.driver_started is None or abs(proc.create_time() - run.driver_started) < 1
+            if same and proc.status() != psutil.STATUS_ZOMBIE:
+                return None
+        except psutil.Error:
+            pass
+        return f"driver process {run.driver_pid} exited without reporting an end (killed or crashed)"
+    beat = run.heartbeat_at or run.created_at
+    if (now - beat).total_seconds() > HEARTBEAT_TIMEOUT_S:
+        return f"no heartbeat from the driver on {run.driver_host} for {HEARTBEAT_TIMEOUT_S}s"
+    return None

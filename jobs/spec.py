@@ -1,0 +1,69 @@
+"""RunSpec: what one embedding run does, and its validation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+MODES = ("incremental", "full")
+
+
+class SpecError(ValueError):
+    """A run specification that cannot run; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One embedding run: read `source`, embed `text_column`, upsert into `target`."""
+
+    db_url: str
+    source: str
+    id_column: str
+    text_column: str
+    target: str
+    model: str = DEFAULT_MODEL
+    batch_size: int = 32
+    chunk_rows: int = 256
+    partitions: int | None = None
+    mode: str = "incremental"
+    master: str = "local[*]"
+    launched_by: str = "cli"
+    extra: dict = field(default_factory=dict)
+
+    def check_shape(self) -> None:
+        """Validate what can be checked without a database; raise SpecError."""
+        for name in ("db_url", "source", "id_column", "text_column", "target", "model", "master"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or not value.strip():
+                raise SpecError(f"{name} is empty")
+        if self.mode not in MODES:
+            raise SpecError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if not 1 <= self.batch_size <= 4096:
+            raise SpecError(f"batch size must be between 1 and 4096, not {self.batch_size}")
+        if not 1 <= self.chunk_rows <= 100_000:
+            raise SpecError(f"chunk rows must be between 1 and 100000, not {self.chunk_rows}")
+        if self.partitions is not None and not 1 <= self.partitions <= 10_000:
+            raise SpecError(f"partitions must be between 1 and 10000, not {self.partitions}")
+        if self.source == self.target:
+            raise SpecError("target table must differ from the source table")
+        if not (self.master.startswith("local") or self.master.startswith("spark://")):
+            raise SpecError(f"master must be local[N] or spark://host:port, not {self.master!r}")
+
+    def to_json(self) -> str:
+        """Serialise; callers must redact db_url first when the JSON is stored or shown."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        """Inverse of to_json; unknown keys are an error, not silently dropped."""
+        data = json.loads(text)
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise SpecError(f"unknown run spec fields: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def with_db_url(self, db_url: str) -> RunSpec:
+        """The same spec against another connection URL (e.g. the unredacted one)."""
+        return replace(self, db_url=db_url)

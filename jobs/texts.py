@@ -1,0 +1,28 @@
+"""Text normalisation and content hashing: what the model sees and how changes are detected."""
+
+from __future__ import annotations
+
+import hashlib
+
+# The model sees at most 256 tokens; cutting the raw text first bounds tokenizer time and
+# memory for pathological rows (a 1 MB text) without changing the tokens the model keeps.
+MAX_TEXT_CHARS = 65_536
+
+
+def normalize_text(value: object) -> str | None:
+    """The text to embed, or None when there is nothing to embed (NULL, empty, blank)."""
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        value = bytes(value).decode("utf-8", errors="replace")
+    elif not isinstance(value, str):
+        value = str(value)
+    value = value.replace("\x00", " ")
+    if not value.strip():
+        return None
+    return value[:MAX_TEXT_CHARS]
+
+
+def content_hash(text: str) -> str:
+    """SHA-256 hex of the normalised text, stored beside the vector to detect changed rows."""
+    return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()
