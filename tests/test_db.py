@@ -1,0 +1,158 @@
+"""The database layer against real SQLite and PostgreSQL, and SQL Server by what it compiles."""
+
+import datetime as dt
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.dialects import mssql
+from sqlalchemy.dialects.mssql import pyodbc as mssql_pyodbc
+from sqlalchemy.schema import CreateTable
+
+from jobs import db, search
+from jobs.spec import RunSpec, SpecError
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return f"sqlite:///{tmp_path / 'data.sqlite'}"
+
+
+def make_source(url, name="docs", id_col="id", text_col="body", rows=()):
+    engine = db.engine_for(url)
+    table = sa.Table(name, sa.MetaData(), sa.Column(id_col, sa.Integer, primary_key=True),
+                     sa.Column(text_col, sa.Text))
+    table.create(engine)
+    if rows:
+        with engine.begin() as conn:
+            conn.execute(table.insert(), [{id_col: i, text_col: t} for i, t in rows])
+    return table
+
+
+def spec_for(url, **kw):
+    base = dict(db_url=url, source="docs", id_column="id", text_column="body", target="docs_emb")
+    base.update(kw)
+    return RunSpec(**base)
+
+
+def test_redact_url_hides_password():
+    assert db.redact_url("postgresql://u:hunter2@h/db") == "postgresql://u:***@h/db"
+    assert "hunter2" not in db.redact_url("mssql+pyodbc://u:hunter2@h/db?driver=ODBC+Driver+18")
+
+
+def test_missing_table_and_columns_are_named(sqlite_url):
+    make_source(sqlite_url)
+    engine = db.engine_for(sqlite_url)
+    with pytest.raises(SpecError, match="source table 'nope' does not exist"):
+        db.inspect_run(engine, spec_for(sqlite_url, source="nope"))
+    with pytest.raises(SpecError, match=r"text column 'txt' is not in table 'docs' \(columns: id, body\)"):
+        db.inspect_run(engine, spec_for(sqlite_url, text_column="txt"))
+    with pytest.raises(SpecError, match="id column 'body' is TEXT; key ranges need an integer"):
+        db.inspect_run(engine, spec_for(sqlite_url, id_column="body"))
+
+
+@pytest.mark.parametrize("name", ['my table', 'we"ird', "semi;colon", "x'); DROP TABLE docs; --"])
+def test_hostile_names_are_quoted_never_executed(sqlite_url, name):
+    make_source(sqlite_url, rows=[(1, "a")])
+    make_source(sqlite_url, name=name, id_col=f"{name} id", text_col=f"{name} text", rows=[(1, "b")])
+    engine = db.engine_for(sqlite_url)
+    s = spec_for(sqlite_url, source=name, id_column=f"{name} id", text_column=f"{name} text",
+                 target=f"{name} emb")
+    tables = db.inspect_run(engine, s)
+    target = db.ensure_target(engine, s, tables, 384)
+    with engine.connect() as conn:
+        rows = conn.execute(db.chunk_query(tables.source, tables.id_col, tables.text_col, target,
+                                           0, 10, None, 5)).all()
+    assert [tuple(r) for r in rows] == [(1, "b", None, None)]
+    assert set(db.list_tables(engine)) >= {"docs", name, f"{name} emb"}
+
+
+def test_incompatible_target_says_what_differs(sqlite_url):
+    make_source(sqlite_url)
+    engine = db.engine_for(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text('CREATE TABLE docs_emb (source_id INTEGER, embedding TEXT, model TEXT)'))
+    with pytest.raises(SpecError) as err:
+        db.inspect_run(engine, spec_for(sqlite_url))
+    msg = str(err.value)
+    assert "'content_hash' is missing" in msg and "'embedded_at' is missing" in msg
+    assert "'embedding' is TEXT" in msg and "'source_id' is not the primary key" in msg
+
+
+def test_wrong_password_message_has_no_password(pg_url):
+    bad = pg_url.replace("s3cret-pg", "wrong-Pa55word")
+    with pytest.raises(SpecError) as err:
+        db.check_connection(bad)
+    msg = str(err.value)
+    assert "wrong-Pa55word" not in msg and "***" in msg
+    assert "password authentication failed" in msg
+
+
+def test_upsert_is_idempotent_on_sqlite_and_postgres(sqlite_url, pg_url):
+    for url in (sqlite_url, pg_url):
+        engine = db.engine_for(url)
+        target = db.target_table("emb_upsert", sa.Integer(), db.vector_type_for(engine.dialect.name, 4))
+        target.metadata.drop_all(engine)
+        target.metadata.create_all(engine)
+        v = np.arange(4, dtype=np.float32)
+        row = dict(source_id=1, embedding=db.encode_for(target, v), model="m", content_hash="h",
+                   embedded_at=dt.datetime(2026, 1, 1))
+        with engine.begin() as conn:
+            db.upsert(conn, target, [row, {**row, "source_id": 2}])
+        with engine.begin() as conn:
+            db.upsert(conn, target, [{**row, "content_hash": "h2", "embedding": db.encode_for(target, v + 1)}])
+        with engine.connect() as conn:
+            got = conn.execute(sa.select(target).order_by(target.c.source_id)).all()
+        assert [(r.source_id, r.content_hash) for r in got] == [(1, "h2"), (2, "h")]
+        assert np.array_equal(np.frombuffer(got[0].embedding, "<f4"), v + 1)
+
+
+def compile_mssql(stmt):
+    """What pyodbc receives: qmark parameters (as a pyodbc engine compiles them), dialect quoting."""
+    return str(stmt.compile(dialect=mssql_pyodbc.dialect(paramstyle="qmark")))
+
+
+def test_mssql_target_ddl_varbinary_and_vector():
+    ddl = str(CreateTable(db.target_table("emb", sa.BigInteger(), db.vector_type_for("mssql", 384)))
+              .compile(dialect=mssql.dialect()))
+    assert "embedding VARBINARY(8000) NOT NULL" in ddl
+    assert "source_id BIGINT NOT NULL" in ddl and "PRIMARY KEY (source_id)" in ddl
+    assert "content_hash VARCHAR(64) NOT NULL" in ddl and "embedded_at DATETIME NOT NULL" in ddl
+    native = str(CreateTable(db.target_table("emb", sa.BigInteger(), db.vector_type_for("mssql", 384, True)))
+                 .compile(dialect=mssql.dialect()))
+    assert "embedding VECTOR(384) NOT NULL" in native
+
+
+def test_mssql_upsert_is_a_holdlock_merge_with_quoted_names():
+    target = db.target_table("my emb]x", sa.BigInteger(), db.vector_type_for("mssql", 384), schema="dbo")
+    sql = compile_mssql(db.upsert_statement(target, "mssql"))
+    assert sql.startswith("MERGE INTO dbo.[my emb]]x] WITH (HOLDLOCK) AS tgt USING (SELECT ? AS source_id, ")
+    assert "ON tgt.source_id = src.source_id" in sql
+    assert "WHEN MATCHED THEN UPDATE SET tgt.embedding = src.embedding, tgt.model = src.model" in sql
+    assert sql.endswith("WHEN NOT MATCHED THEN INSERT (source_id, embedding, model, content_hash, embedded_at) "
+                        "VALUES (src.source_id, src.embedding, src.model, src.content_hash, src.embedded_at);")
+    assert sql.count("?") == 5
+    native = compile_mssql(db.upsert_statement(target, "mssql", native_dim=384))
+    assert "CAST(? AS VECTOR(384)) AS embedding" in native
+
+
+def test_mssql_range_read_and_search_statements():
+    src = sa.Table("Product Descriptions", sa.MetaData(), sa.Column("ProductID", sa.Integer),
+                   sa.Column("Text", sa.UnicodeText), schema="dbo")
+    target = db.target_table("emb", sa.Integer(), db.vector_type_for("mssql", 384))
+    sql = compile_mssql(db.chunk_query(src, src.c.ProductID, src.c.Text, target, 1, 1000, 17, 256))
+    assert sql.startswith("SELECT TOP __[POSTCOMPILE_param_1] dbo.[Product Descriptions].[ProductID] AS id")
+    assert "LEFT OUTER JOIN emb ON emb.source_id = dbo.[Product Descriptions].[ProductID]" in sql
+    assert ("WHERE dbo.[Product Descriptions].[ProductID] >= ? AND dbo.[Product Descriptions].[ProductID] <= ? "
+            "AND dbo.[Product Descriptions].[ProductID] > ?") in sql
+    assert sql.endswith("ORDER BY dbo.[Product Descriptions].[ProductID]")
+    s = compile_mssql(search.mssql_search_statement(target, 384, 10))
+    assert s == ("SELECT TOP (10) source_id AS source_id, VECTOR_DISTANCE('cosine', embedding, "
+                 "CAST(? AS VECTOR(384))) AS distance FROM emb ORDER BY distance")
+
+
+def test_mssql_engine_uses_fast_executemany_only_with_microsoft_driver():
+    ms = db.engine_for("mssql+pyodbc://u:p@h:1433/d?driver=ODBC+Driver+18+for+SQL+Server")
+    tds = db.engine_for("mssql+pyodbc://u:p@h:1433/d?driver=FreeTDS&TDS_Version=7.4")
+    assert ms.dialect.fast_executemany is True
+    assert tds.dialect.fast_executemany is False

@@ -1,0 +1,106 @@
+"""Pure logic: spec validation, texts, vector codecs, planning, progress."""
+
+import numpy as np
+import pytest
+
+from jobs import plan, progress, texts, vectors
+from jobs.spec import RunSpec, SpecError
+
+
+def spec(**kw):
+    base = dict(db_url="sqlite:///x.db", source="s", id_column="id", text_column="t", target="t_emb")
+    base.update(kw)
+    return RunSpec(**base)
+
+
+def test_spec_shape_accepts_defaults():
+    spec().check_shape()
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(mode="partial"), "mode must be one of"),
+    (dict(batch_size=0), "batch size"),
+    (dict(partitions=0), "partitions"),
+    (dict(source=""), "source is empty"),
+    (dict(target="s"), "must differ"),
+    (dict(master="yarn"), "master must be"),
+])
+def test_spec_shape_rejects(kw, message):
+    with pytest.raises(SpecError, match=message):
+        spec(**kw).check_shape()
+
+
+def test_spec_json_round_trip_and_unknown_fields():
+    s = spec(partitions=3, mode="full")
+    assert RunSpec.from_json(s.to_json()) == s
+    with pytest.raises(SpecError, match="unknown run spec fields: bogus"):
+        RunSpec.from_json('{"bogus": 1}')
+
+
+@pytest.mark.parametrize("raw,expected", [
+    (None, None), ("", None), ("   \n\t", None), ("hi", "hi"),
+    (b"caf\xe9 au lait", "caf\ufffd au lait"), ("a\x00b", "a b"), (42, "42"),
+])
+def test_normalize_text(raw, expected):
+    assert texts.normalize_text(raw) == expected
+
+
+def test_normalize_truncates_huge_text():
+    assert len(texts.normalize_text("x" * 1_000_000)) == texts.MAX_TEXT_CHARS
+
+
+def test_content_hash_is_stable_and_text_sensitive():
+    assert texts.content_hash("abc") == texts.content_hash("abc")
+    assert texts.content_hash("abc") != texts.content_hash("abd")
+    assert len(texts.content_hash("\ud83d")) == 64  # lone surrogate does not crash
+
+
+def test_vector_codecs_round_trip():
+    v = np.random.default_rng(0).standard_normal(384).astype(np.float32)
+    b = vectors.to_bytes(v)
+    assert len(b) == 1536
+    assert np.array_equal(vectors.from_bytes(b, 384), v)
+    assert np.array_equal(vectors.matrix_from_blobs([b, b], 384)[1], v)
+    assert np.allclose(vectors.from_json(vectors.to_json(v)), v)
+    with pytest.raises(ValueError, match="384"):
+        vectors.from_bytes(b[:-4], 384)
+    with pytest.raises(ValueError, match="384"):
+        vectors.matrix_from_blobs([b, b[:8]], 384)
+
+
+@pytest.mark.parametrize("lo,hi,parts", [(1, 100, 4), (1, 3, 8), (5, 5, 2), (-10, 1000, 7)])
+def test_split_range_covers_without_overlap(lo, hi, parts):
+    ranges = plan.split_range(lo, hi, parts)
+    assert ranges[0].lo == lo and ranges[-1].hi == hi
+    assert len(ranges) == min(parts, hi - lo + 1)
+    for a, b in zip(ranges, ranges[1:]):
+        assert b.lo == a.hi + 1
+    sizes = [r.hi - r.lo + 1 for r in ranges]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_split_empty_range():
+    assert plan.split_range(5, 4, 3) == []
+
+
+@pytest.mark.parametrize("text,h,sh,sm,mode,expected", [
+    (None, None, None, None, "incremental", False),
+    ("t", "h", None, None, "incremental", True),
+    ("t", "h", "h", "m", "incremental", False),
+    ("t", "h", "old", "m", "incremental", True),
+    ("t", "h", "h", "other", "incremental", True),
+    ("t", "h", "h", "m", "full", True),
+])
+def test_needs_vector(text, h, sh, sm, mode, expected):
+    assert plan.needs_vector(text, h, sh, sm, "m", mode) is expected
+
+
+def test_rate_and_eta():
+    samples = [(0.0, 0), (10.0, 100), (20.0, 300)]
+    assert progress.rate(samples, window_s=15) == pytest.approx(15.0)
+    assert progress.rate(samples[:1]) == 0.0
+    assert progress.eta_seconds(1000, 300, 10.0) == 70.0
+    assert progress.eta_seconds(None, 0, 10.0) is None
+    assert progress.eta_seconds(10, 0, 0.0) is None
+    assert progress.format_duration(185) == "3m05s"
+    assert progress.format_duration(None) == "—"
