@@ -305,7 +305,7 @@ def upsert(conn: Connection, target: sa.Table, rows: list[dict]) -> None:
 
 def utcnow() -> dt.datetime:
     """Naive UTC timestamp, the form every dialect stores in a DateTime column."""
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def count_embedded_since(engine: Engine, target: sa.Table, since: dt.datetime) -> int:

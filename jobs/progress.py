@@ -28,7 +28,7 @@ def format_duration(seconds: float | None) -> str:
     """Short human duration: 42s, 3m05s, 1h02m."""
     if seconds is None:
         return "—"
-    s = int(round(seconds))
+    s = round(seconds)
     if s < 60:
         return f"{s}s"
     if s < 3600:

@@ -105,7 +105,7 @@ def test_non_utf8_bytes_are_embedded_with_replacement(spark, sqlite_url, referen
         conn.execute(sa.text("INSERT INTO items VALUES (777, CAST(x'6361666520ff6c61697465' AS TEXT))"))
     result = run(spark, sqlite_url)
     assert result.state == "succeeded", result.error
-    row = [r for r in stored(sqlite_url) if r.source_id == 777][0]
+    row = next(r for r in stored(sqlite_url) if r.source_id == 777)
     assert row.descr == "cafe \ufffdlaite"
     assert_matches_reference([row], reference_model)
 

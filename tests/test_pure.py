@@ -1,5 +1,7 @@
 """Pure logic: spec validation, texts, vector codecs, planning, progress."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -73,7 +75,7 @@ def test_split_range_covers_without_overlap(lo, hi, parts):
     ranges = plan.split_range(lo, hi, parts)
     assert ranges[0].lo == lo and ranges[-1].hi == hi
     assert len(ranges) == min(parts, hi - lo + 1)
-    for a, b in zip(ranges, ranges[1:]):
+    for a, b in itertools.pairwise(ranges):
         assert b.lo == a.hi + 1
     sizes = [r.hi - r.lo + 1 for r in ranges]
     assert max(sizes) - min(sizes) <= 1

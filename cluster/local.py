@@ -1,0 +1,221 @@
+"""A real Spark standalone cluster on this machine: master and worker processes bound to 127.0.0.1.
+
+pip's pyspark has no sbin scripts, so the daemons start through bin/spark-class. Their pids live in
+state files under EmbedDeck's home, so a restarted dashboard finds the cluster it left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from cluster import spark_rest
+from cluster.backend import Worker
+from jobs.db import default_home
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class ClusterError(RuntimeError):
+    """A cluster operation that failed; the message says which and why."""
+
+
+def spark_class() -> str:
+    import pyspark
+
+    return str(Path(pyspark.__file__).parent / "bin" / "spark-class")
+
+
+@dataclass
+class Proc:
+    """A daemon we started: its pid and start time (to tell it from a reused pid)."""
+
+    pid: int
+    started: float
+    port: int
+    webui_port: int
+    log: str
+
+    def alive(self) -> bool:
+        try:
+            p = psutil.Process(self.pid)
+            return abs(p.create_time() - self.started) < 1 and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if not self.alive():
+            return
+        try:
+            os.killpg(self.pid, signal.SIGTERM)
+            psutil.Process(self.pid).wait(timeout)
+        except psutil.TimeoutExpired:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (psutil.Error, ProcessLookupError):
+            pass
+
+
+class LocalCluster:
+    """Master plus N workers as local processes; state under <home>/cluster."""
+
+    def __init__(self, home: Path | None = None, master_port: int | None = None,
+                 webui_port: int | None = None, worker_cores: int | None = None,
+                 worker_memory: str | None = None):
+        env = os.environ
+        self.dir = (home or default_home()) / "cluster"
+        (self.dir / "logs").mkdir(parents=True, exist_ok=True)
+        self.master_port = master_port or int(env.get("EMBEDDECK_MASTER_PORT", "7077"))
+        self.webui_port = webui_port or int(env.get("EMBEDDECK_MASTER_WEBUI_PORT", "8080"))
+        self.worker_cores = worker_cores or int(env.get("EMBEDDECK_WORKER_CORES", "1"))
+        self.worker_memory = worker_memory or env.get("EMBEDDECK_WORKER_MEMORY", "2g")
+
+    # state files -------------------------------------------------------------------------
+    def _path(self, name: str) -> Path:
+        return self.dir / f"{name}.json"
+
+    def _load(self, name: str) -> Proc | None:
+        try:
+            return Proc(**json.loads(self._path(name).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def _save(self, name: str, proc: Proc | None) -> None:
+        if proc is None:
+            self._path(name).unlink(missing_ok=True)
+        else:
+            self._path(name).write_text(json.dumps(asdict(proc)))
+
+    def _worker_names(self) -> list[str]:
+        return sorted((p.stem for p in self.dir.glob("worker-*.json")), key=lambda s: int(s.split("-")[1]))
+
+    # processes ---------------------------------------------------------------------------
+    def _spawn(self, name: str, args: list[str], port: int, webui_port: int) -> Proc:
+        env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
+                   SPARK_NO_DAEMONIZE="1",
+                   SPARK_MASTER_OPTS="-Dspark.master.rest.enabled=false",
+                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        log = self.dir / "logs" / f"{name}.log"
+        with open(log, "ab") as out:
+            p = subprocess.Popen([spark_class(), *args], stdout=out, stderr=subprocess.STDOUT,
+                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        proc = Proc(p.pid, psutil.Process(p.pid).create_time(), port, webui_port, str(log))
+        self._save(name, proc)
+        return proc
+
+    @property
+    def master_webui(self) -> str:
+        return f"http://127.0.0.1:{self.webui_port}"
+
+    def master_url(self) -> str:
+        return f"spark://127.0.0.1:{self.master_port}"
+
+    def master_alive(self) -> bool:
+        proc = self._load("master")
+        return proc is not None and proc.alive()
+
+    def state(self) -> spark_rest.MasterState:
+        """The master's own view, or an unreachable state when it is down."""
+        if not self.master_alive():
+            return spark_rest.MasterState(reachable=False, error="master is not running")
+        return spark_rest.master_state(self.master_webui)
+
+    def up(self, workers: int = 0, timeout: float = 60.0) -> spark_rest.MasterState:
+        """Start the master if it is not running, then scale to `workers`."""
+        if not self.master_alive():
+            self._spawn("master", ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+                                   "--port", str(self.master_port), "--webui-port", str(self.webui_port)],
+                        self.master_port, self.webui_port)
+            deadline = time.monotonic() + timeout
+            while not spark_rest.master_state(self.master_webui, timeout=1).reachable:
+                if not self.master_alive():
+                    raise ClusterError(f"Spark master exited at start; see {self.dir / 'logs' / 'master.log'}")
+                if time.monotonic() > deadline:
+                    raise ClusterError(f"Spark master did not answer within {timeout:.0f}s")
+                time.sleep(0.5)
+        self.scale(workers, timeout=timeout)
+        return self.state()
+
+    def scale(self, n: int, timeout: float = 60.0) -> list[Worker]:
+        """Start or stop worker processes until n are alive and registered with the master."""
+        if n < 0:
+            raise ClusterError(f"worker count must be 0 or more, not {n}")
+        if n > 0 and not self.master_alive():
+            raise ClusterError("the Spark master is not running; start it with `python -m cluster up`")
+        names = self._worker_names()
+        for name in names:  # forget workers that died on their own
+            proc = self._load(name)
+            if proc is None or not proc.alive():
+                self._save(name, None)
+        names = self._worker_names()
+        for name in names[n:][::-1]:
+            proc = self._load(name)
+            if proc:
+                proc.stop()
+            self._save(name, None)
+        used = {int(x.split("-")[1]) for x in self._worker_names()}
+        index = 0
+        while len(self._worker_names()) < n:
+            while index in used:
+                index += 1
+            used.add(index)
+            webui = self.webui_port + 1 + index
+            self._spawn(f"worker-{index}", ["org.apache.spark.deploy.worker.Worker", self.master_url(),
+                                            "--host", "127.0.0.1", "--cores", str(self.worker_cores),
+                                            "--memory", self.worker_memory, "--webui-port", str(webui)],
+                        0, webui)
+        self._wait_registered(n, timeout)
+        return self.workers()
+
+    def _wait_registered(self, n: int, timeout: float) -> None:
+        if not self.master_alive():
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            state = spark_rest.master_state(self.master_webui, timeout=1)
+            if state.reachable and state.alive_workers == n:
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{state.alive_workers} workers alive after {timeout:.0f}s, wanted {n}")
+            time.sleep(0.5)
+
+    def workers(self) -> list[Worker]:
+        """Our worker processes, joined with the master's view of each (ALIVE/DEAD)."""
+        state = self.state()
+        by_port = {w.webui.rsplit(":", 1)[-1]: w for w in state.workers if w.state == "ALIVE"}
+        out = []
+        for name in self._worker_names():
+            proc = self._load(name)
+            if proc is None:
+                continue
+            seen = by_port.get(str(proc.webui_port))
+            if not proc.alive():
+                status = "DEAD"
+            else:
+                status = seen.state if seen else "STARTING"
+            out.append(Worker(name, status, seen.cores if seen else self.worker_cores,
+                              seen.memory_mb if seen else None, proc.started, f"pid {proc.pid}"))
+        return out
+
+    def worker_pids(self) -> dict[str, int]:
+        """Pid of each worker process we started (telemetry walks their process trees)."""
+        return {name: p.pid for name in self._worker_names() if (p := self._load(name)) and p.alive()}
+
+    def down(self) -> None:
+        """Stop every worker and the master."""
+        for name in self._worker_names():
+            proc = self._load(name)
+            if proc:
+                proc.stop()
+            self._save(name, None)
+        proc = self._load("master")
+        if proc:
+            proc.stop()
+        self._save("master", None)

@@ -1,0 +1,157 @@
+"""Runs as operators start them: `python -m jobs` → spark-submit driver process → registry."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from cluster.local import LocalCluster
+from jobs import db
+from jobs.demo import seed_demo
+from jobs.texts import normalize_text
+from tests.conftest import free_port, reference_vectors, wait_until
+
+pytestmark = pytest.mark.spark
+ROWS = 500  # enough for a run to be caught midway; small enough to keep CI fast
+
+
+def cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "jobs", *args], capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ))
+
+
+def status(run_id):
+    out = cli("status", run_id, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def wait_status(run_id, predicate, timeout):
+    """Poll `status --json` until predicate(status) holds; returns that status."""
+    found = {}
+
+    def check():
+        found.update(status(run_id))
+        return predicate(found)
+
+    wait_until(check, timeout=timeout, every=1.0)
+    return dict(found)
+
+
+def ended(s):
+    return s["state"] not in ("queued", "running")
+
+
+def run_args(url, target="products_emb", *extra):
+    return ["run", "--db", url, "--source", "products", "--id-column", "id", "--text-column",
+            "description", "--target", target, *extra]
+
+
+def check_table(url, reference_model, n, target="products_emb"):
+    """Exactly one correct vector per source row."""
+    engine = db.engine_for(url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            f"SELECT t.source_id, t.embedding, p.description FROM {target} t JOIN products p "
+            "ON p.id = t.source_id ORDER BY t.source_id")).all()
+        dupes = conn.execute(sa.text(f"SELECT count(*) - count(DISTINCT source_id) FROM {target}")).scalar()
+    assert dupes == 0
+    assert [r.source_id for r in rows] == list(range(1, n + 1))
+    sample = rows[:: max(1, n // 60)]
+    expected = reference_vectors(reference_model, [normalize_text(r.description) for r in sample])
+    got = np.stack([np.frombuffer(r.embedding, "<f4") for r in sample])
+    assert (got * expected).sum(1).min() >= 0.9999
+
+
+@pytest.fixture
+def demo_url(tmp_path):
+    url = f"sqlite:///{tmp_path / 'demo.sqlite'}"
+    seed_demo(url, n=ROWS)
+    return url
+
+
+def test_detached_run_reports_progress_and_succeeds(demo_url, reference_model):
+    out = cli(*run_args(demo_url, "products_emb", "--master", "local[2]", "--detach"))
+    assert out.returncode == 0, out.stderr
+    run_id = out.stdout.strip()
+    assert run_id.startswith("r-")
+    seen = wait_status(run_id, lambda s: s["state"] == "running" and s["rows_done"] > 0, 180)
+    assert seen["rows_total"] == ROWS and 0 < seen["rows_done"] <= ROWS
+    final = wait_status(run_id, ended, 300)
+    assert final["state"] == "succeeded", final["error"]
+    assert final["rows_done"] == ROWS and final["launched_by"] == "cli"
+    listed = json.loads(cli("list", "--json").stdout)
+    assert run_id in [r["run_id"] for r in listed]
+    check_table(demo_url, reference_model, ROWS)
+    # Blocking mode: nothing left to do, exit 0 with a final progress line.
+    again = cli(*run_args(demo_url, "products_emb", "--master", "local[2]"))
+    assert again.returncode == 0, again.stderr
+    assert "succeeded" in again.stdout and "0/0 rows" in again.stdout
+
+
+def test_driver_killed_midway_then_rerun_completes(demo_url, reference_model):
+    run_id = cli(*run_args(demo_url, "killed_emb", "--master", "local[2]", "--detach")).stdout.strip()
+    wait_status(run_id, lambda s: s["rows_done"] >= 50, 180)
+    os.killpg(status(run_id)["driver_pid"], signal.SIGKILL)
+    failed = wait_status(run_id, lambda s: s["state"] == "failed", 30)
+    assert "exited without reporting" in failed["error"]
+    rerun = cli(*run_args(demo_url, "killed_emb", "--master", "local[2]"))
+    assert rerun.returncode == 0, rerun.stderr
+    check_table(demo_url, reference_model, ROWS, target="killed_emb")
+
+
+def test_cancel_marks_run_cancelled(demo_url):
+    run_id = cli(*run_args(demo_url, "cancel_emb", "--master", "local[2]", "--detach")).stdout.strip()
+    wait_status(run_id, lambda s: s["rows_done"] > 0, 180)
+    out = cli("cancel", run_id)
+    assert out.returncode == 0 and out.stdout.strip() == "cancelled"
+    final = status(run_id)
+    assert final["state"] == "cancelled" and final["rows_done"] < ROWS
+
+
+def test_standalone_master_with_two_workers_survives_a_killed_worker(demo_url, reference_model, home):
+    cluster = LocalCluster(master_port=free_port(), webui_port=free_port())
+    try:
+        cluster.up(workers=2)
+        run_id = cli(*run_args(demo_url, "standalone_emb", "--master", cluster.master_url(),
+                               "--detach")).stdout.strip()
+        wait_status(run_id, lambda s: s["rows_done"] >= 100, 240)
+        os.killpg(cluster.worker_pids()["worker-1"], signal.SIGKILL)
+        final = wait_status(run_id, ended, 400)
+        assert final["state"] == "succeeded", final["error"]
+        check_table(demo_url, reference_model, ROWS, target="standalone_emb")
+    finally:
+        cluster.down()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--master", "spark://127.0.0.1:1"], "Spark master spark://127.0.0.1:1 is unreachable"),
+    (["--text-column", "nope"], "text column 'nope' is not in table 'products'"),
+    (["--model", "/no/such/model"], "is neither all-MiniLM-L6-v2 nor a local sentence-transformers"),
+])
+def test_bad_input_is_one_clear_line(demo_url, extra, message):
+    args = run_args(demo_url)
+    if "--text-column" in extra:
+        args[args.index("--text-column") + 1] = extra[1]
+        extra = []
+    out = cli(*args, *extra)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: ") and message in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_wrong_password_exit_2_without_the_password(pg_url):
+    bad = pg_url.replace("s3cret-pg", "Wr0ngPassw0rd")
+    out = cli(*run_args(bad))
+    assert out.returncode == 2
+    assert "Wr0ngPassw0rd" not in out.stderr + out.stdout and "password authentication failed" in out.stderr
+
+
+def test_status_of_unknown_run():
+    out = cli("status", "r-nope")
+    assert out.returncode == 2 and "run r-nope does not exist" in out.stderr
