@@ -17,9 +17,10 @@ from pathlib import Path
 
 import psutil
 
-from cluster import spark_rest
+from cluster import spark_rest, telemetry
 from cluster.backend import Worker
 from jobs.db import default_home
+from jobs.launcher import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -110,6 +111,15 @@ class LocalCluster:
         self._save(name, proc)
         return proc
 
+    def _start_publisher(self, name: str, pid: int) -> None:
+        """The worker's telemetry sidecar; it exits by itself when the worker does."""
+        log = self.dir / "logs" / f"{name}.telemetry.log"
+        with open(log, "ab") as out:
+            subprocess.Popen([sys.executable, "-m", "cluster.telemetry", "--worker", name, "--pid", str(pid),
+                              "--dir", str(telemetry.store_dir(self.dir.parent))],
+                             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(REPO),
+                             env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True)
+
     @property
     def master_webui(self) -> str:
         return f"http://127.0.0.1:{self.webui_port}"
@@ -167,10 +177,12 @@ class LocalCluster:
                 index += 1
             used.add(index)
             webui = self.webui_port + 1 + index
-            self._spawn(f"worker-{index}", ["org.apache.spark.deploy.worker.Worker", self.master_url(),
-                                            "--host", "127.0.0.1", "--cores", str(self.worker_cores),
-                                            "--memory", self.worker_memory, "--webui-port", str(webui)],
-                        0, webui)
+            name, port = f"worker-{index}", free_port()
+            # A fixed RPC port tells this worker apart from a dead predecessor the master still lists.
+            proc = self._spawn(name, ["org.apache.spark.deploy.worker.Worker", self.master_url(),
+                                      "--host", "127.0.0.1", "--port", str(port), "--cores", str(self.worker_cores),
+                                      "--memory", self.worker_memory, "--webui-port", str(webui)], port, webui)
+            self._start_publisher(name, proc.pid)
         self._wait_registered(n, timeout)
         return self.workers()
 
@@ -178,24 +190,26 @@ class LocalCluster:
         if not self.master_alive():
             return
         deadline = time.monotonic() + timeout
+        ours = {p.port for name in self._worker_names() if (p := self._load(name))}
         while True:
             state = spark_rest.master_state(self.master_webui, timeout=1)
-            if state.reachable and state.alive_workers == n:
+            alive = {w.port for w in state.workers if w.state == "ALIVE"}
+            if state.reachable and ours <= alive and len(ours) == n:
                 return
             if time.monotonic() > deadline:
-                raise ClusterError(f"{state.alive_workers} workers alive after {timeout:.0f}s, wanted {n}")
+                raise ClusterError(f"{len(ours & alive)} workers registered after {timeout:.0f}s, wanted {n}")
             time.sleep(0.5)
 
     def workers(self) -> list[Worker]:
         """Our worker processes, joined with the master's view of each (ALIVE/DEAD)."""
         state = self.state()
-        by_port = {w.webui.rsplit(":", 1)[-1]: w for w in state.workers if w.state == "ALIVE"}
+        by_port = {w.port: w for w in state.workers if w.state == "ALIVE"}
         out = []
         for name in self._worker_names():
             proc = self._load(name)
             if proc is None:
                 continue
-            seen = by_port.get(str(proc.webui_port))
+            seen = by_port.get(proc.port)
             if not proc.alive():
                 status = "DEAD"
             else:

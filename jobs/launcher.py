@@ -29,6 +29,13 @@ def spark_submit() -> str:
     return str(Path(pyspark.__file__).parent / "bin" / "spark-submit")
 
 
+def free_port() -> int:
+    """A port free on loopback now (for the driver's UI, so front doors know where it is)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def check_master(master: str, timeout_s: float = 3.0) -> None:
     """Raise SpecError unless a spark:// master accepts connections (local masters always do)."""
     if master.startswith("local"):
@@ -97,7 +104,8 @@ def launch(spec: RunSpec, registry: Registry | None = None) -> str:
     log_dir = db.default_home() / "runs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{run_id}.log"
-    cmd = [spark_submit()]
+    ui_port = free_port()
+    cmd = [spark_submit(), "--conf", f"spark.ui.port={ui_port}"]
     for key, value in spark_conf(spec.master).items():
         cmd += ["--conf", f"{key}={value}"]
     cmd += [str(REPO / "jobs" / "pipeline.py"), "--run-id", run_id]
@@ -106,7 +114,7 @@ def launch(spec: RunSpec, registry: Registry | None = None) -> str:
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, cwd=str(REPO), start_new_session=True)
-    registry.set_driver(run_id, proc.pid, str(log_path))
+    registry.set_driver(run_id, proc.pid, str(log_path), f"http://127.0.0.1:{ui_port}")
     # Reap the child when it exits so it never lingers as a zombie of a long-lived front door.
     threading.Thread(target=proc.wait, daemon=True).start()
     return run_id

@@ -44,6 +44,7 @@ runs_table = sa.Table(
     sa.Column("driver_host", sa.String(200)),
     sa.Column("driver_started", sa.Float),
     sa.Column("log_path", sa.Text),
+    sa.Column("ui_url", sa.String(200)),
 )
 progress_table = sa.Table(
     "run_progress", metadata,
@@ -81,6 +82,7 @@ class Run:
     driver_host: str | None
     driver_started: float | None
     log_path: str | None
+    ui_url: str | None
 
     @property
     def active(self) -> bool:
@@ -137,14 +139,14 @@ class Registry:
         with self.engine.begin() as conn:
             return conn.execute(stmt.values(**values)).rowcount > 0
 
-    def set_driver(self, run_id: str, pid: int, log_path: str) -> None:
+    def set_driver(self, run_id: str, pid: int, log_path: str, ui_url: str | None = None) -> None:
         """Remember the driver process so a dead one can be detected."""
         try:
             started = psutil.Process(pid).create_time()
         except psutil.Error:
             started = None
         self._update(run_id, driver_pid=pid, driver_host=socket.gethostname(),
-                     driver_started=started, log_path=log_path)
+                     driver_started=started, log_path=log_path, ui_url=ui_url)
 
     def start(self, run_id: str, rows_total: int, rows_skipped: int) -> bool:
         """Mark running with the planned totals; False if the run already ended (cancelled)."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -13,18 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jobs.launcher import free_port
+
 _HOME = Path(tempfile.mkdtemp(prefix="embeddeck-test-"))
 os.environ["EMBEDDECK_HOME"] = str(_HOME)
 os.environ.pop("EMBEDDECK_DB_URL", None)
 os.environ.pop("EMBEDDECK_REGISTRY_URL", None)
 os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,160 @@
+"""Worker telemetry: each worker publishes its own GPU (NVML) or CPU/memory readings; the controller reads.
+
+Azure Monitor publishes no GPU metric for Container Apps, so workers report for themselves into a
+shared store: a folder (local state dir, or the Azure Files share mounted in every replica).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+from jobs.db import default_home
+
+STALE_AFTER_S = 15.0
+PUBLISH_EVERY_S = 3.0
+
+
+@dataclass
+class GpuReading:
+    index: int
+    name: str
+    utilisation_pct: float
+    memory_used_mb: float
+    memory_total_mb: float
+    temperature_c: float | None
+    power_w: float | None
+
+
+@dataclass
+class Reading:
+    """One worker's readings at one moment."""
+
+    worker: str
+    host: str
+    at: float
+    gpus: list[GpuReading] = field(default_factory=list)
+    gpu_note: str = ""
+    cpu_pct: float = 0.0
+    rss_mb: float = 0.0
+    processes: int = 0
+    stale: bool = False
+
+
+def read_gpus() -> tuple[list[GpuReading], str]:
+    """Readings of every NVIDIA GPU through NVML, or none and the reason there are none."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception as exc:
+        return [], f"no NVIDIA GPU: {type(exc).__name__}: {exc}"
+    try:
+        out = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            util = pynvml.nvmlDeviceGetUtilizationRates(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            try:
+                temp = float(pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU))
+            except pynvml.NVMLError:
+                temp = None
+            try:
+                power = pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0
+            except pynvml.NVMLError:
+                power = None
+            name = pynvml.nvmlDeviceGetName(h)
+            out.append(GpuReading(i, name.decode() if isinstance(name, bytes) else name, float(util.gpu),
+                                  mem.used / 2**20, mem.total / 2**20, temp, power))
+        return out, "" if out else "NVML found no GPU"
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def process_tree_usage(pid: int, interval: float = 0.5) -> tuple[float, float, int]:
+    """CPU % (100 = one core) and RSS in MB of a process and all its descendants."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0, 0.0, 0
+    for p in procs:
+        try:
+            p.cpu_percent(None)
+        except psutil.Error:
+            pass
+    time.sleep(interval)
+    cpu = rss = 0.0
+    alive = 0
+    for p in procs:
+        try:
+            cpu += p.cpu_percent(None)
+            rss += p.memory_info().rss / 2**20
+            alive += 1
+        except psutil.Error:
+            pass
+    return cpu, rss, alive
+
+
+def store_dir(home: Path | None = None) -> Path:
+    path = Path(os.environ.get("EMBEDDECK_TELEMETRY_DIR", (home or default_home()) / "telemetry"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def publish(reading: Reading, directory: Path) -> None:
+    """Write atomically, so a reader never sees half a file."""
+    tmp = directory / f".{reading.worker}.json.tmp"
+    tmp.write_text(json.dumps(asdict(reading)))
+    tmp.replace(directory / f"{reading.worker}.json")
+
+
+def read_all(directory: Path, now: float | None = None, stale_after_s: float = STALE_AFTER_S) -> list[Reading]:
+    """Every worker's latest reading; old ones are marked stale, never shown as zero."""
+    now = time.time() if now is None else now
+    out = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        data["gpus"] = [GpuReading(**g) for g in data.get("gpus", [])]
+        reading = Reading(**data)
+        reading.stale = now - reading.at > stale_after_s
+        out.append(reading)
+    return out
+
+
+def sample(worker: str, pid: int) -> Reading:
+    """One reading of this worker: GPUs if any, and its process tree's CPU and memory."""
+    gpus, note = read_gpus()
+    cpu, rss, n = process_tree_usage(pid)
+    return Reading(worker, socket.gethostname(), time.time(), gpus, note, cpu, rss, n)
+
+
+def run_publisher(worker: str, pid: int, directory: Path, every_s: float = PUBLISH_EVERY_S) -> None:
+    """Publish until the watched worker process exits."""
+    while psutil.pid_exists(pid):
+        publish(sample(worker, pid), directory)
+        time.sleep(max(0.0, every_s - 0.5))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="publish one worker's telemetry")
+    parser.add_argument("--worker", required=True)
+    parser.add_argument("--pid", type=int, required=True)
+    parser.add_argument("--dir", default=None)
+    args = parser.parse_args(argv)
+    run_publisher(args.worker, args.pid, Path(args.dir) if args.dir else store_dir())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""A real local standalone cluster: scaling, telemetry, Spark REST, and the autoscaler driving it."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cluster import spark_rest, telemetry
+from cluster.controller import Controller, Settings, save_settings
+from cluster.local import LocalCluster
+from jobs.demo import seed_demo
+from jobs.runs import Registry
+from tests.conftest import free_port, wait_until
+
+pytestmark = pytest.mark.spark
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = LocalCluster(home=tmp_path, master_port=free_port(), webui_port=free_port())
+    yield c
+    c.down()
+
+
+def test_scale_0_2_1_0_agrees_with_master_json_and_telemetry(cluster, tmp_path):
+    assert cluster.state().reachable is False and cluster.state().error == "master is not running"
+    state = cluster.up(workers=0)
+    assert state.reachable and state.status == "ALIVE" and state.alive_workers == 0
+    for n in (2, 1, 0):
+        workers = cluster.scale(n)
+        state = cluster.state()
+        assert state.alive_workers == n == len(workers)
+        assert state.cores == n * cluster.worker_cores
+        assert sorted(w.state for w in workers) == ["ALIVE"] * n
+        if n == 2:
+            store = telemetry.store_dir(tmp_path)
+            readings = wait_until(lambda: len(r := telemetry.read_all(store)) == 2 and r, timeout=30)
+            assert {r.worker for r in readings} == {"worker-0", "worker-1"}
+            assert all(r.rss_mb > 50 and not r.stale for r in readings)  # a live JVM
+            assert all(r.gpus or r.gpu_note.startswith("no NVIDIA GPU") for r in readings)
+    time.sleep(4)
+    stale = telemetry.read_all(telemetry.store_dir(tmp_path), stale_after_s=3)
+    assert stale and all(r.stale for r in stale)
+
+
+def test_dead_worker_is_reported_dead(cluster):
+    cluster.up(workers=1)
+    pid = cluster.worker_pids()["worker-0"]
+    os.killpg(pid, 9)
+    wait_until(lambda: cluster.workers()[0].state == "DEAD", timeout=10)
+    assert cluster.scale(1)[0].state == "ALIVE"  # replaced
+
+
+def test_nvml_absence_is_reported_not_raised():
+    gpus, note = telemetry.read_gpus()
+    assert gpus or note.startswith("no NVIDIA GPU")
+    for g in gpus:
+        assert 0 <= g.utilisation_pct <= 100 and g.memory_total_mb > 0
+
+
+def test_unreachable_spark_gives_state_not_exception():
+    port = free_port()
+    assert spark_rest.master_state(f"http://127.0.0.1:{port}", timeout=0.5).reachable is False
+    stats = spark_rest.app_stats(f"http://127.0.0.1:{port}", timeout=0.5)
+    assert stats.reachable is False and stats.error.startswith("unreachable")
+
+
+def test_autoscaler_scales_out_for_a_backlog_then_back_to_zero(cluster, tmp_path):
+    """A run submitted to a master with 0 workers gets workers from the controller, then idles to 0."""
+    url = f"sqlite:///{tmp_path / 'auto.sqlite'}"
+    seed_demo(url, n=200)
+    cluster.up(workers=0)
+    save_settings(Settings(autoscale=True, min_workers=0, max_workers=2, idle_timeout_s=3), tmp_path)
+    controller = Controller(cluster, Registry())
+    out = subprocess.run([sys.executable, "-m", "jobs", "run", "--db", url, "--source", "products",
+                          "--id-column", "id", "--text-column", "description", "--target", "auto_emb",
+                          "--master", cluster.master_url(), "--detach"],
+                         capture_output=True, text=True, env=dict(os.environ))
+    run_id = out.stdout.strip()
+    assert run_id, out.stderr
+    first = controller.tick()
+    assert first.desired == 2 and "backlog" in first.reason
+    assert cluster.state().alive_workers == 2
+    stats_seen = None
+    deadline = time.monotonic() + 300
+    while controller.registry.get(run_id).active and time.monotonic() < deadline:
+        run = controller.registry.get(run_id)
+        if stats_seen is None and run.state == "running" and run.ui_url:
+            stats = spark_rest.app_stats(run.ui_url)
+            if stats.reachable and stats.executors:
+                stats_seen = stats
+        controller.tick()
+        time.sleep(1)
+    assert controller.registry.get(run_id).state == "succeeded"
+    assert stats_seen is not None, "Spark application REST never answered during the run"
+    assert stats_seen.app_id and stats_seen.name.startswith("embeddeck-")
+    assert len(stats_seen.executors) >= 1 and stats_seen.jobs
+    wait_until(lambda: controller.tick().desired == 0, timeout=30, every=1)
+    assert cluster.state().alive_workers == 0
+    events = controller.events()
+    assert [(e["from_workers"], e["to_workers"]) for e in events] == [(0, 2), (2, 0)]
+    assert events[-1]["reason"].startswith("idle for")
