@@ -10,9 +10,7 @@ export PYTHONPATH := $(CURDIR)
 .PHONY: run test setup system-deps bench lint clean
 
 run: setup
-	$(BIN)/python -m jobs seed-demo
-	$(BIN)/python -m jobs run --source products --id-column id --text-column description \
-		--target product_embeddings --master 'local[2]' || true
+	$(BIN)/python -m dashboard
 
 test: setup
 	$(BIN)/ruff check .

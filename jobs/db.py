@@ -351,3 +351,22 @@ def target_origin(engine: Engine, target: str) -> dict | None:
     with engine.connect() as conn:
         row = conn.execute(targets_table.select().where(targets_table.c.target == target)).mappings().first()
     return dict(row) if row else None
+
+
+def count_unembedded(engine: Engine, tables: Tables, model: str) -> int:
+    """Rows with text that have no vector of this model yet (changed texts are found at planning)."""
+    q = sa.select(sa.func.count()).where(tables.text_col.is_not(None))
+    if tables.target is None:
+        q = q.select_from(tables.source)
+    else:
+        t = tables.target
+        q = (q.select_from(tables.source.outerjoin(t, t.c.source_id == tables.id_col))
+             .where(sa.or_(t.c.source_id.is_(None), t.c.model != model)))
+    with engine.connect() as conn:
+        return int(conn.execute(q).scalar_one())
+
+
+def preview(engine: Engine, table: sa.Table, columns: list[sa.Column], n: int = 5) -> list[dict]:
+    """First n rows of the chosen columns."""
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(sa.select(*columns).select_from(table).limit(n)).mappings()]

@@ -35,8 +35,8 @@ def test_scale_0_2_1_0_agrees_with_master_json_and_telemetry(cluster, tmp_path):
         assert state.cores == n * cluster.worker_cores
         assert sorted(w.state for w in workers) == ["ALIVE"] * n
         if n == 2:
-            store = telemetry.store_dir(tmp_path)
-            readings = wait_until(lambda: len(r := telemetry.read_all(store)) == 2 and r, timeout=30)
+            readings = wait_until(lambda: len(r := telemetry.read_all(telemetry.store_dir(tmp_path))) == 2 and r,
+                                  timeout=30)
             assert {r.worker for r in readings} == {"worker-0", "worker-1"}
             assert all(r.rss_mb > 50 and not r.stale for r in readings)  # a live JVM
             assert all(r.gpus or r.gpu_note.startswith("no NVIDIA GPU") for r in readings)

@@ -1,0 +1,1 @@
+"""Dashboard building blocks: services, figure builders and view helpers, testable without Streamlit."""

@@ -1,0 +1,35 @@
+"""Configured database connections: the embedded demo, $EMBEDDECK_DB_URL, and .streamlit/secrets.toml."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from jobs.db import default_home, redact_url
+
+EMBEDDED = "embedded demo (SQLite)"
+
+
+def configured(secrets: Mapping | None = None) -> dict[str, str]:
+    """Connection name → URL. Secrets use [connections.NAME] url = "…"."""
+    out = {EMBEDDED: f"sqlite:///{default_home() / 'embeddeck.sqlite'}"}
+    if os.environ.get("EMBEDDECK_DB_URL"):
+        out["environment ($EMBEDDECK_DB_URL)"] = os.environ["EMBEDDECK_DB_URL"]
+    for name, entry in dict((secrets or {}).get("connections", {}) or {}).items():
+        url = entry.get("url") if isinstance(entry, Mapping) else None
+        if url:
+            out[str(name)] = str(url)
+    return out
+
+
+def label(name: str, url: str) -> str:
+    """What the UI shows: the name and the URL without its password."""
+    return f"{name} — {redact_url(url)}"
+
+
+def resolve(redacted: str, connections: dict[str, str]) -> str | None:
+    """The real URL of a configured connection whose redacted form is `redacted` (for reruns)."""
+    for url in connections.values():
+        if redact_url(url) == redacted or url == redacted:
+            return url
+    return None

@@ -1,0 +1,42 @@
+"""Table rows and labels the pages show, built from core objects without Streamlit."""
+
+from __future__ import annotations
+
+from jobs.progress import eta_seconds, format_duration
+from jobs.runs import Run
+
+
+def run_row(run: Run) -> dict:
+    """One line of the runs table."""
+    total = run.rows_total
+    return {
+        "run": run.run_id, "state": run.state, "done": run.rows_done,
+        "total": total if total is not None else None, "skipped": run.rows_skipped,
+        "rows/s": round(run.rows_per_s, 1), "duration": format_duration(run.duration_s()),
+        "model": run.model, "source → target": f"{run.source} → {run.target}", "launched by": run.launched_by,
+    }
+
+
+def run_progress(run: Run) -> tuple[float, str]:
+    """Fraction done and the caption under the progress bar."""
+    total = run.rows_total or 0
+    frac = min(1.0, run.rows_done / total) if total else (1.0 if not run.active else 0.0)
+    eta = eta_seconds(run.rows_total, run.rows_done, run.rows_per_s) if run.state == "running" else None
+    phase = run.phase or run.state
+    return frac, (f"{phase}: {run.rows_done:,} / {total:,} rows · {run.rows_per_s:.1f} rows/s · "
+                  f"ETA {format_duration(eta)} · {run.rows_skipped:,} skipped")
+
+
+def telemetry_rows(readings: list) -> list[dict]:
+    """One row per GPU, or one CPU/memory row for a worker without a GPU, labelled as such."""
+    rows = []
+    for r in readings:
+        if r.gpus:
+            rows += [{"worker": r.worker, "kind": f"GPU {g.index} {g.name}", "utilisation %": g.utilisation_pct,
+                      "memory MB": f"{g.memory_used_mb:.0f} / {g.memory_total_mb:.0f}",
+                      "temp °C": g.temperature_c, "power W": g.power_w, "stale": r.stale} for g in r.gpus]
+        else:
+            rows.append({"worker": r.worker, "kind": "CPU (no GPU on this worker)",
+                         "utilisation %": round(r.cpu_pct, 1), "memory MB": f"{r.rss_mb:.0f} RSS",
+                         "temp °C": None, "power W": None, "stale": r.stale})
+    return rows

@@ -1,0 +1,87 @@
+"""Cluster: workers over time with autoscaler decisions, scaling controls, utilisation, Spark stats."""
+
+import pandas as pd
+import streamlit as st
+
+from cluster import spark_rest, telemetry
+from cluster.controller import load_settings, save_settings
+from cluster.local import ClusterError
+from dashboard import charts, services, views
+
+st.title("Cluster")
+cluster = services.cluster()
+controller = services.controller()
+home = cluster.dir.parent
+
+
+@st.fragment(run_every=3)
+def overview() -> None:
+    state = cluster.state()
+    if not state.reachable:
+        st.warning(f"Spark master is down ({state.error}). Start it below or with `python -m cluster up`.")
+    m = st.columns(4)
+    m[0].metric("Master", state.status if state.reachable else "down")
+    m[1].metric("Alive workers", state.alive_workers)
+    m[2].metric("Cores used", f"{state.cores_used}/{state.cores}")
+    m[3].metric("Running apps", len(state.active_apps))
+    st.plotly_chart(charts.workers_figure(controller.samples(), controller.events()), width="stretch")
+
+    st.subheader("Worker utilisation")
+    readings = telemetry.read_all(telemetry.store_dir(home))
+    if not readings:
+        st.caption("No worker telemetry yet: readings appear once workers run.")
+    rows = views.telemetry_rows(readings)
+    if rows:
+        st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+        st.caption("CPU % is of one core (100 = one core busy). Stale readings are older than "
+                   f"{telemetry.STALE_AFTER_S:.0f}s and are not current values.")
+
+    st.subheader("Spark")
+    active = [r for r in services.registry().list(50) if r.state == "running" and r.ui_url]
+    if not active:
+        st.caption("No run is active.")
+    for run in active:
+        stats = spark_rest.app_stats(run.ui_url)
+        if not stats.reachable:
+            st.caption(f"{run.run_id}: Spark UI {stats.error}")
+            continue
+        s = st.columns(5)
+        s[0].metric("Executors", len(stats.executors))
+        s[1].metric("Active tasks", stats.active_tasks)
+        s[2].metric("Completed tasks", stats.completed_tasks)
+        s[3].metric("Failed tasks", stats.failed_tasks)
+        s[4].metric("GC time", f"{stats.gc_time_ms / 1000:.1f}s")
+        st.dataframe(pd.DataFrame(stats.stages), hide_index=True, width="stretch")
+        st.markdown(f"[Spark UI of {run.run_id}]({run.ui_url})")
+    st.markdown(f"[Spark master UI]({cluster.master_webui})")
+
+
+overview()
+
+st.subheader("Scaling")
+settings = load_settings(home)
+c1, c2, c3 = st.columns(3)
+auto = c1.toggle("Autoscale", value=settings.autoscale)
+lo = c2.number_input("Min workers", 0, 64, settings.min_workers)
+hi = c3.number_input("Max workers", 1, 64, settings.max_workers)
+if (auto, lo, hi) != (settings.autoscale, settings.min_workers, settings.max_workers):
+    settings.autoscale, settings.min_workers, settings.max_workers = auto, int(lo), int(max(lo, hi))
+    save_settings(settings, home)
+    st.toast("Autoscale settings saved")
+n = st.number_input("Workers", 0, 64, len(cluster.worker_pids()))
+b1, b2 = st.columns(2)
+if b1.button("Scale now (turns autoscale off)"):
+    try:
+        if not cluster.master_alive():
+            cluster.up(0)
+        with st.spinner(f"scaling to {n}…"):
+            controller.scale_manually(int(n))
+        st.rerun()
+    except ClusterError as exc:
+        st.error(str(exc))
+if b2.button("Start master" if not cluster.master_alive() else "Stop cluster"):
+    try:
+        cluster.down() if cluster.master_alive() else cluster.up(0)
+        st.rerun()
+    except ClusterError as exc:
+        st.error(str(exc))

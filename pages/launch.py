@@ -1,0 +1,61 @@
+"""Launch: pick connection, source, columns, target and model, then start a run."""
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import connections, services
+from jobs import db, launcher
+from jobs.spec import DEFAULT_MODEL, RunSpec, SpecError
+
+st.title("Launch an embedding run")
+conns = services.configured_connections()
+name = st.selectbox("Connection", list(conns), format_func=lambda n: connections.label(n, conns[n]))
+url = conns[name]
+try:
+    engine = db.check_connection(url)
+    tables = [t for t in db.list_tables(engine) if t != db.targets_table.name]
+except SpecError as exc:
+    st.error(str(exc))
+    st.stop()
+if not tables:
+    st.info("This database has no tables yet. Load the demo with `python -m jobs seed-demo`.")
+    st.stop()
+
+source = st.selectbox("Source table", tables, index=tables.index("products") if "products" in tables else 0)
+table = db.reflect(engine, source, "source")
+cols = [c.name for c in table.c]
+int_cols = [c.name for c in table.c if db.is_integer_type(c.type)] or cols
+text_guess = next((c for c in ("description", "text", "body", "content") if c in cols), cols[-1])
+c1, c2 = st.columns(2)
+id_column = c1.selectbox("Id column (integer key)", int_cols)
+text_column = c2.selectbox("Text column", cols, index=cols.index(text_guess))
+target = st.text_input("Target table (created when missing)", value=f"{source}_embeddings")
+c3, c4, c5 = st.columns(3)
+model = c3.text_input("Model (name or local directory)", value=DEFAULT_MODEL)
+batch_size = c4.number_input("Batch size", 1, 4096, 32)
+mode = c5.selectbox("Mode", ["incremental", "full"])
+master = st.text_input("Spark master", value=services.default_master())
+
+spec = RunSpec(db_url=url, source=source, id_column=id_column, text_column=text_column, target=target,
+               model=model, batch_size=int(batch_size), mode=mode, master=master, launched_by="dashboard")
+try:
+    checked = launcher.validate(spec)
+    pending = db.count_unembedded(engine, checked, model)
+    st.caption(f"{pending:,} rows still need a vector of {model} (new rows or another model; "
+               "changed texts are found when the run plans).")
+    st.dataframe(pd.DataFrame(db.preview(engine, table, [table.c[id_column], table.c[text_column]])),
+                 hide_index=True, width="stretch")
+    valid = True
+except SpecError as exc:
+    st.error(str(exc))
+    valid = False
+
+if st.button("Launch run", type="primary", disabled=not valid):
+    try:
+        run_id = launcher.launch(spec, services.registry())
+    except SpecError as exc:
+        st.error(str(exc))
+    else:
+        st.session_state["selected_run"] = run_id
+        st.success(f"Run {run_id} launched.")
+        st.switch_page("pages/runs.py")

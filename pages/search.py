@@ -1,0 +1,40 @@
+"""Search: query text → top-k rows with scores, the model used and the latency."""
+
+import pandas as pd
+import streamlit as st
+
+from dashboard import connections, services
+from jobs import db
+from jobs.search import search
+from jobs.spec import SpecError
+
+st.title("Similarity search")
+conns = services.configured_connections()
+name = st.selectbox("Connection", list(conns), format_func=lambda n: connections.label(n, conns[n]))
+try:
+    engine = db.check_connection(conns[name])
+    targets = [t for t in db.list_tables(engine)
+               if {"source_id", "embedding", "model"} <= {c["name"] for c in db.sa.inspect(engine).get_columns(t)}]
+except SpecError as exc:
+    st.error(str(exc))
+    st.stop()
+if not targets:
+    st.info("No embedded tables yet: launch a run first.")
+    st.stop()
+target = st.selectbox("Target table", targets)
+with st.form("search"):
+    query = st.text_input("Query", placeholder="waterproof hiking boots")
+    k = st.slider("Top k", 1, 50, 5)
+    go = st.form_submit_button("Search", type="primary")
+if go:
+    try:
+        result = search(conns[name], target, query, k=k)
+    except SpecError as exc:
+        st.error(str(exc))
+    else:
+        for w in result.warnings:
+            st.warning(w)
+        st.caption(f"model {result.model} · query encoding {result.encode_ms:.0f} ms · "
+                   f"search {result.search_ms:.0f} ms")
+        st.dataframe(pd.DataFrame([{"rank": i, "score": round(h.score, 4), "id": h.id, "text": h.text}
+                                   for i, h in enumerate(result.hits, 1)]), hide_index=True, width="stretch")
