@@ -71,11 +71,24 @@ def _classify(spec: RunSpec, rows: list) -> tuple[list[tuple[int, str, str]], in
     return todo, empty, current
 
 
+def _worker_encoder(spec: RunSpec):
+    """The encoder of this Python worker, with torch limited to the task's share of cores."""
+    threads = int(os.environ.get("EMBEDDECK_TORCH_THREADS", "0"))
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    return get_encoder(spec.model)
+
+
 def scan_partitions(spec: RunSpec):
     """mapInPandas function: count per key range what the run has to embed."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         tables = _tables(spec)
+        # Python workers are reused by the embedding job: loading the model here overlaps the
+        # import and load (seconds) with planning instead of stalling the first chunk.
+        _worker_encoder(spec)
         for batch in batches:
             out = []
             for r in batch.itertuples(index=False):
@@ -96,14 +109,9 @@ def embed_partitions(spec: RunSpec):
     """mapInPandas function: read, encode and upsert each key range, committing per chunk."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        threads = int(os.environ.get("EMBEDDECK_TORCH_THREADS", "0"))
-        if threads > 0:
-            import torch
-
-            torch.set_num_threads(threads)
         tables = _tables(spec)
         engine = db.engine_for(spec.db_url)
-        encoder = get_encoder(spec.model)
+        encoder = _worker_encoder(spec)
         for batch in batches:
             out = []
             for r in batch.itertuples(index=False):
