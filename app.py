@@ -2,11 +2,11 @@
 
 import streamlit as st
 
-st.set_page_config(page_title="EmbedDeck", page_icon="🧭", layout="wide")
+st.set_page_config(page_title="EmbedDeck", page_icon=":material/hub:", layout="wide")
 page = st.navigation([
-    st.Page("pages/launch.py", title="Launch", icon="🚀", default=True),
-    st.Page("pages/runs.py", title="Runs", icon="📋"),
-    st.Page("pages/cluster.py", title="Cluster", icon="🖥️"),
-    st.Page("pages/search.py", title="Search", icon="🔎"),
+    st.Page("pages/launch.py", title="Launch", icon=":material/rocket_launch:", default=True),
+    st.Page("pages/runs.py", title="Runs", icon=":material/list_alt:"),
+    st.Page("pages/cluster.py", title="Cluster", icon=":material/dns:"),
+    st.Page("pages/search.py", title="Search", icon=":material/search:"),
 ])
 page.run()

@@ -36,5 +36,6 @@ if go:
             st.warning(w)
         st.caption(f"model {result.model} · query encoding {result.encode_ms:.0f} ms · "
                    f"search {result.search_ms:.0f} ms")
-        st.dataframe(pd.DataFrame([{"rank": i, "score": round(h.score, 4), "id": h.id, "text": h.text}
-                                   for i, h in enumerate(result.hits, 1)]), hide_index=True, width="stretch")
+        # A static table: k is small, and the rows stay readable text (copyable, visible to browser tests).
+        st.table(pd.DataFrame([{"score": round(h.score, 4), "id": h.id, "text": h.text} for h in result.hits],
+                              index=range(1, len(result.hits) + 1)))

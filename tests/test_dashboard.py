@@ -61,7 +61,7 @@ def test_launch_run_search_flow(demo):
     search.text_input[0].input("hiking boots for mountain trails")
     search.button[0].click().run()
     assert not search.exception, search.exception
-    table = search.dataframe[0].value
+    table = search.table[0].value
     assert len(table) == 5 and table["score"].is_monotonic_decreasing
     assert table["text"].str.contains("boot|shoe|runner", case=False).any()
     assert any("model all-MiniLM-L6-v2" in c.value for c in search.caption)

@@ -1,0 +1,97 @@
+"""A real `streamlit run` driven by headless Chromium through Playwright: every page, a run, a search."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from jobs import db
+from jobs.demo import seed_demo
+from tests.conftest import ARTIFACTS, free_port
+
+pytestmark = [pytest.mark.browser, pytest.mark.spark]
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def dashboard_url(home):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("Debian's chromium is not installed; run `make setup`")
+    seed_demo(db.default_db_url(), n=200)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"),
+                             "--server.address", "127.0.0.1", "--server.port", str(port),
+                             "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(f"{url}/_stcore/health", timeout=1).ok:
+                break
+        except requests.RequestException:
+            pass
+        assert time.monotonic() < deadline, "streamlit did not start"
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def no_exception(page) -> None:
+    assert page.locator('[data-testid="stException"]').count() == 0, page.inner_text("body")[:2000]
+
+
+def test_pages_run_and_search_in_chromium(dashboard_url, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(dashboard_url)
+    page.get_by_text("Launch an embedding run").wait_for(timeout=60_000)
+    page.get_by_text("rows still need a vector").wait_for(timeout=60_000)
+    no_exception(page)
+    shot(page, "launch")
+
+    page.get_by_role("button", name="Launch run").click()
+    page.get_by_role("heading", name="Runs").wait_for(timeout=60_000)
+    page.locator("h3", has_text="· succeeded").wait_for(timeout=300_000)
+    no_exception(page)
+    shot(page, "runs")
+
+    page.goto(f"{dashboard_url}/cluster")
+    page.get_by_text("Workers over time").wait_for(timeout=60_000)
+    no_exception(page)
+    shot(page, "cluster")
+
+    page.goto(f"{dashboard_url}/search")
+    page.get_by_label("Query").fill("waterproof hiking boots for mountain trails")
+    page.get_by_role("button", name="Search").click()
+    table = page.locator('[data-testid="stTable"]')
+    table.wait_for(timeout=120_000)
+    rows = table.locator("tbody tr")
+    assert rows.count() == 5
+    assert "boot" in rows.first.inner_text().lower()
+    no_exception(page)
+    shot(page, "search")
