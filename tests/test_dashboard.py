@@ -56,6 +56,8 @@ def test_launch_run_search_flow(demo):
     runs = page("runs")
     assert any(run.run_id in s.value for s in runs.subheader)
     assert "succeeded" in runs.subheader[0].value
+    assert runs.button[0].label == "Rerun"  # a finished run offers rerun, not cancel
+    assert runs.dataframe[0].value["state"].iloc[0] == "succeeded"
 
     search = page("search")
     search.text_input[0].input("hiking boots for mountain trails")
