@@ -3,20 +3,13 @@
 import pandas as pd
 import streamlit as st
 
-from dashboard import connections, services
+from dashboard import services, widgets
 from jobs import db, launcher
 from jobs.spec import DEFAULT_MODEL, RunSpec, SpecError
 
 st.title("Launch an embedding run")
-conns = services.configured_connections()
-name = st.selectbox("Connection", list(conns), format_func=lambda n: connections.label(n, conns[n]))
-url = conns[name]
-try:
-    engine = db.check_connection(url)
-    tables = [t for t in db.list_tables(engine) if t != db.targets_table.name]
-except SpecError as exc:
-    st.error(str(exc))
-    st.stop()
+url, engine = widgets.pick_connection()
+tables = [t for t in db.list_tables(engine) if t != db.targets_table.name]
 if not tables:
     st.info("This database has no tables yet. Load the demo with `python -m jobs seed-demo`.")
     st.stop()

@@ -1,23 +1,18 @@
 """Search: query text → top-k rows with scores, the model used and the latency."""
 
 import pandas as pd
+import sqlalchemy as sa
 import streamlit as st
 
-from dashboard import connections, services
+from dashboard import widgets
 from jobs import db
 from jobs.search import search
 from jobs.spec import SpecError
 
 st.title("Similarity search")
-conns = services.configured_connections()
-name = st.selectbox("Connection", list(conns), format_func=lambda n: connections.label(n, conns[n]))
-try:
-    engine = db.check_connection(conns[name])
-    targets = [t for t in db.list_tables(engine)
-               if {"source_id", "embedding", "model"} <= {c["name"] for c in db.sa.inspect(engine).get_columns(t)}]
-except SpecError as exc:
-    st.error(str(exc))
-    st.stop()
+url, engine = widgets.pick_connection()
+targets = [t for t in db.list_tables(engine)
+           if {"source_id", "embedding", "model"} <= {c["name"] for c in sa.inspect(engine).get_columns(t)}]
 if not targets:
     st.info("No embedded tables yet: launch a run first.")
     st.stop()
@@ -28,7 +23,7 @@ with st.form("search"):
     go = st.form_submit_button("Search", type="primary")
 if go:
     try:
-        result = search(conns[name], target, query, k=k)
+        result = search(url, target, query, k=k)
     except SpecError as exc:
         st.error(str(exc))
     else:

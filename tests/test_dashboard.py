@@ -93,3 +93,13 @@ def test_run_views_are_pure():
     frac, caption = views.run_progress(run)
     assert frac == 0.25 and "ETA 15s" in caption and "7 skipped" in caption
     assert views.run_row(run)["source → target"] == "s → t"
+
+
+def test_unreachable_database_is_a_clear_state(monkeypatch):
+    monkeypatch.setenv("EMBEDDECK_DB_URL", "postgresql+psycopg://u:Sekr1t@127.0.0.1:1/db")
+    for name in ("launch", "search"):
+        at = page(name)
+        at.selectbox[0].select_index(1).run()
+        assert not at.exception, at.exception
+        assert "cannot connect to postgresql+psycopg://u:***@127.0.0.1:1/db" in at.error[0].value
+        assert "Sekr1t" not in str([e.value for e in at.error])
