@@ -6,7 +6,7 @@ import streamlit as st
 
 from cluster.controller import Controller
 from cluster.local import LocalCluster
-from dashboard import connections
+from jobs import connections
 from jobs.runs import Registry
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 import streamlit as st
 
-from dashboard import connections, services
-from jobs import db
+from dashboard import services
+from jobs import connections, db
 from jobs.spec import SpecError
 
 

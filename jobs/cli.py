@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--chunk-rows", type=int, default=256)
     run.add_argument("--partitions", type=int, default=None)
+    run.add_argument("--endpoint", default=None,
+                     help="OpenAI-compatible embeddings URL to use instead of the local model "
+                          "(key from $EMBEDDECK_REMOTE_API_KEY)")
+    run.add_argument("--limit-rows", type=int, default=None, help="embed only the first N rows by id")
     run.add_argument("--detach", action="store_true", help="print the run id and return at once")
 
     status = verbs.add_parser("status", help="state and progress of one run")
@@ -54,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", default=None, help="query model (default: the stored vectors' model)")
     search.add_argument("--json", action="store_true")
     search.add_argument("query")
+
+    serve = verbs.add_parser("serve", help="start the trigger HTTP API (token from $EMBEDDECK_API_TOKEN)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8888)
 
     seed = verbs.add_parser("seed-demo", help="create the demo products table if missing")
     seed.add_argument("--db", default=None)
@@ -101,7 +109,8 @@ def cmd_run(args) -> int:
     spec = RunSpec(db_url=args.db or db.default_db_url(), source=args.source, id_column=args.id_column,
                    text_column=args.text_column, target=args.target, model=args.model,
                    batch_size=args.batch_size, chunk_rows=args.chunk_rows, partitions=args.partitions,
-                   mode=args.mode, master=args.master, launched_by="cli")
+                   limit_rows=args.limit_rows, endpoint=args.endpoint, mode=args.mode,
+                   master=args.master, launched_by="cli")
     registry = Registry()
     run_id = launch(spec, registry)
     if args.detach:
@@ -181,10 +190,16 @@ def cmd_seed_demo(args) -> int:
     return EXIT_OK
 
 
+def cmd_serve(args) -> int:
+    from jobs.api import serve
+
+    return serve(args.host, args.port)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"run": cmd_run, "status": cmd_status, "list": cmd_list, "cancel": cmd_cancel,
-               "search": cmd_search, "seed-demo": cmd_seed_demo}[args.verb]
+               "search": cmd_search, "seed-demo": cmd_seed_demo, "serve": cmd_serve}[args.verb]
     try:
         return handler(args)
     except SpecError as exc:

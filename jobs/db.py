@@ -247,6 +247,13 @@ def id_bounds(engine: Engine, source: sa.Table, id_col: sa.Column) -> tuple[int,
     return int(lo), int(hi), int(n)
 
 
+def nth_id(engine: Engine, source: sa.Table, id_col: sa.Column, n: int) -> int | None:
+    """The n-th smallest id (1-based), bounding a run limited to its first n rows."""
+    with engine.connect() as conn:
+        value = conn.execute(sa.select(id_col).select_from(source).order_by(id_col).offset(n - 1).limit(1)).scalar()
+    return None if value is None else int(value)
+
+
 def chunk_query(source: sa.Table, id_col: sa.Column, text_col: sa.Column, target: sa.Table,
                 lo: int, hi: int, after: int | None, limit: int) -> sa.Select:
     """Next chunk of a key range: source id and text beside the stored hash and model."""

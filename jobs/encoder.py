@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,14 +114,62 @@ class Encoder:
         return np.asarray(out, dtype=np.float32)
 
 
-_CACHE: dict[tuple[str, str | None], Encoder] = {}
+class RemoteEncoder:
+    """An OpenAI-compatible embeddings endpoint (an NVIDIA NIM, another EmbedDeck) used as the model."""
+
+    MAX_BATCH = 256
+
+    def __init__(self, endpoint: str, model: str, api_key: str | None = None, retries: int = 3,
+                 timeout_s: float = 60.0):
+        import requests
+
+        self.url = endpoint.rstrip("/")
+        if not self.url.endswith("/embeddings"):
+            self.url += "/embeddings"
+        self.model_name, self.retries, self.timeout_s = model, retries, timeout_s
+        self.session = requests.Session()
+        if api_key:
+            self.session.headers["Authorization"] = f"Bearer {api_key}"
+        self.dim = len(self._post(["dimension probe"])[0])
+
+    def _post(self, texts: list[str]) -> list[list[float]]:
+        import requests
+
+        for attempt in range(self.retries + 1):
+            try:
+                resp = self.session.post(self.url, json={"model": self.model_name, "input": texts},
+                                         timeout=self.timeout_s)
+                if resp.status_code < 500:
+                    if not resp.ok:
+                        raise SpecError(f"embedding endpoint {self.url} answered {resp.status_code}: {resp.text[:300]}")
+                    data = sorted(resp.json()["data"], key=lambda d: d["index"])
+                    return [d["embedding"] for d in data]
+                reason = f"HTTP {resp.status_code}"
+            except requests.RequestException as exc:
+                reason = type(exc).__name__
+            if attempt < self.retries:
+                time.sleep(0.5 * 2**attempt)
+        raise SpecError(f"embedding endpoint {self.url} failed after {self.retries + 1} attempts: {reason}")
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """Unit-length vectors, sent in requests of at most MAX_BATCH texts."""
+        out = []
+        for i in range(0, len(texts), self.MAX_BATCH):
+            out += self._post(texts[i:i + self.MAX_BATCH])
+        arr = np.asarray(out, dtype=np.float32).reshape(len(texts), -1) if texts else np.empty((0, self.dim))
+        norms = np.linalg.norm(arr, axis=1, keepdims=True)
+        return (arr / np.where(norms == 0, 1, norms)).astype(np.float32)
 
 
-def get_encoder(model: str, precision: str | None = None) -> Encoder:
-    """The process-wide encoder for model: loaded on first use, then reused by every task."""
-    key = (model, precision)
+_CACHE: dict[tuple, Encoder | RemoteEncoder] = {}
+
+
+def get_encoder(model: str, precision: str | None = None, endpoint: str | None = None,
+                api_key: str | None = None) -> Encoder | RemoteEncoder:
+    """The process-wide encoder for model (local, or at endpoint): built once, reused by every task."""
+    key = (model, precision, endpoint)
     if key not in _CACHE:
-        _CACHE[key] = Encoder(model, precision)
+        _CACHE[key] = RemoteEncoder(endpoint, model, api_key) if endpoint else Encoder(model, precision)
     return _CACHE[key]
 
 

@@ -55,7 +55,8 @@ def validate(spec: RunSpec) -> db.Tables:
     spec.check_shape()
     engine = db.check_connection(spec.db_url)
     tables = db.inspect_run(engine, spec)
-    model_path(spec.model)
+    if not spec.endpoint:
+        model_path(spec.model)
     check_master(spec.master)
     return tables
 

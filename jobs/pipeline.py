@@ -71,8 +71,10 @@ def _classify(spec: RunSpec, rows: list) -> tuple[list[tuple[int, str, str]], in
     return todo, empty, current
 
 
-def _worker_encoder(spec: RunSpec):
+def _worker_encoder(spec: RunSpec, api_key: str | None):
     """The encoder of this Python worker, with torch limited to the task's share of cores."""
+    if spec.endpoint:
+        return get_encoder(spec.model, endpoint=spec.endpoint, api_key=api_key)
     threads = int(os.environ.get("EMBEDDECK_TORCH_THREADS", "0"))
     if threads > 0:
         import torch
@@ -81,14 +83,14 @@ def _worker_encoder(spec: RunSpec):
     return get_encoder(spec.model)
 
 
-def scan_partitions(spec: RunSpec):
+def scan_partitions(spec: RunSpec, api_key: str | None = None):
     """mapInPandas function: count per key range what the run has to embed."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         tables = _tables(spec)
         # Python workers are reused by the embedding job: loading the model here overlaps the
         # import and load (seconds) with planning instead of stalling the first chunk.
-        _worker_encoder(spec)
+        _worker_encoder(spec, api_key)
         for batch in batches:
             out = []
             for r in batch.itertuples(index=False):
@@ -105,13 +107,13 @@ def scan_partitions(spec: RunSpec):
     return run
 
 
-def embed_partitions(spec: RunSpec):
+def embed_partitions(spec: RunSpec, api_key: str | None = None):
     """mapInPandas function: read, encode and upsert each key range, committing per chunk."""
 
     def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
         tables = _tables(spec)
         engine = db.engine_for(spec.db_url)
-        encoder = _worker_encoder(spec)
+        encoder = _worker_encoder(spec, api_key)
         for batch in batches:
             out = []
             for r in batch.itertuples(index=False):
@@ -180,7 +182,11 @@ def execute(spark, spec: RunSpec, registry: Registry, run_id: str) -> str:
     sc.setJobGroup(run_id, f"EmbedDeck {run_id}", interruptOnCancel=True)
     engine = db.check_connection(spec.db_url)
     tables = db.inspect_run(engine, spec)
-    target = db.ensure_target(engine, spec, tables, model_dim(spec.model))
+    # The remote key travels inside the task closure, never through Spark's visible configuration.
+    api_key = os.environ.get("EMBEDDECK_REMOTE_API_KEY") if spec.endpoint else None
+    dim = get_encoder(spec.model, endpoint=spec.endpoint, api_key=api_key).dim if spec.endpoint \
+        else model_dim(spec.model)
+    target = db.ensure_target(engine, spec, tables, dim)
     db.record_target(engine, spec)
     bounds = db.id_bounds(engine, tables.source, tables.id_col)
     if bounds is None:
@@ -188,12 +194,14 @@ def execute(spark, spec: RunSpec, registry: Registry, run_id: str) -> str:
         registry.finish(run_id, SUCCEEDED, rows_done=0)
         return SUCCEEDED
     lo, hi, _ = bounds
+    if spec.limit_rows:
+        hi = db.nth_id(engine, tables.source, tables.id_col, spec.limit_rows) or hi
     parts = spec.partitions or plan.default_partitions(sc.defaultParallelism)
     ranges = [(r.index, r.lo, r.hi) for r in plan.split_range(lo, hi, parts)]
 
     registry.set_phase(run_id, "planning")
     ranges_df = spark.createDataFrame(sc.parallelize(ranges, len(ranges)), RANGE_SCHEMA)
-    scanned = ranges_df.mapInPandas(scan_partitions(spec), SCAN_SCHEMA).collect()
+    scanned = ranges_df.mapInPandas(scan_partitions(spec, api_key), SCAN_SCHEMA).collect()
     total = sum(r["needed"] for r in scanned)
     skipped = sum(r["empty"] + r["current"] for r in scanned)
     work = [(r["index"], r["lo"], r["hi"]) for r in scanned if r["needed"] > 0]
@@ -212,7 +220,7 @@ def execute(spark, spec: RunSpec, registry: Registry, run_id: str) -> str:
         if work:
             registry.set_phase(run_id, "embedding")
             work_df = spark.createDataFrame(sc.parallelize(work, len(work)), RANGE_SCHEMA)
-            work_df.mapInPandas(embed_partitions(spec), EMBED_SCHEMA).collect()
+            work_df.mapInPandas(embed_partitions(spec, api_key), EMBED_SCHEMA).collect()
     except Exception as exc:
         watcher.stop_event.set()
         done = watcher.sample()

@@ -28,6 +28,8 @@ class RunSpec:
     partitions: int | None = None
     mode: str = "incremental"
     master: str = "local[*]"
+    limit_rows: int | None = None
+    endpoint: str | None = None  # OpenAI-compatible embeddings URL; None: the local model
     launched_by: str = "cli"
     extra: dict = field(default_factory=dict)
 
@@ -45,6 +47,10 @@ class RunSpec:
             raise SpecError(f"chunk rows must be between 1 and 100000, not {self.chunk_rows}")
         if self.partitions is not None and not 1 <= self.partitions <= 10_000:
             raise SpecError(f"partitions must be between 1 and 10000, not {self.partitions}")
+        if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
+            raise SpecError(f"endpoint must be an http(s) URL, not {self.endpoint!r}")
+        if self.limit_rows is not None and self.limit_rows < 1:
+            raise SpecError(f"limit rows must be 1 or more, not {self.limit_rows}")
         if self.source == self.target:
             raise SpecError("target table must differ from the source table")
         if not (self.master.startswith("local") or self.master.startswith("spark://")):

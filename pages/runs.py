@@ -5,8 +5,8 @@ from dataclasses import replace
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, connections, services, views
-from jobs import launcher
+from dashboard import charts, services, views
+from jobs import connections, launcher
 from jobs.spec import RunSpec, SpecError
 
 st.title("Runs")

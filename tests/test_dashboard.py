@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dashboard import connections, views
-from jobs import db
+from dashboard import views
+from jobs import connections, db
 from jobs.demo import seed_demo
 from jobs.runs import Registry
 from tests.conftest import wait_until

@@ -1,0 +1,276 @@
+"""Trigger-mode HTTP API (FastAPI): runs, OpenAI/Ollama-style embeddings, health.
+
+Every route but /healthz needs the bearer token (or an `api-key` header, as SQL Server 2025's
+CREATE EXTERNAL MODEL sends it). Errors share one shape: {"error": {"code", "message"}}.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Literal
+
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jobs import connections, db, launcher
+from jobs.runs import Registry
+from jobs.spec import DEFAULT_MODEL, RunSpec, SpecError
+
+log = logging.getLogger("embeddeck.api")
+
+MAX_INPUTS = 2048
+MAX_INPUT_CHARS = 2_000_000
+
+
+class ApiError(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ApiError
+
+
+class RunRequest(BaseModel):
+    """A RunSpec over HTTP; the database is a configured connection's name, never a URL with a password."""
+
+    model_config = ConfigDict(extra="forbid")
+    connection: str | None = Field(None, description="configured connection name; default: the default database")
+    source: str = Field(min_length=1, max_length=400)
+    id_column: str = Field(min_length=1, max_length=400)
+    text_column: str = Field(min_length=1, max_length=400)
+    target: str = Field(min_length=1, max_length=400)
+    model: str = Field(DEFAULT_MODEL, min_length=1, max_length=400)
+    batch_size: int = Field(32, ge=1, le=4096)
+    partitions: int | None = Field(None, ge=1, le=10_000)
+    mode: Literal["incremental", "full"] = "incremental"
+    master: str | None = Field(None, max_length=200)
+    limit_rows: int | None = Field(None, ge=1)
+    endpoint: str | None = Field(None, max_length=2000, description="OpenAI-compatible embeddings URL")
+
+
+class RunAccepted(BaseModel):
+    run_id: str
+    state: str
+    status_url: str
+
+
+class EmbeddingsRequest(BaseModel):
+    model: str = Field(DEFAULT_MODEL, max_length=400)
+    input: str | list[str]
+    encoding_format: Literal["float"] = "float"
+    user: str | None = None
+    dimensions: int | None = None
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: Usage
+
+
+class OllamaEmbedRequest(BaseModel):
+    model: str = Field(DEFAULT_MODEL, max_length=400)
+    input: str | list[str]
+
+
+class OllamaEmbedResponse(BaseModel):
+    model: str
+    embeddings: list[list[float]]
+
+
+def load_token() -> str | None:
+    """$EMBEDDECK_API_TOKEN, else the contents of the file named by $EMBEDDECK_API_TOKEN_FILE."""
+    token = os.environ.get("EMBEDDECK_API_TOKEN", "").strip()
+    if not token and os.environ.get("EMBEDDECK_API_TOKEN_FILE"):
+        token = Path(os.environ["EMBEDDECK_API_TOKEN_FILE"]).read_text().strip()
+    return token or None
+
+
+def error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message}})
+
+
+def create_app(token: str, registry: Registry | None = None) -> FastAPI:
+    """The API; `token` is required on every route except /healthz."""
+    app = FastAPI(title="EmbedDeck API", version="1.0",
+                  responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}})
+    registry = registry or Registry()
+    encoder_lock = threading.Lock()
+
+    def require_token(authorization: str | None = Header(None), api_key: str | None = Header(None)) -> None:
+        given = api_key or ""
+        if authorization and authorization.lower().startswith("bearer "):
+            given = authorization[7:].strip()
+        if not given or not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token")
+
+    # Starlette's own HTTPException (unparseable body, unknown route) must get our shape too.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        codes = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+                 400: "bad_request"}
+        return error(exc.status_code, codes.get(exc.status_code, "error"), str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", []))
+        return error(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(SpecError)
+    async def spec_error(_: Request, exc: SpecError):
+        return error(400, "bad_request", str(exc))
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception):
+        log.exception("internal error")
+        return error(500, "internal", f"internal error ({type(exc).__name__})")
+
+    def resolve(name: str | None) -> str:
+        conns = connections.configured()
+        if name is None:
+            return db.default_db_url()
+        if name not in conns:
+            raise SpecError(f"connection {name!r} is not configured (known: {', '.join(conns)})")
+        return conns[name]
+
+    def start(spec: RunSpec) -> RunAccepted:
+        run_id = launcher.launch(spec, registry)
+        return RunAccepted(run_id=run_id, state="queued", status_url=f"/runs/{run_id}")
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        """Database and Spark master reachability; no token needed."""
+        out = {"database": "ok", "master": "ok"}
+        try:
+            db.check_connection(db.default_db_url())
+        except SpecError as exc:
+            out["database"] = str(exc)
+        master = os.environ.get("EMBEDDECK_SPARK_MASTER", "local[*]")
+        try:
+            launcher.check_master(master)
+        except SpecError as exc:
+            out["master"] = str(exc)
+        out["status"] = "ok" if out["database"] == out["master"] == "ok" else "degraded"
+        return out
+
+    @app.post("/runs", status_code=202, response_model=RunAccepted, dependencies=[Depends(require_token)],
+              responses={400: {"model": ErrorBody}})
+    def post_run(req: RunRequest) -> RunAccepted:
+        """Validate and start a run; returns at once with its id."""
+        spec = RunSpec(db_url=resolve(req.connection), source=req.source, id_column=req.id_column,
+                       text_column=req.text_column, target=req.target, model=req.model, batch_size=req.batch_size,
+                       partitions=req.partitions, mode=req.mode,
+                       master=req.master or os.environ.get("EMBEDDECK_SPARK_MASTER", "local[*]"),
+                       limit_rows=req.limit_rows, endpoint=req.endpoint, launched_by="api")
+        return start(spec)
+
+    @app.get("/runs", dependencies=[Depends(require_token)])
+    def list_runs(limit: int = Query(100, ge=1, le=1000)) -> list[dict]:
+        registry.reconcile()
+        return [r.as_dict() for r in registry.list(limit)]
+
+    @app.get("/runs/{run_id}", dependencies=[Depends(require_token)], responses={404: {"model": ErrorBody}})
+    def get_run(run_id: str) -> dict:
+        registry.reconcile()
+        run = registry.get(run_id)
+        if run is None:
+            raise HTTPException(404, f"run {run_id} does not exist")
+        return run.as_dict()
+
+    @app.post("/runs/{run_id}/cancel", dependencies=[Depends(require_token)],
+              responses={404: {"model": ErrorBody}})
+    def cancel_run(run_id: str) -> dict:
+        if registry.get(run_id) is None:
+            raise HTTPException(404, f"run {run_id} does not exist")
+        return {"run_id": run_id, "state": launcher.cancel(run_id, registry)}
+
+    @app.get("/", status_code=202, response_model=RunAccepted, dependencies=[Depends(require_token)],
+             responses={400: {"model": ErrorBody}})
+    def classic_trigger(model: str = Query(DEFAULT_MODEL, min_length=1, max_length=400),
+                        rows: int | None = Query(None, ge=1), workers: int | None = Query(None, ge=0, le=64)):
+        """Compatibility trigger: a run on the configured default source and target, answered at once."""
+        env = os.environ
+        spec = RunSpec(db_url=db.default_db_url(), source=env.get("EMBEDDECK_DEFAULT_SOURCE", "products"),
+                       id_column=env.get("EMBEDDECK_DEFAULT_ID_COLUMN", "id"),
+                       text_column=env.get("EMBEDDECK_DEFAULT_TEXT_COLUMN", "description"),
+                       target=env.get("EMBEDDECK_DEFAULT_TARGET", "product_embeddings"), model=model,
+                       master=env.get("EMBEDDECK_SPARK_MASTER", "local[*]"), limit_rows=rows, launched_by="api")
+        launcher.validate(spec)
+        if workers is not None and spec.master.startswith("spark://"):
+            from cluster.controller import Controller
+
+            Controller().scale_manually(workers)
+        return start(spec)
+
+    def encode(model: str, inputs: str | list[str]) -> tuple[list, int]:
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        if not texts:
+            raise HTTPException(422, "input is empty")
+        if len(texts) > MAX_INPUTS:
+            raise HTTPException(413, f"{len(texts)} inputs; at most {MAX_INPUTS} per request")
+        if sum(len(t) for t in texts) > MAX_INPUT_CHARS:
+            raise HTTPException(413, f"inputs exceed {MAX_INPUT_CHARS} characters in total")
+        from jobs.encoder import get_encoder, model_path
+        from jobs.texts import normalize_text
+
+        model_path(model)  # SpecError (400) for an unknown model
+        with encoder_lock:  # one model instance, one batch at a time
+            enc = get_encoder(model)
+            vecs = enc.encode([normalize_text(t) or "" for t in texts])
+            tokens = sum(min(len(ids), enc.max_tokens) for ids in enc.model.tokenizer(texts)["input_ids"])
+        return vecs.tolist(), tokens
+
+    @app.post("/v1/embeddings", response_model=EmbeddingsResponse, dependencies=[Depends(require_token)],
+              responses={400: {"model": ErrorBody}, 413: {"model": ErrorBody}})
+    def embeddings(req: EmbeddingsRequest) -> EmbeddingsResponse:
+        """OpenAI wire format (NIM, SQL Server 2025 CREATE EXTERNAL MODEL, the openai client)."""
+        if req.dimensions is not None:
+            raise HTTPException(400, "dimensions is not supported: vectors have the model's own size")
+        vecs, tokens = encode(req.model, req.input)
+        return EmbeddingsResponse(data=[EmbeddingItem(index=i, embedding=v) for i, v in enumerate(vecs)],
+                                  model=req.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+
+    @app.post("/api/embed", response_model=OllamaEmbedResponse, dependencies=[Depends(require_token)],
+              responses={400: {"model": ErrorBody}, 413: {"model": ErrorBody}})
+    def ollama_embed(req: OllamaEmbedRequest) -> OllamaEmbedResponse:
+        """Ollama's embed shape."""
+        vecs, _ = encode(req.model, req.input)
+        return OllamaEmbedResponse(model=req.model, embeddings=vecs)
+
+    return app
+
+
+def serve(host: str = "127.0.0.1", port: int = 8888) -> int:
+    """Run the API with uvicorn; refuses to start without a token rather than run open."""
+    import uvicorn
+
+    token = load_token()
+    if not token:
+        print("error: set EMBEDDECK_API_TOKEN or EMBEDDECK_API_TOKEN_FILE; the API never runs without a token",
+              file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(token), host=host, port=port, log_level="info")
+    return 0
+

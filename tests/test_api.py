@@ -1,0 +1,187 @@
+"""The trigger API against a real uvicorn server on 127.0.0.1."""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import requests
+import sqlalchemy as sa
+
+from jobs import db, pipeline
+from jobs.demo import seed_demo
+from jobs.runs import Registry
+from jobs.spec import RunSpec
+from tests.conftest import free_port, reference_vectors, wait_until
+
+pytestmark = pytest.mark.spark
+TOKEN = "test-token-4f9a2c"
+
+
+def start_server(tmp_path, name: str, db_url: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    log = open(tmp_path / f"{name}.log", "wb")
+    env = dict(os.environ, EMBEDDECK_API_TOKEN=TOKEN, EMBEDDECK_DB_URL=db_url, EMBEDDECK_SPARK_MASTER="local[2]")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", "serve", "--port", str(port)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_until(lambda: _up(url), timeout=60)
+    return proc, url
+
+
+def _up(url):
+    try:
+        return requests.get(f"{url}/healthz", timeout=1).ok
+    except requests.RequestException:
+        return False
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("api")
+    url = f"sqlite:///{tmp / 'api.sqlite'}"
+    seed_demo(url, n=300)
+    proc, base = start_server(tmp, "api", url)
+    yield base, url, tmp
+    proc.terminate()
+    proc.wait(10)
+    log = (tmp / "api.log").read_text(errors="replace")
+    assert TOKEN not in log, "the token leaked into the server log"
+
+
+def auth(token=TOKEN):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_token_required_everywhere_but_healthz(server):
+    base, _, _ = server
+    for headers in ({}, auth("wrong"), {"Authorization": "Basic x"}):
+        r = requests.get(f"{base}/runs", headers=headers, timeout=5)
+        assert r.status_code == 401
+        assert r.json() == {"error": {"code": "unauthorized", "message": "missing or wrong bearer token"}}
+    assert requests.post(f"{base}/v1/embeddings", json={"input": "x"}, timeout=5).status_code == 401
+    assert requests.get(f"{base}/runs", headers={"api-key": TOKEN}, timeout=5).status_code == 200
+    health = requests.get(f"{base}/healthz", timeout=5).json()
+    assert health["status"] == "ok" and health["database"] == "ok"
+
+
+def test_refuses_to_start_without_a_token():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDECK_API_TOKEN")}
+    out = subprocess.run([sys.executable, "-m", "jobs", "serve", "--port", str(free_port())], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "never runs without a token" in out.stderr
+
+
+def run_body(target, **kw):
+    return {"source": "products", "id_column": "id", "text_column": "description", "target": target, **kw}
+
+
+def test_run_through_api_progress_then_cancel(server):
+    base, url, _ = server
+    r = requests.post(f"{base}/runs", json=run_body("api_emb"), headers=auth(), timeout=30)
+    assert r.status_code == 202, r.text
+    run_id = r.json()["run_id"]
+    seen_running = wait_until(lambda: (s := requests.get(f"{base}/runs/{run_id}", headers=auth(), timeout=5)
+                                       .json())["rows_done"] > 0 and s, timeout=180, every=1)
+    assert seen_running["rows_total"] == 300 and seen_running["launched_by"] == "api"
+    wait_until(lambda: requests.get(f"{base}/runs/{run_id}", headers=auth(), timeout=5).json()["state"]
+               == "succeeded", timeout=240, every=1)
+    with db.engine_for(url).connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM api_emb")).scalar() == 300
+
+    r = requests.post(f"{base}/runs", json=run_body("api_cancel_emb"), headers=auth(), timeout=30)
+    run_id = r.json()["run_id"]
+    wait_until(lambda: requests.get(f"{base}/runs/{run_id}", headers=auth(), timeout=5).json()["rows_done"] > 0,
+               timeout=180, every=1)
+    c = requests.post(f"{base}/runs/{run_id}/cancel", headers=auth(), timeout=60)
+    assert c.status_code == 200 and c.json()["state"] == "cancelled"
+
+
+def test_bad_run_requests_get_one_error_shape(server):
+    base, _, _ = server
+    r = requests.post(f"{base}/runs", json=run_body("x", source="nope"), headers=auth(), timeout=30)
+    assert r.status_code == 400 and "source table 'nope' does not exist" in r.json()["error"]["message"]
+    r = requests.post(f"{base}/runs", json={"source": "products"}, headers=auth(), timeout=30)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request"
+    r = requests.post(f"{base}/runs", json=run_body("x", db_url="sqlite:///etc"), headers=auth(), timeout=30)
+    assert r.status_code == 422  # URLs (and their passwords) are never accepted over HTTP
+    r = requests.get(f"{base}/runs/r-missing", headers=auth(), timeout=5)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_classic_trigger_returns_at_once(server):
+    base, url, _ = server
+    t0 = time.monotonic()
+    r = requests.get(f"{base}/", params={"model": "all-MiniLM-L6-v2", "rows": 40}, headers=auth(), timeout=30)
+    assert time.monotonic() - t0 < 10
+    assert r.status_code == 202, r.text
+    run_id = r.json()["run_id"]
+    final = wait_until(lambda: (s := requests.get(f"{base}/runs/{run_id}", headers=auth(), timeout=5).json())
+                       ["state"] not in ("queued", "running") and s, timeout=240, every=1)
+    assert final["state"] == "succeeded", final["error"]
+    assert final["rows_total"] == 40
+
+
+def test_embeddings_openai_and_ollama_shapes(server, reference_model):
+    base, _, _ = server
+    texts = ["a waterproof hiking boot", "espresso machine with a steam wand", "🥾 emoji too"]
+    r = requests.post(f"{base}/v1/embeddings", json={"model": "all-MiniLM-L6-v2", "input": texts},
+                      headers=auth(), timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1, 2]
+    assert body["usage"]["prompt_tokens"] > 0
+    got = np.array([d["embedding"] for d in body["data"]], dtype=np.float32)
+    assert ((got * reference_vectors(reference_model, texts)).sum(1) >= 0.9999).all()
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{base}/v1", api_key=TOKEN)
+    resp = client.embeddings.create(model="all-MiniLM-L6-v2", input="a waterproof hiking boot",
+                                    encoding_format="float")
+    assert np.allclose(resp.data[0].embedding, got[0], atol=1e-5)
+
+    o = requests.post(f"{base}/api/embed", json={"model": "all-MiniLM-L6-v2", "input": texts[:2]},
+                      headers=auth(), timeout=60).json()
+    assert np.allclose(o["embeddings"], got[:2], atol=1e-5)
+
+    too_many = requests.post(f"{base}/v1/embeddings", json={"input": ["x"] * 2049}, headers=auth(), timeout=30)
+    assert too_many.status_code == 413 and "at most 2048" in too_many.json()["error"]["message"]
+    unknown = requests.post(f"{base}/v1/embeddings", json={"input": "x", "model": "gpt-9"}, headers=auth(),
+                            timeout=30)
+    assert unknown.status_code == 400 and "gpt-9" in unknown.json()["error"]["message"]
+
+
+def test_remote_encoder_run_matches_local_run(server, spark, tmp_path, monkeypatch):
+    base, _, _ = server
+    url = f"sqlite:///{tmp_path / 'remote.sqlite'}"
+    seed_demo(url, n=60)
+    monkeypatch.setenv("EMBEDDECK_REMOTE_API_KEY", TOKEN)
+    registry = Registry()
+    vectors = {}
+    for target, endpoint in (("local_emb", None), ("remote_emb", f"{base}/v1")):
+        spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description", target=target,
+                       partitions=2, endpoint=endpoint)
+        run_id = registry.create(spec.to_json(), "test", "products", target, spec.model, "local[2]")
+        assert pipeline.execute(spark, spec, registry, run_id) == "succeeded", registry.get(run_id).error
+        with db.engine_for(url).connect() as conn:
+            rows = conn.execute(sa.text(f"SELECT source_id, embedding FROM {target} ORDER BY source_id")).all()
+        vectors[target] = np.stack([np.frombuffer(r.embedding, "<f4") for r in rows])
+    assert vectors["local_emb"].shape == vectors["remote_emb"].shape == (60, 384)
+    assert (vectors["local_emb"] * vectors["remote_emb"]).sum(1).min() >= 0.9999
+
+
+def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path):
+    proc, base = start_server(tmp_path, "fuzz", f"sqlite:///{tmp_path / 'empty.sqlite'}")
+    try:
+        out = subprocess.run(
+            [os.path.join(os.path.dirname(sys.executable), "schemathesis"), "run", f"{base}/openapi.json",
+             "-H", f"Authorization: Bearer {TOKEN}", "--checks", "not_a_server_error,response_schema_conformance",
+             "-n", "15", "--request-timeout", "120", "--phases", "examples,fuzzing"],
+            capture_output=True, text=True, timeout=500)
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    finally:
+        proc.terminate()
+        proc.wait(10)
