@@ -90,7 +90,7 @@ def spark_conf(master: str) -> dict[str, str]:
         "spark.executorEnv.HF_HUB_OFFLINE": "1",
         "spark.task.maxFailures": "4",
         "spark.executor.memory": os.environ.get("EMBEDDECK_EXECUTOR_MEMORY", "1g"),
-        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.sql.warehouse.dir": str(db.default_home() / "spark-warehouse"),
         "spark.master.rest.enabled": "false",
     }
 

@@ -15,8 +15,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-import pandas as pd
-
 from jobs import db, plan
 from jobs.encoder import get_encoder, model_dim
 from jobs.progress import rate
@@ -26,9 +24,6 @@ from jobs.texts import content_hash, normalize_text
 
 log = logging.getLogger("embeddeck.pipeline")
 
-RANGE_SCHEMA = "index long, lo long, hi long"
-SCAN_SCHEMA = "index long, lo long, hi long, rows long, needed long, empty long, current long"
-EMBED_SCHEMA = "index long, embedded long, seconds double"
 PROGRESS_EVERY_S = 2.0
 
 
@@ -84,54 +79,48 @@ def _worker_encoder(spec: RunSpec, api_key: str | None):
 
 
 def scan_partitions(spec: RunSpec, api_key: str | None = None):
-    """mapInPandas function: count per key range what the run has to embed."""
+    """mapPartitions function: count per key range what the run has to embed."""
 
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    def run(ranges: Iterator[tuple[int, int, int]]) -> Iterator[dict]:
         tables = _tables(spec)
         # Python workers are reused by the embedding job: loading the model here overlaps the
         # import and load (seconds) with planning instead of stalling the first chunk.
         _worker_encoder(spec, api_key)
-        for batch in batches:
-            out = []
-            for r in batch.itertuples(index=False):
-                rows = needed = empty = current = 0
-                for chunk in _chunks(spec, tables, int(r.lo), int(r.hi)):
-                    todo, e, c = _classify(spec, chunk)
-                    rows += len(chunk)
-                    needed += len(todo)
-                    empty += e
-                    current += c
-                out.append((r.index, r.lo, r.hi, rows, needed, empty, current))
-            yield pd.DataFrame(out, columns=["index", "lo", "hi", "rows", "needed", "empty", "current"])
+        for index, lo, hi in ranges:
+            counts = {"index": index, "lo": lo, "hi": hi, "rows": 0, "needed": 0, "empty": 0, "current": 0}
+            for chunk in _chunks(spec, tables, lo, hi):
+                todo, empty, current = _classify(spec, chunk)
+                counts["rows"] += len(chunk)
+                counts["needed"] += len(todo)
+                counts["empty"] += empty
+                counts["current"] += current
+            yield counts
 
     return run
 
 
 def embed_partitions(spec: RunSpec, api_key: str | None = None):
-    """mapInPandas function: read, encode and upsert each key range, committing per chunk."""
+    """mapPartitions function: read, encode and upsert each key range, committing per chunk."""
 
-    def run(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    def run(ranges: Iterator[tuple[int, int, int]]) -> Iterator[dict]:
         tables = _tables(spec)
         engine = db.engine_for(spec.db_url)
         encoder = _worker_encoder(spec, api_key)
-        for batch in batches:
-            out = []
-            for r in batch.itertuples(index=False):
-                t0, embedded = time.perf_counter(), 0
-                for chunk in _chunks(spec, tables, int(r.lo), int(r.hi)):
-                    todo, _, _ = _classify(spec, chunk)
-                    if not todo:
-                        continue
-                    vecs = encoder.encode([t for _, t, _ in todo], batch_size=spec.batch_size)
-                    now = db.utcnow()
-                    rows = [{"source_id": i, "embedding": db.encode_for(tables.target, v),
-                             "model": spec.model, "content_hash": h, "embedded_at": now}
-                            for (i, _, h), v in zip(todo, vecs)]
-                    with engine.begin() as conn:
-                        db.upsert(conn, tables.target, rows)
-                    embedded += len(rows)
-                out.append((r.index, embedded, time.perf_counter() - t0))
-            yield pd.DataFrame(out, columns=["index", "embedded", "seconds"])
+        for index, lo, hi in ranges:
+            t0, embedded = time.perf_counter(), 0
+            for chunk in _chunks(spec, tables, lo, hi):
+                todo, _, _ = _classify(spec, chunk)
+                if not todo:
+                    continue
+                vecs = encoder.encode([t for _, t, _ in todo], batch_size=spec.batch_size)
+                now = db.utcnow()
+                rows = [{"source_id": i, "embedding": db.encode_for(tables.target, v),
+                         "model": spec.model, "content_hash": h, "embedded_at": now}
+                        for (i, _, h), v in zip(todo, vecs)]
+                with engine.begin() as conn:
+                    db.upsert(conn, tables.target, rows)
+                embedded += len(rows)
+            yield {"index": index, "embedded": embedded, "seconds": time.perf_counter() - t0}
 
     return run
 
@@ -200,8 +189,9 @@ def execute(spark, spec: RunSpec, registry: Registry, run_id: str) -> str:
     ranges = [(r.index, r.lo, r.hi) for r in plan.split_range(lo, hi, parts)]
 
     registry.set_phase(run_id, "planning")
-    ranges_df = spark.createDataFrame(sc.parallelize(ranges, len(ranges)), RANGE_SCHEMA)
-    scanned = ranges_df.mapInPandas(scan_partitions(spec, api_key), SCAN_SCHEMA).collect()
+    # Plain RDDs: the tasks read the database themselves, so Spark SQL and Arrow would only add
+    # their start-up cost (seconds per run) and carry nothing.
+    scanned = sc.parallelize(ranges, len(ranges)).mapPartitions(scan_partitions(spec, api_key)).collect()
     total = sum(r["needed"] for r in scanned)
     skipped = sum(r["empty"] + r["current"] for r in scanned)
     work = [(r["index"], r["lo"], r["hi"]) for r in scanned if r["needed"] > 0]
@@ -219,8 +209,7 @@ def execute(spark, spec: RunSpec, registry: Registry, run_id: str) -> str:
     try:
         if work:
             registry.set_phase(run_id, "embedding")
-            work_df = spark.createDataFrame(sc.parallelize(work, len(work)), RANGE_SCHEMA)
-            work_df.mapInPandas(embed_partitions(spec, api_key), EMBED_SCHEMA).collect()
+            sc.parallelize(work, len(work)).mapPartitions(embed_partitions(spec, api_key)).collect()
     except Exception as exc:
         watcher.stop_event.set()
         done = watcher.sample()

@@ -112,7 +112,7 @@ def test_bad_run_requests_get_one_error_shape(server):
 
 
 def test_classic_trigger_returns_at_once(server):
-    base, url, _ = server
+    base, _, _ = server
     t0 = time.monotonic()
     r = requests.get(f"{base}/", params={"model": "all-MiniLM-L6-v2", "rows": 40}, headers=auth(), timeout=30)
     assert time.monotonic() - t0 < 10

@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from cluster.local import LocalCluster
 from jobs import db
 from jobs.demo import seed_demo
+from jobs.runs import Registry
 from jobs.texts import normalize_text
 from tests.conftest import free_port, reference_vectors, wait_until
 
@@ -26,6 +27,13 @@ def cli(*args, timeout=600):
 
 
 def status(run_id):
+    """What `status --json` prints, read in-process (polling with a CLI process a second would eat a core)."""
+    registry = Registry()
+    registry.reconcile()
+    return registry.get(run_id).as_dict()
+
+
+def cli_status(run_id):
     out = cli("status", run_id, "--json")
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -82,7 +90,8 @@ def test_detached_run_reports_progress_and_succeeds(demo_url, reference_model):
     assert run_id.startswith("r-")
     seen = wait_status(run_id, lambda s: s["state"] == "running" and s["rows_done"] > 0, 180)
     assert seen["rows_total"] == ROWS and 0 < seen["rows_done"] <= ROWS
-    final = wait_status(run_id, ended, 300)
+    wait_status(run_id, ended, 300)
+    final = cli_status(run_id)
     assert final["state"] == "succeeded", final["error"]
     assert final["rows_done"] == ROWS and final["launched_by"] == "cli"
     listed = json.loads(cli("list", "--json").stdout)
@@ -98,7 +107,8 @@ def test_driver_killed_midway_then_rerun_completes(demo_url, reference_model):
     run_id = cli(*run_args(demo_url, "killed_emb", "--master", "local[2]", "--detach")).stdout.strip()
     wait_status(run_id, lambda s: s["rows_done"] >= 50, 180)
     os.killpg(status(run_id)["driver_pid"], signal.SIGKILL)
-    failed = wait_status(run_id, lambda s: s["state"] == "failed", 30)
+    wait_status(run_id, lambda s: s["state"] == "failed", 30)
+    failed = cli_status(run_id)
     assert "exited without reporting" in failed["error"]
     rerun = cli(*run_args(demo_url, "killed_emb", "--master", "local[2]"))
     assert rerun.returncode == 0, rerun.stderr
