@@ -43,7 +43,8 @@ def decide(i: Inputs) -> Decision:
         desired = min(hi, max(lo, 1, need, i.current))
         return Decision(desired, why if desired != i.current else f"hold: {why}")
     if i.current > lo and i.idle_s >= i.idle_timeout_s:
-        return Decision(lo, f"idle for {i.idle_s:.0f}s: scale in to min {lo}")
+        idle = "no run yet" if i.idle_s == float("inf") else f"idle for {i.idle_s:.0f}s"
+        return Decision(lo, f"{idle}: scale in to min {lo}")
     if i.current < lo:
         return Decision(lo, f"below min {lo}")
     if i.current > hi:

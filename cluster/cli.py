@@ -31,6 +31,21 @@ def status_dict(cluster: LocalCluster) -> dict:
     }
 
 
+def deploy_command(dry_run: bool) -> int:
+    from cluster import deploy
+
+    try:
+        config, missing = deploy.AcaConfig.from_env(allow_missing=dry_run)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if dry_run:
+        print(json.dumps({"missing": missing, "resources": deploy.dry_run(config)}, indent=2))
+        return 0
+    deploy.deploy(config)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster", description="EmbedDeck local Spark cluster")
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -45,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     auto.add_argument("--min", type=int, default=None)
     auto.add_argument("--max", type=int, default=None)
     auto.add_argument("--every", type=float, default=5.0)
+    dep = verbs.add_parser("deploy", help="deploy to Azure Container Apps (configuration from the environment)")
+    dep.add_argument("--dry-run", action="store_true", help="print every resource body, secrets masked")
     args = parser.parse_args(argv)
+    if args.verb == "deploy":
+        return deploy_command(args.dry_run)
     cluster = LocalCluster()
     try:
         if args.verb == "up":

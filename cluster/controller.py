@@ -62,6 +62,29 @@ def save_settings(settings: Settings, home: Path | None = None) -> None:
     path.write_text(json.dumps(asdict(settings)))
 
 
+def backlog_inputs(registry: Registry, settings: Settings, current: int) -> Inputs:
+    """Policy inputs from the registry: pending rows, queued runs, rate per worker, idle time.
+
+    Idle time is measured from the end of the last run, so the answer needs no loop state and any
+    process (the local controller, the API's /autoscale for KEDA) computes the same number.
+    """
+    registry.reconcile()
+    runs = registry.list(limit=200)
+    active = [r for r in runs if r.state in (QUEUED, RUNNING)]
+    pending = sum(max(0, (r.rows_total or 0) - r.rows_done) for r in active if r.state == RUNNING)
+    queued = sum(1 for r in active if r.state == QUEUED or r.rows_total is None)
+    rate = sum(r.rows_per_s for r in active if r.state == RUNNING)
+    ended = [r.ended_at for r in runs if r.ended_at is not None]
+    if active:
+        idle_s = 0.0
+    elif ended:
+        idle_s = (utcnow() - max(ended)).total_seconds()
+    else:
+        idle_s = float("inf")
+    return Inputs(pending, queued, rate / current if current and rate else 0.0, current,
+                  settings.min_workers, settings.max_workers, idle_s, settings.idle_timeout_s)
+
+
 class Controller:
     """Reads the backlog from the registry, decides, scales the cluster, and records it."""
 
@@ -69,7 +92,6 @@ class Controller:
         self.cluster = cluster or LocalCluster()
         self.registry = registry or Registry()
         metadata.create_all(self.registry.engine, checkfirst=True)
-        self.idle_since: float | None = None
 
     def record(self, frm: int, to: int, reason: str, source: str) -> None:
         with self.registry.engine.begin() as conn:
@@ -79,21 +101,6 @@ class Controller:
     def sample(self, workers: int, desired: int) -> None:
         with self.registry.engine.begin() as conn:
             conn.execute(samples_table.insert().values(at=utcnow(), workers=workers, desired=desired))
-
-    def inputs(self, settings: Settings, current: int) -> Inputs:
-        self.registry.reconcile()
-        active = [r for r in self.registry.list(limit=200) if r.state in (QUEUED, RUNNING)]
-        pending = sum(max(0, (r.rows_total or 0) - r.rows_done) for r in active if r.state == RUNNING)
-        queued = sum(1 for r in active if r.state == QUEUED or r.rows_total is None)
-        rate = sum(r.rows_per_s for r in active if r.state == RUNNING)
-        now = time.monotonic()
-        if active:
-            self.idle_since = None
-        elif self.idle_since is None:
-            self.idle_since = now
-        return Inputs(pending, queued, rate / current if current and rate else 0.0, current,
-                      settings.min_workers, settings.max_workers,
-                      0.0 if self.idle_since is None else now - self.idle_since, settings.idle_timeout_s)
 
     def scale_manually(self, n: int) -> None:
         """Operator override: scale now and keep autoscale off until it is switched back on."""
@@ -111,7 +118,7 @@ class Controller:
         if not settings.autoscale:
             decision = Decision(settings.desired, "autoscale off: manual count")
         else:
-            decision = decide(self.inputs(settings, current))
+            decision = decide(backlog_inputs(self.registry, settings, current))
         if decision.desired != current:
             self.cluster.scale(decision.desired)
             self.record(current, decision.desired, decision.reason,

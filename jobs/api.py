@@ -224,6 +224,17 @@ def create_app(token: str, registry: Registry | None = None) -> FastAPI:
             Controller().scale_manually(workers)
         return start(spec)
 
+    @app.get("/autoscale", dependencies=[Depends(require_token)])
+    def autoscale() -> dict:
+        """The autoscaler's desired worker count, read by the workers' KEDA metrics-api scale rule."""
+        from cluster.autoscale import decide
+        from cluster.controller import backlog_inputs, load_settings
+        from cluster.telemetry import read_all, store_dir
+
+        current = sum(1 for r in read_all(store_dir()) if not r.stale)
+        decision = decide(backlog_inputs(registry, load_settings(), current))
+        return {"desired": decision.desired, "current": current, "reason": decision.reason}
+
     def encode(model: str, inputs: str | list[str]) -> tuple[list, int]:
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         if not texts:

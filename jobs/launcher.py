@@ -77,8 +77,11 @@ def spark_env(db_url: str | None = None) -> dict[str, str]:
 
 
 def spark_conf(master: str) -> dict[str, str]:
-    """Spark settings every run uses."""
-    return {
+    """Spark settings every run uses (fixed driver ports when set, as executors on ACA need them)."""
+    fixed = {key: os.environ[var] for key, var in (("spark.driver.port", "EMBEDDECK_DRIVER_PORT"),
+                                                  ("spark.driver.blockManager.port", "EMBEDDECK_BLOCK_MANAGER_PORT"))
+             if os.environ.get(var)}
+    return fixed | {
         "spark.master": master,
         "spark.driver.host": os.environ.get("EMBEDDECK_DRIVER_HOST", "127.0.0.1"),
         "spark.driver.bindAddress": os.environ.get("EMBEDDECK_DRIVER_BIND", "127.0.0.1"),

@@ -1,0 +1,183 @@
+"""Azure Container Apps deployment as code: environment, storage, controller app, GPU worker app.
+
+`python -m cluster deploy --dry-run` prints every resource body (secrets as ***); without
+--dry-run it creates or updates them with DefaultAzureCredential. Configuration comes from the
+environment; what is missing is named.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from azure.mgmt.appcontainers import models as m
+
+SECRET_MASK = "***"
+REQUIRED = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZURE_LOCATION", "EMBEDDECK_ACA_SUBNET_ID",
+            "EMBEDDECK_STORAGE_ACCOUNT", "EMBEDDECK_STORAGE_KEY", "EMBEDDECK_CONTROLLER_IMAGE",
+            "EMBEDDECK_WORKER_IMAGE", "EMBEDDECK_API_TOKEN", "EMBEDDECK_DB_URL")
+# Executors dial the driver in the controller on these fixed ports (no replica IPs needed).
+DRIVER_PORT, BLOCK_MANAGER_PORT = 7078, 7079
+
+
+@dataclass(frozen=True)
+class AcaConfig:
+    subscription_id: str
+    resource_group: str
+    location: str
+    subnet_id: str
+    storage_account: str
+    storage_key: str
+    controller_image: str
+    worker_image: str
+    api_token: str
+    db_url: str
+    environment: str = "embeddeck-env"
+    controller: str = "embeddeck-controller"
+    worker: str = "embeddeck-worker"
+    share: str = "embeddeck"
+    gpu_profile_type: str = "Consumption-GPU-NC8as-T4"
+    max_workers: int = 4
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, allow_missing: bool = False) -> tuple[AcaConfig, list[str]]:
+        """Config from the environment, and the names of required variables that are missing."""
+        env = dict(os.environ if env is None else env)
+        missing = [k for k in REQUIRED if not env.get(k)]
+        if missing and not allow_missing:
+            raise ValueError("Azure deployment needs these environment variables: " + ", ".join(missing))
+        get = lambda k: env.get(k) or f"<{k}>"  # noqa: E731
+        return cls(get("AZURE_SUBSCRIPTION_ID"), get("AZURE_RESOURCE_GROUP"), get("AZURE_LOCATION"),
+                   get("EMBEDDECK_ACA_SUBNET_ID"), get("EMBEDDECK_STORAGE_ACCOUNT"), get("EMBEDDECK_STORAGE_KEY"),
+                   get("EMBEDDECK_CONTROLLER_IMAGE"), get("EMBEDDECK_WORKER_IMAGE"), get("EMBEDDECK_API_TOKEN"),
+                   get("EMBEDDECK_DB_URL"),
+                   env.get("EMBEDDECK_ACA_ENV", "embeddeck-env"), env.get("EMBEDDECK_ACA_CONTROLLER",
+                                                                            "embeddeck-controller"),
+                   env.get("EMBEDDECK_ACA_WORKER", "embeddeck-worker"), env.get("EMBEDDECK_SHARE", "embeddeck"),
+                   env.get("EMBEDDECK_GPU_PROFILE", "Consumption-GPU-NC8as-T4"),
+                   int(env.get("EMBEDDECK_MAX_WORKERS", "4"))), missing
+
+    @property
+    def environment_id(self) -> str:
+        return (f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+                f"/providers/Microsoft.App/managedEnvironments/{self.environment}")
+
+
+def managed_environment(c: AcaConfig) -> m.ManagedEnvironment:
+    """Environment in our VNet with a CPU consumption profile and a serverless GPU profile."""
+    return m.ManagedEnvironment(
+        location=c.location,
+        vnet_configuration=m.VnetConfiguration(infrastructure_subnet_id=c.subnet_id, internal=False),
+        workload_profiles=[m.WorkloadProfile(name="Consumption", workload_profile_type="Consumption"),
+                           m.WorkloadProfile(name="gpu", workload_profile_type=c.gpu_profile_type)],
+    )
+
+
+def storage(c: AcaConfig) -> m.ManagedEnvironmentStorage:
+    """The Azure Files share every replica mounts (telemetry, registry, logs)."""
+    return m.ManagedEnvironmentStorage(properties=m.ManagedEnvironmentStorageProperties(
+        azure_file=m.AzureFileProperties(account_name=c.storage_account, account_key=c.storage_key,
+                                         share_name=c.share, access_mode="ReadWrite")))
+
+
+def _volume(c: AcaConfig) -> tuple[list[m.Volume], list[m.VolumeMount]]:
+    return ([m.Volume(name="share", storage_type="AzureFile", storage_name=c.share)],
+            [m.VolumeMount(volume_name="share", mount_path="/data")])
+
+
+def controller_app(c: AcaConfig) -> m.ContainerApp:
+    """One CPU replica: trigger API (8888, external), dashboard 8501, master 7077, driver ports, Spark UI."""
+    volumes, mounts = _volume(c)
+    internal = lambda port: m.IngressPortMapping(external=False, target_port=port, exposed_port=port)  # noqa: E731
+    return m.ContainerApp(
+        location=c.location, managed_environment_id=c.environment_id, workload_profile_name="Consumption",
+        configuration=m.Configuration(
+            active_revisions_mode="Single",
+            secrets=[m.Secret(name="api-token", value=c.api_token), m.Secret(name="db-url", value=c.db_url)],
+            ingress=m.Ingress(external=True, target_port=8888, transport="http", additional_port_mappings=[
+                m.IngressPortMapping(external=True, target_port=8501, exposed_port=8501),
+                internal(7077), internal(DRIVER_PORT), internal(BLOCK_MANAGER_PORT), internal(8080)]),
+        ),
+        template=m.Template(
+            containers=[m.Container(
+                name="controller", image=c.controller_image,
+                resources=m.ContainerResources(cpu=2.0, memory="4Gi"),
+                env=[m.EnvironmentVar(name="APP_MODE", value="trigger"),
+                     m.EnvironmentVar(name="EMBEDDECK_API_TOKEN", secret_ref="api-token"),
+                     m.EnvironmentVar(name="EMBEDDECK_DB_URL", secret_ref="db-url"),
+                     m.EnvironmentVar(name="EMBEDDECK_SPARK_MASTER", value=f"spark://{c.controller}:7077"),
+                     m.EnvironmentVar(name="EMBEDDECK_DRIVER_HOST", value=c.controller),
+                     m.EnvironmentVar(name="EMBEDDECK_DRIVER_BIND", value="0.0.0.0"),
+                     m.EnvironmentVar(name="EMBEDDECK_DRIVER_PORT", value=str(DRIVER_PORT)),
+                     m.EnvironmentVar(name="EMBEDDECK_BLOCK_MANAGER_PORT", value=str(BLOCK_MANAGER_PORT))],
+                volume_mounts=mounts)],
+            scale=m.Scale(min_replicas=1, max_replicas=1),
+            volumes=volumes),
+    )
+
+
+def worker_app(c: AcaConfig) -> m.ContainerApp:
+    """GPU workers, no ingress, 0..N replicas driven by the autoscaler through a KEDA metrics-api rule.
+
+    Replica counts follow the rule, never rewritten min/max: a template change makes a new revision
+    and would replace every running worker.
+    """
+    volumes, mounts = _volume(c)
+    rule = m.ScaleRule(name="embeddeck-autoscaler", custom=m.CustomScaleRule(
+        type="metrics-api",
+        metadata={"url": f"http://{c.controller}:8888/autoscale", "valueLocation": "desired",
+                  "targetValue": "1", "authMode": "bearer"},
+        auth=[m.ScaleRuleAuth(secret_ref="api-token", trigger_parameter="token")]))
+    return m.ContainerApp(
+        location=c.location, managed_environment_id=c.environment_id, workload_profile_name="gpu",
+        configuration=m.Configuration(active_revisions_mode="Single",
+                                      secrets=[m.Secret(name="api-token", value=c.api_token)]),
+        template=m.Template(
+            containers=[m.Container(
+                name="worker", image=c.worker_image, resources=m.ContainerResources(cpu=8.0, memory="56Gi"),
+                env=[m.EnvironmentVar(name="APP_MODE", value="worker"),
+                     m.EnvironmentVar(name="SPARK_MASTER_URL", value=f"spark://{c.controller}:7077"),
+                     m.EnvironmentVar(name="EMBEDDECK_TELEMETRY_DIR", value="/data/embeddeck/telemetry")],
+                volume_mounts=mounts)],
+            scale=m.Scale(min_replicas=0, max_replicas=c.max_workers, cooldown_period=300, polling_interval=30,
+                          rules=[rule]),
+            volumes=volumes),
+    )
+
+
+def plan(c: AcaConfig) -> list[tuple[str, str, object]]:
+    """(kind, name, body) of every resource, in creation order."""
+    return [("managedEnvironment", c.environment, managed_environment(c)),
+            ("storage", c.share, storage(c)),
+            ("containerApp", c.controller, controller_app(c)),
+            ("containerApp", c.worker, worker_app(c))]
+
+
+def masked(body: dict, c: AcaConfig) -> dict:
+    """The body with every secret value replaced by ***, for printing."""
+    text = json.dumps(body)
+    for secret in (c.api_token, c.db_url, c.storage_key):
+        text = text.replace(json.dumps(secret)[1:-1], SECRET_MASK)
+    return json.loads(text)
+
+
+def dry_run(c: AcaConfig) -> list[dict]:
+    """The bodies that a deployment would send, secrets masked."""
+    return [{"kind": kind, "name": name, "body": masked(body.as_dict(), c)} for kind, name, body in plan(c)]
+
+
+def deploy(c: AcaConfig) -> None:
+    """Create or update everything, waiting for each long-running operation."""
+    from azure.identity import DefaultAzureCredential
+    from azure.mgmt.appcontainers import ContainerAppsAPIClient
+
+    client = ContainerAppsAPIClient(DefaultAzureCredential(), c.subscription_id)
+    for kind, name, body in plan(c):
+        if kind == "managedEnvironment":
+            client.managed_environments.begin_create_or_update(c.resource_group, name, body).result()
+        elif kind == "storage":
+            client.managed_environments_storages.create_or_update(c.resource_group, c.environment, name, body)
+        else:
+            client.container_apps.begin_create_or_update(c.resource_group, name, body).result()
+        print(f"{kind} {name}: done")

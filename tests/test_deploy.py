@@ -1,0 +1,113 @@
+"""Azure Container Apps deployment bodies, field by field; container files pass hadolint."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster import deploy
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {
+    "AZURE_SUBSCRIPTION_ID": "00000000-0000-0000-0000-000000000001", "AZURE_RESOURCE_GROUP": "rg-embed",
+    "AZURE_LOCATION": "swedencentral",
+    "EMBEDDECK_ACA_SUBNET_ID": "/subscriptions/x/resourceGroups/rg/providers/Microsoft.Network/virtualNetworks/v"
+                               "/subnets/aca",
+    "EMBEDDECK_STORAGE_ACCOUNT": "embedstore", "EMBEDDECK_STORAGE_KEY": "StorageKey==secret",
+    "EMBEDDECK_CONTROLLER_IMAGE": "acr.io/embeddeck/controller:1",
+    "EMBEDDECK_WORKER_IMAGE": "acr.io/embeddeck/worker:1",
+    "EMBEDDECK_API_TOKEN": "tok-secret-123", "EMBEDDECK_DB_URL": "mssql+pyodbc://sa:Passw0rd!@sql:1433/db",
+    "EMBEDDECK_MAX_WORKERS": "6",
+}
+
+
+def bodies():
+    config, missing = deploy.AcaConfig.from_env(ENV)
+    assert missing == []
+    return {r["name"]: r for r in deploy.dry_run(config)}
+
+
+def test_environment_has_vnet_and_serverless_gpu_profile():
+    env = bodies()["embeddeck-env"]["body"]
+    assert env["location"] == "swedencentral"
+    props = env["properties"]
+    assert props["vnetConfiguration"] == {"infrastructureSubnetId": ENV["EMBEDDECK_ACA_SUBNET_ID"], "internal": False}
+    profiles = {p["name"]: p["workloadProfileType"] for p in props["workloadProfiles"]}
+    assert profiles == {"Consumption": "Consumption", "gpu": "Consumption-GPU-NC8as-T4"}
+
+
+def test_storage_is_the_azure_files_share_with_masked_key():
+    st = bodies()["embeddeck"]["body"]["properties"]["azureFile"]
+    assert st == {"accountName": "embedstore", "accountKey": "***", "shareName": "embeddeck", "accessMode": "ReadWrite"}
+
+
+def test_controller_ports_secrets_and_volume():
+    props = bodies()["embeddeck-controller"]["body"]["properties"]
+    ingress = props["configuration"]["ingress"]
+    assert (ingress["external"], ingress["targetPort"], ingress["transport"]) == (True, 8888, "http")
+    ports = {p["targetPort"]: p["external"] for p in ingress["additionalPortMappings"]}
+    assert ports == {8501: True, 7077: False, 7078: False, 7079: False, 8080: False}
+    assert props["workloadProfileName"] == "Consumption"
+    container = props["template"]["containers"][0]
+    env = {e["name"]: e.get("value", e.get("secretRef")) for e in container["env"]}
+    assert env["APP_MODE"] == "trigger" and env["EMBEDDECK_API_TOKEN"] == "api-token"
+    assert env["EMBEDDECK_DB_URL"] == "db-url" and env["EMBEDDECK_DRIVER_HOST"] == "embeddeck-controller"
+    assert env["EMBEDDECK_DRIVER_PORT"] == "7078" and env["EMBEDDECK_BLOCK_MANAGER_PORT"] == "7079"
+    assert container["volumeMounts"] == [{"volumeName": "share", "mountPath": "/data"}]
+    assert props["template"]["volumes"] == [{"name": "share", "storageType": "AzureFile", "storageName": "embeddeck"}]
+    assert props["template"]["scale"] == {"minReplicas": 1, "maxReplicas": 1}
+
+
+def test_worker_gpu_profile_no_ingress_and_keda_rule():
+    props = bodies()["embeddeck-worker"]["body"]["properties"]
+    assert props["workloadProfileName"] == "gpu"
+    assert "ingress" not in props["configuration"]
+    scale = props["template"]["scale"]
+    assert (scale["minReplicas"], scale["maxReplicas"]) == (0, 6)
+    rule = scale["rules"][0]["custom"]
+    assert rule["type"] == "metrics-api"
+    assert rule["metadata"] == {"url": "http://embeddeck-controller:8888/autoscale", "valueLocation": "desired",
+                                "targetValue": "1", "authMode": "bearer"}
+    assert rule["auth"] == [{"secretRef": "api-token", "triggerParameter": "token"}]
+    env = {e["name"]: e.get("value") for e in props["template"]["containers"][0]["env"]}
+    assert env["SPARK_MASTER_URL"] == "spark://embeddeck-controller:7077" and env["APP_MODE"] == "worker"
+
+
+def test_no_secret_in_plain_text_anywhere():
+    text = json.dumps(bodies())
+    for secret in ("tok-secret-123", "Passw0rd!", "StorageKey==secret", "mssql+pyodbc"):
+        assert secret not in text
+
+
+def test_cli_dry_run_names_what_is_missing_and_real_run_refuses():
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AZURE_", "EMBEDDECK_"))}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run([sys.executable, "-m", "cluster", "deploy", "--dry-run"], env=env, capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert out.returncode == 0
+    report = json.loads(out.stdout)
+    assert "AZURE_SUBSCRIPTION_ID" in report["missing"] and len(report["resources"]) == 4
+    out = subprocess.run([sys.executable, "-m", "cluster", "deploy"], env=env, capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
+    assert out.returncode == 2 and "needs these environment variables: AZURE_SUBSCRIPTION_ID" in out.stderr
+
+
+@pytest.mark.parametrize("dockerfile", sorted((REPO / "docker").glob("Dockerfile.*")))
+def test_hadolint(dockerfile):
+    hadolint = Path(sys.executable).parent / "hadolint"
+    out = subprocess.run([str(hadolint), str(dockerfile)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("mode,message", [("bogus", "APP_MODE must be dashboard, trigger, jupyter"),
+                                          ("jupyter", "Jupyter never runs without a token"),
+                                          ("worker", "set SPARK_MASTER_URL")])
+def test_entrypoint_refuses_unknown_mode_tokenless_jupyter_and_masterless_worker(mode, message):
+    env = {k: v for k, v in os.environ.items() if k not in ("JUPYTER_TOKEN", "SPARK_MASTER_URL")}
+    env.update(APP_MODE=mode, PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    out = subprocess.run(["bash", str(REPO / "docker" / "entrypoint.sh")], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode != 0 and message in out.stderr
