@@ -1,0 +1,144 @@
+"""The cluster interface over Azure Container Apps: worker replicas, bounds, metrics, scaling events.
+
+Replica counts are never driven by rewriting min/max (a template change makes a new revision and
+replaces every running worker): the desired count is the autoscaler's, which the worker app's KEDA
+metrics-api rule reads from the controller's /autoscale. Manual scaling records that count.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from dataclasses import dataclass
+
+from cluster.backend import Worker
+from cluster.controller import load_settings, save_settings
+
+NEEDED = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP")
+METRICS = ["Replicas", "UsageNanoCores", "WorkingSetBytes"]
+
+
+class AcaConfigError(RuntimeError):
+    """Azure settings or credentials are missing; the message names them."""
+
+
+@dataclass(frozen=True)
+class AcaTarget:
+    subscription_id: str
+    resource_group: str
+    worker_app: str = "embeddeck-worker"
+    controller_app: str = "embeddeck-controller"
+    region: str = "swedencentral"
+    workspace_id: str | None = None
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> AcaTarget:
+        env = dict(os.environ if env is None else env)
+        missing = [k for k in NEEDED if not env.get(k)]
+        if missing:
+            raise AcaConfigError("the Azure Container Apps backend needs " + ", ".join(missing)
+                                 + " (and credentials DefaultAzureCredential can find: az login, a managed"
+                                   " identity, or AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET)")
+        return cls(env["AZURE_SUBSCRIPTION_ID"], env["AZURE_RESOURCE_GROUP"],
+                   env.get("EMBEDDECK_ACA_WORKER", "embeddeck-worker"),
+                   env.get("EMBEDDECK_ACA_CONTROLLER", "embeddeck-controller"),
+                   env.get("AZURE_LOCATION", "swedencentral"), env.get("EMBEDDECK_LOG_WORKSPACE_ID"))
+
+    @property
+    def worker_id(self) -> str:
+        return (f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+                f"/providers/Microsoft.App/containerApps/{self.worker_app}")
+
+
+@dataclass
+class MetricPoint:
+    metric: str
+    at: dt.datetime
+    average: float | None
+    maximum: float | None
+
+
+class AcaBackend:
+    """Workers are the replicas of the worker app's latest ready revision."""
+
+    def __init__(self, target: AcaTarget, credential=None, **client_kwargs):
+        from azure.mgmt.appcontainers import ContainerAppsAPIClient
+
+        if credential is None:
+            from azure.identity import DefaultAzureCredential
+
+            credential = DefaultAzureCredential()
+        self.target, self.credential, self.client_kwargs = target, credential, client_kwargs
+        self.client = ContainerAppsAPIClient(credential, target.subscription_id, **client_kwargs)
+
+    def master_url(self) -> str:
+        return f"spark://{self.target.controller_app}:7077"
+
+    def workers(self) -> list[Worker]:
+        """Replicas of the active revision with their running state and start time."""
+        t = self.target
+        app = self.client.container_apps.get(t.resource_group, t.worker_app)
+        revision = app.latest_ready_revision_name
+        if not revision:
+            return []
+        replicas = self.client.container_apps_revision_replicas.list_replicas(t.resource_group, t.worker_app,
+                                                                              revision)
+        out = []
+        for r in replicas.value or []:
+            created = r.created_time
+            containers = r.containers or []
+            out.append(Worker(r.name, r.running_state or "Unknown",
+                              started_at=created.timestamp() if created else None,
+                              detail=f"revision {revision}; restarts "
+                                     f"{sum(c.restart_count or 0 for c in containers)}"))
+        return out
+
+    def scale(self, n: int) -> list[Worker]:
+        """Manual count: the KEDA rule reads it from /autoscale within its polling interval."""
+        settings = load_settings()
+        settings.autoscale, settings.desired = False, n
+        save_settings(settings)
+        return self.workers()
+
+    def set_bounds(self, min_replicas: int, max_replicas: int) -> None:
+        """Change min/max (creates a new revision: use between runs, not to follow load)."""
+        from azure.mgmt.appcontainers import models as m
+
+        t = self.target
+        app = self.client.container_apps.get(t.resource_group, t.worker_app)
+        scale = app.template.scale
+        scale.min_replicas, scale.max_replicas = min_replicas, max_replicas
+        envelope = m.ContainerApp(location=app.location, template=m.Template(containers=app.template.containers,
+                                                                             scale=scale))
+        self.client.container_apps.begin_update(t.resource_group, t.worker_app, envelope).result()
+
+    def metrics(self, hours: float = 1.0) -> list[MetricPoint]:
+        """Replicas, CPU and memory of the worker app, one point a minute (Azure publishes no GPU metric)."""
+        from azure.monitor.querymetrics import MetricsClient
+
+        client = MetricsClient(f"https://{self.target.region}.metrics.monitor.azure.com", self.credential,
+                               **self.client_kwargs)
+        results = client.query_resources(resource_ids=[self.target.worker_id],
+                                         metric_namespace="Microsoft.App/containerApps", metric_names=METRICS,
+                                         timespan=dt.timedelta(hours=hours), granularity=dt.timedelta(minutes=1),
+                                         aggregations=["Average", "Maximum"])
+        return [MetricPoint(metric.name, point.timestamp, point.average, point.maximum)
+                for result in results for metric in result.metrics
+                for series in metric.timeseries for point in series.data]
+
+    def scaling_events(self, hours: float = 6.0) -> list[dict]:
+        """KEDA scaling events of the worker app from ContainerAppSystemLogs."""
+        if not self.target.workspace_id:
+            raise AcaConfigError("scaling events need EMBEDDECK_LOG_WORKSPACE_ID (the Log Analytics workspace)")
+        from azure.monitor.query import LogsQueryClient
+
+        app = self.target.worker_app.replace("'", "")
+        kql = ("ContainerAppSystemLogs_CL "
+               f"| where ContainerAppName_s == '{app}' "
+               "and Reason_s in ('KEDAScalersStarted', 'ScaledObjectCheckFailed', "
+               "'KEDAScaleTargetActivated', 'KEDAScaleTargetDeactivated', 'ReplicaScaled') "
+               "| project TimeGenerated, Reason_s, Log_s | order by TimeGenerated asc")
+        result = LogsQueryClient(self.credential, **self.client_kwargs).query_workspace(
+            self.target.workspace_id, kql, timespan=dt.timedelta(hours=hours))
+        table = result.tables[0]
+        return [dict(zip(table.columns, row)) for row in table.rows]
