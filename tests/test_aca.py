@@ -84,7 +84,8 @@ METRICS = {"values": [{
 LOGS = {"tables": [{"name": "PrimaryResult",
                     "columns": [{"name": "TimeGenerated", "type": "datetime"}, {"name": "Reason_s", "type": "string"},
                                 {"name": "Log_s", "type": "string"}],
-                    "rows": [["2026-11-28T09:58:10Z", "KEDAScaleTargetActivated", "Scaled apps/v1.Deployment from 0"]]}]}
+                    "rows": [["2026-11-28T09:58:10Z", "KEDAScaleTargetActivated",
+                              "Scaled apps/v1.Deployment from 0"]]}]}
 
 
 @pytest.fixture
