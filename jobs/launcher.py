@@ -87,6 +87,7 @@ def spark_conf(master: str) -> dict[str, str]:
         "spark.driver.bindAddress": os.environ.get("EMBEDDECK_DRIVER_BIND", "127.0.0.1"),
         "spark.ui.showConsoleProgress": "false",
         "spark.python.worker.reuse": "true",
+        "spark.python.daemon.module": "jobs.spark_daemon",
         "spark.pyspark.python": sys.executable,
         "spark.executorEnv.PYTHONPATH": str(REPO),
         "spark.executorEnv.EMBEDDECK_TORCH_THREADS": os.environ.get("EMBEDDECK_TORCH_THREADS", "1"),

@@ -128,9 +128,9 @@ def embed_partitions(spec: RunSpec, api_key: str | None = None):
 class _ProgressWatcher(threading.Thread):
     """Publishes rows done and rows/s every 2 s, and turns a cancel request into a job cancel."""
 
-    def __init__(self, spark, registry: Registry, run_id: str, spec: RunSpec, target, since):
+    def __init__(self, sc, registry: Registry, run_id: str, spec: RunSpec, target, since):
         super().__init__(daemon=True)
-        self.spark, self.registry, self.run_id = spark, registry, run_id
+        self.sc, self.registry, self.run_id = sc, registry, run_id
         self.engine, self.target, self.since = db.engine_for(spec.db_url), target, since
         self.stop_event = threading.Event()
         self.cancelled = False
@@ -149,7 +149,7 @@ class _ProgressWatcher(threading.Thread):
                 run = self.registry.get(self.run_id)
                 if run is not None and run.cancel_requested and not self.cancelled:
                     self.cancelled = True
-                    self.spark.sparkContext.cancelJobGroup(self.run_id)
+                    self.sc.cancelJobGroup(self.run_id)
             except Exception as exc:  # progress must never kill the run it reports on
                 log.warning("progress update failed: %s", exc)
 
@@ -165,9 +165,8 @@ def spark_error_message(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:2000]
 
 
-def execute(spark, spec: RunSpec, registry: Registry, run_id: str) -> str:
-    """Run the whole job on an existing SparkSession; returns the final state."""
-    sc = spark.sparkContext
+def execute(sc, spec: RunSpec, registry: Registry, run_id: str) -> str:
+    """Run the whole job on an existing SparkContext; returns the final state."""
     sc.setJobGroup(run_id, f"EmbedDeck {run_id}", interruptOnCancel=True)
     engine = db.check_connection(spec.db_url)
     tables = db.inspect_run(engine, spec)
@@ -203,7 +202,7 @@ def execute(spark, spec: RunSpec, registry: Registry, run_id: str) -> str:
         return registry.get(run_id).state
     log.info("run %s: %d rows to embed in %d ranges, %d skipped", run_id, total, len(work), skipped)
 
-    watcher = _ProgressWatcher(spark, registry, run_id, spec, target, since)
+    watcher = _ProgressWatcher(sc, registry, run_id, spec, target, since)
     watcher.start()
     t0 = time.monotonic()
     try:
@@ -228,7 +227,7 @@ def execute(spark, spec: RunSpec, registry: Registry, run_id: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """spark-submit entry point: python jobs/pipeline.py --run-id ID."""
-    from pyspark.sql import SparkSession
+    from pyspark import SparkConf, SparkContext
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(description="EmbedDeck Spark driver")
@@ -241,14 +240,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # The stored spec has a redacted URL; the launcher hands the real one over the environment.
     spec = RunSpec.from_json(run.spec_json).with_db_url(os.environ["EMBEDDECK_RUN_DB_URL"])
-    spark = SparkSession.builder.appName(f"embeddeck-{opts.run_id}").getOrCreate()
+    # A bare SparkContext: the job uses no Spark SQL, whose session start costs seconds per run.
+    sc = SparkContext(conf=SparkConf().setAppName(f"embeddeck-{opts.run_id}"))
     try:
-        state = execute(spark, spec, registry, opts.run_id)
+        state = execute(sc, spec, registry, opts.run_id)
     except Exception as exc:
         registry.finish(opts.run_id, FAILED, error=spark_error_message(exc))
         state = FAILED
     finally:
-        spark.stop()
+        sc.stop()
     return 0 if state == SUCCEEDED else 1
 
 

@@ -105,3 +105,24 @@ def wait_until(predicate, timeout: float = 60.0, every: float = 0.5):
             return value
         time.sleep(every)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def check_table(url: str, reference_model, n: int, target: str) -> None:
+    """Exactly one correct vector for each of the demo products 1..n in target."""
+    import sqlalchemy as sa
+
+    from jobs import db
+    from jobs.texts import normalize_text
+
+    engine = db.engine_for(url)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(
+            f"SELECT t.source_id, t.embedding, p.description FROM {target} t JOIN products p "
+            "ON p.id = t.source_id ORDER BY t.source_id")).all()
+        dupes = conn.execute(sa.text(f"SELECT count(*) - count(DISTINCT source_id) FROM {target}")).scalar()
+    assert dupes == 0
+    assert [r.source_id for r in rows] == list(range(1, n + 1))
+    sample = rows[:: max(1, n // 60)]
+    expected = reference_vectors(reference_model, [normalize_text(r.description) for r in sample])
+    got = np.stack([np.frombuffer(r.embedding, "<f4") for r in sample])
+    assert (got * expected).sum(1).min() >= 0.9999

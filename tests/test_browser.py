@@ -74,8 +74,12 @@ def test_pages_run_and_search_in_chromium(dashboard_url, browser):
     no_exception(page)
     shot(page, "launch")
 
+    target = page.get_by_label("Target table (created when missing)")
+    target.fill("browser_embeddings")
+    target.press("Enter")
+    page.get_by_text("rows still need a vector").wait_for(timeout=60_000)
     page.get_by_role("button", name="Launch run").click()
-    page.get_by_role("heading", name="Runs").wait_for(timeout=60_000)
+    page.get_by_role("heading", name="Runs", exact=True).wait_for(timeout=60_000)
     page.locator("h3", has_text="· succeeded").wait_for(timeout=300_000)
     no_exception(page)
     shot(page, "runs")
@@ -86,6 +90,8 @@ def test_pages_run_and_search_in_chromium(dashboard_url, browser):
     shot(page, "cluster")
 
     page.goto(f"{dashboard_url}/search")
+    page.get_by_label("Target table").first.wait_for(timeout=60_000)
+    page.get_by_text("browser_embeddings").first.wait_for(timeout=60_000)
     page.get_by_label("Query").fill("waterproof hiking boots for mountain trails")
     page.get_by_role("button", name="Search").click()
     table = page.locator('[data-testid="stTable"]')

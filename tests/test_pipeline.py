@@ -42,7 +42,7 @@ def run(spark, url, source="items", target="items_emb", **kw):
     registry = Registry()
     run_id = registry.create(spec.with_db_url(db.redact_url(url)).to_json(), "test", source, target,
                              spec.model, "local[2]")
-    pipeline.execute(spark, spec, registry, run_id)
+    pipeline.execute(spark.sparkContext, spec, registry, run_id)
     return registry.get(run_id)
 
 
