@@ -90,8 +90,7 @@ def test_pages_run_and_search_in_chromium(dashboard_url, browser):
     shot(page, "cluster")
 
     page.goto(f"{dashboard_url}/search")
-    page.get_by_label("Target table").first.wait_for(timeout=60_000)
-    page.get_by_text("browser_embeddings").first.wait_for(timeout=60_000)
+    page.get_by_label("Query").wait_for(timeout=60_000)
     page.get_by_label("Query").fill("waterproof hiking boots for mountain trails")
     page.get_by_role("button", name="Search").click()
     table = page.locator('[data-testid="stTable"]')
