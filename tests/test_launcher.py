@@ -75,7 +75,7 @@ def test_detached_run_reports_progress_and_succeeds(demo_url, reference_model):
     assert final["rows_done"] == ROWS and final["launched_by"] == "cli"
     listed = json.loads(cli("list", "--json").stdout)
     assert run_id in [r["run_id"] for r in listed]
-    check_table(demo_url, reference_model, ROWS)
+    check_table(demo_url, reference_model, ROWS, "products_emb")
 
 
 def test_driver_killed_midway_then_rerun_completes(demo_url, reference_model):
