@@ -1,4 +1,4 @@
-"""`make bench`: encoding and pipeline speed, each as a ratio to a baseline measured in the same run.
+"""`make bench`: speed figures, each beside a baseline measured in the same run.
 
 Prints `name = value` lines; the last line is `pipeline/raw = X.XX`.
 """
@@ -6,6 +6,7 @@ Prints `name = value` lines; the last line is `pipeline/raw = X.XX`.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import tempfile
 import time
@@ -14,7 +15,7 @@ import numpy as np
 
 
 def measure(fn, texts: list[str], rounds: int) -> tuple[float, np.ndarray]:
-    """Median texts/s over rounds (after one warm-up on a slice), and the vectors of the last round."""
+    """Median texts/s over rounds (after a warm-up on a slice), and the vectors of the last round."""
     fn(texts[:64])
     speeds, out = [], None
     for _ in range(rounds):
@@ -24,21 +25,79 @@ def measure(fn, texts: list[str], rounds: int) -> tuple[float, np.ndarray]:
     return float(np.median(speeds)), out
 
 
+def timed_run(spec, registry):
+    """Launch, follow to the end; returns the run, wall seconds, and seconds to the first committed vector."""
+    import sqlalchemy as sa
+
+    from jobs import db
+    from jobs.cli import wait
+    from jobs.launcher import launch
+
+    start = db.utcnow()
+    t0 = time.perf_counter()
+    run = wait(registry, launch(spec, registry), out=open(os.devnull, "w"))
+    wall = time.perf_counter() - t0
+    engine = db.engine_for(spec.db_url)
+    with engine.connect() as conn:
+        first = conn.execute(sa.text(f'SELECT min(embedded_at) FROM "{spec.target}" WHERE embedded_at >= :s'),
+                             {"s": start}).scalar()
+    if isinstance(first, str):
+        first = dt.datetime.fromisoformat(first)
+    return run, wall, (first - start).total_seconds() if first else float("nan")
+
+
+def bench_search(home: str, n: int, queries: int) -> dict[str, float]:
+    """p50/p99 of top-10 over n stored 384-d vectors: in-memory index vs the streaming scan."""
+    import sqlalchemy as sa
+
+    from jobs import db, search
+
+    url = f"sqlite:///{home}/search.sqlite"
+    engine = db.engine_for(url)
+    target = db.target_table("search_emb", sa.Integer(), sa.LargeBinary())
+    target.metadata.create_all(engine)
+    rng = np.random.default_rng(0)
+    now = db.utcnow()
+    for start in range(0, n, 10_000):
+        vecs = rng.standard_normal((min(10_000, n - start), 384)).astype(np.float32)
+        with engine.begin() as conn:
+            db.upsert(conn, target, [dict(source_id=start + i, embedding=vectors_bytes, model="m", content_hash="h",
+                                          embedded_at=now) for i, vectors_bytes in
+                                     enumerate(v.tobytes() for v in vecs)])
+    qs = rng.standard_normal((queries, 384)).astype(np.float32)
+    index = search.VectorIndex(engine, target, 384)
+    t0 = time.perf_counter()
+    index.refresh()
+    load_s = time.perf_counter() - t0
+    lat = []
+    for q in qs:
+        t0 = time.perf_counter()
+        index.top_k(q, 10)
+        lat.append((time.perf_counter() - t0) * 1000)
+    scan = []
+    for q in qs[:5]:
+        t0 = time.perf_counter()
+        search.scan_top_k(engine, target, q / np.linalg.norm(q), 10)
+        scan.append((time.perf_counter() - t0) * 1000)
+    return {"p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+            "scan_p50": float(np.percentile(scan, 50)), "load_s": load_s,
+            "index_mb": index.matrix.nbytes / 2**20}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rows, same code (< 3 minutes)")
     args = parser.parse_args(argv)
-    n_encode, n_pipeline, rounds = (512, 1000, 1) if args.quick else (2000, 5000, 3)
+    n_encode, n_pipeline, rounds, n_search = (512, 1000, 1, 20_000) if args.quick else (2000, 5000, 3, 100_000)
 
     home = tempfile.mkdtemp(prefix="embeddeck-bench-")
     os.environ["EMBEDDECK_HOME"] = home
     from sentence_transformers import SentenceTransformer
 
-    from jobs import db
-    from jobs.cli import wait
+    from cluster.local import LocalCluster
     from jobs.demo import products, seed_demo
     from jobs.encoder import get_encoder, model_path
-    from jobs.launcher import launch
+    from jobs.launcher import free_port
     from jobs.runs import Registry
     from jobs.spec import RunSpec
 
@@ -48,32 +107,53 @@ def main(argv: list[str] | None = None) -> int:
     raw_speed, raw_vecs = measure(lambda t: raw.encode(t, batch_size=64, normalize_embeddings=True), texts, rounds)
     enc = get_encoder("all-MiniLM-L6-v2")
     default_speed, default_vecs = measure(lambda t: enc.encode(t, batch_size=32), texts, rounds)
-    cos = (raw_vecs * default_vecs).sum(1)
     print(f"raw_fp32_bs64_texts_per_s = {raw_speed:.1f}")
     print(f"default_texts_per_s = {default_speed:.1f}  # {enc.precision.device} {enc.precision.dtype}: "
           f"{enc.precision.reason}")
     print(f"default/fp32 = {default_speed / raw_speed:.2f}")
-    print(f"min_cosine = {cos.min():.5f}")
+    print(f"min_cosine = {(raw_vecs * default_vecs).sum(1).min():.5f}")
+
+    t0 = time.perf_counter()
+    enc.encode(["waterproof hiking boots"])
+    query_ms = (time.perf_counter() - t0) * 1000
+    s = bench_search(home, n_search, 200)
+    print(f"search_vectors = {n_search}  # 384-d, embedded SQLite; index load {s['load_s']:.1f} s, "
+          f"{s['index_mb']:.0f} MiB")
+    print(f"search_p50_ms = {s['p50']:.1f}")
+    print(f"search_p99_ms = {s['p99']:.1f}")
+    print(f"search_scan_p50_ms = {s['scan_p50']:.1f}  # baseline: streaming scan per query")
+    print(f"search_scan/index = {s['scan_p50'] / s['p50']:.1f}")
+    print(f"query_encode_ms = {query_ms:.1f}")
 
     url = f"sqlite:///{home}/bench.sqlite"
     seed_demo(url, n=n_pipeline)
     registry = Registry()
     spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description",
                    target="bench_emb", master=f"local[{os.cpu_count()}]", launched_by="bench")
-    t0 = time.perf_counter()
-    run = wait(registry, launch(spec, registry), out=open(os.devnull, "w"))
-    wall = time.perf_counter() - t0
+    run, wall, first = timed_run(spec, registry)
     if run.state != "succeeded":
         print(f"pipeline failed: {run.error}")
         return 1
+    print(f"cold_start_s = {first:.1f}  # launch to first vector committed: JVM, Spark app, planning, model load")
+
+    cluster = LocalCluster(master_port=free_port(), webui_port=free_port())
+    try:
+        cluster.up(workers=os.cpu_count())
+        warm_spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description",
+                            target="bench_warm_emb", master=cluster.master_url(), limit_rows=200, launched_by="bench")
+        _, _, warm_first = timed_run(warm_spec, registry)
+    finally:
+        cluster.down()
+    print(f"warm_start_s = {warm_first:.1f}  # workers already up; each run is its own Spark application, "
+          "so executors still start and load the model")
+
     embed_s = (run.ended_at - run.started_at).total_seconds()
     pipe_speed = run.rows_done / embed_s
     print(f"pipeline_rows = {run.rows_done}")
-    print(f"pipeline_wall_s = {wall:.1f}  # launch to succeeded: JVM, Spark app, planning, model load, embedding")
+    print(f"pipeline_wall_s = {wall:.1f}  # launch to succeeded")
     print(f"pipeline_rows_per_s = {pipe_speed:.1f}  # embedding phase, SQLite -> Spark local -> SQLite")
     print(f"pipeline/raw_fp32 = {pipe_speed / raw_speed:.2f}")
     print(f"pipeline/raw = {pipe_speed / default_speed:.2f}")
-    db.engine_for(url).dispose()
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -72,6 +73,98 @@ def scan_top_k(engine: sa.Engine, target: sa.Table, query: np.ndarray, k: int,
     return best_s, best_i
 
 
+class VectorIndex:
+    """A target's vectors held in memory for fast exact search, kept fresh incrementally.
+
+    Each query first asks the database for (count, latest embedded_at): unchanged means no I/O
+    beyond that; newer rows are read by embedded_at (indexed); a shrunken table reloads. Memory is
+    one float32 copy of the table (100k × 384 ≈ 147 MiB), capped by EMBEDDECK_SEARCH_CACHE_MB;
+    larger targets are searched by streaming instead.
+    """
+
+    def __init__(self, engine: sa.Engine, target: sa.Table, dim: int):
+        self.engine, self.target, self.dim = engine, target, dim
+        self.ids = np.empty(0, np.int64)
+        self.matrix = np.empty((0, dim), np.float32)
+        self.position: dict[int, int] = {}
+        self.count, self.watermark = 0, None
+
+    def _state(self) -> tuple[int, object]:
+        t = self.target
+        with self.engine.connect() as conn:
+            return tuple(conn.execute(sa.select(sa.func.count(), sa.func.max(t.c.embedded_at))).one())
+
+    def _load(self, since) -> None:
+        t = self.target
+        q = sa.select(t.c.source_id, t.c.embedding, t.c.embedded_at)
+        if since is not None:
+            q = q.where(t.c.embedded_at >= since)
+        new_ids, blobs, latest = [], [], self.watermark
+        with self.engine.connect() as conn:
+            for row in conn.execute(q.execution_options(yield_per=SCAN_CHUNK_ROWS)):
+                new_ids.append(int(row[0]))
+                blobs.append(row[1])
+                latest = row[2] if latest is None or row[2] > latest else latest
+        if not new_ids:
+            return
+        if isinstance(self.target.c.embedding.type, db.MSSQLVector):
+            mat = np.stack([vectors.from_json(b) for b in blobs]).astype(np.float32)
+        else:
+            mat = vectors.matrix_from_blobs(blobs, self.dim).copy()
+        norms = np.linalg.norm(mat, axis=1, keepdims=True)
+        mat /= np.where(norms == 0, 1, norms)
+        fresh = [i for i, row_id in enumerate(new_ids) if row_id not in self.position]
+        for i, row_id in enumerate(new_ids):
+            if row_id in self.position:
+                self.matrix[self.position[row_id]] = mat[i]
+        if fresh:
+            start = len(self.ids)
+            self.ids = np.concatenate([self.ids, np.asarray([new_ids[i] for i in fresh], np.int64)])
+            self.matrix = np.concatenate([self.matrix, mat[fresh]])
+            for offset, i in enumerate(fresh):
+                self.position[new_ids[i]] = start + offset
+        self.watermark = latest
+
+    def refresh(self) -> None:
+        """Bring the copy up to date with the table."""
+        count, latest = self._state()
+        if count == self.count and latest == self.watermark:
+            return
+        if count < len(self.ids):  # rows were deleted: start over
+            self.__init__(self.engine, self.target, self.dim)
+        self._load(self.watermark)
+        if len(self.ids) != count:
+            # A row committed late with an older timestamp slipped past the watermark: reload.
+            self.__init__(self.engine, self.target, self.dim)
+            self._load(None)
+        self.count = count
+
+    def top_k(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        self.refresh()
+        q = query / (np.linalg.norm(query) or 1.0)
+        return top_k(self.matrix @ q.astype(np.float32), self.ids, k)
+
+
+_INDEXES: dict[tuple[str, str], VectorIndex] = {}
+
+
+def cache_limit_rows(dim: int) -> int:
+    """How many vectors of this size the in-memory index may hold."""
+    return int(float(os.environ.get("EMBEDDECK_SEARCH_CACHE_MB", "1024")) * 2**20 // (dim * 4))
+
+
+def index_for(db_url: str, engine: sa.Engine, target: sa.Table, dim: int) -> VectorIndex | None:
+    """The process's index of a target, or None when the target is too large to hold."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(sa.func.count()).select_from(target)).scalar_one()
+    if rows > cache_limit_rows(dim):
+        return None
+    key = (db_url, str(target))
+    if key not in _INDEXES or _INDEXES[key].dim != dim:
+        _INDEXES[key] = VectorIndex(engine, target, dim)
+    return _INDEXES[key]
+
+
 def mssql_search_statement(target: sa.Table, dim: int, k: int) -> sa.TextClause:
     """SQL Server 2025 pushdown: the database ranks by VECTOR_DISTANCE itself."""
     from sqlalchemy.dialects import mssql
@@ -122,7 +215,8 @@ def search(db_url: str, target_name: str, query: str, k: int = 10, model: str | 
         scores = np.array([1.0 - r.distance for r in rows], dtype=np.float32)
         ids = np.array([r.source_id for r in rows], dtype=np.int64)
     else:
-        scores, ids = scan_top_k(engine, target, qvec, k)
+        index = index_for(db_url, engine, target, len(qvec))
+        scores, ids = index.top_k(qvec, k) if index else scan_top_k(engine, target, qvec, k)
     t2 = time.perf_counter()
     texts = fetch_texts(engine, origin, [int(i) for i in ids])
     hits = [Hit(int(i), float(s), texts.get(int(i))) for s, i in zip(scores, ids)]

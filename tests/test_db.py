@@ -156,3 +156,32 @@ def test_mssql_engine_uses_fast_executemany_only_with_microsoft_driver():
     tds = db.engine_for("mssql+pyodbc://u:p@h:1433/d?driver=FreeTDS&TDS_Version=7.4")
     assert ms.dialect.fast_executemany is True
     assert tds.dialect.fast_executemany is False
+
+
+def test_vector_index_follows_inserts_updates_and_deletes(sqlite_url):
+    """The in-memory index gives the same top-k as a streaming scan as the table changes under it."""
+    engine = db.engine_for(sqlite_url)
+    target = db.target_table("idx_emb", sa.Integer(), sa.LargeBinary())
+    target.metadata.create_all(engine)
+    rng = np.random.default_rng(1)
+
+    def write(ids, seconds):
+        rows = [dict(source_id=int(i), embedding=db.encode_for(target, rng.standard_normal(8)), model="m",
+                     content_hash="h", embedded_at=dt.datetime(2026, 1, 1, 0, 0, seconds)) for i in ids]
+        with engine.begin() as conn:
+            db.upsert(conn, target, rows)
+
+    index = search.VectorIndex(engine, target, 8)
+    q = rng.standard_normal(8).astype(np.float32)
+    for step, change in enumerate([lambda: write(range(50), 1), lambda: write(range(50, 80), 2),
+                                   lambda: write([3, 60], 3)]):
+        change()
+        got = index.top_k(q, 5)
+        want = search.scan_top_k(engine, target, q / np.linalg.norm(q), 5, chunk_rows=7)
+        assert list(got[1]) == list(want[1]), step
+        assert np.allclose(got[0], want[0], atol=1e-6)
+    assert len(index.ids) == 80
+    with engine.begin() as conn:
+        conn.execute(target.delete().where(target.c.source_id < 40))
+    got = index.top_k(q, 5)
+    assert len(index.ids) == 40 and min(got[1]) >= 40
