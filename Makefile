@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export SPARK_LOCAL_IP := 127.0.0.1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test setup system-deps bench lint clean
+.PHONY: run test setup system-deps bench gpu-check lint clean
 
 run: setup
 	$(BIN)/python -m dashboard
@@ -18,6 +18,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m jobs.bench $(if $(QUICK),--quick,)
+
+# On a machine with an NVIDIA GPU: CUDA fp16 texts/s (short and long texts) and cosine to fp32.
+gpu-check: setup
+	$(BIN)/python -m jobs.gpu_check
 
 lint: setup
 	$(BIN)/ruff check .

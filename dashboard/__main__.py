@@ -21,17 +21,22 @@ def main() -> int:
     state = cluster.up(workers=0)
     print(f"Spark master {cluster.master_url()} (UI {cluster.master_webui}); {state.alive_workers} workers")
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    controller = subprocess.Popen([sys.executable, "-m", "cluster", "autoscale"], cwd=REPO, env=env)
+    # SIGTERM (a service manager, `timeout`) must clean up like Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    children = [subprocess.Popen([sys.executable, "-m", "cluster", "autoscale"], cwd=REPO, env=env)]
     try:
-        return subprocess.call([sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"),
-                                "--server.address", "127.0.0.1", "--server.port", port,
-                                "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-                               cwd=REPO, env=env)
+        children.append(subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
+             "--server.port", port, "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+            cwd=REPO, env=env))
+        return children[-1].wait()
     except KeyboardInterrupt:
         return 0
     finally:
-        controller.send_signal(signal.SIGTERM)
-        controller.wait(10)
+        for child in children:
+            child.terminate()
+        for child in children:
+            child.wait(10)
         cluster.down()
 
 

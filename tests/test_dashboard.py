@@ -103,3 +103,42 @@ def test_unreachable_database_is_a_clear_state(monkeypatch):
         assert not at.exception, at.exception
         assert "cannot connect to postgresql+psycopg://u:***@127.0.0.1:1/db" in at.error[0].value
         assert "Sekr1t" not in str([e.value for e in at.error])
+
+
+def test_make_run_entry_point_starts_and_stops_everything(tmp_path):
+    """`python -m dashboard` (what `make run` calls): demo data, master, autoscaler, Streamlit; SIGTERM cleans up."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import requests
+
+    from cluster.local import LocalCluster
+    from tests.conftest import free_port
+
+    ports = {"EMBEDDECK_DASHBOARD_PORT": free_port(), "EMBEDDECK_MASTER_PORT": free_port(),
+             "EMBEDDECK_MASTER_WEBUI_PORT": free_port()}
+    env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), **{k: str(v) for k, v in ports.items()})
+    proc = subprocess.Popen([sys.executable, "-m", "dashboard"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{ports['EMBEDDECK_DASHBOARD_PORT']}/_stcore/health"
+
+    def healthy():
+        try:
+            return requests.get(url, timeout=1).ok
+        except requests.RequestException:
+            return False
+
+    try:
+        wait_until(healthy, timeout=120, every=1)
+        cluster = LocalCluster(home=tmp_path, master_port=ports["EMBEDDECK_MASTER_PORT"],
+                               webui_port=ports["EMBEDDECK_MASTER_WEBUI_PORT"])
+        assert cluster.state().status == "ALIVE"
+        assert db.engine_for(f"sqlite:///{tmp_path / 'embeddeck.sqlite'}").connect().execute(
+            db.sa.text("SELECT count(*) FROM products")).scalar() == 6000
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert "demo data: 6000 rows" in out
+    assert not cluster.master_alive() and not healthy()
