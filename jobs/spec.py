@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 MODES = ("incremental", "full")
@@ -31,7 +31,6 @@ class RunSpec:
     limit_rows: int | None = None
     endpoint: str | None = None  # OpenAI-compatible embeddings URL; None: the local model
     launched_by: str = "cli"
-    extra: dict = field(default_factory=dict)
 
     def check_shape(self) -> None:
         """Validate what can be checked without a database; raise SpecError."""
