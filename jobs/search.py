@@ -125,11 +125,14 @@ class VectorIndex:
                 self.position[new_ids[i]] = start + offset
         self.watermark = latest
 
-    def refresh(self) -> None:
-        """Bring the copy up to date with the table."""
+    def refresh(self) -> bool:
+        """Bring the copy up to date with the table; False (and nothing held) when it is over the cap."""
         count, latest = self._state()
+        if count > cache_limit_rows(self.dim):
+            self.__init__(self.engine, self.target, self.dim)
+            return False
         if count == self.count and latest == self.watermark:
-            return
+            return True
         if count < len(self.ids):  # rows were deleted: start over
             self.__init__(self.engine, self.target, self.dim)
         self._load(self.watermark)
@@ -138,9 +141,12 @@ class VectorIndex:
             self.__init__(self.engine, self.target, self.dim)
             self._load(None)
         self.count = count
+        return True
 
-    def top_k(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        self.refresh()
+    def top_k(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Best k (scores, ids), or None when the target is too large to hold: stream it instead."""
+        if not self.refresh():
+            return None
         q = query / (np.linalg.norm(query) or 1.0)
         return top_k(self.matrix @ q.astype(np.float32), self.ids, k)
 
@@ -153,12 +159,8 @@ def cache_limit_rows(dim: int) -> int:
     return int(float(os.environ.get("EMBEDDECK_SEARCH_CACHE_MB", "1024")) * 2**20 // (dim * 4))
 
 
-def index_for(db_url: str, engine: sa.Engine, target: sa.Table, dim: int) -> VectorIndex | None:
-    """The process's index of a target, or None when the target is too large to hold."""
-    with engine.connect() as conn:
-        rows = conn.execute(sa.select(sa.func.count()).select_from(target)).scalar_one()
-    if rows > cache_limit_rows(dim):
-        return None
+def index_for(db_url: str, engine: sa.Engine, target: sa.Table, dim: int) -> VectorIndex:
+    """The process's index of a target, made on first use."""
     key = (db_url, str(target))
     if key not in _INDEXES or _INDEXES[key].dim != dim:
         _INDEXES[key] = VectorIndex(engine, target, dim)
@@ -215,8 +217,8 @@ def search(db_url: str, target_name: str, query: str, k: int = 10, model: str | 
         scores = np.array([1.0 - r.distance for r in rows], dtype=np.float32)
         ids = np.array([r.source_id for r in rows], dtype=np.int64)
     else:
-        index = index_for(db_url, engine, target, len(qvec))
-        scores, ids = index.top_k(qvec, k) if index else scan_top_k(engine, target, qvec, k)
+        best = index_for(db_url, engine, target, len(qvec)).top_k(qvec, k)
+        scores, ids = best if best is not None else scan_top_k(engine, target, qvec, k)
     t2 = time.perf_counter()
     texts = fetch_texts(engine, origin, [int(i) for i in ids])
     hits = [Hit(int(i), float(s), texts.get(int(i))) for s, i in zip(scores, ids)]

@@ -185,3 +185,15 @@ def test_vector_index_follows_inserts_updates_and_deletes(sqlite_url):
         conn.execute(target.delete().where(target.c.source_id < 40))
     got = index.top_k(q, 5)
     assert len(index.ids) == 40 and min(got[1]) >= 40
+
+
+def test_vector_index_over_its_cap_holds_nothing(sqlite_url, monkeypatch):
+    engine = db.engine_for(sqlite_url)
+    target = db.target_table("cap_emb", sa.Integer(), sa.LargeBinary())
+    target.metadata.create_all(engine)
+    with engine.begin() as conn:
+        db.upsert(conn, target, [dict(source_id=i, embedding=np.ones(384, "<f4").tobytes(), model="m",
+                                      content_hash="h", embedded_at=dt.datetime(2026, 1, 1)) for i in range(10)])
+    monkeypatch.setenv("EMBEDDECK_SEARCH_CACHE_MB", str(5 * 384 * 4 / 2**20))  # room for 5 vectors
+    index = search.VectorIndex(engine, target, 384)
+    assert index.top_k(np.ones(384, np.float32), 3) is None and len(index.ids) == 0
