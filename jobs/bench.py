@@ -46,6 +46,36 @@ def timed_run(spec, registry):
     return run, wall, (first - start).total_seconds() if first else float("nan")
 
 
+def peak_worker_rss_mb(spec, registry) -> float:
+    """Run spec and sample the peak RSS of any one Spark Python worker process (not the daemon)."""
+    import threading
+
+    import psutil
+
+    peak, done = [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            for p in psutil.process_iter(["cmdline", "ppid"]):
+                try:
+                    cmd = " ".join(p.info["cmdline"] or [])
+                    parent = psutil.Process(p.info["ppid"])
+                    if "jobs.spark_daemon" in cmd and "jobs.spark_daemon" in " ".join(parent.cmdline()):
+                        peak[0] = max(peak[0], p.memory_info().rss / 2**20)
+                except psutil.Error:
+                    pass
+            time.sleep(0.5)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    run, _, _ = timed_run(spec, registry)
+    done.set()
+    thread.join()
+    if run.state != "succeeded":
+        raise RuntimeError(f"memory run failed: {run.error}")
+    return peak[0]
+
+
 def bench_search(home: str, n: int, queries: int) -> dict[str, float]:
     """p50/p99 of top-10 over n stored 384-d vectors: in-memory index vs the streaming scan."""
     import sqlalchemy as sa
@@ -87,6 +117,8 @@ def bench_search(home: str, n: int, queries: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rows, same code (< 3 minutes)")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure worker peak RSS at 5,000 and 50,000 rows (about 12 more minutes)")
     args = parser.parse_args(argv)
     n_encode, n_pipeline, rounds, n_search = (512, 1000, 1, 20_000) if args.quick else (2000, 5000, 3, 100_000)
 
@@ -146,6 +178,20 @@ def main(argv: list[str] | None = None) -> int:
         cluster.down()
     print(f"warm_start_s = {warm_first:.1f}  # workers already up; each run is its own Spark application, "
           "so executors still start and load the model")
+
+    if args.memory:
+        small, large = (500, 5000) if args.quick else (5000, 50_000)
+        big_url = f"sqlite:///{home}/memory.sqlite"
+        seed_demo(big_url, n=large)
+        rss = {}
+        for n in (small, large):
+            mem_spec = RunSpec(db_url=big_url, source="products", id_column="id", text_column="description",
+                               target=f"mem_{n}", master=f"local[{os.cpu_count()}]", limit_rows=n,
+                               launched_by="bench")
+            rss[n] = peak_worker_rss_mb(mem_spec, registry)
+        print(f"worker_rss_{small // 1000}k_mb = {rss[small]:.0f}")
+        print(f"worker_rss_{large // 1000}k_mb = {rss[large]:.0f}")
+        print(f"worker_rss_{large // 1000}k/{small // 1000}k = {rss[large] / rss[small]:.2f}")
 
     embed_s = (run.ended_at - run.started_at).total_seconds()
     pipe_speed = run.rows_done / embed_s
