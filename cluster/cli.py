@@ -11,6 +11,7 @@ from dataclasses import asdict
 from cluster import telemetry
 from cluster.controller import Controller, load_settings, save_settings
 from cluster.local import ClusterError, LocalCluster
+from jobs import runner
 
 
 def status_dict(cluster: LocalCluster) -> dict:
@@ -27,6 +28,7 @@ def status_dict(cluster: LocalCluster) -> dict:
         "desired": settings.desired if not settings.autoscale else None,
         "actual": sum(1 for w in workers if w.state == "ALIVE"),
         "autoscale": asdict(settings),
+        "runner": runner.info(),
         "telemetry": [asdict(r) for r in telemetry.read_all(telemetry.store_dir(cluster.dir.parent))],
     }
 
@@ -51,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     verbs = parser.add_subparsers(dest="verb", required=True)
     up = verbs.add_parser("up", help="start the master (and N workers)")
     up.add_argument("--workers", type=int, default=0)
+    up.add_argument("--no-runner", action="store_true",
+                    help="do not start the warm run service (each run is then its own Spark application)")
     scale = verbs.add_parser("scale", help="scale to N workers (switches autoscale off)")
     scale.add_argument("n", type=int)
     st = verbs.add_parser("status", help="master, workers, telemetry")
@@ -70,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "up":
             state = cluster.up(args.workers)
             print(f"master {cluster.master_url()} (UI {cluster.master_webui}), {state.alive_workers} workers")
+            if not args.no_runner:
+                print(f"run service up (UI {runner.start(cluster.master_url())['ui_url']})")
         elif args.verb == "scale":
             Controller(cluster).scale_manually(args.n)
             print(f"{len(cluster.worker_pids())} workers")
@@ -84,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 for w in info["workers"]:
                     print(f"  {w['name']}: {w['state']} {w['detail']}")
         elif args.verb == "down":
+            runner.stop()
             cluster.down()
             print("cluster stopped")
         elif args.verb == "autoscale":
@@ -96,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             if not cluster.master_alive():
                 cluster.up(settings.min_workers)
             Controller(cluster).loop(args.every)
-    except ClusterError as exc:
+    except (ClusterError, RuntimeError) as exc:  # RuntimeError: the run service did not start
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from cluster.local import LocalCluster
+from jobs import runner
 from jobs.demo import seed_demo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,6 +21,7 @@ def main() -> int:
     cluster = LocalCluster()
     state = cluster.up(workers=0)
     print(f"Spark master {cluster.master_url()} (UI {cluster.master_webui}); {state.alive_workers} workers")
+    print(f"run service up (UI {runner.start(cluster.master_url())['ui_url']}): runs start warm")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     # SIGTERM (a service manager, `timeout`) must clean up like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -37,6 +39,7 @@ def main() -> int:
             child.terminate()
         for child in children:
             child.wait(10)
+        runner.stop()
         cluster.down()
 
 

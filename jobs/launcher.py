@@ -1,4 +1,4 @@
-"""Start and cancel runs: each run's driver is its own spark-submit process (client mode)."""
+"""Start and cancel runs: on the warm run service of the master when one is up, else in a spark-submit of its own."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import psutil
 
-from jobs import db
+from jobs import db, runner
 from jobs.encoder import model_path
 from jobs.runs import CANCELLED, Registry
 from jobs.spec import RunSpec, SpecError
@@ -106,6 +106,8 @@ def launch(spec: RunSpec, registry: Registry | None = None) -> str:
     stored = spec.with_db_url(db.redact_url(spec.db_url))
     run_id = registry.create(stored.to_json(), spec.launched_by, spec.source, spec.target,
                              spec.model, spec.master)
+    if runner.submit(run_id, spec.db_url, spec.master):
+        return run_id  # the warm run service of this master took it
     log_dir = db.default_home() / "runs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{run_id}.log"
@@ -142,7 +144,7 @@ def cancel(run_id: str, registry: Registry | None = None, grace_s: float = 20.0)
         if run.driver_pid is None or not psutil.pid_exists(run.driver_pid):
             break
         time.sleep(0.5)
-    if run.driver_pid:
+    if run.driver_pid and not runner.serves(run):  # never kill the run service for one run
         try:
             os.killpg(run.driver_pid, signal.SIGTERM)
             time.sleep(2)

@@ -8,6 +8,7 @@ worker, and commits its upserts per chunk.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import os
 import sys
@@ -35,13 +36,17 @@ def _tables(spec: RunSpec) -> db.Tables:
     return tables
 
 
-def _chunks(spec: RunSpec, tables: db.Tables, lo: int, hi: int) -> Iterator[list]:
-    """Rows of [lo, hi] with their stored hash and model, chunk by chunk (bounded memory)."""
+def _chunks(spec: RunSpec, tables: db.Tables, lo: int, hi: int, first_rows: int | None = None) -> Iterator[list]:
+    """Rows of [lo, hi] with their stored hash and model, chunk by chunk (bounded memory).
+
+    first_rows: size of the first chunk only, so a task commits its first vectors within a batch.
+    """
     engine = db.engine_for(spec.db_url)
-    after = None
+    after, limit = None, min(first_rows or spec.chunk_rows, spec.chunk_rows)
     while True:
         q = db.chunk_query(tables.source, tables.id_col, tables.text_col, tables.target,
-                           lo, hi, after, spec.chunk_rows)
+                           lo, hi, after, limit)
+        limit = spec.chunk_rows
         with engine.connect() as conn:
             rows = conn.execute(q).all()
         if not rows:
@@ -78,6 +83,16 @@ def _worker_encoder(spec: RunSpec, api_key: str | None):
     return get_encoder(spec.model)
 
 
+def _worker_marks() -> dict[str, float]:
+    """When this Python worker and the daemon it was forked from started (epoch seconds)."""
+    import psutil
+
+    me = psutil.Process()
+    parent = me.parent()
+    return {"daemon_started": parent.create_time() if parent else me.create_time(),
+            "worker_started": me.create_time()}
+
+
 def scan_partitions(spec: RunSpec, api_key: str | None = None):
     """mapPartitions function: count per key range what the run has to embed."""
 
@@ -85,9 +100,14 @@ def scan_partitions(spec: RunSpec, api_key: str | None = None):
         tables = _tables(spec)
         # Python workers are reused by the embedding job: loading the model here overlaps the
         # import and load (seconds) with planning instead of stalling the first chunk.
+        marks = _worker_marks()
+        t0 = time.perf_counter()
         _worker_encoder(spec, api_key)
+        marks["model_ready"] = time.time()
+        marks["model_load_s"] = time.perf_counter() - t0  # ~0 when this worker already holds the model
         for index, lo, hi in ranges:
-            counts = {"index": index, "lo": lo, "hi": hi, "rows": 0, "needed": 0, "empty": 0, "current": 0}
+            counts = {"index": index, "lo": lo, "hi": hi, "rows": 0, "needed": 0, "empty": 0, "current": 0,
+                      "marks": marks}
             for chunk in _chunks(spec, tables, lo, hi):
                 todo, empty, current = _classify(spec, chunk)
                 counts["rows"] += len(chunk)
@@ -107,8 +127,8 @@ def embed_partitions(spec: RunSpec, api_key: str | None = None):
         engine = db.engine_for(spec.db_url)
         encoder = _worker_encoder(spec, api_key)
         for index, lo, hi in ranges:
-            t0, embedded = time.perf_counter(), 0
-            for chunk in _chunks(spec, tables, lo, hi):
+            t0, embedded, first_commit = time.perf_counter(), 0, None
+            for chunk in _chunks(spec, tables, lo, hi, first_rows=None if first_commit else spec.batch_size):
                 todo, _, _ = _classify(spec, chunk)
                 if not todo:
                     continue
@@ -119,8 +139,10 @@ def embed_partitions(spec: RunSpec, api_key: str | None = None):
                         for (i, _, h), v in zip(todo, vecs)]
                 with engine.begin() as conn:
                     db.upsert(conn, tables.target, rows)
+                first_commit = first_commit or time.time()
                 embedded += len(rows)
-            yield {"index": index, "embedded": embedded, "seconds": time.perf_counter() - t0}
+            yield {"index": index, "embedded": embedded, "seconds": time.perf_counter() - t0,
+                   "first_commit": first_commit}
 
     return run
 
@@ -165,8 +187,28 @@ def spark_error_message(exc: BaseException) -> str:
     return (lines[0] if lines else type(exc).__name__)[:2000]
 
 
-def execute(sc, spec: RunSpec, registry: Registry, run_id: str) -> str:
-    """Run the whole job on an existing SparkContext; returns the final state."""
+def _record_marks(registry: Registry, run_id: str, marks: dict[str, float], scanned: list[dict],
+                  embedded: list[dict]) -> None:
+    """Store the start-up marks as seconds since launch (the run's creation)."""
+    run = registry.get(run_id)
+    launched = run.created_at.replace(tzinfo=dt.UTC).timestamp()
+    workers = [r["marks"] for r in scanned if r.get("marks")]
+    if workers:
+        first = min(workers, key=lambda m: m["model_ready"])
+        marks = marks | {k: first[k] for k in ("worker_started", "model_ready")}
+        marks["model_load_s"] = first["model_load_s"]
+    commits = [r["first_commit"] for r in embedded if r.get("first_commit")]
+    if commits:
+        marks["first_commit"] = min(commits)
+    registry.set_timings(run_id, {k: v if k.endswith("_s") else v - launched for k, v in marks.items()})
+
+
+def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str, float] | None = None) -> str:
+    """Run the whole job on an existing SparkContext; returns the final state.
+
+    marks: epoch times the caller already knows (driver_started, app_ready), completed here.
+    """
+    marks = dict(marks or {})
     sc.setJobGroup(run_id, f"EmbedDeck {run_id}", interruptOnCancel=True)
     engine = db.check_connection(spec.db_url)
     tables = db.inspect_run(engine, spec)
@@ -191,9 +233,11 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str) -> str:
     # Plain RDDs: the tasks read the database themselves, so Spark SQL and Arrow would only add
     # their start-up cost (seconds per run) and carry nothing.
     scanned = sc.parallelize(ranges, len(ranges)).mapPartitions(scan_partitions(spec, api_key)).collect()
+    marks["planned"] = time.time()
     total = sum(r["needed"] for r in scanned)
     skipped = sum(r["empty"] + r["current"] for r in scanned)
     work = [(r["index"], r["lo"], r["hi"]) for r in scanned if r["needed"] > 0]
+    _record_marks(registry, run_id, marks, scanned, [])
     if registry.get(run_id).cancel_requested:
         registry.finish(run_id, CANCELLED, error="cancelled before embedding started")
         return CANCELLED
@@ -208,7 +252,8 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str) -> str:
     try:
         if work:
             registry.set_phase(run_id, "embedding")
-            sc.parallelize(work, len(work)).mapPartitions(embed_partitions(spec, api_key)).collect()
+            embedded = sc.parallelize(work, len(work)).mapPartitions(embed_partitions(spec, api_key)).collect()
+            _record_marks(registry, run_id, marks, scanned, embedded)
     except Exception as exc:
         watcher.stop_event.set()
         done = watcher.sample()
@@ -241,9 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     # The stored spec has a redacted URL; the launcher hands the real one over the environment.
     spec = RunSpec.from_json(run.spec_json).with_db_url(os.environ["EMBEDDECK_RUN_DB_URL"])
     # A bare SparkContext: the job uses no Spark SQL, whose session start costs seconds per run.
+    import psutil
+
+    marks = {"driver_started": psutil.Process().create_time()}
     sc = SparkContext(conf=SparkConf().setAppName(f"embeddeck-{opts.run_id}"))
+    marks["app_ready"] = time.time()
     try:
-        state = execute(sc, spec, registry, opts.run_id)
+        state = execute(sc, spec, registry, opts.run_id, marks)
     except Exception as exc:
         registry.finish(opts.run_id, FAILED, error=spark_error_message(exc))
         state = FAILED

@@ -34,3 +34,25 @@ def format_duration(seconds: float | None) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+
+
+# The marks a run records, in the order they happen; each stage of the start-up breakdown is the
+# time from the previous mark to its own.
+START_STAGES = (
+    ("jvm", "driver_started"),          # spark-submit's JVM up, Python driver spawned
+    ("spark_app", "app_ready"),         # SparkContext registered with the master
+    ("python_worker", "worker_started"),  # executor, Python daemon, its imports, first worker forked
+    ("model_load", "model_ready"),      # weights loaded in that worker
+    ("planning", "planned"),            # the scan job over every key range
+    ("first_batch", "first_commit"),    # first chunk read, encoded and committed
+)
+
+
+def start_breakdown(marks: dict[str, float]) -> dict[str, float]:
+    """Seconds per start-up stage from marks in seconds since launch; a stage already done (warm) is 0."""
+    out, previous = {}, 0.0
+    for stage, mark in START_STAGES:
+        at = max(previous, marks.get(mark, previous))
+        out[stage] = at - previous
+        previous = at
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import socket
 import uuid
@@ -45,6 +46,7 @@ runs_table = sa.Table(
     sa.Column("driver_started", sa.Float),
     sa.Column("log_path", sa.Text),
     sa.Column("ui_url", sa.String(200)),
+    sa.Column("timings", sa.Text),  # JSON: start-up marks, seconds since launch
 )
 progress_table = sa.Table(
     "run_progress", metadata,
@@ -83,6 +85,7 @@ class Run:
     driver_started: float | None
     log_path: str | None
     ui_url: str | None
+    timings: str | None
 
     @property
     def active(self) -> bool:
@@ -100,6 +103,7 @@ class Run:
             if isinstance(value, dt.datetime):
                 out[key] = value.isoformat() + "Z"
         out["duration_s"] = self.duration_s()
+        out["timings"] = json.loads(self.timings) if self.timings else None
         return out
 
 
@@ -120,6 +124,16 @@ class Registry:
         self.url = url or default_registry_url()
         self.engine = engine_for(self.url)
         metadata.create_all(self.engine, checkfirst=True)
+        self._add_new_columns()
+
+    def _add_new_columns(self) -> None:
+        """Registries written by an older EmbedDeck lack newer nullable columns: add them in place."""
+        have = {c["name"] for c in sa.inspect(self.engine).get_columns("runs")}
+        with self.engine.begin() as conn:
+            for column in runs_table.columns:
+                if column.name not in have:
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    conn.execute(sa.text(f'ALTER TABLE runs ADD COLUMN "{column.name}" {kind}'))
 
     def create(self, spec_json: str, launched_by: str, source: str, target: str, model: str,
                master: str) -> str:
@@ -147,6 +161,10 @@ class Registry:
             started = None
         self._update(run_id, driver_pid=pid, driver_host=socket.gethostname(),
                      driver_started=started, log_path=log_path, ui_url=ui_url)
+
+    def set_timings(self, run_id: str, marks: dict[str, float]) -> None:
+        """Store the run's start-up marks (seconds since launch), also after it ended."""
+        self._update(run_id, only_active=False, timings=json.dumps({k: round(v, 3) for k, v in marks.items()}))
 
     def start(self, run_id: str, rows_total: int, rows_skipped: int) -> bool:
         """Mark running with the planned totals; False if the run already ended (cancelled)."""

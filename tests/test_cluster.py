@@ -110,3 +110,55 @@ def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp
     moves = [(e["from_workers"], e["to_workers"]) for e in events]
     assert moves[0] == (0, 2) and moves[-1][1] == 0 and all(to <= 2 for _, to in moves)
     assert events[-1]["reason"].startswith("idle for")
+
+
+def test_run_service_starts_runs_warm_keeps_the_password_and_survives_a_cancel(cluster, pg_url, reference_model):
+    """Runs handed to the warm run service: the second finds its Python worker and model already
+    loaded; the database password travels over the service's socket only; a cancel stops the run,
+    not the service."""
+    import json
+
+    from jobs import launcher, runner
+    from jobs.cli import wait
+    from jobs.db import default_home, redact_url
+    from jobs.progress import start_breakdown
+    from jobs.spec import RunSpec
+
+    seed_demo(pg_url, n=ROWS)
+    registry = Registry()
+    cluster.up(workers=1)
+    try:
+        service = runner.start(cluster.master_url())
+
+        def launch(target, **kw):
+            spec = RunSpec(db_url=pg_url, source="products", id_column="id", text_column="description",
+                           target=target, master=cluster.master_url(), launched_by="test", **kw)
+            return launcher.launch(spec, registry)
+
+        first = wait(registry, launch("svc_emb"), out=open(os.devnull, "w"))
+        assert first.state == "succeeded", first.error
+        assert first.driver_pid == service["pid"]
+        check_table(pg_url, reference_model, ROWS, "svc_emb")
+
+        second = wait(registry, launch("svc_small", limit_rows=50), out=open(os.devnull, "w"))
+        assert second.state == "succeeded" and second.rows_done == 50
+        marks = json.loads(second.timings)
+        assert marks["worker_started"] < 0  # the Python worker was up before this run was launched
+        assert marks["model_load_s"] < 0.05  # and already held the model (a load takes 0.4 s or more)
+        stages = start_breakdown(marks)
+        assert stages["jvm"] == stages["spark_app"] == stages["python_worker"] == 0
+
+        busy = launch("svc_emb", mode="full")
+        wait_until(lambda: registry.get(busy).rows_done > 0, timeout=120)
+        assert launcher.cancel(busy, registry) == "cancelled"
+        assert runner.info()["pid"] == service["pid"]
+        again = wait(registry, launch("svc_again", limit_rows=20), out=open(os.devnull, "w"))
+        assert again.state == "succeeded" and again.driver_pid == service["pid"]
+
+        password = "s3cret-pg"
+        assert password in pg_url and password not in redact_url(pg_url)
+        assert password not in (default_home() / "runner.log").read_text(errors="replace")
+        assert all(password not in r.spec_json for r in registry.list())
+    finally:
+        runner.stop()
+    assert runner.info() is None
