@@ -17,7 +17,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 bench: setup
-	$(BIN)/python -m jobs.bench $(if $(QUICK),--quick,) $(if $(MEMORY),--memory,)
+	$(BIN)/python -m jobs.bench $(if $(QUICK),--quick,)
 
 # On a machine with an NVIDIA GPU: CUDA fp16 texts/s (short and long texts) and cosine to fp32.
 gpu-check: setup

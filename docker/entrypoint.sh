@@ -14,6 +14,12 @@ start_master() {
   SPARK_MASTER_OPTS="-Dspark.master.rest.enabled=false" "$SPARK_CLASS" org.apache.spark.deploy.master.Master $MASTER_OPTS &
 }
 
+start_run_service() {
+  # One long-lived driver on the fixed driver ports: runs start warm on its executors, and two
+  # concurrent runs never race for those ports (a spark-submit per run would).
+  python -c 'import os; from jobs import runner; runner.start(os.environ.get("EMBEDDECK_SPARK_MASTER", "spark://127.0.0.1:7077"))' &
+}
+
 case "${APP_MODE:-dashboard}" in
   master)
     SPARK_MASTER_OPTS="-Dspark.master.rest.enabled=false" exec "$SPARK_CLASS" org.apache.spark.deploy.master.Master $MASTER_OPTS
@@ -28,16 +34,19 @@ case "${APP_MODE:-dashboard}" in
     ;;
   dashboard)
     start_master
+    start_run_service
     exec streamlit run app.py --server.address 0.0.0.0 --server.port 8501 --server.headless true \
       --browser.gatherUsageStats false
     ;;
   trigger)
     start_master
+    start_run_service
     exec python -m jobs serve --host 0.0.0.0 --port 8888
     ;;
   jupyter)
     : "${JUPYTER_TOKEN:?set JUPYTER_TOKEN: Jupyter never runs without a token}"
     start_master
+    start_run_service
     exec jupyter lab --ip 0.0.0.0 --port 8888 --no-browser --allow-root \
       --IdentityProvider.token="$JUPYTER_TOKEN" --ServerApp.disable_check_xsrf=False \
       --ServerApp.root_dir="$PWD/docker/notebooks"

@@ -36,17 +36,13 @@ def _tables(spec: RunSpec) -> db.Tables:
     return tables
 
 
-def _chunks(spec: RunSpec, tables: db.Tables, lo: int, hi: int, first_rows: int | None = None) -> Iterator[list]:
-    """Rows of [lo, hi] with their stored hash and model, chunk by chunk (bounded memory).
-
-    first_rows: size of the first chunk only, so a task commits its first vectors within a batch.
-    """
+def _chunks(spec: RunSpec, tables: db.Tables, lo: int, hi: int) -> Iterator[list]:
+    """Rows of [lo, hi] with their stored hash and model, chunk by chunk (bounded memory)."""
     engine = db.engine_for(spec.db_url)
-    after, limit = None, min(first_rows or spec.chunk_rows, spec.chunk_rows)
+    after = None
     while True:
         q = db.chunk_query(tables.source, tables.id_col, tables.text_col, tables.target,
-                           lo, hi, after, limit)
-        limit = spec.chunk_rows
+                           lo, hi, after, spec.chunk_rows)
         with engine.connect() as conn:
             rows = conn.execute(q).all()
         if not rows:
@@ -128,19 +124,24 @@ def embed_partitions(spec: RunSpec, api_key: str | None = None):
         encoder = _worker_encoder(spec, api_key)
         for index, lo, hi in ranges:
             t0, embedded, first_commit = time.perf_counter(), 0, None
-            for chunk in _chunks(spec, tables, lo, hi, first_rows=None if first_commit else spec.batch_size):
+            for chunk in _chunks(spec, tables, lo, hi):
                 todo, _, _ = _classify(spec, chunk)
-                if not todo:
-                    continue
-                vecs = encoder.encode([t for _, t, _ in todo], batch_size=spec.batch_size)
-                now = db.utcnow()
-                rows = [{"source_id": i, "embedding": db.encode_for(tables.target, v),
-                         "model": spec.model, "content_hash": h, "embedded_at": now}
-                        for (i, _, h), v in zip(todo, vecs)]
-                with engine.begin() as conn:
-                    db.upsert(conn, tables.target, rows)
-                first_commit = first_commit or time.time()
-                embedded += len(rows)
+                parts = [todo]
+                if first_commit is None:
+                    # Commit the shortest batch of the first chunk on its own: vectors land within
+                    # a second, and the batches stay the length-sorted ones of a whole chunk.
+                    todo.sort(key=lambda row: len(row[1]))
+                    parts = [todo[:spec.batch_size], todo[spec.batch_size:]]
+                for part in filter(None, parts):
+                    vecs = encoder.encode([t for _, t, _ in part], batch_size=spec.batch_size)
+                    now = db.utcnow()
+                    rows = [{"source_id": i, "embedding": db.encode_for(tables.target, v),
+                             "model": spec.model, "content_hash": h, "embedded_at": now}
+                            for (i, _, h), v in zip(part, vecs)]
+                    with engine.begin() as conn:
+                        db.upsert(conn, tables.target, rows)
+                    first_commit = first_commit or time.time()
+                    embedded += len(rows)
             yield {"index": index, "embedded": embedded, "seconds": time.perf_counter() - t0,
                    "first_commit": first_commit}
 

@@ -85,7 +85,7 @@ class Run:
     driver_started: float | None
     log_path: str | None
     ui_url: str | None
-    timings: str | None
+    timings: str | None = None
 
     @property
     def active(self) -> bool:

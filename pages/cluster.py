@@ -7,6 +7,7 @@ from cluster import spark_rest, telemetry
 from cluster.controller import load_settings, save_settings
 from cluster.local import ClusterError
 from dashboard import charts, services, views
+from jobs import runner
 
 st.title("Cluster")
 cluster = services.cluster()
@@ -37,13 +38,20 @@ def overview() -> None:
                    f"{telemetry.STALE_AFTER_S:.0f}s and are not current values.")
 
     st.subheader("Spark")
-    active = [r for r in services.registry().list(50) if r.state == "running" and r.ui_url]
-    if not active:
+    service = runner.info()
+    st.caption(f"Run service up: runs start warm on its executors ([its Spark UI]({service['ui_url']}))."
+               if service else "Run service not running: each run starts a Spark application of its own.")
+    apps: dict[str, list[str]] = {}  # runs on the run service share its application
+    for run in services.registry().list(50):
+        if run.state == "running" and run.ui_url:
+            apps.setdefault(run.ui_url, []).append(run.run_id)
+    if not apps:
         st.caption("No run is active.")
-    for run in active:
-        stats = spark_rest.app_stats(run.ui_url)
+    for ui_url, run_ids in apps.items():
+        label = ", ".join(run_ids)
+        stats = spark_rest.app_stats(ui_url)
         if not stats.reachable:
-            st.caption(f"{run.run_id}: Spark UI {stats.error}")
+            st.caption(f"{label}: Spark UI {stats.error}")
             continue
         s = st.columns(5)
         s[0].metric("Executors", len(stats.executors))
@@ -52,7 +60,7 @@ def overview() -> None:
         s[3].metric("Failed tasks", stats.failed_tasks)
         s[4].metric("GC time", f"{stats.gc_time_ms / 1000:.1f}s")
         st.dataframe(pd.DataFrame(stats.stages), hide_index=True, width="stretch")
-        st.markdown(f"[Spark UI of {run.run_id}]({run.ui_url})")
+        st.markdown(f"[Spark UI of {label}]({ui_url})")
     st.markdown(f"[Spark master UI]({cluster.master_webui})")
 
 

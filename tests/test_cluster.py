@@ -112,10 +112,12 @@ def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp
     assert events[-1]["reason"].startswith("idle for")
 
 
-def test_run_service_starts_runs_warm_keeps_the_password_and_survives_a_cancel(cluster, pg_url, reference_model):
-    """Runs handed to the warm run service: the second finds its Python worker and model already
-    loaded; the database password travels over the service's socket only; a cancel stops the run,
-    not the service."""
+def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_survives_a_cancel(
+        pg_url, reference_model):
+    """`python -m cluster up` starts the warm run service with the master; runs handed to it are
+    correct, the second finds its Python worker and model already loaded, the database password
+    travels over the service's socket only, a cancel stops the run and not the service; `down`
+    stops it all."""
     import json
 
     from jobs import launcher, runner
@@ -124,21 +126,34 @@ def test_run_service_starts_runs_warm_keeps_the_password_and_survives_a_cancel(c
     from jobs.progress import start_breakdown
     from jobs.spec import RunSpec
 
+    env = dict(os.environ, EMBEDDECK_MASTER_PORT=str(free_port()), EMBEDDECK_MASTER_WEBUI_PORT=str(free_port()))
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "cluster", *args], env=env, capture_output=True, text=True,
+                             timeout=180)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
     seed_demo(pg_url, n=ROWS)
     registry = Registry()
-    cluster.up(workers=1)
     try:
-        service = runner.start(cluster.master_url())
+        assert "run service up" in cli("up", "--workers", "1")
+        status = json.loads(cli("status", "--json"))
+        master = status["master"]["url"]
+        assert status["master"]["state"] == "ALIVE" and status["master"]["alive_workers"] == 1
+        assert [a["name"] for a in status["master"]["active_apps"]] == ["embeddeck-runner"]
+        service = status["runner"]
+        assert service["master"] == master and service == runner.info()
 
         def launch(target, **kw):
             spec = RunSpec(db_url=pg_url, source="products", id_column="id", text_column="description",
-                           target=target, master=cluster.master_url(), launched_by="test", **kw)
+                           target=target, master=master, launched_by="test", **kw)
             return launcher.launch(spec, registry)
 
-        first = wait(registry, launch("svc_emb"), out=open(os.devnull, "w"))
+        first = wait(registry, launch("svc_emb", limit_rows=120), out=open(os.devnull, "w"))
         assert first.state == "succeeded", first.error
         assert first.driver_pid == service["pid"]
-        check_table(pg_url, reference_model, ROWS, "svc_emb")
+        check_table(pg_url, reference_model, 120, "svc_emb")
 
         second = wait(registry, launch("svc_small", limit_rows=50), out=open(os.devnull, "w"))
         assert second.state == "succeeded" and second.rows_done == 50
@@ -148,7 +163,7 @@ def test_run_service_starts_runs_warm_keeps_the_password_and_survives_a_cancel(c
         stages = start_breakdown(marks)
         assert stages["jvm"] == stages["spark_app"] == stages["python_worker"] == 0
 
-        busy = launch("svc_emb", mode="full")
+        busy = launch("svc_busy")  # 400 rows on one core: still running when the cancel comes
         wait_until(lambda: registry.get(busy).rows_done > 0, timeout=120)
         assert launcher.cancel(busy, registry) == "cancelled"
         assert runner.info()["pid"] == service["pid"]
@@ -160,5 +175,6 @@ def test_run_service_starts_runs_warm_keeps_the_password_and_survives_a_cancel(c
         assert password not in (default_home() / "runner.log").read_text(errors="replace")
         assert all(password not in r.spec_json for r in registry.list())
     finally:
-        runner.stop()
-    assert runner.info() is None
+        cli("down")
+    status = json.loads(cli("status", "--json"))
+    assert status["master"]["state"] == "down" and status["runner"] is None

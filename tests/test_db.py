@@ -197,3 +197,17 @@ def test_vector_index_over_its_cap_holds_nothing(sqlite_url, monkeypatch):
     monkeypatch.setenv("EMBEDDECK_SEARCH_CACHE_MB", str(5 * 384 * 4 / 2**20))  # room for 5 vectors
     index = search.VectorIndex(engine, target, 384)
     assert index.top_k(np.ones(384, np.float32), 3) is None and len(index.ids) == 0
+
+
+def test_registry_written_by_an_older_version_gains_new_columns(tmp_path):
+    from jobs import runs
+
+    url = f"sqlite:///{tmp_path / 'old.sqlite'}"
+    old = sa.MetaData()
+    sa.Table("runs", old, *[sa.Column(c.name, c.type, primary_key=c.primary_key)
+                            for c in runs.runs_table.columns if c.name != "timings"])
+    old.create_all(db.engine_for(url))
+    registry = runs.Registry(url)
+    run_id = registry.create("{}", "test", "s", "t", "m", "local[1]")
+    registry.set_timings(run_id, {"first_commit": 1.23456})
+    assert registry.get(run_id).as_dict()["timings"] == {"first_commit": 1.235}

@@ -115,3 +115,18 @@ def test_rate_and_eta():
     assert progress.eta_seconds(10, 0, 0.0) is None
     assert progress.format_duration(185) == "3m05s"
     assert progress.format_duration(None) == "—"
+
+
+def test_start_breakdown_cold_and_warm():
+    cold = {"driver_started": 3.0, "app_ready": 10.0, "worker_started": 22.0, "model_ready": 24.5,
+            "planned": 27.0, "first_commit": 28.5, "model_load_s": 0.5}
+    stages = progress.start_breakdown(cold)
+    assert stages == pytest.approx({"jvm": 3.0, "spark_app": 7.0, "python_worker": 12.0, "model_load": 2.5,
+                                    "planning": 2.5, "first_batch": 1.5})
+    assert sum(stages.values()) == pytest.approx(28.5)  # the stages add up to the first commit
+    # On the run service the driver, application and worker predate the launch: those stages are 0.
+    warm = progress.start_breakdown({"worker_started": -300.0, "model_ready": 0.3, "planned": 2.0,
+                                     "first_commit": 3.0})
+    assert warm == pytest.approx({"jvm": 0, "spark_app": 0, "python_worker": 0, "model_load": 0.3,
+                                  "planning": 1.7, "first_batch": 1.0})
+    assert progress.start_breakdown({}) == dict.fromkeys(warm, 0.0)  # a run that never started
