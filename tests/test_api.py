@@ -182,7 +182,9 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path):
         out = subprocess.run(
             [os.path.join(os.path.dirname(sys.executable), "schemathesis"), "run", f"{base}/openapi.json",
              "-H", f"Authorization: Bearer {TOKEN}", "--checks", "not_a_server_error,response_schema_conformance",
-             "-n", "15", "--request-timeout", "120", "--phases", "examples,fuzzing"],
+             # A fixed seed: CI must not pass or fail by the draw. Wider random runs (400 cases per
+             # operation, coverage phase) are for `schemathesis run` by hand; one found the '~user' 500.
+             "-n", "15", "--seed", "20261128", "--request-timeout", "120", "--phases", "examples,fuzzing"],
             capture_output=True, text=True, timeout=500)
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     finally:
