@@ -93,7 +93,7 @@ def start(master: str, timeout_s: float = 120.0) -> dict:
         if proc.poll() is not None:
             break
         time.sleep(0.3)
-    _kill_group(proc.pid)
+    _kill_group(proc.pid, proc.pid)
     raise RuntimeError(f"the run service did not start within {timeout_s:.0f} s; see {log_path}")
 
 
@@ -102,7 +102,7 @@ def stop() -> None:
     current = info()
     sock_path, state_path = _paths()
     if current is not None:
-        _kill_group(current["pid"])
+        _kill_group(current["pgid"], current["pid"])
     sock_path.unlink(missing_ok=True)
     state_path.unlink(missing_ok=True)
 
@@ -113,14 +113,15 @@ def serves(run) -> bool:
     return current is not None and run.driver_pid == current["pid"]
 
 
-def _kill_group(pid: int, grace_s: float = 10.0) -> None:
+def _kill_group(pgid: int, pid: int, grace_s: float = 15.0) -> None:
+    """SIGTERM the service's process group (spark-submit's JVM leads it), SIGKILL if pid outlives grace_s."""
     import psutil
 
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pgid, signal.SIGTERM)
         psutil.Process(pid).wait(grace_s)
     except psutil.TimeoutExpired:
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError, psutil.Error):
         pass
 
@@ -136,6 +137,31 @@ def _serve_run(sc, run_id: str, db_url: str) -> None:
         execute(sc, spec, registry, run_id)
     except Exception as exc:
         registry.finish(run_id, FAILED, error=spark_error_message(exc))
+
+
+def _exit_when_orphaned(sc, sock_path: Path, state_path: Path, every_s: float = 2.0, misses: int = 3) -> None:
+    """Leave when the application stopped or its master stopped answering: a standalone app does not
+    re-register with a restarted master, so the service would take runs it can never run. Gone, the
+    launcher falls back to a spark-submit per run and the next `cluster up` starts a fresh service."""
+    from jobs.launcher import check_master
+    from jobs.spec import SpecError
+
+    missed = 0
+    while missed < misses:
+        time.sleep(every_s)
+        try:
+            if sc._jsc.sc().isStopped():
+                break
+            check_master(sc.master, timeout_s=every_s)
+            missed = 0
+        except SpecError:
+            missed += 1
+        except Exception:  # the JVM itself is gone
+            break
+    log.error("the Spark application or its master is gone; the run service exits")
+    sock_path.unlink(missing_ok=True)
+    state_path.unlink(missing_ok=True)
+    os._exit(1)
 
 
 def main() -> int:
@@ -159,9 +185,11 @@ def main() -> int:
     server.listen(16)
     me = psutil.Process()
     log_path = str(db.default_home() / "runner.log")
-    state_path.write_text(json.dumps({"pid": me.pid, "pid_started": me.create_time(), "master": sc.master,
-                                      "ui_url": sc.uiWebUrl, "log_path": log_path}))
+    # pgid: spark-submit's JVM leads the group (the launcher starts it in a session of its own).
+    state_path.write_text(json.dumps({"pid": me.pid, "pgid": os.getpgid(0), "pid_started": me.create_time(),
+                                      "master": sc.master, "ui_url": sc.uiWebUrl, "log_path": log_path}))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    threading.Thread(target=_exit_when_orphaned, args=(sc, sock_path, state_path), daemon=True).start()
     log.info("run service up on %s (UI %s)", sc.master, sc.uiWebUrl)
     try:
         while True:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from cluster import spark_rest, telemetry
@@ -174,7 +175,18 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
         assert password in pg_url and password not in redact_url(pg_url)
         assert password not in (default_home() / "runner.log").read_text(errors="replace")
         assert all(password not in r.spec_json for r in registry.list())
+
+        # A master that dies takes the service with it: a standalone app never re-registers with a
+        # restarted master, so an orphaned service would take runs it can never run.
+        port = env["EMBEDDECK_MASTER_PORT"]
+        master = next(p for p in psutil.process_iter(["cmdline"])
+                      if "org.apache.spark.deploy.master.Master" in (p.info["cmdline"] or [])
+                      and port in (p.info["cmdline"] or []))
+        master.kill()
+        wait_until(lambda: not psutil.pid_exists(service["pid"]), timeout=30)
+        assert runner.info() is None
     finally:
         cli("down")
     status = json.loads(cli("status", "--json"))
     assert status["master"]["state"] == "down" and status["runner"] is None
+    assert not psutil.pid_exists(service["pid"]) and not psutil.pid_exists(service["pgid"])  # nothing left running

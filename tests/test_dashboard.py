@@ -107,11 +107,13 @@ def test_unreachable_database_is_a_clear_state(monkeypatch):
 
 def test_make_run_entry_point_starts_and_stops_everything(tmp_path):
     """`python -m dashboard` (what `make run` calls): demo data, master, autoscaler, Streamlit; SIGTERM cleans up."""
+    import json
     import os
     import signal
     import subprocess
     import sys
 
+    import psutil
     import requests
 
     from cluster.local import LocalCluster
@@ -135,6 +137,8 @@ def test_make_run_entry_point_starts_and_stops_everything(tmp_path):
         cluster = LocalCluster(home=tmp_path, master_port=ports["EMBEDDECK_MASTER_PORT"],
                                webui_port=ports["EMBEDDECK_MASTER_WEBUI_PORT"])
         assert cluster.state().status == "ALIVE"
+        service = json.loads((tmp_path / "runner.json").read_text())  # the warm run service is up
+        assert [a["name"] for a in cluster.state().active_apps] == ["embeddeck-runner"]
         assert db.engine_for(f"sqlite:///{tmp_path / 'embeddeck.sqlite'}").connect().execute(
             db.sa.text("SELECT count(*) FROM products")).scalar() == 6000
     finally:
@@ -142,3 +146,5 @@ def test_make_run_entry_point_starts_and_stops_everything(tmp_path):
         out, _ = proc.communicate(timeout=60)
     assert "demo data: 6000 rows" in out
     assert not cluster.master_alive() and not healthy()
+    assert not psutil.pid_exists(service["pid"]) and not psutil.pid_exists(service["pgid"])
+    assert not (tmp_path / "runner.json").exists()
