@@ -17,6 +17,15 @@ def run_row(run: Run) -> dict:
     }
 
 
+def runs_by_app(runs: list[Run]) -> dict[str, list[str]]:
+    """Running runs grouped by their Spark UI: runs on the run service share one application."""
+    apps: dict[str, list[str]] = {}
+    for run in runs:
+        if run.state == "running" and run.ui_url:
+            apps.setdefault(run.ui_url, []).append(run.run_id)
+    return apps
+
+
 def run_progress(run: Run) -> tuple[float, str]:
     """Fraction done and the caption under the progress bar."""
     total = run.rows_total or 0

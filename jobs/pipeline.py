@@ -79,16 +79,6 @@ def _worker_encoder(spec: RunSpec, api_key: str | None):
     return get_encoder(spec.model)
 
 
-def _worker_marks() -> dict[str, float]:
-    """When this Python worker and the daemon it was forked from started (epoch seconds)."""
-    import psutil
-
-    me = psutil.Process()
-    parent = me.parent()
-    return {"daemon_started": parent.create_time() if parent else me.create_time(),
-            "worker_started": me.create_time()}
-
-
 def scan_partitions(spec: RunSpec, api_key: str | None = None):
     """mapPartitions function: count per key range what the run has to embed."""
 
@@ -96,7 +86,9 @@ def scan_partitions(spec: RunSpec, api_key: str | None = None):
         tables = _tables(spec)
         # Python workers are reused by the embedding job: loading the model here overlaps the
         # import and load (seconds) with planning instead of stalling the first chunk.
-        marks = _worker_marks()
+        import psutil
+
+        marks = {"worker_started": psutil.Process().create_time()}  # forked from the executor's daemon
         t0 = time.perf_counter()
         _worker_encoder(spec, api_key)
         marks["model_ready"] = time.time()
@@ -273,6 +265,7 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
 
 def main(argv: list[str] | None = None) -> int:
     """spark-submit entry point: python jobs/pipeline.py --run-id ID."""
+    import psutil
     from pyspark import SparkConf, SparkContext
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -286,10 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # The stored spec has a redacted URL; the launcher hands the real one over the environment.
     spec = RunSpec.from_json(run.spec_json).with_db_url(os.environ["EMBEDDECK_RUN_DB_URL"])
-    # A bare SparkContext: the job uses no Spark SQL, whose session start costs seconds per run.
-    import psutil
-
     marks = {"driver_started": psutil.Process().create_time()}
+    # A bare SparkContext: the job uses no Spark SQL, whose session start costs seconds per run.
     sc = SparkContext(conf=SparkConf().setAppName(f"embeddeck-{opts.run_id}"))
     marks["app_ready"] = time.time()
     try:

@@ -126,12 +126,11 @@ def _kill_group(pgid: int, pid: int, grace_s: float = 15.0) -> None:
         pass
 
 
-def _serve_run(sc, run_id: str, db_url: str) -> None:
+def _serve_run(sc, registry, run_id: str, db_url: str) -> None:
     from jobs.pipeline import execute, spark_error_message
-    from jobs.runs import FAILED, Registry
+    from jobs.runs import FAILED
     from jobs.spec import RunSpec
 
-    registry = Registry()
     try:
         spec = RunSpec.from_json(registry.get(run_id).spec_json).with_db_url(db_url)
         execute(sc, spec, registry, run_id)
@@ -202,7 +201,7 @@ def main() -> int:
                     if run is None or not run.active:
                         raise ValueError(f"run {run_id} is not queued")
                     registry.set_driver(run_id, me.pid, log_path, sc.uiWebUrl)
-                    InheritableThread(target=_serve_run, args=(sc, run_id, db_url), daemon=True).start()
+                    InheritableThread(target=_serve_run, args=(sc, registry, run_id, db_url), daemon=True).start()
                     conn.sendall(b'{"ok": true}\n')
                     log.info("run %s started", run_id)
                 except (ValueError, KeyError, OSError) as exc:

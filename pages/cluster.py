@@ -41,10 +41,7 @@ def overview() -> None:
     service = runner.info()
     st.caption(f"Run service up: runs start warm on its executors ([its Spark UI]({service['ui_url']}))."
                if service else "Run service not running: each run starts a Spark application of its own.")
-    apps: dict[str, list[str]] = {}  # runs on the run service share its application
-    for run in services.registry().list(50):
-        if run.state == "running" and run.ui_url:
-            apps.setdefault(run.ui_url, []).append(run.run_id)
+    apps = views.runs_by_app(services.registry().list(50))
     if not apps:
         st.caption("No run is active.")
     for ui_url, run_ids in apps.items():

@@ -94,6 +94,14 @@ def test_run_views_are_pure():
     assert frac == 0.25 and "ETA 15s" in caption and "7 skipped" in caption
     assert views.run_row(run)["source → target"] == "s → t"
 
+    import dataclasses
+
+    service, own = "http://127.0.0.1:4040", "http://127.0.0.1:4041"
+    runs = [dataclasses.replace(run, run_id="r-a", ui_url=service), dataclasses.replace(run, run_id="r-b", ui_url=own),
+            dataclasses.replace(run, run_id="r-c", ui_url=service),
+            dataclasses.replace(run, run_id="r-done", ui_url=service, state="succeeded")]
+    assert views.runs_by_app(runs) == {service: ["r-a", "r-c"], own: ["r-b"]}
+
 
 def test_unreachable_database_is_a_clear_state(monkeypatch):
     monkeypatch.setenv("EMBEDDECK_DB_URL", "postgresql+psycopg://u:Sekr1t@127.0.0.1:1/db")
