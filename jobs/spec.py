@@ -38,6 +38,8 @@ class RunSpec:
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
                 raise SpecError(f"{name} is empty")
+        for name in ("source", "id_column", "text_column", "target"):
+            _check_identifier(name, getattr(self, name))
         if self.mode not in MODES:
             raise SpecError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if not 1 <= self.batch_size <= 4096:
@@ -72,3 +74,14 @@ class RunSpec:
     def with_db_url(self, db_url: str) -> RunSpec:
         """The same spec against another connection URL (e.g. the unredacted one)."""
         return replace(self, db_url=db_url)
+
+
+def _check_identifier(role: str, name: str) -> None:
+    """Table and column names: no control characters (NUL breaks every driver), valid Unicode."""
+    bad = next((c for c in name if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise SpecError(f"{role} {name!r} contains the control character {bad!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SpecError(f"{role} {name!r} is not valid Unicode (a lone surrogate)") from None
