@@ -249,8 +249,9 @@ def create_app(token: str, registry: Registry | None = None) -> FastAPI:
         model_path(model)  # SpecError (400) for an unknown model
         with encoder_lock:  # one model instance, one batch at a time
             enc = get_encoder(model)
-            vecs = enc.encode([normalize_text(t) or "" for t in texts])
-            tokens = sum(min(len(ids), enc.max_tokens) for ids in enc.model.tokenizer(texts)["input_ids"])
+            prepared = [normalize_text(t) or "" for t in texts]
+            vecs = enc.encode(prepared)
+            tokens = enc.count_tokens(prepared)
         return vecs.tolist(), tokens
 
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse, dependencies=[Depends(require_token)],

@@ -1,4 +1,5 @@
-"""Sentence-transformers encoder: loaded once per Python worker process, from local files only."""
+"""Text encoders: a local sentence-transformers model (loaded once per Python worker, from local files
+only) or a remote OpenAI-compatible endpoint."""
 
 from __future__ import annotations
 
@@ -79,25 +80,55 @@ def choose_precision(requested: str | None = None) -> Precision:
     return Precision("cpu", "fp32", "CPU has no bf16 matrix units: bf16 would be slower, fp32 kept")
 
 
+class _SentenceTransformerModel:
+    """Any other sentence-transformers directory, run by the library itself (slower to import)."""
+
+    def __init__(self, path: str, device: str):
+        from sentence_transformers import SentenceTransformer
+
+        self.st = SentenceTransformer(path, device=device, local_files_only=True)
+        self.dim = int(self.st.get_embedding_dimension())
+        self.max_tokens = int(self.st.max_seq_length)
+
+    def half(self) -> None:
+        self.st.half()
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        return self.st.tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        # sentence-transformers sorts the texts by length inside the call, so a chunk is the
+        # batch window that keeps padding small.
+        return self.st.encode(texts, batch_size=batch_size, convert_to_numpy=True,
+                              normalize_embeddings=True, show_progress_bar=False)
+
+
+def _load_model(path: str, device: str):
+    """The plain-torch BERT encoder where the directory fits it, sentence-transformers otherwise."""
+    from jobs import bert
+
+    if bert.supports(path):
+        return bert.BertSentenceEncoder(path, device)
+    return _SentenceTransformerModel(path, device)
+
+
 class Encoder:
     """A loaded model plus the precision it runs at."""
 
     def __init__(self, model: str, precision: str | None = None):
-        from sentence_transformers import SentenceTransformer
-
         self.model_name = model
         self.precision = choose_precision(precision)
         path = model_path(model)
         try:
-            self.model = SentenceTransformer(path, device=self.precision.device, local_files_only=True)
+            self.model = _load_model(path, self.precision.device)
         except (OSError, ValueError, KeyError) as exc:  # a directory with a config.json that is not a model
             raise SpecError(f"model {model!r} could not be loaded from {path}: {exc}") from exc
         if self.precision.device == "cuda" and self.precision.dtype == "fp16":
             self.model.half()
-        self.dim = int(self.model.get_embedding_dimension())
-        self.max_tokens = int(self.model.max_seq_length)
-        log.info("model %s on %s %s (%s)", model, self.precision.device, self.precision.dtype,
-                 self.precision.reason)
+        self.dim = self.model.dim
+        self.max_tokens = self.model.max_tokens
+        log.info("model %s on %s %s (%s, %s)", model, self.precision.device, self.precision.dtype,
+                 self.precision.reason, type(self.model).__name__)
 
     def _autocast(self):
         import torch
@@ -106,17 +137,18 @@ class Encoder:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the model reads for these texts, after truncation."""
+        return sum(len(ids) for ids in self.model.token_ids(texts))
+
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Unit-length float32 vectors, one per text; long texts are truncated to the model's limit."""
         import torch
 
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)
-        # sentence-transformers sorts the texts by length inside the call, so a chunk is the
-        # batch window that keeps padding small.
         with torch.inference_mode(), self._autocast():
-            out = self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True,
-                                    normalize_embeddings=True, show_progress_bar=False)
+            out = self.model.encode(texts, batch_size)
         return np.asarray(out, dtype=np.float32)
 
 

@@ -1,0 +1,159 @@
+"""BERT sentence encoder in plain torch, for sentence-transformers directories of the shape
+Transformer (BERT) → mean Pooling → Normalize, such as all-MiniLM-L6-v2.
+
+Why not sentence-transformers itself: importing it (and transformers' modelling code) pulls in
+scikit-learn, SciPy and torch._dynamo, 7-11 s of a cold start in a Spark executor on 2 vCPUs; torch,
+tokenizers and safetensors alone import in about 3 s. The vectors match sentence-transformers' to
+cosine >= 0.99999 (tests/test_encoder.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_TRANSFORMER = "sentence_transformers.models.Transformer"
+_POOLING = "sentence_transformers.models.Pooling"
+_NORMALIZE = "sentence_transformers.models.Normalize"
+_POOL_MODES = ("cls_token", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
+
+
+def supports(path: str | Path) -> bool:
+    """Whether the directory is a BERT + mean-pooling sentence-transformers model this module runs."""
+    root = Path(path)
+    try:
+        modules = json.loads((root / "modules.json").read_text())
+        config = json.loads((root / "config.json").read_text())
+        pooling_dir = next(m["path"] for m in modules if m["type"] == _POOLING)
+        pooling = json.loads((root / pooling_dir / "config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return False
+    types = [m.get("type") for m in modules]
+    return (types in ([_TRANSFORMER, _POOLING], [_TRANSFORMER, _POOLING, _NORMALIZE])
+            and modules[0].get("path", "") == ""
+            and config.get("model_type") == "bert"
+            and config.get("hidden_act") == "gelu"
+            and config.get("position_embedding_type", "absolute") == "absolute"
+            and pooling.get("pooling_mode_mean_tokens") is True
+            and not any(pooling.get(f"pooling_mode_{mode}") for mode in _POOL_MODES)
+            and (root / "model.safetensors").is_file() and (root / "tokenizer.json").is_file())
+
+
+class _Layer(nn.Module):
+    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        # One GEMM for query, key and value instead of three.
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.attn_out = nn.Linear(hidden, hidden)
+        self.attn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.up = nn.Linear(hidden, intermediate)
+        self.down = nn.Linear(intermediate, hidden)
+        self.out_norm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        b, n, h = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(b, n, h)
+        x = self.attn_norm(x + self.attn_out(ctx))
+        return self.out_norm(x + self.down(F.gelu(self.up(x))))
+
+
+class _Bert(nn.Module):
+    def __init__(self, cfg: dict):
+        super().__init__()
+        hidden, eps = cfg["hidden_size"], cfg["layer_norm_eps"]
+        self.word = nn.Embedding(cfg["vocab_size"], hidden)
+        self.position = nn.Embedding(cfg["max_position_embeddings"], hidden)
+        self.token_type = nn.Embedding(cfg["type_vocab_size"], hidden)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.layers = nn.ModuleList(_Layer(hidden, cfg["num_attention_heads"], cfg["intermediate_size"], eps)
+                                    for _ in range(cfg["num_hidden_layers"]))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the last hidden states over the real (unpadded) tokens."""
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = self.norm(self.word(ids) + self.position(positions) + self.token_type.weight[0])
+        keep = mask[:, None, None, :]
+        for layer in self.layers:
+            x = layer(x, keep)
+        weights = mask.unsqueeze(-1).to(x.dtype)
+        return (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+def _state_dict(weights: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
+    """Map the checkpoint's BERT names (with or without a "bert." prefix) onto _Bert's."""
+    w = {k.removeprefix("bert."): t for k, t in weights.items()}
+    out = {"word.weight": w["embeddings.word_embeddings.weight"],
+           "position.weight": w["embeddings.position_embeddings.weight"],
+           "token_type.weight": w["embeddings.token_type_embeddings.weight"],
+           "norm.weight": w["embeddings.LayerNorm.weight"], "norm.bias": w["embeddings.LayerNorm.bias"]}
+    for i in range(layers):
+        src, dst = f"encoder.layer.{i}.", f"layers.{i}."
+        for part in ("weight", "bias"):
+            out[dst + "qkv." + part] = torch.cat([w[f"{src}attention.self.{name}.{part}"]
+                                                  for name in ("query", "key", "value")])
+            out[dst + "attn_out." + part] = w[f"{src}attention.output.dense.{part}"]
+            out[dst + "attn_norm." + part] = w[f"{src}attention.output.LayerNorm.{part}"]
+            out[dst + "up." + part] = w[f"{src}intermediate.dense.{part}"]
+            out[dst + "down." + part] = w[f"{src}output.dense.{part}"]
+            out[dst + "out_norm." + part] = w[f"{src}output.LayerNorm.{part}"]
+    return out
+
+
+class BertSentenceEncoder:
+    """Tokenizer plus BERT weights of one directory; encode() gives mean-pooled, unit-length vectors."""
+
+    def __init__(self, path: str | Path, device: str = "cpu"):
+        from safetensors.torch import load_file
+        from tokenizers import Tokenizer
+
+        root = Path(path)
+        cfg = json.loads((root / "config.json").read_text())
+        st_cfg_file = root / "sentence_bert_config.json"
+        st_cfg = json.loads(st_cfg_file.read_text()) if st_cfg_file.is_file() else {}
+        self.max_tokens = int(min(st_cfg.get("max_seq_length") or 512, cfg["max_position_embeddings"]))
+        self.lowercase = bool(st_cfg.get("do_lower_case"))
+        self.dim = int(cfg["hidden_size"])
+        self.device = device
+        # The file's own padding and truncation (fixed 128) are training settings, not ours.
+        self.tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(self.max_tokens)
+        with torch.device("meta"):
+            model = _Bert(cfg)
+        model.load_state_dict(_state_dict(load_file(str(root / "model.safetensors")), cfg["num_hidden_layers"]),
+                              assign=True)
+        self.model = model.to(device).eval()
+
+    def half(self) -> None:
+        """Run in fp16 (CUDA)."""
+        self.model.half()
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text, [CLS] and [SEP] included, truncated to max_tokens."""
+        prepared = [t.strip().lower() if self.lowercase else t.strip() for t in texts]
+        return [e.ids for e in self.tokenizer.encode_batch(prepared)]
+
+    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        """Unit-length float32 vectors in input order; batches of similar token length keep padding low."""
+        ids = self.token_ids(texts)
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                width = len(ids[rows[0]])
+                batch = np.zeros((len(rows), width), dtype=np.int64)
+                for r, i in enumerate(rows):
+                    batch[r, :len(ids[i])] = ids[i]
+                lengths = torch.tensor([len(ids[i]) for i in rows], device=self.device)
+                mask = torch.arange(width, device=self.device) < lengths[:, None]
+                pooled = self.model(torch.from_numpy(batch).to(self.device), mask)
+                out[rows] = F.normalize(pooled.float(), dim=-1).cpu().numpy()
+        return out

@@ -1,0 +1,72 @@
+"""The plain-torch BERT encoder against sentence-transformers itself, and the fallback for other models."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jobs import bert
+from jobs.encoder import Encoder, model_path
+from tests.conftest import reference_vectors
+
+TRICKY = ["Hello world", "  padded with spaces  ", "x", "", "[PAD] [CLS] [SEP] [MASK] written out",
+          "Ünïcödé, 東京, emoji 🙂 and tabs\tinside", "word " * 600,  # truncated at 256 tokens
+          *(f"product {i}: a {'very ' * (i % 9)}fine thing with {i % 7} parts" for i in range(90))]
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return Encoder("all-MiniLM-L6-v2", precision="fp32")
+
+
+def test_default_model_runs_on_the_plain_torch_encoder(encoder):
+    assert bert.supports(model_path("all-MiniLM-L6-v2"))
+    assert isinstance(encoder.model, bert.BertSentenceEncoder)
+    assert (encoder.dim, encoder.max_tokens) == (384, 256)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_vectors_match_sentence_transformers_in_input_order(encoder, reference_model, batch_size):
+    got = encoder.encode(TRICKY, batch_size=batch_size)
+    want = reference_vectors(reference_model, TRICKY)
+    assert got.shape == (len(TRICKY), 384) and got.dtype == np.float32
+    assert (got * want).sum(1).min() >= 0.99999
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_token_counts_match_the_reference_tokenizer_after_truncation(encoder, reference_model):
+    want = [len(ids) for ids in reference_model.tokenizer(TRICKY, truncation=True, max_length=256)["input_ids"]]
+    assert encoder.count_tokens(TRICKY) == sum(want)
+    assert max(want) == 256
+
+
+def test_other_pooling_falls_back_to_sentence_transformers(tmp_path: Path, reference_model):
+    src = Path(model_path("all-MiniLM-L6-v2"))
+    model_dir = tmp_path / "cls-model"
+    shutil.copytree(src, model_dir, ignore=shutil.ignore_patterns("model.safetensors"))
+    (model_dir / "model.safetensors").symlink_to(src / "model.safetensors")
+    pooling = model_dir / "1_Pooling" / "config.json"
+    cfg = json.loads(pooling.read_text()) | {"pooling_mode_mean_tokens": False, "pooling_mode_cls_token": True}
+    pooling.write_text(json.dumps(cfg))
+
+    assert not bert.supports(model_dir)
+    enc = Encoder(str(model_dir), precision="fp32")
+    assert not isinstance(enc.model, bert.BertSentenceEncoder)
+    from sentence_transformers import SentenceTransformer
+
+    want = reference_vectors(SentenceTransformer(str(model_dir), device="cpu"), TRICKY[:10])
+    assert (enc.encode(TRICKY[:10]) * want).sum(1).min() >= 0.99999
+    # and CLS pooling really is a different model from the default's mean pooling
+    assert (enc.encode(TRICKY[:10]) * reference_vectors(reference_model, TRICKY[:10])).sum(1).min() < 0.999
+
+
+def test_loading_the_default_model_imports_neither_transformers_nor_sentence_transformers():
+    code = ("import sys; from jobs.encoder import Encoder; Encoder('all-MiniLM-L6-v2').encode(['hi']); "
+            "heavy = ('sentence_transformers', 'transformers', 'sklearn', 'scipy'); "
+            "print(sorted(m for m in heavy if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
