@@ -26,7 +26,9 @@ gpu-check: setup
 lint: setup
 	$(BIN)/ruff check .
 
+# The JVM class archive (jobs/jvm.py) belongs to this JDK and pyspark: built once, rebuilt when either changes.
 setup: system-deps $(STAMP)
+	@$(BIN)/python -m jobs.jvm
 
 # Java for Spark, unixODBC for pyodbc, PostgreSQL for the tests, Chromium for browser tests.
 system-deps:

@@ -19,6 +19,7 @@ import psutil
 
 from cluster import spark_rest, telemetry
 from cluster.backend import Worker
+from jobs import jvm
 from jobs.db import default_home
 from jobs.launcher import free_port
 
@@ -100,7 +101,7 @@ class LocalCluster:
     # processes ---------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str], port: int, webui_port: int) -> Proc:
         env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
-                   SPARK_NO_DAEMONIZE="1",
+                   SPARK_NO_DAEMONIZE="1", SPARK_DAEMON_JAVA_OPTS=jvm.java_options(),
                    SPARK_MASTER_OPTS="-Dspark.master.rest.enabled=false",
                    PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         log = self.dir / "logs" / f"{name}.log"

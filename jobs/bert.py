@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
 _TRANSFORMER = "sentence_transformers.models.Transformer"
 _POOLING = "sentence_transformers.models.Pooling"
@@ -44,44 +45,38 @@ def supports(path: str | Path) -> bool:
             and (root / "model.safetensors").is_file() and (root / "tokenizer.json").is_file())
 
 
-class _Layer(nn.Module):
-    def __init__(self, hidden: int, heads: int, intermediate: int, eps: float):
-        super().__init__()
-        self.heads = heads
-        # One GEMM for query, key and value instead of three.
-        self.qkv = nn.Linear(hidden, 3 * hidden)
-        self.attn_out = nn.Linear(hidden, hidden)
-        self.attn_norm = nn.LayerNorm(hidden, eps=eps)
-        self.up = nn.Linear(hidden, intermediate)
-        self.down = nn.Linear(intermediate, hidden)
-        self.out_norm = nn.LayerNorm(hidden, eps=eps)
+class _Bert:
+    """BERT forward pass over a dict of weight tensors: no nn.Module, so loading allocates nothing twice
+    and initialises nothing (random init on the meta device imports torch._dynamo, 3 s)."""
 
-    def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        b, n, h = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
-        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(b, n, h)
-        x = self.attn_norm(x + self.attn_out(ctx))
-        return self.out_norm(x + self.down(F.gelu(self.up(x))))
+    def __init__(self, cfg: dict, weights: dict[str, torch.Tensor]):
+        self.heads, self.eps, self.layers = cfg["num_attention_heads"], cfg["layer_norm_eps"], cfg["num_hidden_layers"]
+        self.w = weights
 
+    def to(self, device: str, dtype: torch.dtype | None = None) -> _Bert:
+        self.w = {k: t.to(device, dtype) for k, t in self.w.items()}
+        return self
 
-class _Bert(nn.Module):
-    def __init__(self, cfg: dict):
-        super().__init__()
-        hidden, eps = cfg["hidden_size"], cfg["layer_norm_eps"]
-        self.word = nn.Embedding(cfg["vocab_size"], hidden)
-        self.position = nn.Embedding(cfg["max_position_embeddings"], hidden)
-        self.token_type = nn.Embedding(cfg["type_vocab_size"], hidden)
-        self.norm = nn.LayerNorm(hidden, eps=eps)
-        self.layers = nn.ModuleList(_Layer(hidden, cfg["num_attention_heads"], cfg["intermediate_size"], eps)
-                                    for _ in range(cfg["num_hidden_layers"]))
+    def _norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.layer_norm(x, x.shape[-1:], self.w[name + ".weight"], self.w[name + ".bias"], self.eps)
 
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(x, self.w[name + ".weight"], self.w[name + ".bias"])
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean of the last hidden states over the real (unpadded) tokens."""
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        x = self.norm(self.word(ids) + self.position(positions) + self.token_type.weight[0])
+        w = self.w
+        b, n = ids.shape
+        x = F.embedding(ids, w["word"]) + w["position"][:n] + w["token_type"][0]
+        x = self._norm(x, "norm")
+        h = x.shape[-1]
         keep = mask[:, None, None, :]
-        for layer in self.layers:
-            x = layer(x, keep)
+        for i in range(self.layers):
+            p = f"layers.{i}."
+            q, k, v = self._linear(x, p + "qkv").view(b, n, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).reshape(b, n, h)
+            x = self._norm(x + self._linear(ctx, p + "attn_out"), p + "attn_norm")
+            x = self._norm(x + self._linear(F.gelu(self._linear(x, p + "up")), p + "down"), p + "out_norm")
         weights = mask.unsqueeze(-1).to(x.dtype)
         return (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
 
@@ -89,13 +84,14 @@ class _Bert(nn.Module):
 def _state_dict(weights: dict[str, torch.Tensor], layers: int) -> dict[str, torch.Tensor]:
     """Map the checkpoint's BERT names (with or without a "bert." prefix) onto _Bert's."""
     w = {k.removeprefix("bert."): t for k, t in weights.items()}
-    out = {"word.weight": w["embeddings.word_embeddings.weight"],
-           "position.weight": w["embeddings.position_embeddings.weight"],
-           "token_type.weight": w["embeddings.token_type_embeddings.weight"],
+    out = {"word": w["embeddings.word_embeddings.weight"],
+           "position": w["embeddings.position_embeddings.weight"],
+           "token_type": w["embeddings.token_type_embeddings.weight"],
            "norm.weight": w["embeddings.LayerNorm.weight"], "norm.bias": w["embeddings.LayerNorm.bias"]}
     for i in range(layers):
         src, dst = f"encoder.layer.{i}.", f"layers.{i}."
         for part in ("weight", "bias"):
+            # One GEMM for query, key and value instead of three.
             out[dst + "qkv." + part] = torch.cat([w[f"{src}attention.self.{name}.{part}"]
                                                   for name in ("query", "key", "value")])
             out[dst + "attn_out." + part] = w[f"{src}attention.output.dense.{part}"]
@@ -110,9 +106,6 @@ class BertSentenceEncoder:
     """Tokenizer plus BERT weights of one directory; encode() gives mean-pooled, unit-length vectors."""
 
     def __init__(self, path: str | Path, device: str = "cpu"):
-        from safetensors.torch import load_file
-        from tokenizers import Tokenizer
-
         root = Path(path)
         cfg = json.loads((root / "config.json").read_text())
         st_cfg_file = root / "sentence_bert_config.json"
@@ -125,15 +118,12 @@ class BertSentenceEncoder:
         self.tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_tokens)
-        with torch.device("meta"):
-            model = _Bert(cfg)
-        model.load_state_dict(_state_dict(load_file(str(root / "model.safetensors")), cfg["num_hidden_layers"]),
-                              assign=True)
-        self.model = model.to(device).eval()
+        weights = _state_dict(load_file(str(root / "model.safetensors")), cfg["num_hidden_layers"])
+        self.model = _Bert(cfg, weights).to(device)
 
     def half(self) -> None:
         """Run in fp16 (CUDA)."""
-        self.model.half()
+        self.model.to(self.device, torch.float16)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Token ids per text, [CLS] and [SEP] included, truncated to max_tokens."""

@@ -14,7 +14,7 @@ from urllib.parse import urlparse
 
 import psutil
 
-from jobs import db, runner
+from jobs import db, jvm, runner
 from jobs.encoder import model_path
 from jobs.runs import CANCELLED, Registry
 from jobs.spec import RunSpec, SpecError
@@ -86,6 +86,8 @@ def spark_conf(master: str) -> dict[str, str]:
         "spark.driver.host": os.environ.get("EMBEDDECK_DRIVER_HOST", "127.0.0.1"),
         "spark.driver.bindAddress": os.environ.get("EMBEDDECK_DRIVER_BIND", "127.0.0.1"),
         "spark.ui.showConsoleProgress": "false",
+        "spark.driver.extraJavaOptions": jvm.java_options(),
+        "spark.executor.extraJavaOptions": jvm.java_options(),
         "spark.python.worker.reuse": "true",
         "spark.python.daemon.module": "jobs.spark_daemon",
         "spark.pyspark.python": sys.executable,
