@@ -56,22 +56,24 @@ def stages_line(run) -> str:
     return " + ".join(f"{name} {seconds:.1f}" for name, seconds in stages.items())
 
 
-def peak_worker_rss_mb(spec, registry) -> float:
-    """Run spec and sample the peak RSS of any one Spark Python worker process (not the daemon)."""
+def peak_rss_mb(spec, registry) -> tuple[float, float]:
+    """Run spec; peak RSS of any one Spark Python worker (not the daemon), and of the run service's driver."""
     import threading
 
     import psutil
 
-    peak, done = [0.0], threading.Event()
+    worker, driver, done = [0.0], [0.0], threading.Event()
 
     def sample():
         while not done.is_set():
             for p in psutil.process_iter(["cmdline", "ppid"]):
                 try:
                     cmd = " ".join(p.info["cmdline"] or [])
+                    if "jobs/runner.py" in cmd and "python" in p.name():
+                        driver[0] = max(driver[0], p.memory_info().rss / 2**20)
                     parent = psutil.Process(p.info["ppid"])
                     if "jobs.spark_daemon" in cmd and "jobs.spark_daemon" in " ".join(parent.cmdline()):
-                        peak[0] = max(peak[0], p.memory_info().rss / 2**20)
+                        worker[0] = max(worker[0], p.memory_info().rss / 2**20)
                 except psutil.Error:
                     pass
             time.sleep(0.5)
@@ -83,7 +85,7 @@ def peak_worker_rss_mb(spec, registry) -> float:
     thread.join()
     if run.state != "succeeded":
         raise RuntimeError(f"memory run failed: {run.error}")
-    return peak[0]
+    return worker[0], driver[0]
 
 
 def bench_search(home: str, n: int, queries: int) -> dict[str, float]:
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     small, large = (200, 2000) if args.quick else (5000, 50_000)
     big_url = f"sqlite:///{home}/memory.sqlite"
     seed_demo(big_url, n=large)
-    rss = {}
+    rss, driver_rss = {}, {}
     cluster = LocalCluster(master_port=free_port(), webui_port=free_port())
     try:
         cluster.up(workers=os.cpu_count())
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             # held, result sets, leaks) grows the same whatever the text length.
             mem_spec = RunSpec(db_url=big_url, source="products", id_column="id", text_column="title",
                                target=f"mem_{n}", master=cluster.master_url(), limit_rows=n, launched_by="bench")
-            rss[n] = peak_worker_rss_mb(mem_spec, registry)
+            rss[n], driver_rss[n] = peak_rss_mb(mem_spec, registry)
     finally:
         runner.stop()
         cluster.down()
@@ -206,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
           "product titles")
     print(f"worker_rss_{large / 1000:g}k_mb = {rss[large]:.0f}  # the same workers, after the smaller run")
     print(f"worker_rss_{large / 1000:g}k/{small / 1000:g}k = {rss[large] / rss[small]:.2f}")
+    print(f"driver_rss_{small / 1000:g}k_mb = {driver_rss[small]:.0f}  # the run service's Python driver")
+    print(f"driver_rss_{large / 1000:g}k/{small / 1000:g}k = {driver_rss[large] / driver_rss[small]:.2f}")
 
     embed_s = (run.ended_at - run.started_at).total_seconds()
     pipe_speed = run.rows_done / embed_s

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--master", default="local[*]", help="local[N] or spark://host:port")
     run.add_argument("--mode", default="incremental", choices=["incremental", "full"])
     run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--chunk-rows", type=int, default=256)
+    run.add_argument("--chunk-rows", type=int, default=RunSpec.chunk_rows)
     run.add_argument("--partitions", type=int, default=None)
     run.add_argument("--endpoint", default=None,
                      help="OpenAI-compatible embeddings URL to use instead of the local model "

@@ -108,7 +108,7 @@ def scan_partitions(spec: RunSpec, api_key: str | None = None):
 
 
 def embed_partitions(spec: RunSpec, api_key: str | None = None):
-    """mapPartitions function: read, encode and upsert each key range, committing per chunk."""
+    """mapPartitions function: read, encode and upsert each key range, committing every few hundred rows."""
 
     def run(ranges: Iterator[tuple[int, int, int]]) -> Iterator[dict]:
         tables = _tables(spec)
@@ -118,13 +118,9 @@ def embed_partitions(spec: RunSpec, api_key: str | None = None):
             t0, embedded, first_commit = time.perf_counter(), 0, None
             for chunk in _chunks(spec, tables, lo, hi):
                 todo, _, _ = _classify(spec, chunk)
-                parts = [todo]
-                if first_commit is None:
-                    # Commit the shortest batch of the first chunk on its own: vectors land within
-                    # a second, and the batches stay the length-sorted ones of a whole chunk.
-                    todo.sort(key=lambda row: len(row[1]))
-                    parts = [todo[:spec.batch_size], todo[spec.batch_size:]]
-                for part in filter(None, parts):
+                todo.sort(key=lambda row: len(row[1]))
+                first_batch = spec.batch_size if first_commit is None else 0
+                for part in (todo[s] for s in plan.commit_slices(len(todo), first_batch)):
                     vecs = encoder.encode([t for _, t, _ in part], batch_size=spec.batch_size)
                     now = db.utcnow()
                     rows = [{"source_id": i, "embedding": db.encode_for(tables.target, v),

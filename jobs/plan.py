@@ -41,3 +41,16 @@ def needs_vector(text: str | None, text_hash: str | None, stored_hash: str | Non
 def default_partitions(cores: int) -> int:
     """Key ranges per run: several per core so a slow range does not hold the run back."""
     return max(2, 4 * cores)
+
+
+COMMIT_ROWS = 256  # rows per transaction: each worker's progress shows every few seconds
+
+
+def commit_slices(n: int, first_batch: int = 0, commit_rows: int = COMMIT_ROWS) -> list[slice]:
+    """Slices of a length-sorted chunk of n rows, each encoded and committed on its own.
+
+    A chunk is sorted as a whole so its batches pad little; committing it in slices keeps progress
+    moving. first_batch > 0 commits that many (the shortest) rows first, so vectors land within a second.
+    """
+    head = min(first_batch, n)
+    return ([slice(0, head)] if head else []) + [slice(i, min(i + commit_rows, n)) for i in range(head, n, commit_rows)]

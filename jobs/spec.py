@@ -24,7 +24,7 @@ class RunSpec:
     target: str
     model: str = DEFAULT_MODEL
     batch_size: int = 32
-    chunk_rows: int = 256
+    chunk_rows: int = 1024  # rows read per query and sorted by length together (less padding)
     partitions: int | None = None
     mode: str = "incremental"
     master: str = "local[*]"

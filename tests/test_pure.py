@@ -138,3 +138,18 @@ def test_start_breakdown_cold_and_warm():
     assert warm == pytest.approx({"jvm": 0, "spark_app": 0, "python_worker": 0, "model_load": 0.3,
                                   "planning": 1.7, "first_batch": 1.0})
     assert progress.start_breakdown({}) == dict.fromkeys(warm, 0.0)  # a run that never started
+
+
+@pytest.mark.parametrize("n,first,want", [
+    (0, 32, []),
+    (10, 32, [(0, 10)]),
+    (600, 32, [(0, 32), (32, 288), (288, 544), (544, 600)]),
+    (600, 0, [(0, 256), (256, 512), (512, 600)]),
+    (256, 0, [(0, 256)]),
+])
+def test_commit_slices_cover_the_chunk_once_first_batch_alone(n, first, want):
+    from jobs.plan import commit_slices
+
+    got = commit_slices(n, first)
+    assert [(s.start, s.stop) for s in got] == want
+    assert sum(s.stop - s.start for s in got) == n
