@@ -92,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         print("no Java found: nothing to archive")
         return 2
     if not path.is_file():
-        build_archive()
+        try:
+            build_archive()
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            # An optimisation only: JVMs start without it (slower), so setup goes on.
+            print(f"JVM class archive not built, Spark starts without it: {exc}", file=sys.stderr)
+            return 0
     print(f"JVM class archive: {path} ({path.stat().st_size / 2**20:.0f} MiB)")
     return 0
 

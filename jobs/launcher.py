@@ -81,13 +81,14 @@ def spark_conf(master: str) -> dict[str, str]:
     fixed = {key: os.environ[var] for key, var in (("spark.driver.port", "EMBEDDECK_DRIVER_PORT"),
                                                   ("spark.driver.blockManager.port", "EMBEDDECK_BLOCK_MANAGER_PORT"))
              if os.environ.get(var)}
+    java_options = jvm.java_options()
     return fixed | {
         "spark.master": master,
         "spark.driver.host": os.environ.get("EMBEDDECK_DRIVER_HOST", "127.0.0.1"),
         "spark.driver.bindAddress": os.environ.get("EMBEDDECK_DRIVER_BIND", "127.0.0.1"),
         "spark.ui.showConsoleProgress": "false",
-        "spark.driver.extraJavaOptions": jvm.java_options(),
-        "spark.executor.extraJavaOptions": jvm.java_options(),
+        "spark.driver.extraJavaOptions": java_options,
+        "spark.executor.extraJavaOptions": java_options,
         "spark.python.worker.reuse": "true",
         "spark.python.daemon.module": "jobs.spark_daemon",
         "spark.pyspark.python": sys.executable,
