@@ -25,6 +25,32 @@ def measure(fn, texts: list[str], rounds: int) -> tuple[float, np.ndarray]:
     return float(np.median(speeds)), out
 
 
+def gemm_gflops(enc, rows: int, seconds: float = 3.0) -> float:
+    """GFLOP/s of this machine's matrix products at the encoder's layer shapes and precision: the
+    rate an encoder made only of its linear layers would reach, whatever the implementation."""
+    import torch
+    import torch.nn.functional as F
+
+    h, ff = enc.model.dim, enc.model.intermediate
+    dtype = torch.float16 if enc.precision.dtype == "fp16" and enc.precision.device == "cuda" else torch.float32
+    shapes = [(3 * h, h), (h, h), (ff, h), (h, ff)]  # query-key-value, attention out, up, down
+    weights = [torch.randn(out, inp, device=enc.precision.device, dtype=dtype) for out, inp in shapes]
+    inputs = [torch.randn(rows, inp, device=enc.precision.device, dtype=dtype) for _, inp in shapes]
+    flops = sum(2 * rows * w.shape[0] * w.shape[1] for w in weights)
+    sync = torch.cuda.synchronize if enc.precision.device == "cuda" else (lambda: None)
+    with torch.inference_mode(), enc.autocast():
+        for x, w in zip(inputs, weights):
+            F.linear(x, w)
+        sync()
+        done, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for x, w in zip(inputs, weights):
+                F.linear(x, w)
+            done += 1
+        sync()
+        return flops * done / (time.perf_counter() - t0) / 1e9
+
+
 def timed_run(spec, registry):
     """Launch, follow to the end; returns the run, wall seconds, and seconds to the first committed vector."""
     import sqlalchemy as sa
@@ -138,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from cluster.local import LocalCluster
     from jobs import runner
+    from jobs.bert import BertSentenceEncoder
     from jobs.demo import products, seed_demo
     from jobs.encoder import get_encoder, model_path
     from jobs.launcher import free_port
@@ -155,6 +182,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{enc.precision.reason}")
     print(f"default/fp32 = {default_speed / raw_speed:.2f}")
     print(f"min_cosine = {(raw_vecs * default_vecs).sum(1).min():.5f}")
+    if isinstance(enc.model, BertSentenceEncoder):
+        # The roofline: how far any implementation at this precision could go on this machine.
+        flops_per_text = enc.model.flops(texts) / len(texts)
+        mean_tokens = enc.count_tokens(texts) / len(texts)
+        gemm = gemm_gflops(enc, rows=round(32 * mean_tokens), seconds=1.0 if args.quick else 3.0)
+        print(f"gemm_gflops = {gemm:.1f}  # {enc.precision.dtype} matrix products at the model's layer shapes")
+        print(f"default_gflops = {default_speed * flops_per_text / 1e9:.1f}  # {flops_per_text / 1e9:.2f} GFLOP "
+              f"per text ({mean_tokens:.0f} tokens)")
+        print(f"default/gemm_ceiling = {default_speed * flops_per_text / 1e9 / gemm:.2f}")
+        print(f"gemm_ceiling/fp32 = {gemm * 1e9 / flops_per_text / raw_speed:.2f}  # the most any "
+              f"{enc.precision.dtype} encoder could reach over raw here")
 
     t0 = time.perf_counter()
     enc.encode(["waterproof hiking boots"])

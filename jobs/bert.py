@@ -10,6 +10,7 @@ cosine >= 0.99999 (tests/test_encoder.py).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,13 @@ def supports(path: str | Path) -> bool:
             and pooling.get("pooling_mode_mean_tokens") is True
             and not any(pooling.get(f"pooling_mode_{mode}") for mode in _POOL_MODES)
             and (root / "model.safetensors").is_file() and (root / "tokenizer.json").is_file())
+
+
+def forward_flops(token_counts: Iterable[int], hidden: int, layers: int, intermediate: int) -> int:
+    """FLOPs of the encoder's matrix products for texts of these token counts, padding excluded:
+    the linear layers (2 per weight per token) and attention's two products (2·n²·hidden each)."""
+    per_token = 2 * layers * (4 * hidden * hidden + 2 * hidden * intermediate)
+    return sum(per_token * n + layers * 4 * n * n * hidden for n in token_counts)
 
 
 class _Bert:
@@ -113,6 +121,7 @@ class BertSentenceEncoder:
         self.max_tokens = int(min(st_cfg.get("max_seq_length") or 512, cfg["max_position_embeddings"]))
         self.lowercase = bool(st_cfg.get("do_lower_case"))
         self.dim = int(cfg["hidden_size"])
+        self.layers, self.intermediate = int(cfg["num_hidden_layers"]), int(cfg["intermediate_size"])
         self.device = device
         # The file's own padding and truncation (fixed 128) are training settings, not ours.
         self.tokenizer = Tokenizer.from_file(str(root / "tokenizer.json"))
@@ -129,6 +138,10 @@ class BertSentenceEncoder:
         """Token ids per text, [CLS] and [SEP] included, truncated to max_tokens."""
         prepared = [t.strip().lower() if self.lowercase else t.strip() for t in texts]
         return [e.ids for e in self.tokenizer.encode_batch(prepared)]
+
+    def flops(self, texts: list[str]) -> int:
+        """FLOPs that encoding these texts takes at the least (no padding): the yardstick for a GEMM roofline."""
+        return forward_flops(map(len, self.token_ids(texts)), self.dim, self.layers, self.intermediate)
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Unit-length float32 vectors in input order; batches of similar token length keep padding low."""

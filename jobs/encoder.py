@@ -130,7 +130,8 @@ class Encoder:
         log.info("model %s on %s %s (%s, %s)", model, self.precision.device, self.precision.dtype,
                  self.precision.reason, type(self.model).__name__)
 
-    def _autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context of the chosen precision (bf16 on CPUs with bf16 units), else a no-op."""
         import torch
 
         if self.precision.device == "cpu" and self.precision.dtype == "bf16":
@@ -147,7 +148,7 @@ class Encoder:
 
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self.autocast():
             out = self.model.encode(texts, batch_size)
         return np.asarray(out, dtype=np.float32)
 

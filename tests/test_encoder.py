@@ -70,3 +70,16 @@ def test_loading_the_default_model_imports_neither_transformers_nor_sentence_tra
             "print(sorted(m for m in heavy if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("texts", [["x"], ["a fairly ordinary product description"], TRICKY[:12]])
+def test_flop_count_matches_torchs_counter_for_the_linear_layers(encoder, texts):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, counts = encoder.model, [len(ids) for ids in encoder.model.token_ids(texts)]
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        for ids in model.token_ids(texts):  # one text per forward: no padding to count
+            model.model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))
+    attention = sum(6 * 4 * n * n * 384 for n in counts)  # torch counts no CPU flash attention
+    assert model.flops(texts) == counter.get_total_flops() + attention
