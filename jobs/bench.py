@@ -225,11 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     cluster = LocalCluster(master_port=free_port(), webui_port=free_port())
     try:
         cluster.up(workers=os.cpu_count())
+        t0 = time.perf_counter()
         runner.start(cluster.master_url())
-        for target in ("bench_warmup_emb", "bench_warm_emb"):  # the first run loads the workers' model
-            warm_spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description",
-                                target=target, master=cluster.master_url(), limit_rows=200, launched_by="bench")
-            warm_run, _, warm_first = timed_run(warm_spec, registry)
+        while "warm_s" not in (runner.info() or {}) and time.perf_counter() - t0 < 180:
+            time.sleep(0.2)  # the service loads the model in its workers before any run asks
+        service_ready = time.perf_counter() - t0
+        warm_spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description",
+                            target="bench_warm_emb", master=cluster.master_url(), limit_rows=200, launched_by="bench")
+        warm_run, _, warm_first = timed_run(warm_spec, registry)
         for n in (small, large):
             # On the run service the same Python workers serve both runs, so growth would show.
             # Titles: short texts make 50,000 rows affordable; what would grow with the table (rows
@@ -240,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         runner.stop()
         cluster.down()
-    print(f"warm_start_s = {warm_first:.1f}  # run service on a standing cluster, workers and model loaded")
+    print(f"service_warm_up_s = {service_ready:.1f}  # run service start until its workers hold the model")
+    print(f"warm_start_s = {warm_first:.1f}  # the service's first run, launch to first vector committed")
     print(f"warm_start_stages = {stages_line(warm_run)}")
     print(f"worker_rss_{small / 1000:g}k_mb = {rss[small]:.0f}  # peak of one Spark Python worker during the run, "
           "product titles")

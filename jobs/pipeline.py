@@ -67,16 +67,27 @@ def _classify(spec: RunSpec, rows: list) -> tuple[list[tuple[int, str, str]], in
     return todo, empty, current
 
 
-def _worker_encoder(spec: RunSpec, api_key: str | None):
+def _worker_encoder(model: str, endpoint: str | None = None, api_key: str | None = None):
     """The encoder of this Python worker, with torch limited to the task's share of cores."""
-    if spec.endpoint:
-        return get_encoder(spec.model, endpoint=spec.endpoint, api_key=api_key)
+    if endpoint:
+        return get_encoder(model, endpoint=endpoint, api_key=api_key)
     threads = int(os.environ.get("EMBEDDECK_TORCH_THREADS", "0"))
     if threads > 0:
         import torch
 
         torch.set_num_threads(threads)
-    return get_encoder(spec.model)
+    return get_encoder(model)
+
+
+def warm_partitions(model: str):
+    """mapPartitions function: load the model into this Python worker's cache; yields the seconds it took."""
+
+    def run(_: Iterator) -> Iterator[float]:
+        t0 = time.perf_counter()
+        _worker_encoder(model)
+        yield time.perf_counter() - t0
+
+    return run
 
 
 def scan_partitions(spec: RunSpec, api_key: str | None = None):
@@ -90,7 +101,7 @@ def scan_partitions(spec: RunSpec, api_key: str | None = None):
 
         marks = {"worker_started": psutil.Process().create_time()}  # forked from the executor's daemon
         t0 = time.perf_counter()
-        _worker_encoder(spec, api_key)
+        _worker_encoder(spec.model, spec.endpoint, api_key)
         marks["model_ready"] = time.time()
         marks["model_load_s"] = time.perf_counter() - t0  # ~0 when this worker already holds the model
         for index, lo, hi in ranges:
@@ -113,7 +124,7 @@ def embed_partitions(spec: RunSpec, api_key: str | None = None):
     def run(ranges: Iterator[tuple[int, int, int]]) -> Iterator[dict]:
         tables = _tables(spec)
         engine = db.engine_for(spec.db_url)
-        encoder = _worker_encoder(spec, api_key)
+        encoder = _worker_encoder(spec.model, spec.endpoint, api_key)
         for index, lo, hi in ranges:
             t0, embedded, first_commit = time.perf_counter(), 0, None
             for chunk in _chunks(spec, tables, lo, hi):

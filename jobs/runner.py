@@ -33,7 +33,7 @@ def _paths() -> tuple[Path, Path]:
 
 
 def info() -> dict | None:
-    """The live runner's pid, master and UI, or None when none is up."""
+    """The live runner's pid, master and UI (and warm_s once its executors hold the model), or None."""
     sock, state = _paths()
     try:
         data = json.loads(state.read_text())
@@ -138,6 +138,45 @@ def _serve_run(sc, registry, run_id: str, db_url: str) -> None:
         registry.finish(run_id, FAILED, error=spark_error_message(exc))
 
 
+def _write_state(path: Path, data: dict) -> None:
+    """Replace the state file at once, so info() never reads half of it."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _warm_executors(sc, state: dict, state_path: Path, settle_s: float = 2.0, wait_s: float = 60.0) -> None:
+    """Load the default model in a Python worker per executor core before any run asks for it, so the
+    first run after `cluster up` starts as fast as later ones (its executors and model otherwise cost
+    ~10 s). Waits for executors to register; with none (workers scaled to zero) there is nothing to warm."""
+    from jobs.pipeline import warm_partitions
+    from jobs.spec import DEFAULT_MODEL
+
+    deadline, seen, stable_since = time.monotonic() + wait_s, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        count = sc._jsc.sc().getExecutorIds().size()
+        if count != seen:
+            seen, stable_since = count, time.monotonic()
+        elif count > 0 and time.monotonic() - stable_since >= settle_s:
+            break
+        time.sleep(0.25)
+    if seen <= 0:
+        log.info("no executors registered within %.0f s: nothing to warm", wait_s)
+        return
+    slots = sc.defaultParallelism
+    sc.setJobGroup("warm-up", f"EmbedDeck warm-up: load {DEFAULT_MODEL} in {slots} Python workers")
+    t0 = time.perf_counter()
+    try:
+        loads = sc.parallelize(range(slots), slots).mapPartitions(warm_partitions(DEFAULT_MODEL)).collect()
+    except Exception as exc:  # a warm-up that fails costs the first run its speed, nothing else
+        log.warning("warm-up failed: %s", exc)
+        return
+    state["warm_s"] = round(time.perf_counter() - t0, 2)
+    _write_state(state_path, state)
+    log.info("warmed %d Python workers on %d executors in %.1f s (model load %.1f s max)",
+             slots, seen, state["warm_s"], max(loads))
+
+
 def _exit_when_orphaned(sc, sock_path: Path, state_path: Path, every_s: float = 2.0, misses: int = 3) -> None:
     """Leave when the application stopped or its master stopped answering: a standalone app does not
     re-register with a restarted master, so the service would take runs it can never run. Gone, the
@@ -185,10 +224,12 @@ def main() -> int:
     me = psutil.Process()
     log_path = str(db.default_home() / "runner.log")
     # pgid: spark-submit's JVM leads the group (the launcher starts it in a session of its own).
-    state_path.write_text(json.dumps({"pid": me.pid, "pgid": os.getpgid(0), "pid_started": me.create_time(),
-                                      "master": sc.master, "ui_url": sc.uiWebUrl, "log_path": log_path}))
+    state = {"pid": me.pid, "pgid": os.getpgid(0), "pid_started": me.create_time(),
+             "master": sc.master, "ui_url": sc.uiWebUrl, "log_path": log_path}
+    _write_state(state_path, state)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     threading.Thread(target=_exit_when_orphaned, args=(sc, sock_path, state_path), daemon=True).start()
+    InheritableThread(target=_warm_executors, args=(sc, state, state_path), daemon=True).start()
     log.info("run service up on %s (UI %s)", sc.master, sc.uiWebUrl)
     try:
         while True:

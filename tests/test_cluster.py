@@ -144,7 +144,9 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
         assert status["master"]["state"] == "ALIVE" and status["master"]["alive_workers"] == 1
         assert [a["name"] for a in status["master"]["active_apps"]] == ["embeddeck-runner"]
         service = status["runner"]
-        assert service["master"] == master and service == runner.info()
+        assert service["master"] == master and service["pid"] == runner.info()["pid"]
+        # The service loads the model in its executors' Python workers before any run asks for it.
+        wait_until(lambda: "warm_s" in (runner.info() or {}), timeout=120)
 
         def launch(target, **kw):
             spec = RunSpec(db_url=pg_url, source="products", id_column="id", text_column="description",
@@ -154,6 +156,8 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
         first = wait(registry, launch("svc_emb", limit_rows=120), out=open(os.devnull, "w"))
         assert first.state == "succeeded", first.error
         assert first.driver_pid == service["pid"]
+        first_marks = json.loads(first.timings)
+        assert first_marks["worker_started"] < 0 and first_marks["model_load_s"] < 0.05  # warmed, not loaded
         check_table(pg_url, reference_model, 120, "svc_emb")
 
         second = wait(registry, launch("svc_small", limit_rows=50), out=open(os.devnull, "w"))
