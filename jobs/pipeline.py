@@ -253,6 +253,10 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
         if work:
             registry.set_phase(run_id, "embedding")
             embedded = sc.parallelize(work, len(work)).mapPartitions(embed_partitions(spec, api_key)).collect()
+            busy = sum(r["seconds"] for r in embedded)
+            log.info("run %s: %d tasks busy %.1f s in all, %.1f s the longest, over %.1f s on %d cores",
+                     run_id, len(embedded), busy, max(r["seconds"] for r in embedded), time.monotonic() - t0,
+                     sc.defaultParallelism)
             _record_marks(registry, run_id, marks, scanned, embedded)
     except Exception as exc:
         watcher.stop_event.set()
