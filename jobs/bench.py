@@ -25,9 +25,9 @@ def measure(fn, texts: list[str], rounds: int) -> tuple[float, np.ndarray]:
     return float(np.median(speeds)), out
 
 
-def gemm_gflops(enc, rows: int, seconds: float = 3.0) -> float:
-    """GFLOP/s of this machine's matrix products at the encoder's layer shapes and precision: the
-    rate an encoder made only of its linear layers would reach, whatever the implementation."""
+def gemm_gflops(enc, rows: int, windows: int = 9, seconds: float = 0.4) -> float:
+    """GFLOP/s of this machine's matrix products at the encoder's layer shapes and precision (median of
+    short windows: the machine is noisy): the rate an encoder made only of its linear layers would reach."""
     import torch
     import torch.nn.functional as F
 
@@ -42,13 +42,16 @@ def gemm_gflops(enc, rows: int, seconds: float = 3.0) -> float:
         for x, w in zip(inputs, weights):
             F.linear(x, w)
         sync()
-        done, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            for x, w in zip(inputs, weights):
-                F.linear(x, w)
-            done += 1
-        sync()
-        return flops * done / (time.perf_counter() - t0) / 1e9
+        rates = []
+        for _ in range(windows):
+            done, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds:
+                for x, w in zip(inputs, weights):
+                    F.linear(x, w)
+                done += 1
+            sync()
+            rates.append(flops * done / (time.perf_counter() - t0) / 1e9)
+        return float(np.median(rates))
 
 
 def timed_run(spec, registry):
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         # The roofline: how far any implementation at this precision could go on this machine.
         flops_per_text = enc.model.flops(texts) / len(texts)
         mean_tokens = enc.count_tokens(texts) / len(texts)
-        gemm = gemm_gflops(enc, rows=round(32 * mean_tokens), seconds=1.0 if args.quick else 3.0)
+        gemm = gemm_gflops(enc, rows=round(32 * mean_tokens), windows=3 if args.quick else 9)
         print(f"gemm_gflops = {gemm:.1f}  # {enc.precision.dtype} matrix products at the model's layer shapes")
         print(f"default_gflops = {default_speed * flops_per_text / 1e9:.1f}  # {flops_per_text / 1e9:.2f} GFLOP "
               f"per text ({mean_tokens:.0f} tokens)")
