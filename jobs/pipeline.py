@@ -126,13 +126,15 @@ def embed_partitions(spec: RunSpec, api_key: str | None = None):
         engine = db.engine_for(spec.db_url)
         encoder = _worker_encoder(spec.model, spec.endpoint, api_key)
         for index, lo, hi in ranges:
-            t0, embedded, first_commit = time.perf_counter(), 0, None
+            t0, embedded, first_commit, encoding = time.perf_counter(), 0, None, 0.0
             for chunk in _chunks(spec, tables, lo, hi):
                 todo, _, _ = _classify(spec, chunk)
                 todo.sort(key=lambda row: len(row[1]))
                 first_batch = spec.batch_size if first_commit is None else 0
                 for part in (todo[s] for s in plan.commit_slices(len(todo), first_batch)):
+                    t1 = time.perf_counter()
                     vecs = encoder.encode([t for _, t, _ in part], batch_size=spec.batch_size)
+                    encoding += time.perf_counter() - t1
                     now = db.utcnow()
                     rows = [{"source_id": i, "embedding": db.encode_for(tables.target, v),
                              "model": spec.model, "content_hash": h, "embedded_at": now}
@@ -142,7 +144,7 @@ def embed_partitions(spec: RunSpec, api_key: str | None = None):
                     first_commit = first_commit or time.time()
                     embedded += len(rows)
             yield {"index": index, "embedded": embedded, "seconds": time.perf_counter() - t0,
-                   "first_commit": first_commit}
+                   "encoding_s": encoding, "first_commit": first_commit}
 
     return run
 
@@ -254,9 +256,10 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
             registry.set_phase(run_id, "embedding")
             embedded = sc.parallelize(work, len(work)).mapPartitions(embed_partitions(spec, api_key)).collect()
             busy = sum(r["seconds"] for r in embedded)
-            log.info("run %s: %d tasks busy %.1f s in all, %.1f s the longest, over %.1f s on %d cores",
-                     run_id, len(embedded), busy, max(r["seconds"] for r in embedded), time.monotonic() - t0,
-                     sc.defaultParallelism)
+            log.info("run %s: %d tasks busy %.1f s in all (%.0f %% of it encoding), %.1f s the longest, "
+                     "over %.1f s on %d cores", run_id, len(embedded), busy,
+                     100 * sum(r["encoding_s"] for r in embedded) / max(busy, 1e-9),
+                     max(r["seconds"] for r in embedded), time.monotonic() - t0, sc.defaultParallelism)
             _record_marks(registry, run_id, marks, scanned, embedded)
     except Exception as exc:
         watcher.stop_event.set()
