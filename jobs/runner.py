@@ -145,36 +145,43 @@ def _write_state(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _warm_executors(sc, state: dict, state_path: Path, settle_s: float = 2.0, wait_s: float = 60.0) -> None:
-    """Load the default model in a Python worker per executor core before any run asks for it, so the
-    first run after `cluster up` starts as fast as later ones (its executors and model otherwise cost
-    ~10 s). Waits for executors to register; with none (workers scaled to zero) there is nothing to warm."""
+def _executor_ids(sc) -> frozenset[str]:
+    ids = sc._jsc.sc().getExecutorIds().mkString(",")
+    return frozenset(filter(None, ids.split(",")))
+
+
+def _warm_executors(sc, state: dict, state_path: Path, settle_s: float = 2.0, every_s: float = 0.5) -> None:
+    """Load the default model in a Python worker per executor core whenever new executors register (at
+    start, after a scale-up), before any run asks for it: the first run then starts as fast as later
+    ones instead of paying ~10 s for Python workers and the model. Workers scaled to zero: nothing to do."""
     from jobs.pipeline import warm_partitions
     from jobs.spec import DEFAULT_MODEL
 
-    deadline, seen, stable_since = time.monotonic() + wait_s, -1, time.monotonic()
-    while time.monotonic() < deadline:
-        count = sc._jsc.sc().getExecutorIds().size()
-        if count != seen:
-            seen, stable_since = count, time.monotonic()
-        elif count > 0 and time.monotonic() - stable_since >= settle_s:
-            break
-        time.sleep(0.25)
-    if seen <= 0:
-        log.info("no executors registered within %.0f s: nothing to warm", wait_s)
-        return
-    slots = sc.defaultParallelism
-    sc.setJobGroup("warm-up", f"EmbedDeck warm-up: load {DEFAULT_MODEL} in {slots} Python workers")
-    t0 = time.perf_counter()
-    try:
-        loads = sc.parallelize(range(slots), slots).mapPartitions(warm_partitions(DEFAULT_MODEL)).collect()
-    except Exception as exc:  # a warm-up that fails costs the first run its speed, nothing else
-        log.warning("warm-up failed: %s", exc)
-        return
-    state["warm_s"] = round(time.perf_counter() - t0, 2)
-    _write_state(state_path, state)
-    log.info("warmed %d Python workers on %d executors in %.1f s (model load %.1f s max)",
-             slots, seen, state["warm_s"], max(loads))
+    warm, seen, changed = frozenset(), frozenset(), time.monotonic()
+    while True:
+        time.sleep(every_s)
+        try:
+            ids = _executor_ids(sc)
+        except Exception:  # the JVM is gone; the service is on its way out
+            return
+        if ids != seen:
+            seen, changed = ids, time.monotonic()
+        warm &= ids  # executors that left
+        if not ids - warm or time.monotonic() - changed < settle_s:
+            continue
+        slots = sc.defaultParallelism
+        sc.setJobGroup("warm-up", f"EmbedDeck warm-up: load {DEFAULT_MODEL} in {slots} Python workers")
+        t0 = time.perf_counter()
+        try:
+            loads = sc.parallelize(range(slots), slots).mapPartitions(warm_partitions(DEFAULT_MODEL)).collect()
+        except Exception as exc:  # a warm-up that fails costs the next run its speed, nothing else
+            log.warning("warm-up failed: %s", exc)
+            return
+        warm = ids
+        state.update(warm_s=round(time.perf_counter() - t0, 2), warm_executors=len(ids))
+        _write_state(state_path, state)
+        log.info("warmed %d Python workers on %d executors in %.1f s (model load %.1f s at most)",
+                 slots, len(ids), state["warm_s"], max(loads))
 
 
 def _exit_when_orphaned(sc, sock_path: Path, state_path: Path, every_s: float = 2.0, misses: int = 3) -> None:

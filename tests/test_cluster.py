@@ -175,6 +175,12 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
         again = wait(registry, launch("svc_again", limit_rows=20), out=open(os.devnull, "w"))
         assert again.state == "succeeded" and again.driver_pid == service["pid"]
 
+        # A scale-up is warmed too, before any run reaches the new worker.
+        assert runner.info()["warm_executors"] == 1
+        cli("scale", "2")
+        wait_until(lambda: (runner.info() or {}).get("warm_executors") == 2, timeout=120)
+        assert runner.info()["pid"] == service["pid"]
+
         password = "s3cret-pg"
         assert password in pg_url and password not in redact_url(pg_url)
         assert password not in (default_home() / "runner.log").read_text(errors="replace")
