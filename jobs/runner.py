@@ -171,13 +171,12 @@ def _warm_executors(sc, state: dict, state_path: Path, settle_s: float = 2.0, ev
             continue
         slots = sc.defaultParallelism
         sc.setJobGroup("warm-up", f"EmbedDeck warm-up: load {DEFAULT_MODEL} in {slots} Python workers")
-        t0 = time.perf_counter()
+        t0, warm = time.perf_counter(), ids  # tried once per executor: a failed warm-up is not retried
         try:
             loads = sc.parallelize(range(slots), slots).mapPartitions(warm_partitions(DEFAULT_MODEL)).collect()
-        except Exception as exc:  # a warm-up that fails costs the next run its speed, nothing else
+        except Exception as exc:  # it costs the next run its speed, nothing else
             log.warning("warm-up failed: %s", exc)
-            return
-        warm = ids
+            continue
         state.update(warm_s=round(time.perf_counter() - t0, 2), warm_executors=len(ids))
         _write_state(state_path, state)
         log.info("warmed %d Python workers on %d executors in %.1f s (model load %.1f s at most)",
