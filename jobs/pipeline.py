@@ -80,12 +80,13 @@ def _worker_encoder(model: str, endpoint: str | None = None, api_key: str | None
 
 
 def warm_partitions(model: str):
-    """mapPartitions function: load the model into this Python worker's cache; yields the seconds it took."""
+    """mapPartitions function: load the model into this Python worker's cache; yields the worker's
+    daemon pid (one per executor) and the seconds the load took."""
 
-    def run(_: Iterator) -> Iterator[float]:
+    def run(_: Iterator) -> Iterator[tuple[int, float]]:
         t0 = time.perf_counter()
         _worker_encoder(model)
-        yield time.perf_counter() - t0
+        yield os.getppid(), time.perf_counter() - t0
 
     return run
 

@@ -33,7 +33,7 @@ def _paths() -> tuple[Path, Path]:
 
 
 def info() -> dict | None:
-    """The live runner's pid, master and UI (and warm_s once its executors hold the model), or None."""
+    """The live runner's pid, master and UI (and warm_s, warm_executors once executors hold the model), or None."""
     sock, state = _paths()
     try:
         data = json.loads(state.read_text())
@@ -177,10 +177,11 @@ def _warm_executors(sc, state: dict, state_path: Path, settle_s: float = 2.0, ev
         except Exception as exc:  # it costs the next run its speed, nothing else
             log.warning("warm-up failed: %s", exc)
             continue
-        state.update(warm_s=round(time.perf_counter() - t0, 2), warm_executors=len(ids))
+        # Counted from the workers that loaded the model, not from the executors Spark lists.
+        state.update(warm_s=round(time.perf_counter() - t0, 2), warm_executors=len({pid for pid, _ in loads}))
         _write_state(state_path, state)
-        log.info("warmed %d Python workers on %d executors in %.1f s (model load %.1f s at most)",
-                 slots, len(ids), state["warm_s"], max(loads))
+        log.info("warmed %d Python workers on %d of %d executors in %.1f s (model load %.1f s at most)",
+                 slots, state["warm_executors"], len(ids), state["warm_s"], max(s for _, s in loads))
 
 
 def _exit_when_orphaned(sc, sock_path: Path, state_path: Path, every_s: float = 2.0, misses: int = 3) -> None:
