@@ -7,7 +7,7 @@ import streamlit as st
 
 from dashboard import services
 from jobs import connections, db
-from jobs.spec import SpecError
+from jobs.errors import EmbedDeckError
 
 
 def pick_connection() -> tuple[str, sa.Engine]:
@@ -16,7 +16,7 @@ def pick_connection() -> tuple[str, sa.Engine]:
     name = st.selectbox("Connection", list(conns), format_func=lambda n: connections.label(n, conns[n]))
     try:
         return conns[name], db.check_connection(conns[name])
-    except SpecError as exc:
+    except EmbedDeckError as exc:
         st.error(str(exc))
         st.stop()
         raise

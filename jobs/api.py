@@ -6,6 +6,7 @@ CREATE EXTERNAL MODEL sends it). Errors share one shape: {"error": {"code", "mes
 
 from __future__ import annotations
 
+import base64
 import hmac
 import logging
 import os
@@ -14,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -21,13 +23,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobs import connections, db, launcher
+from jobs.encoder import get_encoder, model_dim, model_path
+from jobs.errors import BadRequest, EmbedDeckError
 from jobs.runs import Registry
-from jobs.spec import DEFAULT_MODEL, RunSpec, SpecError
+from jobs.spec import DEFAULT_MODEL, RunSpec
+from jobs.texts import normalize_text
 
 log = logging.getLogger("embeddeck.api")
 
 MAX_INPUTS = 2048
 MAX_INPUT_CHARS = 2_000_000
+# Whose fault it is: the caller's (4xx) or a dependency's that may come back (503, try again later).
+STATUS_OF_KIND = {"bad_request": 400, "not_found": 404, "conflict": 409, "unavailable": 503}
+RETRY_AFTER_S = 10
 
 
 class ApiError(BaseModel):
@@ -63,18 +71,24 @@ class RunAccepted(BaseModel):
     status_url: str
 
 
+# OpenAI also takes token ids (a list of ints, or a list of such lists), as LangChain sends them by
+# default; the route accepts that shape only to answer with a 400 that says to send text.
+TextOrTokens = str | list[str] | list[int] | list[list[int]]
+
+
 class EmbeddingsRequest(BaseModel):
     model: str = Field(DEFAULT_MODEL, max_length=400)
-    input: str | list[str]
-    encoding_format: Literal["float"] = "float"
+    input: TextOrTokens
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each vector's float32 little-endian bytes, as the openai client asks by default")
     user: str | None = None
-    dimensions: int | None = None
+    dimensions: int | None = Field(None, description="accepted when it equals the model's own dimension")
 
 
 class EmbeddingItem(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float]
+    embedding: list[float] | str
 
 
 class Usage(BaseModel):
@@ -97,6 +111,15 @@ class OllamaEmbedRequest(BaseModel):
 class OllamaEmbedResponse(BaseModel):
     model: str
     embeddings: list[list[float]]
+
+
+class TeiEmbedRequest(BaseModel):
+    """Hugging Face Text Embeddings Inference's /embed body."""
+
+    inputs: str | list[str]
+    normalize: bool = True
+    truncate: bool = Field(True, description="inputs are always cut at the model's token limit, as TEI with "
+                                             "--auto-truncate does")
 
 
 def load_token() -> str | None:
@@ -138,9 +161,13 @@ def create_app(token: str, registry: Registry | None = None) -> FastAPI:
         where = ".".join(str(p) for p in first.get("loc", []))
         return error(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
 
-    @app.exception_handler(SpecError)
-    async def spec_error(_: Request, exc: SpecError):
-        return error(400, "bad_request", str(exc))
+    @app.exception_handler(EmbedDeckError)
+    async def embeddeck_error(_: Request, exc: EmbedDeckError):
+        status = STATUS_OF_KIND.get(exc.kind, 500)
+        response = error(status, exc.kind, str(exc))
+        if status == 503:
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
 
     @app.exception_handler(Exception)
     async def internal_error(_: Request, exc: Exception):
@@ -152,7 +179,7 @@ def create_app(token: str, registry: Registry | None = None) -> FastAPI:
         if name is None:
             return db.default_db_url()
         if name not in conns:
-            raise SpecError(f"connection {name!r} is not configured (known: {', '.join(conns)})")
+            raise BadRequest(f"connection {name!r} is not configured (known: {', '.join(conns)})")
         return conns[name]
 
     def start(spec: RunSpec) -> RunAccepted:
@@ -165,12 +192,12 @@ def create_app(token: str, registry: Registry | None = None) -> FastAPI:
         out = {"database": "ok", "master": "ok"}
         try:
             db.check_connection(db.default_db_url())
-        except SpecError as exc:
+        except EmbedDeckError as exc:
             out["database"] = str(exc)
         master = os.environ.get("EMBEDDECK_SPARK_MASTER", "local[*]")
         try:
             launcher.check_master(master)
-        except SpecError as exc:
+        except EmbedDeckError as exc:
             out["master"] = str(exc)
         out["status"] = "ok" if out["database"] == out["master"] == "ok" else "degraded"
         return out
@@ -235,41 +262,54 @@ def create_app(token: str, registry: Registry | None = None) -> FastAPI:
         decision = decide(backlog_inputs(registry, load_settings(), current))
         return {"desired": decision.desired, "current": current, "reason": decision.reason}
 
-    def encode(model: str, inputs: str | list[str]) -> tuple[list, int]:
+    def encode(model: str, inputs: TextOrTokens, normalize: bool = True) -> tuple[np.ndarray, int]:
+        """Vectors for one request's inputs and the tokens the model read."""
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        if not all(isinstance(t, str) for t in texts):
+            raise BadRequest("input must be text (a string or a list of strings); token ids are not accepted, "
+                             "EmbedDeck tokenises with the model's own tokenizer")
         if not texts:
             raise HTTPException(422, "input is empty")
         if len(texts) > MAX_INPUTS:
             raise HTTPException(413, f"{len(texts)} inputs; at most {MAX_INPUTS} per request")
         if sum(len(t) for t in texts) > MAX_INPUT_CHARS:
             raise HTTPException(413, f"inputs exceed {MAX_INPUT_CHARS} characters in total")
-        from jobs.encoder import get_encoder, model_path
-        from jobs.texts import normalize_text
-
-        model_path(model)  # SpecError (400) for an unknown model
+        model_path(model)  # BadRequest (400) for an unknown model
         with encoder_lock:  # one model instance, one batch at a time
             enc = get_encoder(model)
             prepared = [normalize_text(t) or "" for t in texts]
-            vecs = enc.encode(prepared)
+            vecs = enc.encode(prepared, normalize=normalize)
             tokens = enc.count_tokens(prepared)
-        return vecs.tolist(), tokens
+        return vecs, tokens
 
     @app.post("/v1/embeddings", response_model=EmbeddingsResponse, dependencies=[Depends(require_token)],
               responses={400: {"model": ErrorBody}, 413: {"model": ErrorBody}})
     def embeddings(req: EmbeddingsRequest) -> EmbeddingsResponse:
         """OpenAI wire format (NIM, SQL Server 2025 CREATE EXTERNAL MODEL, the openai client)."""
-        if req.dimensions is not None:
-            raise HTTPException(400, "dimensions is not supported: vectors have the model's own size")
+        if req.dimensions is not None and req.dimensions != model_dim(req.model):
+            raise BadRequest(f"dimensions must be {model_dim(req.model)}, the dimension of {req.model}, "
+                             f"not {req.dimensions}: vectors are never shortened")
         vecs, tokens = encode(req.model, req.input)
-        return EmbeddingsResponse(data=[EmbeddingItem(index=i, embedding=v) for i, v in enumerate(vecs)],
-                                  model=req.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+        if req.encoding_format == "base64":
+            data = [EmbeddingItem(index=i, embedding=base64.b64encode(v.astype("<f4").tobytes()).decode("ascii"))
+                    for i, v in enumerate(vecs)]
+        else:
+            data = [EmbeddingItem(index=i, embedding=v) for i, v in enumerate(vecs.tolist())]
+        return EmbeddingsResponse(data=data, model=req.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
 
     @app.post("/api/embed", response_model=OllamaEmbedResponse, dependencies=[Depends(require_token)],
               responses={400: {"model": ErrorBody}, 413: {"model": ErrorBody}})
     def ollama_embed(req: OllamaEmbedRequest) -> OllamaEmbedResponse:
         """Ollama's embed shape."""
         vecs, _ = encode(req.model, req.input)
-        return OllamaEmbedResponse(model=req.model, embeddings=vecs)
+        return OllamaEmbedResponse(model=req.model, embeddings=vecs.tolist())
+
+    @app.post("/embed", response_model=list[list[float]], dependencies=[Depends(require_token)],
+              responses={400: {"model": ErrorBody}, 413: {"model": ErrorBody}})
+    def tei_embed(req: TeiEmbedRequest) -> list[list[float]]:
+        """Hugging Face TEI's shape, with the server's default model: one vector per input."""
+        vecs, _ = encode(DEFAULT_MODEL, req.inputs, normalize=req.normalize)
+        return vecs.tolist()
 
     return app
 

@@ -143,8 +143,9 @@ class BertSentenceEncoder:
         """FLOPs that encoding these texts takes at the least (no padding): the yardstick for a GEMM roofline."""
         return forward_flops(map(len, self.token_ids(texts)), self.dim, self.layers, self.intermediate)
 
-    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """Unit-length float32 vectors in input order; batches of similar token length keep padding low."""
+    def encode(self, texts: list[str], batch_size: int = 32, normalize: bool = True) -> np.ndarray:
+        """float32 mean-pooled vectors in input order, unit-length unless normalize is False; batches of
+        similar token length keep padding low."""
         ids = self.token_ids(texts)
         order = np.argsort([-len(x) for x in ids], kind="stable")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
@@ -158,5 +159,6 @@ class BertSentenceEncoder:
                 lengths = torch.tensor([len(ids[i]) for i in rows], device=self.device)
                 mask = torch.arange(width, device=self.device) < lengths[:, None]
                 pooled = self.model(torch.from_numpy(batch).to(self.device), mask)
-                out[rows] = F.normalize(pooled.float(), dim=-1).cpu().numpy()
+                pooled = pooled.float()
+                out[rows] = (F.normalize(pooled, dim=-1) if normalize else pooled).cpu().numpy()
         return out

@@ -12,9 +12,10 @@ import sys
 import time
 
 from jobs import db
+from jobs.errors import EmbedDeckError, NotFound
 from jobs.progress import eta_seconds, format_duration
 from jobs.runs import CANCELLED, SUCCEEDED, Registry, Run
-from jobs.spec import DEFAULT_MODEL, RunSpec, SpecError
+from jobs.spec import DEFAULT_MODEL, RunSpec
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
 
@@ -128,7 +129,7 @@ def _get(registry: Registry, run_id: str) -> Run:
     registry.reconcile()
     run = registry.get(run_id)
     if run is None:
-        raise SpecError(f"run {run_id} does not exist")
+        raise NotFound(f"run {run_id} does not exist")
     return run
 
 
@@ -202,6 +203,6 @@ def main(argv: list[str] | None = None) -> int:
                "search": cmd_search, "seed-demo": cmd_seed_demo, "serve": cmd_serve}[args.verb]
     try:
         return handler(args)
-    except SpecError as exc:
+    except EmbedDeckError as exc:  # bad input, an unknown run, an unreachable database or master
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -18,7 +18,8 @@ from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.types import UserDefinedType
 
 from jobs import vectors
-from jobs.spec import RunSpec, SpecError
+from jobs.errors import BadRequest, EmbedDeckError, Unavailable
+from jobs.spec import RunSpec
 
 TARGET_COLUMNS = ("source_id", "embedding", "model", "content_hash", "embedded_at")
 
@@ -103,16 +104,16 @@ def connection_error_message(exc: Exception, url: str) -> str:
 
 
 def check_connection(url: str) -> Engine:
-    """Engine for url after a round trip; raises SpecError with a redacted message."""
+    """Engine for url after a round trip; raises Unavailable with a redacted message."""
     try:
         engine = engine_for(url)
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
         return engine
-    except SpecError:
+    except EmbedDeckError:
         raise
     except Exception as exc:
-        raise SpecError(connection_error_message(exc, url)) from None
+        raise Unavailable(connection_error_message(exc, url)) from None
 
 
 def list_tables(engine: Engine) -> list[str]:
@@ -129,19 +130,19 @@ def _split_name(engine: Engine, name: str) -> tuple[str | None, str]:
 
 
 def reflect(engine: Engine, name: str, role: str = "table") -> sa.Table:
-    """The table as the catalog has it; SpecError naming it when it does not exist."""
+    """The table as the catalog has it; BadRequest naming it when it does not exist."""
     schema, table = _split_name(engine, name)
     if not sa.inspect(engine).has_table(table, schema=schema):
         known = ", ".join(list_tables(engine)[:20]) or "none"
-        raise SpecError(f"{role} table {name!r} does not exist (tables: {known})")
+        raise BadRequest(f"{role} table {name!r} does not exist (tables: {known})")
     return sa.Table(table, sa.MetaData(), schema=schema, autoload_with=engine)
 
 
 def column(table: sa.Table, name: str, role: str) -> sa.Column:
-    """A column of table; SpecError naming it and the columns that exist."""
+    """A column of table; BadRequest naming it and the columns that exist."""
     if name not in table.c:
         known = ", ".join(c.name for c in table.c)
-        raise SpecError(f"{role} column {name!r} is not in table {table.name!r} (columns: {known})")
+        raise BadRequest(f"{role} column {name!r} is not in table {table.name!r} (columns: {known})")
     return table.c[name]
 
 
@@ -164,12 +165,12 @@ class Tables:
 
 
 def inspect_run(engine: Engine, spec: RunSpec) -> Tables:
-    """Check source, columns and an existing target against the catalog; SpecError if wrong."""
+    """Check source, columns and an existing target against the catalog; BadRequest if wrong."""
     source = reflect(engine, spec.source, "source")
     id_col = column(source, spec.id_column, "id")
     text_col = column(source, spec.text_column, "text")
     if not is_integer_type(id_col.type):
-        raise SpecError(
+        raise BadRequest(
             f"id column {spec.id_column!r} is {id_col.type}; key ranges need an integer id column"
         )
     target = None
@@ -195,7 +196,7 @@ def check_target(target: sa.Table, engine: Engine) -> None:
         if pk != {"source_id"} and {"source_id"} not in uniques:
             problems.append("column 'source_id' is not the primary key")
     if problems:
-        raise SpecError(f"existing target table {target.name!r} is incompatible: " + "; ".join(problems))
+        raise BadRequest(f"existing target table {target.name!r} is incompatible: " + "; ".join(problems))
 
 
 def target_table(name: str, id_type: sa.types.TypeEngine, vector_type: sa.types.TypeEngine,
@@ -291,7 +292,7 @@ def upsert_statement(target: sa.Table, dialect_name: str, native_dim: int | None
             f"WHEN MATCHED THEN UPDATE SET {sets} "
             f"WHEN NOT MATCHED THEN INSERT ({names}) VALUES ({values});"
         )
-    raise SpecError(f"database dialect {dialect_name!r} is not supported (sqlite, postgresql, mssql)")
+    raise BadRequest(f"database dialect {dialect_name!r} is not supported (sqlite, postgresql, mssql)")
 
 
 def encode_for(target: sa.Table, vector) -> object:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.spec import DEFAULT_MODEL, SpecError
+from jobs.errors import BadRequest, Unavailable
+from jobs.spec import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def model_path(model: str) -> str:
             return str(path.resolve())
     except (OSError, RuntimeError, ValueError):
         pass  # "~nosuchuser", names too long for the filesystem: not a model directory either way
-    raise SpecError(
+    raise BadRequest(
         f"model {model!r} is neither {DEFAULT_MODEL} nor a local sentence-transformers directory"
     )
 
@@ -70,7 +71,7 @@ def choose_precision(requested: str | None = None) -> Precision:
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     if requested not in ("auto", "fp32", "bf16", "fp16"):
-        raise SpecError(f"precision must be auto, fp32, bf16 or fp16, not {requested!r}")
+        raise BadRequest(f"precision must be auto, fp32, bf16 or fp16, not {requested!r}")
     if requested != "auto":
         return Precision(device, requested, f"{requested} requested")
     if cuda:
@@ -96,11 +97,11 @@ class _SentenceTransformerModel:
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         return self.st.tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]
 
-    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int, normalize: bool = True) -> np.ndarray:
         # sentence-transformers sorts the texts by length inside the call, so a chunk is the
         # batch window that keeps padding small.
         return self.st.encode(texts, batch_size=batch_size, convert_to_numpy=True,
-                              normalize_embeddings=True, show_progress_bar=False)
+                              normalize_embeddings=normalize, show_progress_bar=False)
 
 
 def _load_model(path: str, device: str):
@@ -122,7 +123,7 @@ class Encoder:
         try:
             self.model = _load_model(path, self.precision.device)
         except (OSError, ValueError, KeyError) as exc:  # a directory with a config.json that is not a model
-            raise SpecError(f"model {model!r} could not be loaded from {path}: {exc}") from exc
+            raise BadRequest(f"model {model!r} could not be loaded from {path}: {exc}") from exc
         if self.precision.device == "cuda" and self.precision.dtype == "fp16":
             self.model.half()
         self.dim = self.model.dim
@@ -142,14 +143,15 @@ class Encoder:
         """Tokens the model reads for these texts, after truncation."""
         return sum(len(ids) for ids in self.model.token_ids(texts))
 
-    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
-        """Unit-length float32 vectors, one per text; long texts are truncated to the model's limit."""
+    def encode(self, texts: list[str], batch_size: int = 32, normalize: bool = True) -> np.ndarray:
+        """float32 vectors, one per text, unit-length unless normalize is False; long texts are truncated
+        to the model's limit."""
         import torch
 
         if not texts:
             return np.empty((0, self.dim), dtype=np.float32)
         with torch.inference_mode(), self.autocast():
-            out = self.model.encode(texts, batch_size)
+            out = self.model.encode(texts, batch_size, normalize)
         return np.asarray(out, dtype=np.float32)
 
 
@@ -180,7 +182,8 @@ class RemoteEncoder:
                                          timeout=self.timeout_s)
                 if resp.status_code < 500:
                     if not resp.ok:
-                        raise SpecError(f"embedding endpoint {self.url} answered {resp.status_code}: {resp.text[:300]}")
+                        # The body is never echoed: it is the remote's, and may hold anything.
+                        raise Unavailable(f"embedding endpoint {self.url} answered HTTP {resp.status_code}")
                     data = sorted(resp.json()["data"], key=lambda d: d["index"])
                     return [d["embedding"] for d in data]
                 reason = f"HTTP {resp.status_code}"
@@ -188,7 +191,7 @@ class RemoteEncoder:
                 reason = type(exc).__name__
             if attempt < self.retries:
                 time.sleep(0.5 * 2**attempt)
-        raise SpecError(f"embedding endpoint {self.url} failed after {self.retries + 1} attempts: {reason}")
+        raise Unavailable(f"embedding endpoint {self.url} failed after {self.retries + 1} attempts: {reason}")
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Unit-length vectors, sent in requests of at most MAX_BATCH texts."""

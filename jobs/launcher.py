@@ -16,8 +16,10 @@ import psutil
 
 from jobs import db, jvm, runner
 from jobs.encoder import model_path
+from jobs.errors import BadRequest, NotFound, Unavailable
+from jobs.pipeline import HOLD_FILE_VAR
 from jobs.runs import CANCELLED, Registry
-from jobs.spec import RunSpec, SpecError
+from jobs.spec import RunSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,17 +39,17 @@ def free_port() -> int:
 
 
 def check_master(master: str, timeout_s: float = 3.0) -> None:
-    """Raise SpecError unless a spark:// master accepts connections (local masters always do)."""
+    """Raise Unavailable unless a spark:// master accepts connections (local masters always do)."""
     if master.startswith("local"):
         return
     parsed = urlparse(master)
     if parsed.scheme != "spark" or not parsed.hostname:
-        raise SpecError(f"master must be local[N] or spark://host:port, not {master!r}")
+        raise BadRequest(f"master must be local[N] or spark://host:port, not {master!r}")
     try:
         with socket.create_connection((parsed.hostname, parsed.port or 7077), timeout=timeout_s):
             pass
     except OSError as exc:
-        raise SpecError(f"Spark master {master} is unreachable: {exc.strerror or exc}") from None
+        raise Unavailable(f"Spark master {master} is unreachable: {exc.strerror or exc}") from None
 
 
 def validate(spec: RunSpec) -> db.Tables:
@@ -82,6 +84,8 @@ def spark_conf(master: str) -> dict[str, str]:
                                                   ("spark.driver.blockManager.port", "EMBEDDECK_BLOCK_MANAGER_PORT"))
              if os.environ.get(var)}
     java_options = jvm.java_options()
+    hold = os.environ.get(HOLD_FILE_VAR)  # fault injection, only where a test or drill sets it
+    fixed |= {f"spark.executorEnv.{HOLD_FILE_VAR}": hold} if hold else {}
     return fixed | {
         "spark.master": master,
         "spark.driver.host": os.environ.get("EMBEDDECK_DRIVER_HOST", "127.0.0.1"),
@@ -135,7 +139,7 @@ def cancel(run_id: str, registry: Registry | None = None, grace_s: float = 20.0)
     registry = registry or Registry()
     run = registry.get(run_id)
     if run is None:
-        raise SpecError(f"run {run_id} does not exist")
+        raise NotFound(f"run {run_id} does not exist")
     if not run.active:
         return run.state
     registry.request_cancel(run_id)

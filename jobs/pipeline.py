@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import logging
 import os
 import sys
@@ -18,21 +19,23 @@ from collections.abc import Iterator
 
 from jobs import db, plan
 from jobs.encoder import get_encoder, model_dim
+from jobs.errors import BadRequest, EmbedDeckError, from_kind
 from jobs.progress import rate
 from jobs.runs import CANCELLED, FAILED, SUCCEEDED, Registry
-from jobs.spec import RunSpec, SpecError
+from jobs.spec import RunSpec
 from jobs.texts import content_hash, normalize_text
 
 log = logging.getLogger("embeddeck.pipeline")
 
 PROGRESS_EVERY_S = 2.0
+HOLD_FILE_VAR = "EMBEDDECK_FAULT_HOLD_FILE"
 
 
 def _tables(spec: RunSpec) -> db.Tables:
     engine = db.engine_for(spec.db_url)
     tables = db.inspect_run(engine, spec)
     if tables.target is None:
-        raise SpecError(f"target table {spec.target!r} does not exist")
+        raise BadRequest(f"target table {spec.target!r} does not exist")
     return tables
 
 
@@ -79,6 +82,35 @@ def _worker_encoder(model: str, endpoint: str | None = None, api_key: str | None
     return get_encoder(model)
 
 
+def _errors_as_results(task):
+    """Our own errors leave a task as a result the driver turns back into the same kind, not as a
+    traceback: retrying a missing table or model four times would only delay the same answer."""
+
+    @functools.wraps(task)
+    def run(items: Iterator) -> Iterator[dict]:
+        try:
+            yield from task(items)
+        except EmbedDeckError as exc:
+            yield {"error": {"kind": exc.kind, "message": str(exc)}}
+
+    return run
+
+
+def _raise_task_error(results: list[dict]) -> None:
+    """Raise the first error a task returned, with its kind."""
+    for result in results:
+        if "error" in result:
+            raise from_kind(result["error"]["kind"], result["error"]["message"])
+
+
+def _hold_while_exists(path: str, every_s: float = 0.05) -> None:
+    """Fault injection for tests and drills ($EMBEDDECK_FAULT_HOLD_FILE): a task that has committed its
+    first rows waits while the file exists, so a cancel or a killed worker lands mid-run however fast
+    the machine encodes. Unset (the default), tasks never look."""
+    while os.path.exists(path):
+        time.sleep(every_s)
+
+
 def warm_partitions(model: str):
     """mapPartitions function: load the model into this Python worker's cache; yields the worker's
     daemon pid (one per executor) and the seconds the load took."""
@@ -94,6 +126,7 @@ def warm_partitions(model: str):
 def scan_partitions(spec: RunSpec, api_key: str | None = None):
     """mapPartitions function: count per key range what the run has to embed."""
 
+    @_errors_as_results
     def run(ranges: Iterator[tuple[int, int, int]]) -> Iterator[dict]:
         tables = _tables(spec)
         # Python workers are reused by the embedding job: loading the model here overlaps the
@@ -122,9 +155,11 @@ def scan_partitions(spec: RunSpec, api_key: str | None = None):
 def embed_partitions(spec: RunSpec, api_key: str | None = None):
     """mapPartitions function: read, encode and upsert each key range, committing every few hundred rows."""
 
+    @_errors_as_results
     def run(ranges: Iterator[tuple[int, int, int]]) -> Iterator[dict]:
         tables = _tables(spec)
         engine = db.engine_for(spec.db_url)
+        hold = os.environ.get(HOLD_FILE_VAR)
         encoder = _worker_encoder(spec.model, spec.endpoint, api_key)
         for index, lo, hi in ranges:
             t0, embedded, first_commit, encoding = time.perf_counter(), 0, None, 0.0
@@ -142,6 +177,8 @@ def embed_partitions(spec: RunSpec, api_key: str | None = None):
                             for (i, _, h), v in zip(part, vecs)]
                     with engine.begin() as conn:
                         db.upsert(conn, tables.target, rows)
+                    if first_commit is None and hold:
+                        _hold_while_exists(hold)
                     first_commit = first_commit or time.time()
                     embedded += len(rows)
             yield {"index": index, "embedded": embedded, "seconds": time.perf_counter() - t0,
@@ -180,10 +217,13 @@ class _ProgressWatcher(threading.Thread):
 
 
 def spark_error_message(exc: BaseException) -> str:
-    """The root cause of a failed Spark job in one or two lines, not a JVM stack trace."""
+    """The root cause of a failed run in one or two lines: our own error's message, else the
+    database or Python error at the bottom of Spark's JVM stack trace."""
+    if isinstance(exc, EmbedDeckError):
+        return str(exc)
     text = str(exc)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for marker in ("SpecError:", "OperationalError", "IntegrityError", "ProgrammingError", "Error:"):
+    for marker in ("OperationalError", "IntegrityError", "ProgrammingError", "Error:"):
         for ln in reversed(lines):
             if marker in ln and not ln.startswith("at "):
                 return ln[:2000]
@@ -236,6 +276,7 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
     # Plain RDDs: the tasks read the database themselves, so Spark SQL and Arrow would only add
     # their start-up cost (seconds per run) and carry nothing.
     scanned = sc.parallelize(ranges, len(ranges)).mapPartitions(scan_partitions(spec, api_key)).collect()
+    _raise_task_error(scanned)
     marks["planned"] = time.time()
     total = sum(r["needed"] for r in scanned)
     skipped = sum(r["empty"] + r["current"] for r in scanned)
@@ -256,6 +297,7 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
         if work:
             registry.set_phase(run_id, "embedding")
             embedded = sc.parallelize(work, len(work)).mapPartitions(embed_partitions(spec, api_key)).collect()
+            _raise_task_error(embedded)
             busy = sum(r["seconds"] for r in embedded)
             log.info("run %s: %d tasks busy %.1f s in all (%.0f %% of it encoding), %.1f s the longest, "
                      "over %.1f s on %d cores", run_id, len(embedded), busy,

@@ -188,8 +188,8 @@ def _exit_when_orphaned(sc, sock_path: Path, state_path: Path, every_s: float = 
     """Leave when the application stopped or its master stopped answering: a standalone app does not
     re-register with a restarted master, so the service would take runs it can never run. Gone, the
     launcher falls back to a spark-submit per run and the next `cluster up` starts a fresh service."""
+    from jobs.errors import Unavailable
     from jobs.launcher import check_master
-    from jobs.spec import SpecError
 
     missed = 0
     while missed < misses:
@@ -199,7 +199,7 @@ def _exit_when_orphaned(sc, sock_path: Path, state_path: Path, every_s: float = 
                 break
             check_master(sc.master, timeout_s=every_s)
             missed = 0
-        except SpecError:
+        except Unavailable:
             missed += 1
         except Exception:  # the JVM itself is gone
             break

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from jobs import db, vectors
 from jobs.encoder import get_encoder
-from jobs.spec import SpecError
+from jobs.errors import BadRequest
 
 SCAN_CHUNK_ROWS = 20_000
 
@@ -192,9 +192,9 @@ def fetch_texts(engine: sa.Engine, origin: dict | None, ids: list[int]) -> dict[
 def search(db_url: str, target_name: str, query: str, k: int = 10, model: str | None = None) -> SearchResult:
     """Embed query with the target's model and return the k most similar rows with their text."""
     if not query or not query.strip():
-        raise SpecError("query text is empty")
+        raise BadRequest("query text is empty")
     if not 1 <= k <= 1000:
-        raise SpecError(f"k must be between 1 and 1000, not {k}")
+        raise BadRequest(f"k must be between 1 and 1000, not {k}")
     engine = db.check_connection(db_url)
     target = db.reflect(engine, target_name, "target")
     db.check_target(target, engine)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 
+from jobs.errors import BadRequest
+
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 MODES = ("incremental", "full")
-
-
-class SpecError(ValueError):
-    """A run specification that cannot run; the message names the problem."""
 
 
 @dataclass(frozen=True)
@@ -33,29 +31,29 @@ class RunSpec:
     launched_by: str = "cli"
 
     def check_shape(self) -> None:
-        """Validate what can be checked without a database; raise SpecError."""
+        """Validate what can be checked without a database; raise BadRequest."""
         for name in ("db_url", "source", "id_column", "text_column", "target", "model", "master"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value.strip():
-                raise SpecError(f"{name} is empty")
+                raise BadRequest(f"{name} is empty")
         for name in ("source", "id_column", "text_column", "target"):
             _check_identifier(name, getattr(self, name))
         if self.mode not in MODES:
-            raise SpecError(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+            raise BadRequest(f"mode must be one of {', '.join(MODES)}, not {self.mode!r}")
         if not 1 <= self.batch_size <= 4096:
-            raise SpecError(f"batch size must be between 1 and 4096, not {self.batch_size}")
+            raise BadRequest(f"batch size must be between 1 and 4096, not {self.batch_size}")
         if not 1 <= self.chunk_rows <= 100_000:
-            raise SpecError(f"chunk rows must be between 1 and 100000, not {self.chunk_rows}")
+            raise BadRequest(f"chunk rows must be between 1 and 100000, not {self.chunk_rows}")
         if self.partitions is not None and not 1 <= self.partitions <= 10_000:
-            raise SpecError(f"partitions must be between 1 and 10000, not {self.partitions}")
+            raise BadRequest(f"partitions must be between 1 and 10000, not {self.partitions}")
         if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
-            raise SpecError(f"endpoint must be an http(s) URL, not {self.endpoint!r}")
+            raise BadRequest(f"endpoint must be an http(s) URL, not {self.endpoint!r}")
         if self.limit_rows is not None and self.limit_rows < 1:
-            raise SpecError(f"limit rows must be 1 or more, not {self.limit_rows}")
+            raise BadRequest(f"limit rows must be 1 or more, not {self.limit_rows}")
         if self.source == self.target:
-            raise SpecError("target table must differ from the source table")
+            raise BadRequest("target table must differ from the source table")
         if not (self.master.startswith("local") or self.master.startswith("spark://")):
-            raise SpecError(f"master must be local[N] or spark://host:port, not {self.master!r}")
+            raise BadRequest(f"master must be local[N] or spark://host:port, not {self.master!r}")
 
     def to_json(self) -> str:
         """Serialise; callers must redact db_url first when the JSON is stored or shown."""
@@ -68,7 +66,7 @@ class RunSpec:
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
-            raise SpecError(f"unknown run spec fields: {', '.join(sorted(unknown))}")
+            raise BadRequest(f"unknown run spec fields: {', '.join(sorted(unknown))}")
         return cls(**data)
 
     def with_db_url(self, db_url: str) -> RunSpec:
@@ -80,8 +78,8 @@ def _check_identifier(role: str, name: str) -> None:
     """Table and column names: no control characters (NUL breaks every driver), valid Unicode."""
     bad = next((c for c in name if ord(c) < 32 or ord(c) == 127), None)
     if bad is not None:
-        raise SpecError(f"{role} {name!r} contains the control character {bad!r}")
+        raise BadRequest(f"{role} {name!r} contains the control character {bad!r}")
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        raise SpecError(f"{role} {name!r} is not valid Unicode (a lone surrogate)") from None
+        raise BadRequest(f"{role} {name!r} is not valid Unicode (a lone surrogate)") from None

@@ -5,7 +5,8 @@ import streamlit as st
 
 from dashboard import services, widgets
 from jobs import db, launcher
-from jobs.spec import DEFAULT_MODEL, RunSpec, SpecError
+from jobs.errors import EmbedDeckError
+from jobs.spec import DEFAULT_MODEL, RunSpec
 
 st.title("Launch an embedding run")
 url, engine = widgets.pick_connection()
@@ -39,14 +40,14 @@ try:
     st.dataframe(pd.DataFrame(db.preview(engine, table, [table.c[id_column], table.c[text_column]])),
                  hide_index=True, width="stretch")
     valid = True
-except SpecError as exc:
+except EmbedDeckError as exc:
     st.error(str(exc))
     valid = False
 
 if st.button("Launch run", type="primary", disabled=not valid):
     try:
         run_id = launcher.launch(spec, services.registry())
-    except SpecError as exc:
+    except EmbedDeckError as exc:
         st.error(str(exc))
     else:
         st.session_state["selected_run"] = run_id

@@ -7,7 +7,8 @@ import streamlit as st
 
 from dashboard import charts, services, views
 from jobs import connections, launcher
-from jobs.spec import RunSpec, SpecError
+from jobs.errors import EmbedDeckError
+from jobs.spec import RunSpec
 
 st.title("Runs")
 registry = services.registry()
@@ -29,7 +30,7 @@ def rerun(run) -> None:
         return
     try:
         new_id = launcher.launch(replace(stored, db_url=url, launched_by="dashboard"), registry)
-    except SpecError as exc:
+    except EmbedDeckError as exc:
         st.error(str(exc))
         return
     st.session_state["selected_run"] = new_id

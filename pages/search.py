@@ -6,8 +6,8 @@ import streamlit as st
 
 from dashboard import widgets
 from jobs import db
+from jobs.errors import EmbedDeckError
 from jobs.search import search
-from jobs.spec import SpecError
 
 st.title("Similarity search")
 url, engine = widgets.pick_connection()
@@ -24,7 +24,7 @@ with st.form("search"):
 if go:
     try:
         result = search(url, target, query, k=k)
-    except SpecError as exc:
+    except EmbedDeckError as exc:
         st.error(str(exc))
     else:
         for w in result.warnings:

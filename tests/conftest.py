@@ -57,6 +57,64 @@ def reference_model():
     return SentenceTransformer(model_path("all-MiniLM-L6-v2"), device="cpu")
 
 
+@pytest.fixture(scope="session")
+def fast_model(home) -> str:
+    """A BERT sentence model of the default's kind and tokenizer, but tiny (1 layer, 32 wide, seeded random
+    weights): it runs through the product's own encoder far faster than any real model on any machine, so
+    tests that must act while a run is in flight prove they do not depend on how fast this CPU encodes."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from jobs.encoder import model_path
+
+    src, dst = Path(model_path("all-MiniLM-L6-v2")), home / "fast-model"
+    if (dst / "model.safetensors").is_file():
+        return str(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("model.safetensors", "README.md"))
+    hidden, inter, vocab = 32, 64, 30522
+    config = json.loads((src / "config.json").read_text()) | {
+        "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": 1, "num_attention_heads": 2}
+    (dst / "config.json").write_text(json.dumps(config))
+    pooling = json.loads((src / "1_Pooling" / "config.json").read_text()) | {"word_embedding_dimension": hidden}
+    (dst / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+    (dst / "2_Normalize").mkdir(exist_ok=True)
+    gen = torch.Generator().manual_seed(20261129)
+    shapes = {"embeddings.word_embeddings.weight": (vocab, hidden),
+              "embeddings.position_embeddings.weight": (512, hidden),
+              "embeddings.token_type_embeddings.weight": (2, hidden)}
+    layer = "encoder.layer.0."
+    for name, shape in (("attention.self.query", (hidden, hidden)), ("attention.self.key", (hidden, hidden)),
+                        ("attention.self.value", (hidden, hidden)), ("attention.output.dense", (hidden, hidden)),
+                        ("intermediate.dense", (inter, hidden)), ("output.dense", (hidden, inter))):
+        shapes[f"{layer}{name}.weight"] = shape
+        shapes[f"{layer}{name}.bias"] = (shape[0],)
+    weights = {k: torch.randn(shape, generator=gen) * 0.2 for k, shape in shapes.items()}
+    for norm in ("embeddings.LayerNorm", f"{layer}attention.output.LayerNorm", f"{layer}output.LayerNorm"):
+        weights[f"{norm}.weight"], weights[f"{norm}.bias"] = torch.ones(hidden), torch.zeros(hidden)
+    save_file(weights, str(dst / "model.safetensors"))
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def fast_reference(fast_model):
+    """The tiny model as sentence-transformers runs it: the reference for runs made with fast_model."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(fast_model, device="cpu")
+
+
+@pytest.fixture
+def hold_file(tmp_path, monkeypatch) -> Path:
+    """While this file exists, every embedding task pauses after its first commit ($EMBEDDECK_FAULT_HOLD_FILE);
+    the variable is set for every process the test starts. Delete the file to let the run go on."""
+    path = tmp_path / "hold"
+    path.touch()
+    monkeypatch.setenv("EMBEDDECK_FAULT_HOLD_FILE", str(path))
+    return path
+
+
 def reference_vectors(model, texts: list[str]) -> np.ndarray:
     return model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
 
@@ -107,21 +165,24 @@ def wait_until(predicate, timeout: float = 60.0, every: float = 0.5):
     raise AssertionError(f"condition not met within {timeout}s")
 
 
-def check_table(url: str, reference_model, n: int, target: str) -> None:
-    """Exactly one correct vector for each of the demo products 1..n in target."""
+def check_table(url: str, reference_model, n: int, target: str, model: str = "all-MiniLM-L6-v2") -> None:
+    """Each of the demo products 1..n has exactly one row in target (the target's key cannot hold two, so
+    what can go wrong is a row lost, a stray row, a stale hash or another run's model), and the vectors
+    match reference_model's."""
     import sqlalchemy as sa
 
     from jobs import db
-    from jobs.texts import normalize_text
+    from jobs.texts import content_hash, normalize_text
 
     engine = db.engine_for(url)
     with engine.connect() as conn:
         rows = conn.execute(sa.text(
-            f"SELECT t.source_id, t.embedding, p.description FROM {target} t JOIN products p "
-            "ON p.id = t.source_id ORDER BY t.source_id")).all()
-        dupes = conn.execute(sa.text(f"SELECT count(*) - count(DISTINCT source_id) FROM {target}")).scalar()
-    assert dupes == 0
+            f"SELECT t.source_id, t.embedding, t.model, t.content_hash, p.description FROM {target} t "
+            "LEFT JOIN products p ON p.id = t.source_id ORDER BY t.source_id")).all()
     assert [r.source_id for r in rows] == list(range(1, n + 1))
+    assert {r.model for r in rows} == {model}
+    texts = [normalize_text(r.description) for r in rows]
+    assert [r.content_hash for r in rows] == [content_hash(t) for t in texts]
     sample = rows[:: max(1, n // 60)]
     expected = reference_vectors(reference_model, [normalize_text(r.description) for r in sample])
     got = np.stack([np.frombuffer(r.embedding, "<f4") for r in sample])

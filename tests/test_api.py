@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,16 +13,18 @@ from jobs import db, pipeline
 from jobs.demo import seed_demo
 from jobs.runs import Registry
 from jobs.spec import RunSpec
-from tests.conftest import free_port, reference_vectors, wait_until
+from tests.conftest import check_table, free_port, reference_vectors, wait_until
 
 pytestmark = pytest.mark.spark
 TOKEN = "test-token-4f9a2c"
 
 
 def start_server(tmp_path, name: str, db_url: str) -> tuple[subprocess.Popen, str]:
+    """`python -m jobs serve` on a free port; its runs hold after their first commits while tmp_path/hold exists."""
     port = free_port()
     log = open(tmp_path / f"{name}.log", "wb")
-    env = dict(os.environ, EMBEDDECK_API_TOKEN=TOKEN, EMBEDDECK_DB_URL=db_url, EMBEDDECK_SPARK_MASTER="local[2]")
+    env = dict(os.environ, EMBEDDECK_API_TOKEN=TOKEN, EMBEDDECK_DB_URL=db_url, EMBEDDECK_SPARK_MASTER="local[2]",
+               EMBEDDECK_FAULT_HOLD_FILE=str(tmp_path / "hold"))
     proc = subprocess.Popen([sys.executable, "-m", "jobs", "serve", "--port", str(port)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -82,28 +83,29 @@ def get_run(base, run_id):
     return requests.get(f"{base}/runs/{run_id}", headers=auth(), timeout=5).json()
 
 
-def test_posted_run_completes_while_classic_trigger_run_is_cancelled(server):
-    """Two runs at once: one posted as JSON (followed to success), one from the classic GET (cancelled)."""
-    base, url, _ = server
+def test_posted_run_completes_while_classic_trigger_run_is_cancelled(server, fast_model, reference_model):
+    """Two runs at once: one posted as JSON with the real model (followed to success), one from the classic
+    GET with the tiny model (cancelled). The hold file keeps both in flight until the cancel has landed."""
+    base, url, tmp = server
+    (tmp / "hold").touch()
     r = requests.post(f"{base}/runs", json=run_body("api_emb"), headers=auth(), timeout=30)
     assert r.status_code == 202, r.text
     posted = r.json()["run_id"]
-    t0 = time.monotonic()
-    r = requests.get(f"{base}/", params={"model": "all-MiniLM-L6-v2", "rows": 200}, headers=auth(), timeout=30)
-    assert time.monotonic() - t0 < 10  # returns at once, never holds the request for the run
-    assert r.status_code == 202, r.text
+    r = requests.get(f"{base}/", params={"model": fast_model, "rows": 200}, headers=auth(), timeout=30)
+    assert r.status_code == 202, r.text  # answered with the run id, never held open for the run
     classic = r.json()["run_id"]
 
     seen = wait_until(lambda: (s := get_run(base, classic))["rows_done"] > 0 and s, timeout=240, every=1)
     assert seen["rows_total"] == 200 and seen["state"] == "running"  # rows=200 limits the run
     c = requests.post(f"{base}/runs/{classic}/cancel", headers=auth(), timeout=60)
     assert c.status_code == 200 and c.json()["state"] == "cancelled"
+    assert 0 < get_run(base, classic)["rows_done"] < 200
 
     progress = wait_until(lambda: (s := get_run(base, posted))["rows_done"] > 0 and s, timeout=240, every=1)
-    assert progress["rows_total"] == 300 and progress["launched_by"] == "api"
+    assert progress["rows_total"] == 300 and progress["launched_by"] == "api" and progress["state"] == "running"
+    (tmp / "hold").unlink()
     wait_until(lambda: get_run(base, posted)["state"] == "succeeded", timeout=240, every=1)
-    with db.engine_for(url).connect() as conn:
-        assert conn.execute(sa.text("SELECT count(*) FROM api_emb")).scalar() == 300
+    check_table(url, reference_model, 300, "api_emb")
 
 
 def test_bad_run_requests_get_one_error_shape(server):
@@ -141,10 +143,13 @@ def test_embeddings_openai_and_ollama_shapes(server, reference_model):
 
     from openai import OpenAI
 
+    # The official client as its documentation calls it: no encoding_format, so it asks for base64.
     client = OpenAI(base_url=f"{base}/v1", api_key=TOKEN)
-    resp = client.embeddings.create(model="all-MiniLM-L6-v2", input="a waterproof hiking boot",
-                                    encoding_format="float")
-    assert np.allclose(resp.data[0].embedding, got[0], atol=1e-5)
+    resp = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts)
+    default = np.array([d.embedding for d in resp.data], dtype=np.float32)
+    assert ((default * reference_vectors(reference_model, texts)).sum(1) >= 0.9999).all()
+    floats = client.embeddings.create(model="all-MiniLM-L6-v2", input=texts[0], encoding_format="float")
+    assert np.allclose(floats.data[0].embedding, got[0], atol=1e-5)
 
     o = requests.post(f"{base}/api/embed", json={"model": "all-MiniLM-L6-v2", "input": texts[:2]},
                       headers=auth(), timeout=60).json()

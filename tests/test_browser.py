@@ -12,7 +12,7 @@ import requests
 
 from jobs import db
 from jobs.demo import seed_demo
-from tests.conftest import ARTIFACTS, free_port
+from tests.conftest import ARTIFACTS, free_port, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.spark]
 REPO = Path(__file__).resolve().parent.parent
@@ -28,7 +28,8 @@ def dashboard_url(home):
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"),
                              "--server.address", "127.0.0.1", "--server.port", str(port),
                              "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO),
+                                               EMBEDDECK_FAULT_HOLD_FILE=str(home / "browser-hold")),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -66,7 +67,7 @@ def no_exception(page) -> None:
     assert page.locator('[data-testid="stException"]').count() == 0, page.inner_text("body")[:2000]
 
 
-def test_pages_run_and_search_in_chromium(dashboard_url, browser):
+def test_pages_run_and_search_in_chromium(dashboard_url, browser, home):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(dashboard_url)
     page.get_by_text("Launch an embedding run").wait_for(timeout=60_000)
@@ -78,8 +79,17 @@ def test_pages_run_and_search_in_chromium(dashboard_url, browser):
     target.fill("browser_embeddings")
     target.press("Enter")
     page.get_by_text("rows still need a vector").wait_for(timeout=60_000)
+    hold = home / "browser-hold"
+    hold.touch()  # the run's tasks pause after their first commits: the live view is caught mid-run
     page.get_by_role("button", name="Launch run").click()
     page.get_by_role("heading", name="Runs", exact=True).wait_for(timeout=60_000)
+    page.locator("h3", has_text="· running").wait_for(timeout=300_000)
+    rows_done = page.locator('[data-testid="stMetricValue"]').first
+    wait_until(lambda: rows_done.inner_text().strip() not in ("", "0"), timeout=300, every=1)
+    assert page.get_by_role("button", name="Cancel run").count() == 1
+    no_exception(page)
+    shot(page, "runs-in-flight")
+    hold.unlink()
     page.locator("h3", has_text="· succeeded").wait_for(timeout=300_000)
     no_exception(page)
     shot(page, "runs")

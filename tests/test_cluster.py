@@ -3,7 +3,6 @@
 import os
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
@@ -42,9 +41,10 @@ def test_scale_0_2_1_0_agrees_with_master_json_and_telemetry(cluster, tmp_path):
             assert {r.worker for r in readings} == {"worker-0", "worker-1"}
             assert all(r.rss_mb > 50 and not r.stale for r in readings)  # a live JVM
             assert all(r.gpus or r.gpu_note.startswith("no NVIDIA GPU") for r in readings)
-    time.sleep(4)
-    stale = telemetry.read_all(telemetry.store_dir(tmp_path), stale_after_s=3)
-    assert stale and all(r.stale for r in stale)
+    # With no workers left, no reading is refreshed: each turns stale once it is older than 3 s.
+    stale = wait_until(lambda: (r := telemetry.read_all(telemetry.store_dir(tmp_path), stale_after_s=3))
+                       and all(x.stale for x in r) and r, timeout=30)
+    assert len(stale) == 2
 
     # A worker killed behind our back is reported DEAD, then replaced by the next scale.
     cluster.scale(1)
@@ -67,8 +67,10 @@ def test_unreachable_spark_gives_state_not_exception():
     assert stats.reachable is False and stats.error.startswith("unreachable")
 
 
-def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp_path, reference_model):
-    """A run submitted to a master with 0 workers gets 2 from the controller; one is SIGKILLed mid-run;
+def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp_path, fast_model, fast_reference,
+                                                                   hold_file):
+    """A run submitted to a master with 0 workers gets 2 from the controller; one is SIGKILLed while both
+    hold a task (the hold file keeps them there, the tiny model encodes far faster than any real one);
     Spark retries its tasks, every row is embedded exactly once; idleness then brings the cluster to 0."""
     url = f"sqlite:///{tmp_path / 'auto.sqlite'}"
     seed_demo(url, n=ROWS)
@@ -77,33 +79,35 @@ def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp
     controller = Controller(cluster, Registry())
     out = subprocess.run([sys.executable, "-m", "jobs", "run", "--db", url, "--source", "products",
                           "--id-column", "id", "--text-column", "description", "--target", "auto_emb",
-                          "--master", cluster.master_url(), "--detach"],
+                          "--model", fast_model, "--master", cluster.master_url(), "--detach"],
                          capture_output=True, text=True, env=dict(os.environ))
     run_id = out.stdout.strip()
     assert run_id, out.stderr
     first = controller.tick()
     assert first.desired == 2 and "backlog" in first.reason
     assert cluster.state().alive_workers == 2
-    stats_seen, killed = None, False
-    deadline = time.monotonic() + 400
-    while controller.registry.get(run_id).active and time.monotonic() < deadline:
+
+    def both_executors_hold_a_task():
         run = controller.registry.get(run_id)
-        if stats_seen is None and run.ui_url:
-            stats = spark_rest.app_stats(run.ui_url)
-            if stats.reachable and stats.executors:
-                stats_seen = stats
-        if not killed and run.rows_done >= 60:
-            os.killpg(cluster.worker_pids()["worker-1"], 9)
-            killed = True
-        controller.tick()
-        time.sleep(1)
+        assert run.active, run.error
+        if run.rows_done == 0:  # still planning, or no commit has landed yet
+            return None
+        stats = spark_rest.app_stats(run.ui_url) if run.ui_url else None
+        busy = [e for e in (stats.executors if stats and stats.reachable else []) if e["id"] != "driver"
+                and e["active_tasks"]]
+        return len(busy) == 2 and stats
+
+    stats_seen = wait_until(both_executors_hold_a_task, timeout=240, every=1)
+    held = controller.registry.get(run_id)
+    assert held.state == "running" and 0 < held.rows_done < ROWS
+    os.killpg(cluster.worker_pids()["worker-1"], 9)
+    hold_file.unlink()
+    wait_until(lambda: (controller.tick(), not controller.registry.get(run_id).active)[1], timeout=300, every=1)
     final = controller.registry.get(run_id)
     assert final.state == "succeeded", final.error
-    assert killed, "the run ended before a worker could be killed mid-run"
-    check_table(url, reference_model, ROWS, target="auto_emb")
-    assert stats_seen is not None, "Spark application REST never answered during the run"
+    check_table(url, fast_reference, ROWS, target="auto_emb", model=fast_model)
     assert stats_seen.app_id and stats_seen.name.startswith("embeddeck-")
-    assert len(stats_seen.executors) >= 1 and stats_seen.jobs
+    assert stats_seen.jobs
     wait_until(lambda: controller.tick().desired == 0, timeout=30, every=1)
     assert cluster.state().alive_workers == 0
     events = controller.events()
@@ -114,7 +118,7 @@ def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp
 
 
 def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_survives_a_cancel(
-        pg_url, reference_model):
+        pg_url, reference_model, fast_model, tmp_path):
     """`python -m cluster up` starts the warm run service with the master; runs handed to it are
     correct, the second finds its Python worker and model already loaded, the database password
     travels over the service's socket only, a cancel stops the run and not the service; `down`
@@ -127,7 +131,9 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
     from jobs.progress import start_breakdown
     from jobs.spec import RunSpec
 
-    env = dict(os.environ, EMBEDDECK_MASTER_PORT=str(free_port()), EMBEDDECK_MASTER_WEBUI_PORT=str(free_port()))
+    hold = tmp_path / "hold"
+    env = dict(os.environ, EMBEDDECK_MASTER_PORT=str(free_port()), EMBEDDECK_MASTER_WEBUI_PORT=str(free_port()),
+               EMBEDDECK_FAULT_HOLD_FILE=str(hold))
 
     def cli(*args):
         out = subprocess.run([sys.executable, "-m", "cluster", *args], env=env, capture_output=True, text=True,
@@ -168,9 +174,12 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
         stages = start_breakdown(marks)
         assert stages["jvm"] == stages["spark_app"] == stages["python_worker"] == 0
 
-        busy = launch("svc_busy")  # 400 rows on one core: still running when the cancel comes
+        hold.touch()  # keeps the next run in flight after its first commit, however fast the machine
+        busy = launch("svc_busy", model=fast_model)
         wait_until(lambda: registry.get(busy).rows_done > 0, timeout=120)
         assert launcher.cancel(busy, registry) == "cancelled"
+        assert 0 < registry.get(busy).rows_done < ROWS
+        hold.unlink()
         assert runner.info()["pid"] == service["pid"]
         again = wait(registry, launch("svc_again", limit_rows=20), out=open(os.devnull, "w"))
         assert again.state == "succeeded" and again.driver_pid == service["pid"]

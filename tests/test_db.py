@@ -10,7 +10,8 @@ from sqlalchemy.dialects.mssql import pyodbc as mssql_pyodbc
 from sqlalchemy.schema import CreateTable
 
 from jobs import db, search
-from jobs.spec import RunSpec, SpecError
+from jobs.errors import BadRequest, Unavailable
+from jobs.spec import RunSpec
 
 
 @pytest.fixture
@@ -43,11 +44,11 @@ def test_redact_url_hides_password():
 def test_missing_table_and_columns_are_named(sqlite_url):
     make_source(sqlite_url)
     engine = db.engine_for(sqlite_url)
-    with pytest.raises(SpecError, match="source table 'nope' does not exist"):
+    with pytest.raises(BadRequest, match="source table 'nope' does not exist"):
         db.inspect_run(engine, spec_for(sqlite_url, source="nope"))
-    with pytest.raises(SpecError, match=r"text column 'txt' is not in table 'docs' \(columns: id, body\)"):
+    with pytest.raises(BadRequest, match=r"text column 'txt' is not in table 'docs' \(columns: id, body\)"):
         db.inspect_run(engine, spec_for(sqlite_url, text_column="txt"))
-    with pytest.raises(SpecError, match="id column 'body' is TEXT; key ranges need an integer"):
+    with pytest.raises(BadRequest, match="id column 'body' is TEXT; key ranges need an integer"):
         db.inspect_run(engine, spec_for(sqlite_url, id_column="body"))
 
 
@@ -72,7 +73,7 @@ def test_incompatible_target_says_what_differs(sqlite_url):
     engine = db.engine_for(sqlite_url)
     with engine.begin() as conn:
         conn.execute(sa.text('CREATE TABLE docs_emb (source_id INTEGER, embedding TEXT, model TEXT)'))
-    with pytest.raises(SpecError) as err:
+    with pytest.raises(BadRequest) as err:
         db.inspect_run(engine, spec_for(sqlite_url))
     msg = str(err.value)
     assert "'content_hash' is missing" in msg and "'embedded_at' is missing" in msg
@@ -81,7 +82,7 @@ def test_incompatible_target_says_what_differs(sqlite_url):
 
 def test_wrong_password_message_has_no_password(pg_url):
     bad = pg_url.replace("s3cret-pg", "wrong-Pa55word")
-    with pytest.raises(SpecError) as err:
+    with pytest.raises(Unavailable) as err:
         db.check_connection(bad)
     msg = str(err.value)
     assert "wrong-Pa55word" not in msg and "***" in msg

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from jobs import plan, progress, texts, vectors
-from jobs.spec import RunSpec, SpecError
+from jobs.errors import BadRequest
+from jobs.spec import RunSpec
 
 
 def spec(**kw):
@@ -36,7 +37,7 @@ def test_spec_shape_rejects(kw, message):
     if message is None:
         spec(**kw).check_shape()
         return
-    with pytest.raises(SpecError, match=message):
+    with pytest.raises(BadRequest, match=message):
         spec(**kw).check_shape()
 
 
@@ -45,14 +46,14 @@ def test_model_names_that_are_no_directory_are_a_spec_error(name):
     """Found by schemathesis: "~user" raised RuntimeError, a 300-char name OSError (both were a 500)."""
     from jobs.encoder import model_path
 
-    with pytest.raises(SpecError, match="is neither all-MiniLM-L6-v2 nor a local sentence-transformers"):
+    with pytest.raises(BadRequest, match="is neither all-MiniLM-L6-v2 nor a local sentence-transformers"):
         model_path(name)
 
 
 def test_spec_json_round_trip_and_unknown_fields():
     s = spec(partitions=3, mode="full")
     assert RunSpec.from_json(s.to_json()) == s
-    with pytest.raises(SpecError, match="unknown run spec fields: bogus"):
+    with pytest.raises(BadRequest, match="unknown run spec fields: bogus"):
         RunSpec.from_json('{"bogus": 1}')
 
 

@@ -1,0 +1,104 @@
+"""The HTTP API's wire contracts in-process (FastAPI's TestClient): the shapes that OpenAI, LangChain,
+LlamaIndex and TEI clients send, and status codes that say whose fault a failure is."""
+
+import base64
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from jobs.api import create_app
+from jobs.runs import Registry
+from tests.conftest import free_port, reference_vectors
+
+TOKEN = "contract-token-7d1e"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+TEXTS = ["a waterproof hiking boot", "espresso machine with a steam wand"]
+
+
+@pytest.fixture(scope="module")
+def client(home):
+    with TestClient(create_app(TOKEN, Registry())) as c:
+        yield c
+
+
+def decode_base64(item: dict) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4")
+
+
+def test_langchain_openai_embeddings_body_gets_base64_float32(client, reference_model):
+    # What langchain_openai.OpenAIEmbeddings(check_embedding_ctx_length=False).embed_documents sends
+    # through the openai client: texts, the model, and the client's default encoding_format.
+    body = {"input": TEXTS, "model": "all-MiniLM-L6-v2", "encoding_format": "base64"}
+    r = client.post("/v1/embeddings", json=body, headers=AUTH)
+    assert r.status_code == 200, r.text
+    got = np.stack([decode_base64(d) for d in r.json()["data"]])
+    assert got.shape == (2, 384)
+    assert ((got * reference_vectors(reference_model, TEXTS)).sum(1) >= 0.9999).all()
+
+
+def test_llamaindex_openai_embedding_body(client, reference_model):
+    # llama_index.embeddings.openai.OpenAIEmbedding: one list of texts (newlines replaced by spaces),
+    # the model name, and whatever the openai client adds by default (base64).
+    body = {"input": ["espresso machine with a steam wand"], "model": "all-MiniLM-L6-v2",
+            "encoding_format": "base64"}
+    r = client.post("/v1/embeddings", json=body, headers=AUTH)
+    assert r.status_code == 200, r.text
+    (item,) = r.json()["data"]
+    assert item["index"] == 0 and item["object"] == "embedding"
+    expected = reference_vectors(reference_model, ["espresso machine with a steam wand"])[0]
+    assert float(decode_base64(item) @ expected) >= 0.9999
+
+
+@pytest.mark.parametrize("tokens", [[101, 7592, 102], [[101, 7592, 102], [101, 2088, 102]]])
+def test_token_ids_get_a_400_that_says_to_send_text(client, tokens):
+    # LangChain's default (check_embedding_ctx_length=True) sends tiktoken ids instead of text.
+    r = client.post("/v1/embeddings", json={"input": tokens, "model": "all-MiniLM-L6-v2"}, headers=AUTH)
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "bad_request"
+    assert "token ids are not accepted" in r.json()["error"]["message"]
+
+
+def test_dimensions_equal_to_the_model_is_accepted_any_other_is_a_400_naming_it(client):
+    ok = client.post("/v1/embeddings", json={"input": "x", "dimensions": 384}, headers=AUTH)
+    assert ok.status_code == 200 and len(ok.json()["data"][0]["embedding"]) == 384
+    bad = client.post("/v1/embeddings", json={"input": "x", "dimensions": 256}, headers=AUTH)
+    assert bad.status_code == 400 and "dimensions must be 384" in bad.json()["error"]["message"]
+
+
+def test_tei_embed_shape_normalize_and_token(client, reference_model):
+    r = client.post("/embed", json={"inputs": TEXTS[0]}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    (one,) = r.json()
+    assert float(np.asarray(one) @ reference_vectors(reference_model, TEXTS[:1])[0]) >= 0.9999
+    raw = np.asarray(client.post("/embed", json={"inputs": TEXTS, "normalize": False, "truncate": True},
+                                 headers=AUTH).json())
+    norms = np.linalg.norm(raw, axis=1)
+    assert raw.shape == (2, 384) and (np.abs(norms - 1) > 0.01).all()  # mean-pooled, not unit length
+    unit = raw / norms[:, None]
+    assert ((unit * reference_vectors(reference_model, TEXTS)).sum(1) >= 0.9999).all()
+    assert client.post("/embed", json={"inputs": "x"}).status_code == 401
+
+
+def test_a_run_posted_while_the_database_is_down_is_503_with_retry_after(home, monkeypatch):
+    down = f"postgresql+psycopg://app:Down5ecret@127.0.0.1:{free_port()}/prod"  # nothing listens there
+    monkeypatch.setenv("EMBEDDECK_DB_URL", down)
+    with TestClient(create_app(TOKEN, Registry())) as c:
+        r = c.post("/runs", json={"source": "products", "id_column": "id", "text_column": "description",
+                                  "target": "t"}, headers=AUTH)
+    assert r.status_code == 503, r.text
+    assert r.headers["Retry-After"].isdigit()
+    assert r.json()["error"]["code"] == "unavailable" and "cannot connect" in r.json()["error"]["message"]
+    assert "Down5ecret" not in r.text
+
+
+def test_a_bad_request_is_still_a_400(tmp_path, monkeypatch):
+    from jobs.demo import seed_demo
+
+    url = f"sqlite:///{tmp_path / 'contract.sqlite'}"
+    seed_demo(url, n=20)
+    monkeypatch.setenv("EMBEDDECK_DB_URL", url)
+    with TestClient(create_app(TOKEN, Registry())) as c:
+        r = c.post("/runs", json={"source": "nope", "id_column": "id", "text_column": "description",
+                                  "target": "t"}, headers=AUTH)
+    assert r.status_code == 400 and "source table 'nope' does not exist" in r.json()["error"]["message"]
