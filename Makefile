@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export SPARK_LOCAL_IP := 127.0.0.1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test setup system-deps bench gpu-check lint clean
+.PHONY: run test test-unit setup system-deps bench gpu-check lint clean
 
 run: setup
 	$(BIN)/python -m dashboard
@@ -16,19 +16,23 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+# The fast tier alone: pure logic, the encoder, the API in-process, SQLite; no Spark, JVM or server (< 60 s).
+test-unit: setup
+	$(BIN)/python -m pytest -m "not spark and not browser and not server"
+
 bench: setup
-	$(BIN)/python -m jobs.bench $(if $(QUICK),--quick,)
+	$(BIN)/python -m jobs.doors.bench $(if $(QUICK),--quick,)
 
 # On a machine with an NVIDIA GPU: CUDA fp16 texts/s (short and long texts) and cosine to fp32.
 gpu-check: setup
-	$(BIN)/python -m jobs.gpu_check
+	$(BIN)/python -m jobs.doors.gpu_check
 
 lint: setup
 	$(BIN)/ruff check .
 
 # The JVM class archive (jobs/jvm.py) belongs to this JDK and pyspark: built once, rebuilt when either changes.
 setup: system-deps $(STAMP)
-	@$(BIN)/python -m jobs.jvm
+	@$(BIN)/python -m jobs.spark.jvm
 
 # Java for Spark, unixODBC for pyodbc, PostgreSQL for the tests, Chromium for browser tests.
 system-deps:

@@ -8,18 +8,17 @@ metrics-api rule reads from the controller's /autoscale. Manual scaling records 
 from __future__ import annotations
 
 import datetime as dt
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from cluster import spark_rest
 from cluster.backend import Worker
-from cluster.controller import load_settings, save_settings
+from jobs.core.errors import BadRequest
+from jobs.core.settings import Settings
+from jobs.store import worker_readings
 
-NEEDED = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP")
+NEEDED = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZURE_LOCATION")
 METRICS = ["Replicas", "UsageNanoCores", "WorkingSetBytes"]
-
-
-class AcaConfigError(RuntimeError):
-    """Azure settings or credentials are missing; the message names them."""
 
 
 @dataclass(frozen=True)
@@ -32,17 +31,17 @@ class AcaTarget:
     workspace_id: str | None = None
 
     @classmethod
-    def from_env(cls, env: dict | None = None) -> AcaTarget:
-        env = dict(os.environ if env is None else env)
-        missing = [k for k in NEEDED if not env.get(k)]
+    def from_env(cls, env: Mapping[str, str] | None = None) -> AcaTarget:
+        """The worker app to drive, from the environment; BadRequest naming what is missing."""
+        settings = Settings(env)
+        missing = [k for k in NEEDED if not settings.raw(k)]
         if missing:
-            raise AcaConfigError("the Azure Container Apps backend needs " + ", ".join(missing)
-                                 + " (and credentials DefaultAzureCredential can find: az login, a managed"
-                                   " identity, or AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET)")
-        return cls(env["AZURE_SUBSCRIPTION_ID"], env["AZURE_RESOURCE_GROUP"],
-                   env.get("EMBEDDECK_ACA_WORKER", "embeddeck-worker"),
-                   env.get("EMBEDDECK_ACA_CONTROLLER", "embeddeck-controller"),
-                   env.get("AZURE_LOCATION", "swedencentral"), env.get("EMBEDDECK_LOG_WORKSPACE_ID"))
+            raise BadRequest("the Azure Container Apps backend needs " + ", ".join(missing)
+                             + " (and credentials DefaultAzureCredential can find: az login, a managed"
+                               " identity, or AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET)")
+        return cls(settings.raw("AZURE_SUBSCRIPTION_ID"), settings.raw("AZURE_RESOURCE_GROUP"),
+                   settings.raw("EMBEDDECK_ACA_WORKER"), settings.raw("EMBEDDECK_ACA_CONTROLLER"),
+                   settings.raw("AZURE_LOCATION"), settings.raw("EMBEDDECK_LOG_WORKSPACE_ID"))
 
     @property
     def worker_id(self) -> str:
@@ -59,7 +58,9 @@ class MetricPoint:
 
 
 class AcaBackend:
-    """Workers are the replicas of the worker app's latest ready revision."""
+    """Workers are the replicas of the worker app's latest ready revision. A Backend."""
+
+    name = "aca"
 
     def __init__(self, target: AcaTarget, credential=None, **client_kwargs):
         from azure.mgmt.appcontainers import ContainerAppsAPIClient
@@ -73,6 +74,27 @@ class AcaBackend:
 
     def master_url(self) -> str:
         return f"spark://{self.target.controller_app}:7077"
+
+    @property
+    def master_webui(self) -> str:
+        return f"http://{self.target.controller_app}:8080"
+
+    def master_state(self) -> spark_rest.MasterState:
+        """The master in the controller app, as its own JSON tells (reached inside the environment)."""
+        return spark_rest.master_state(self.master_webui)
+
+    def utilisation(self) -> list[worker_readings.Reading]:
+        """Azure Monitor has no GPU metric for Container Apps: each replica publishes its own readings
+        to the shared Azure Files store."""
+        return worker_readings.read_all(worker_readings.store_dir())
+
+    def up(self, workers: int = 0) -> spark_rest.MasterState:
+        raise BadRequest("on Azure Container Apps the master runs in the controller app: deploy it with "
+                         "`python -m cluster deploy`")
+
+    def down(self) -> None:
+        raise BadRequest("on Azure Container Apps, workers scale to zero by themselves; the controller app "
+                         "is stopped with the Azure CLI or portal")
 
     def workers(self) -> list[Worker]:
         """Replicas of the active revision with their running state and start time."""
@@ -94,10 +116,8 @@ class AcaBackend:
         return out
 
     def scale(self, n: int) -> list[Worker]:
-        """Manual count: the KEDA rule reads it from /autoscale within its polling interval."""
-        settings = load_settings()
-        settings.autoscale, settings.desired = False, n
-        save_settings(settings)
+        """Nothing to do here: replicas follow the worker app's KEDA rule, which reads the operator's count
+        from /autoscale within its polling interval (rewriting min/max would replace every worker)."""
         return self.workers()
 
     def set_bounds(self, min_replicas: int, max_replicas: int) -> None:
@@ -129,7 +149,7 @@ class AcaBackend:
     def scaling_events(self, hours: float = 6.0) -> list[dict]:
         """KEDA scaling events of the worker app from ContainerAppSystemLogs."""
         if not self.target.workspace_id:
-            raise AcaConfigError("scaling events need EMBEDDECK_LOG_WORKSPACE_ID (the Log Analytics workspace)")
+            raise BadRequest("scaling events need EMBEDDECK_LOG_WORKSPACE_ID (the Log Analytics workspace)")
         from azure.monitor.query import LogsQueryClient
 
         app = self.target.worker_app.replace("'", "")

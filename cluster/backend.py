@@ -1,9 +1,14 @@
-"""The one interface the dashboard and autoscaler use over local processes or Azure Container Apps."""
+"""The one interface every door uses over the workers of a cluster: local processes or ACA replicas."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
+
+from cluster.spark_rest import MasterState
+from jobs.store.worker_readings import Reading
+
+RUNNING_STATES = ("ALIVE", "STARTING", "Running")
 
 
 @dataclass
@@ -11,24 +16,47 @@ class Worker:
     """One worker process or replica as the backend sees it."""
 
     name: str
-    state: str  # ALIVE, STARTING, DEAD, Running, NotRunning…
+    state: str  # ALIVE, STARTING, DEAD (local); Running, NotRunning, Unknown (ACA)
     cores: int | None = None
     memory_mb: int | None = None
     started_at: float | None = None
     detail: str = ""
 
+    @property
+    def running(self) -> bool:
+        return self.state in RUNNING_STATES
+
 
 class Backend(Protocol):
-    """Start, scale and inspect the workers of one cluster."""
+    """List, scale and measure the workers of one cluster, and reach its Spark master."""
+
+    name: str  # "local" or "aca"
+    master_webui: str
 
     def workers(self) -> list[Worker]:
         """The workers that exist now, alive or not."""
         ...
 
     def scale(self, n: int) -> list[Worker]:
-        """Make n workers exist; returns them."""
+        """Ask for n workers; returns the workers that exist afterwards."""
+        ...
+
+    def utilisation(self) -> list[Reading]:
+        """Each worker's latest CPU, memory and GPU reading (stale ones marked)."""
         ...
 
     def master_url(self) -> str:
         """The spark:// URL that runs submit to."""
+        ...
+
+    def master_state(self) -> MasterState:
+        """The Spark master's own view of its workers and applications."""
+        ...
+
+    def up(self, workers: int = 0) -> MasterState:
+        """Start the master (and n workers) where the backend can; BadRequest where it cannot."""
+        ...
+
+    def down(self) -> None:
+        """Stop the workers and the master where the backend can; BadRequest where it cannot."""
         ...

@@ -8,10 +8,13 @@ environment; what is missing is named.
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from azure.mgmt.appcontainers import models as m
+
+from jobs.core.errors import BadRequest
+from jobs.core.settings import Settings
 
 SECRET_MASK = "***"
 REQUIRED = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZURE_LOCATION", "EMBEDDECK_ACA_SUBNET_ID",
@@ -41,22 +44,18 @@ class AcaConfig:
     max_workers: int = 4
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None, allow_missing: bool = False) -> tuple[AcaConfig, list[str]]:
+    def from_env(cls, env: Mapping[str, str] | None = None,
+                 allow_missing: bool = False) -> tuple[AcaConfig, list[str]]:
         """Config from the environment, and the names of required variables that are missing."""
-        env = dict(os.environ if env is None else env)
-        missing = [k for k in REQUIRED if not env.get(k)]
+        settings = Settings(env)
+        missing = [k for k in REQUIRED if not settings.raw(k)]
         if missing and not allow_missing:
-            raise ValueError("Azure deployment needs these environment variables: " + ", ".join(missing))
-        get = lambda k: env.get(k) or f"<{k}>"  # noqa: E731
-        return cls(get("AZURE_SUBSCRIPTION_ID"), get("AZURE_RESOURCE_GROUP"), get("AZURE_LOCATION"),
-                   get("EMBEDDECK_ACA_SUBNET_ID"), get("EMBEDDECK_STORAGE_ACCOUNT"), get("EMBEDDECK_STORAGE_KEY"),
-                   get("EMBEDDECK_CONTROLLER_IMAGE"), get("EMBEDDECK_WORKER_IMAGE"), get("EMBEDDECK_API_TOKEN"),
-                   get("EMBEDDECK_DB_URL"),
-                   env.get("EMBEDDECK_ACA_ENV", "embeddeck-env"), env.get("EMBEDDECK_ACA_CONTROLLER",
-                                                                            "embeddeck-controller"),
-                   env.get("EMBEDDECK_ACA_WORKER", "embeddeck-worker"), env.get("EMBEDDECK_SHARE", "embeddeck"),
-                   env.get("EMBEDDECK_GPU_PROFILE", "Consumption-GPU-NC8as-T4"),
-                   int(env.get("EMBEDDECK_MAX_WORKERS", "4"))), missing
+            raise BadRequest("Azure deployment needs these environment variables: " + ", ".join(missing))
+        get = lambda k: settings.raw(k) or f"<{k}>"  # noqa: E731
+        return cls(*(get(k) for k in REQUIRED), settings.raw("EMBEDDECK_ACA_ENV"),
+                   settings.raw("EMBEDDECK_ACA_CONTROLLER"), settings.raw("EMBEDDECK_ACA_WORKER"),
+                   settings.raw("EMBEDDECK_SHARE"), settings.raw("EMBEDDECK_GPU_PROFILE"),
+                   settings.integer("EMBEDDECK_MAX_WORKERS")), missing
 
     @property
     def environment_id(self) -> str:

@@ -6,34 +6,19 @@ state files under EmbedDeck's home, so a restarted dashboard finds the cluster i
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import psutil
-
-from cluster import spark_rest, telemetry
+from cluster import spark_rest
 from cluster.backend import Worker
-from jobs import jvm
-from jobs.db import default_home
-from jobs.launcher import free_port
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-class ClusterError(RuntimeError):
-    """A cluster operation that failed; the message says which and why."""
-
-
-def spark_class() -> str:
-    import pyspark
-
-    return str(Path(pyspark.__file__).parent / "bin" / "spark-class")
+from jobs.core.errors import BadRequest, Unavailable
+from jobs.core.processes import free_port, is_alive, read_json, start_time, stop_group, write_json
+from jobs.core.settings import REPO, Settings
+from jobs.spark import jvm
+from jobs.store import worker_readings
 
 
 @dataclass
@@ -47,68 +32,59 @@ class Proc:
     log: str
 
     def alive(self) -> bool:
-        try:
-            p = psutil.Process(self.pid)
-            return abs(p.create_time() - self.started) < 1 and p.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
+        return is_alive(self.pid, self.started)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if not self.alive():
-            return
-        try:
-            os.killpg(self.pid, signal.SIGTERM)
-            psutil.Process(self.pid).wait(timeout)
-        except psutil.TimeoutExpired:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (psutil.Error, ProcessLookupError):
-            pass
+        if self.alive():
+            stop_group(self.pid, self.pid, grace_s=timeout)
 
 
 class LocalCluster:
-    """Master plus N workers as local processes; state under <home>/cluster."""
+    """Master plus N workers as local processes; state under <home>/cluster. A Backend."""
+
+    name = "local"
 
     def __init__(self, home: Path | None = None, master_port: int | None = None,
                  webui_port: int | None = None, worker_cores: int | None = None,
                  worker_memory: str | None = None):
-        env = os.environ
-        self.dir = (home or default_home()) / "cluster"
+        settings = Settings()
+        self.home = home or settings.home
+        self.dir = self.home / "cluster"
         (self.dir / "logs").mkdir(parents=True, exist_ok=True)
-        self.master_port = master_port or int(env.get("EMBEDDECK_MASTER_PORT", "7077"))
-        self.webui_port = webui_port or int(env.get("EMBEDDECK_MASTER_WEBUI_PORT", "8080"))
-        self.worker_cores = worker_cores or int(env.get("EMBEDDECK_WORKER_CORES", "1"))
-        self.worker_memory = worker_memory or env.get("EMBEDDECK_WORKER_MEMORY", "2g")
+        self.master_port = master_port or settings.integer("EMBEDDECK_MASTER_PORT")
+        self.webui_port = webui_port or settings.integer("EMBEDDECK_MASTER_WEBUI_PORT")
+        self.worker_cores = worker_cores or settings.integer("EMBEDDECK_WORKER_CORES")
+        self.worker_memory = worker_memory or settings.raw("EMBEDDECK_WORKER_MEMORY")
 
     # state files -------------------------------------------------------------------------
     def _path(self, name: str) -> Path:
         return self.dir / f"{name}.json"
 
     def _load(self, name: str) -> Proc | None:
+        data = read_json(self._path(name))
         try:
-            return Proc(**json.loads(self._path(name).read_text()))
-        except (OSError, ValueError, TypeError):
+            return Proc(**data) if isinstance(data, dict) else None
+        except TypeError:
             return None
 
     def _save(self, name: str, proc: Proc | None) -> None:
         if proc is None:
             self._path(name).unlink(missing_ok=True)
         else:
-            self._path(name).write_text(json.dumps(asdict(proc)))
+            write_json(self._path(name), asdict(proc))
 
     def _worker_names(self) -> list[str]:
         return sorted((p.stem for p in self.dir.glob("worker-*.json")), key=lambda s: int(s.split("-")[1]))
 
     # processes ---------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str], port: int, webui_port: int) -> Proc:
-        env = dict(os.environ, SPARK_LOCAL_IP="127.0.0.1", PYSPARK_PYTHON=sys.executable,
-                   SPARK_NO_DAEMONIZE="1", SPARK_DAEMON_JAVA_OPTS=jvm.java_options(),
-                   SPARK_MASTER_OPTS="-Dspark.master.rest.enabled=false",
-                   PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+        env = jvm.spark_env() | {"SPARK_NO_DAEMONIZE": "1", "SPARK_DAEMON_JAVA_OPTS": jvm.java_options(),
+                                 "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false"}
         log = self.dir / "logs" / f"{name}.log"
         with open(log, "ab") as out:
-            p = subprocess.Popen([spark_class(), *args], stdout=out, stderr=subprocess.STDOUT,
+            p = subprocess.Popen([jvm.spark_class(), *args], stdout=out, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        proc = Proc(p.pid, psutil.Process(p.pid).create_time(), port, webui_port, str(log))
+        proc = Proc(p.pid, start_time(p.pid) or time.time(), port, webui_port, str(log))
         self._save(name, proc)
         return proc
 
@@ -117,9 +93,9 @@ class LocalCluster:
         log = self.dir / "logs" / f"{name}.telemetry.log"
         with open(log, "ab") as out:
             subprocess.Popen([sys.executable, "-m", "cluster.telemetry", "--worker", name, "--pid", str(pid),
-                              "--dir", str(telemetry.store_dir(self.dir.parent))],
+                              "--dir", str(worker_readings.store_dir(self.home))],
                              stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(REPO),
-                             env=dict(os.environ, PYTHONPATH=str(REPO)), start_new_session=True)
+                             env=jvm.spark_env(), start_new_session=True)
 
     @property
     def master_webui(self) -> str:
@@ -132,7 +108,7 @@ class LocalCluster:
         proc = self._load("master")
         return proc is not None and proc.alive()
 
-    def state(self) -> spark_rest.MasterState:
+    def master_state(self) -> spark_rest.MasterState:
         """The master's own view, or an unreachable state when it is down."""
         if not self.master_alive():
             return spark_rest.MasterState(reachable=False, error="master is not running")
@@ -147,19 +123,19 @@ class LocalCluster:
             deadline = time.monotonic() + timeout
             while not spark_rest.master_state(self.master_webui, timeout=1).reachable:
                 if not self.master_alive():
-                    raise ClusterError(f"Spark master exited at start; see {self.dir / 'logs' / 'master.log'}")
+                    raise Unavailable(f"Spark master exited at start; see {self.dir / 'logs' / 'master.log'}")
                 if time.monotonic() > deadline:
-                    raise ClusterError(f"Spark master did not answer within {timeout:.0f}s")
+                    raise Unavailable(f"Spark master did not answer within {timeout:.0f}s")
                 time.sleep(0.5)
         self.scale(workers, timeout=timeout)
-        return self.state()
+        return self.master_state()
 
     def scale(self, n: int, timeout: float = 60.0) -> list[Worker]:
         """Start or stop worker processes until n are alive and registered with the master."""
         if n < 0:
-            raise ClusterError(f"worker count must be 0 or more, not {n}")
+            raise BadRequest(f"worker count must be 0 or more, not {n}")
         if n > 0 and not self.master_alive():
-            raise ClusterError("the Spark master is not running; start it with `python -m cluster up`")
+            raise Unavailable("the Spark master is not running; start it with `python -m cluster up`")
         names = self._worker_names()
         for name in names:  # forget workers that died on their own
             proc = self._load(name)
@@ -198,12 +174,12 @@ class LocalCluster:
             if state.reachable and ours <= alive and len(ours) == n:
                 return
             if time.monotonic() > deadline:
-                raise ClusterError(f"{len(ours & alive)} workers registered after {timeout:.0f}s, wanted {n}")
+                raise Unavailable(f"{len(ours & alive)} workers registered after {timeout:.0f}s, wanted {n}")
             time.sleep(0.5)
 
     def workers(self) -> list[Worker]:
         """Our worker processes, joined with the master's view of each (ALIVE/DEAD)."""
-        state = self.state()
+        state = self.master_state()
         by_port = {w.port: w for w in state.workers if w.state == "ALIVE"}
         out = []
         for name in self._worker_names():
@@ -218,6 +194,10 @@ class LocalCluster:
             out.append(Worker(name, status, seen.cores if seen else self.worker_cores,
                               seen.memory_mb if seen else None, proc.started, f"pid {proc.pid}"))
         return out
+
+    def utilisation(self) -> list[worker_readings.Reading]:
+        """The readings each worker's telemetry sidecar publishes."""
+        return worker_readings.read_all(worker_readings.store_dir(self.home))
 
     def worker_pids(self) -> dict[str, int]:
         """Pid of each worker process we started (telemetry walks their process trees)."""

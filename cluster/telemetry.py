@@ -1,51 +1,18 @@
-"""Worker telemetry: each worker publishes its own GPU (NVML) or CPU/memory readings; the controller reads.
-
-Azure Monitor publishes no GPU metric for Container Apps, so workers report for themselves into a
-shared store: a folder (local state dir, or the Azure Files share mounted in every replica).
-"""
+"""Worker telemetry publisher: a sidecar that samples one worker's GPUs (NVML) and its process tree's CPU and
+memory, and writes the readings to the shared store (jobs/store/worker_readings.py) every few seconds."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
 
-from jobs.db import default_home
+from jobs.store.worker_readings import GpuReading, Reading, publish, store_dir
 
-STALE_AFTER_S = 15.0
 PUBLISH_EVERY_S = 3.0
-
-
-@dataclass
-class GpuReading:
-    index: int
-    name: str
-    utilisation_pct: float
-    memory_used_mb: float
-    memory_total_mb: float
-    temperature_c: float | None
-    power_w: float | None
-
-
-@dataclass
-class Reading:
-    """One worker's readings at one moment."""
-
-    worker: str
-    host: str
-    at: float
-    gpus: list[GpuReading] = field(default_factory=list)
-    gpu_note: str = ""
-    cpu_pct: float = 0.0
-    rss_mb: float = 0.0
-    processes: int = 0
-    stale: bool = False
 
 
 def read_gpus() -> tuple[list[GpuReading], str]:
@@ -101,35 +68,6 @@ def process_tree_usage(pid: int, interval: float = 0.5) -> tuple[float, float, i
         except psutil.Error:
             pass
     return cpu, rss, alive
-
-
-def store_dir(home: Path | None = None) -> Path:
-    path = Path(os.environ.get("EMBEDDECK_TELEMETRY_DIR", (home or default_home()) / "telemetry"))
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def publish(reading: Reading, directory: Path) -> None:
-    """Write atomically, so a reader never sees half a file."""
-    tmp = directory / f".{reading.worker}.json.tmp"
-    tmp.write_text(json.dumps(asdict(reading)))
-    tmp.replace(directory / f"{reading.worker}.json")
-
-
-def read_all(directory: Path, now: float | None = None, stale_after_s: float = STALE_AFTER_S) -> list[Reading]:
-    """Every worker's latest reading; old ones are marked stale, never shown as zero."""
-    now = time.time() if now is None else now
-    out = []
-    for path in sorted(directory.glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        data["gpus"] = [GpuReading(**g) for g in data.get("gpus", [])]
-        reading = Reading(**data)
-        reading.stale = now - reading.at > stale_after_s
-        out.append(reading)
-    return out
 
 
 def sample(worker: str, pid: int) -> Reading:

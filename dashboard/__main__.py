@@ -6,22 +6,20 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
-from cluster.local import LocalCluster
-from jobs import runner
-from jobs.demo import seed_demo
-
-REPO = Path(__file__).resolve().parent.parent
+from cluster import backends
+from jobs.core.settings import REPO, Settings
+from jobs.spark import run_service
+from jobs.store.demo import seed_demo
 
 
 def main() -> int:
-    port = os.environ.get("EMBEDDECK_DASHBOARD_PORT", "8501")
+    port = Settings().raw("EMBEDDECK_DASHBOARD_PORT")
     print(f"demo data: {seed_demo()} rows in table products")
-    cluster = LocalCluster()
+    cluster = backends.configured()
     state = cluster.up(workers=0)
     print(f"Spark master {cluster.master_url()} (UI {cluster.master_webui}); {state.alive_workers} workers")
-    print(f"run service up (UI {runner.start(cluster.master_url())['ui_url']}): runs start warm")
+    print(f"run service up (UI {run_service.start(cluster.master_url())['ui_url']}): runs start warm")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     # SIGTERM (a service manager, `timeout`) must clean up like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -39,7 +37,7 @@ def main() -> int:
             child.terminate()
         for child in children:
             child.wait(10)
-        runner.stop()
+        run_service.stop()
         cluster.down()
 
 

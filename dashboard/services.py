@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import streamlit as st
 
+from cluster import backends
+from cluster.backend import Backend
 from cluster.controller import Controller
-from cluster.local import LocalCluster
-from jobs import connections
-from jobs.runs import Registry
+from jobs.store import connections
+from jobs.store.registry import Registry
 
 
 @st.cache_resource
@@ -16,13 +17,14 @@ def registry() -> Registry:
 
 
 @st.cache_resource
-def cluster() -> LocalCluster:
-    return LocalCluster()
+def backend() -> Backend:
+    """The cluster the configuration names (local processes by default, or ACA replicas)."""
+    return backends.configured()
 
 
 @st.cache_resource
 def controller() -> Controller:
-    return Controller(cluster(), registry())
+    return Controller(backend(), registry())
 
 
 def secrets() -> dict:
@@ -35,9 +37,3 @@ def secrets() -> dict:
 
 def configured_connections() -> dict[str, str]:
     return connections.configured(secrets())
-
-
-def default_master() -> str:
-    """The local cluster's master when it is up (the autoscaler feeds it workers), else local[*]."""
-    c = cluster()
-    return c.master_url() if c.master_alive() else "local[*]"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from jobs.progress import eta_seconds, format_duration
-from jobs.runs import Run
+from jobs.core.progress import eta_seconds, format_duration
+from jobs.store.registry import Run
 
 
 def run_row(run: Run) -> dict:

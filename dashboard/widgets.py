@@ -6,8 +6,8 @@ import sqlalchemy as sa
 import streamlit as st
 
 from dashboard import services
-from jobs import connections, db
-from jobs.errors import EmbedDeckError
+from jobs.core.errors import EmbedDeckError
+from jobs.store import connections, db
 
 
 def pick_connection() -> tuple[str, sa.Engine]:

@@ -17,7 +17,8 @@ start_master() {
 start_run_service() {
   # One long-lived driver on the fixed driver ports: runs start warm on its executors, and two
   # concurrent runs never race for those ports (a spark-submit per run would).
-  python -c 'import os; from jobs import runner; runner.start(os.environ.get("EMBEDDECK_SPARK_MASTER", "spark://127.0.0.1:7077"))' &
+  python -c 'from jobs.core.settings import Settings; from jobs.spark import run_service
+run_service.start(Settings().raw("EMBEDDECK_SPARK_MASTER") or "spark://127.0.0.1:7077")' &
 }
 
 case "${APP_MODE:-dashboard}" in

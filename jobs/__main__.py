@@ -1,5 +1,5 @@
 import sys
 
-from jobs.cli import main
+from jobs.doors.cli import main
 
 sys.exit(main())

@@ -3,21 +3,20 @@
 import pandas as pd
 import streamlit as st
 
-from cluster import spark_rest, telemetry
-from cluster.controller import load_settings, save_settings
-from cluster.local import ClusterError
+from cluster import spark_rest
 from dashboard import charts, services, views
-from jobs import runner
+from jobs.core.errors import EmbedDeckError
+from jobs.spark import run_service
+from jobs.store import scaling, worker_readings
 
 st.title("Cluster")
-cluster = services.cluster()
+backend = services.backend()
 controller = services.controller()
-home = cluster.dir.parent
 
 
 @st.fragment(run_every=3)
 def overview() -> None:
-    state = cluster.state()
+    state = backend.master_state()
     if not state.reachable:
         st.warning(f"Spark master is down ({state.error}). Start it below or with `python -m cluster up`.")
     m = st.columns(4)
@@ -25,20 +24,21 @@ def overview() -> None:
     m[1].metric("Alive workers", state.alive_workers)
     m[2].metric("Cores used", f"{state.cores_used}/{state.cores}")
     m[3].metric("Running apps", len(state.active_apps))
-    st.plotly_chart(charts.workers_figure(controller.samples(), controller.events()), width="stretch")
+    st.plotly_chart(charts.workers_figure(controller.history.samples(), controller.history.events()),
+                    width="stretch")
 
     st.subheader("Worker utilisation")
-    readings = telemetry.read_all(telemetry.store_dir(home))
+    readings = backend.utilisation()
     if not readings:
         st.caption("No worker telemetry yet: readings appear once workers run.")
     rows = views.telemetry_rows(readings)
     if rows:
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
         st.caption("CPU % is of one core (100 = one core busy). Stale readings are older than "
-                   f"{telemetry.STALE_AFTER_S:.0f}s and are not current values.")
+                   f"{worker_readings.STALE_AFTER_S:.0f}s and are not current values.")
 
     st.subheader("Spark")
-    service = runner.info()
+    service = run_service.info()
     st.caption(f"Run service up: runs start warm on its executors ([its Spark UI]({service['ui_url']}))."
                if service else "Run service not running: each run starts a Spark application of its own.")
     apps = views.runs_by_app(services.registry().list(50))
@@ -58,35 +58,33 @@ def overview() -> None:
         s[4].metric("GC time", f"{stats.gc_time_ms / 1000:.1f}s")
         st.dataframe(pd.DataFrame(stats.stages), hide_index=True, width="stretch")
         st.markdown(f"[Spark UI of {label}]({ui_url})")
-    st.markdown(f"[Spark master UI]({cluster.master_webui})")
+    st.markdown(f"[Spark master UI]({backend.master_webui})")
 
 
 overview()
 
 st.subheader("Scaling")
-settings = load_settings(home)
+settings = scaling.load_settings()
 c1, c2, c3 = st.columns(3)
 auto = c1.toggle("Autoscale", value=settings.autoscale)
 lo = c2.number_input("Min workers", 0, 64, settings.min_workers)
 hi = c3.number_input("Max workers", 1, 64, settings.max_workers)
 if (auto, lo, hi) != (settings.autoscale, settings.min_workers, settings.max_workers):
     settings.autoscale, settings.min_workers, settings.max_workers = auto, int(lo), int(max(lo, hi))
-    save_settings(settings, home)
+    scaling.save_settings(settings)
     st.toast("Autoscale settings saved")
-n = st.number_input("Workers", 0, 64, len(cluster.worker_pids()))
+n = st.number_input("Workers", 0, 64, controller.current())
 b1, b2 = st.columns(2)
-if b1.button("Scale now (turns autoscale off)"):
-    try:
-        if not cluster.master_alive():
-            cluster.up(0)
+master_up = backend.master_state().reachable
+try:
+    if b1.button("Scale now (turns autoscale off)"):
+        if not master_up:
+            backend.up(0)
         with st.spinner(f"scaling to {n}…"):
             controller.scale_manually(int(n))
         st.rerun()
-    except ClusterError as exc:
-        st.error(str(exc))
-if b2.button("Start master" if not cluster.master_alive() else "Stop cluster"):
-    try:
-        cluster.down() if cluster.master_alive() else cluster.up(0)
+    if b2.button("Stop cluster" if master_up else "Start master"):
+        backend.down() if master_up else backend.up(0)
         st.rerun()
-    except ClusterError as exc:
-        st.error(str(exc))
+except EmbedDeckError as exc:
+    st.error(str(exc))

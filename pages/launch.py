@@ -4,9 +4,10 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import services, widgets
-from jobs import db, launcher
-from jobs.errors import EmbedDeckError
-from jobs.spec import DEFAULT_MODEL, RunSpec
+from jobs import lifecycle
+from jobs.core.errors import EmbedDeckError
+from jobs.core.spec import DEFAULT_MODEL, RunSpec
+from jobs.store import db
 
 st.title("Launch an embedding run")
 url, engine = widgets.pick_connection()
@@ -28,12 +29,12 @@ c3, c4, c5 = st.columns(3)
 model = c3.text_input("Model (name or local directory)", value=DEFAULT_MODEL)
 batch_size = c4.number_input("Batch size", 1, 4096, 32)
 mode = c5.selectbox("Mode", ["incremental", "full"])
-master = st.text_input("Spark master", value=services.default_master())
+master = st.text_input("Spark master", value=lifecycle.resolve_master())
 
 spec = RunSpec(db_url=url, source=source, id_column=id_column, text_column=text_column, target=target,
                model=model, batch_size=int(batch_size), mode=mode, master=master, launched_by="dashboard")
 try:
-    checked = launcher.validate(spec)
+    checked = lifecycle.validate(spec)
     pending = db.count_unembedded(engine, checked, model)
     st.caption(f"{pending:,} rows still need a vector of {model} (new rows or another model; "
                "changed texts are found when the run plans).")
@@ -46,7 +47,7 @@ except EmbedDeckError as exc:
 
 if st.button("Launch run", type="primary", disabled=not valid):
     try:
-        run_id = launcher.launch(spec, services.registry())
+        run_id = lifecycle.record(spec, services.registry())  # validated above, in this same run of the page
     except EmbedDeckError as exc:
         st.error(str(exc))
     else:

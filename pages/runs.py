@@ -1,18 +1,15 @@
 """Runs: history, live progress with throughput and ETA, cancel, errors, rerun."""
 
-from dataclasses import replace
-
 import pandas as pd
 import streamlit as st
 
 from dashboard import charts, services, views
-from jobs import connections, launcher
-from jobs.errors import EmbedDeckError
-from jobs.spec import RunSpec
+from jobs import lifecycle
+from jobs.core.errors import EmbedDeckError
 
 st.title("Runs")
 registry = services.registry()
-registry.reconcile()
+lifecycle.refresh(registry)
 ids = [r.run_id for r in registry.list()]
 if not ids:
     st.info("No runs yet. Start one on the Launch page.")
@@ -23,13 +20,8 @@ st.session_state["selected_run"] = run_id
 
 
 def rerun(run) -> None:
-    stored = RunSpec.from_json(run.spec_json)
-    url = connections.resolve(stored.db_url, services.configured_connections())
-    if url is None:
-        st.error(f"No configured connection matches {stored.db_url}; add it to the environment or secrets.")
-        return
     try:
-        new_id = launcher.launch(replace(stored, db_url=url, launched_by="dashboard"), registry)
+        new_id = lifecycle.rerun(run.run_id, services.configured_connections(), "dashboard", registry)
     except EmbedDeckError as exc:
         st.error(str(exc))
         return
@@ -39,8 +31,7 @@ def rerun(run) -> None:
 
 @st.fragment(run_every=2)
 def live(run_id: str) -> None:
-    registry.reconcile()
-    run = registry.get(run_id)
+    run = lifecycle.get(run_id, registry)
     frac, caption = views.run_progress(run)
     st.subheader(f"{run.run_id} · {run.state}")
     st.progress(frac, text=caption)
@@ -57,9 +48,11 @@ def live(run_id: str) -> None:
     if run.active:
         if run.ui_url:
             st.markdown(f"[Spark UI of this run]({run.ui_url})")
-        if st.button("Cancel run"):
-            with st.spinner("cancelling…"):
-                st.toast(f"{run_id}: {launcher.cancel(run_id, registry)}")
+        if run.cancel_requested:
+            st.caption("Cancelling: the run's Spark jobs stop within seconds.")
+        elif st.button("Cancel run"):
+            lifecycle.cancel(run_id, registry)  # asks and returns; this view shows the run settle
+            st.toast(f"{run_id}: cancel requested")
     elif st.button("Rerun"):
         rerun(run)
     st.subheader("All runs")

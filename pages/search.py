@@ -1,18 +1,16 @@
 """Search: query text → top-k rows with scores, the model used and the latency."""
 
 import pandas as pd
-import sqlalchemy as sa
 import streamlit as st
 
 from dashboard import widgets
-from jobs import db
-from jobs.errors import EmbedDeckError
-from jobs.search import search
+from jobs.core.errors import EmbedDeckError
+from jobs.embed.search import search
+from jobs.store import db
 
 st.title("Similarity search")
 url, engine = widgets.pick_connection()
-targets = [t for t in db.list_tables(engine)
-           if {"source_id", "embedding", "model"} <= {c["name"] for c in sa.inspect(engine).get_columns(t)}]
+targets = db.list_targets(engine)
 if not targets:
     st.info("No embedded tables yet: launch a run first.")
     st.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.launcher import free_port
+from jobs.core.processes import free_port
 
 _HOME = Path(tempfile.mkdtemp(prefix="embeddeck-test-"))
 os.environ["EMBEDDECK_HOME"] = str(_HOME)
@@ -20,6 +20,13 @@ os.environ.pop("EMBEDDECK_DB_URL", None)
 os.environ.pop("EMBEDDECK_REGISTRY_URL", None)
 os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def pytest_collection_modifyitems(items):
+    """Tests that use the PostgreSQL server belong to the integration tier, whatever their file."""
+    for item in items:
+        if "pg_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.server)
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +41,8 @@ def spark():
 
     from pyspark.sql import SparkSession
 
-    from jobs.launcher import spark_conf, spark_env
+    from jobs.spark.jvm import spark_env
+    from jobs.spark.submit import spark_conf
 
     os.environ.update({k: v for k, v in spark_env().items() if k in (
         "PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "PYTHONPATH", "SPARK_LOCAL_IP")})
@@ -52,7 +60,7 @@ def reference_model():
     """all-MiniLM-L6-v2 in plain fp32, straight from sentence-transformers."""
     from sentence_transformers import SentenceTransformer
 
-    from jobs.encoder import model_path
+    from jobs.embed.encoder import model_path
 
     return SentenceTransformer(model_path("all-MiniLM-L6-v2"), device="cpu")
 
@@ -67,7 +75,7 @@ def fast_model(home) -> str:
     import torch
     from safetensors.torch import save_file
 
-    from jobs.encoder import model_path
+    from jobs.embed.encoder import model_path
 
     src, dst = Path(model_path("all-MiniLM-L6-v2")), home / "fast-model"
     if (dst / "model.safetensors").is_file():
@@ -171,8 +179,8 @@ def check_table(url: str, reference_model, n: int, target: str, model: str = "al
     match reference_model's."""
     import sqlalchemy as sa
 
-    from jobs import db
-    from jobs.texts import content_hash, normalize_text
+    from jobs.core.texts import content_hash, normalize_text
+    from jobs.store import db
 
     engine = db.engine_for(url)
     with engine.connect() as conn:

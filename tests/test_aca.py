@@ -14,7 +14,8 @@ from azure.core.credentials import AccessToken
 from azure.core.pipeline.transport import HttpTransport
 from azure.core.rest._requests_basic import RestRequestsTransportResponse
 
-from cluster.aca import AcaBackend, AcaConfigError, AcaTarget
+from cluster.aca import AcaBackend, AcaTarget
+from jobs.core.errors import BadRequest
 
 SUB, RG = "00000000-0000-0000-0000-00000000abcd", "rg-embed"
 APP_PATH = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.App/containerApps/embeddeck-worker"
@@ -136,5 +137,5 @@ def test_scaling_events_query(stub):
 
 
 def test_missing_settings_are_named():
-    with pytest.raises(AcaConfigError, match="needs AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP"):
+    with pytest.raises(BadRequest, match="needs AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP"):
         AcaTarget.from_env({})

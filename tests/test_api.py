@@ -9,10 +9,11 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-from jobs import db, pipeline
-from jobs.demo import seed_demo
-from jobs.runs import Registry
-from jobs.spec import RunSpec
+from jobs.core.spec import RunSpec
+from jobs.embed import pipeline
+from jobs.store import db
+from jobs.store.demo import seed_demo
+from jobs.store.registry import Registry
 from tests.conftest import check_table, free_port, reference_vectors, wait_until
 
 pytestmark = pytest.mark.spark

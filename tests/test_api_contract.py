@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from jobs.api import create_app
-from jobs.runs import Registry
+from jobs.doors.api import create_app
+from jobs.store.registry import Registry
 from tests.conftest import free_port, reference_vectors
 
 TOKEN = "contract-token-7d1e"
@@ -93,7 +93,7 @@ def test_a_run_posted_while_the_database_is_down_is_503_with_retry_after(home, m
 
 
 def test_a_bad_request_is_still_a_400(tmp_path, monkeypatch):
-    from jobs.demo import seed_demo
+    from jobs.store.demo import seed_demo
 
     url = f"sqlite:///{tmp_path / 'contract.sqlite'}"
     seed_demo(url, n=20)

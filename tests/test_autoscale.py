@@ -2,7 +2,7 @@
 
 import pytest
 
-from cluster.autoscale import Inputs, decide
+from jobs.core.autoscale import Inputs, decide
 
 
 @pytest.mark.parametrize("inputs,desired,reason", [

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from jobs import db
-from jobs.demo import seed_demo
+from jobs.core.settings import Settings
+from jobs.store.demo import seed_demo
 from tests.conftest import ARTIFACTS, free_port, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.spark]
@@ -23,7 +23,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 def dashboard_url(home):
     if not os.path.exists(CHROMIUM):
         pytest.fail("Debian's chromium is not installed; run `make setup`")
-    seed_demo(db.default_db_url(), n=200)
+    seed_demo(Settings().db_url, n=200)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"),
                              "--server.address", "127.0.0.1", "--server.port", str(port),

@@ -8,10 +8,13 @@ import psutil
 import pytest
 
 from cluster import spark_rest, telemetry
-from cluster.controller import Controller, Settings, save_settings
+from cluster.controller import Controller
 from cluster.local import LocalCluster
-from jobs.demo import seed_demo
-from jobs.runs import Registry
+from jobs.core.autoscale import ScalingSettings
+from jobs.store import worker_readings
+from jobs.store.demo import seed_demo
+from jobs.store.registry import Registry
+from jobs.store.scaling import save_settings
 from tests.conftest import check_table, free_port, wait_until
 
 pytestmark = pytest.mark.spark
@@ -26,23 +29,22 @@ def cluster(tmp_path):
 
 
 def test_scale_0_2_1_0_agrees_with_master_json_and_telemetry(cluster, tmp_path):
-    assert cluster.state().reachable is False and cluster.state().error == "master is not running"
+    assert cluster.master_state().reachable is False and cluster.master_state().error == "master is not running"
     state = cluster.up(workers=0)
     assert state.reachable and state.status == "ALIVE" and state.alive_workers == 0
     for n in (2, 1, 0):
         workers = cluster.scale(n)
-        state = cluster.state()
+        state = cluster.master_state()
         assert state.alive_workers == n == len(workers)
         assert state.cores == n * cluster.worker_cores
         assert sorted(w.state for w in workers) == ["ALIVE"] * n
         if n == 2:
-            readings = wait_until(lambda: len(r := telemetry.read_all(telemetry.store_dir(tmp_path))) == 2 and r,
-                                  timeout=30)
+            readings = wait_until(lambda: len(r := cluster.utilisation()) == 2 and r, timeout=30)
             assert {r.worker for r in readings} == {"worker-0", "worker-1"}
             assert all(r.rss_mb > 50 and not r.stale for r in readings)  # a live JVM
             assert all(r.gpus or r.gpu_note.startswith("no NVIDIA GPU") for r in readings)
     # With no workers left, no reading is refreshed: each turns stale once it is older than 3 s.
-    stale = wait_until(lambda: (r := telemetry.read_all(telemetry.store_dir(tmp_path), stale_after_s=3))
+    stale = wait_until(lambda: (r := worker_readings.read_all(worker_readings.store_dir(tmp_path), stale_after_s=3))
                        and all(x.stale for x in r) and r, timeout=30)
     assert len(stale) == 2
 
@@ -75,8 +77,8 @@ def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp
     url = f"sqlite:///{tmp_path / 'auto.sqlite'}"
     seed_demo(url, n=ROWS)
     cluster.up(workers=0)
-    save_settings(Settings(autoscale=True, min_workers=0, max_workers=2, idle_timeout_s=3), tmp_path)
-    controller = Controller(cluster, Registry())
+    save_settings(ScalingSettings(autoscale=True, min_workers=0, max_workers=2, idle_timeout_s=3), tmp_path)
+    controller = Controller(cluster, Registry(), home=tmp_path)
     out = subprocess.run([sys.executable, "-m", "jobs", "run", "--db", url, "--source", "products",
                           "--id-column", "id", "--text-column", "description", "--target", "auto_emb",
                           "--model", fast_model, "--master", cluster.master_url(), "--detach"],
@@ -85,7 +87,7 @@ def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp
     assert run_id, out.stderr
     first = controller.tick()
     assert first.desired == 2 and "backlog" in first.reason
-    assert cluster.state().alive_workers == 2
+    assert cluster.master_state().alive_workers == 2
 
     def both_executors_hold_a_task():
         run = controller.registry.get(run_id)
@@ -107,10 +109,13 @@ def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp
     assert final.state == "succeeded", final.error
     check_table(url, fast_reference, ROWS, target="auto_emb", model=fast_model)
     assert stats_seen.app_id and stats_seen.name.startswith("embeddeck-")
-    assert stats_seen.jobs
+    # Spark's UI names the jobs after the run, not after the thread that submitted them.
+    described = {j["description"] for j in stats_seen.jobs}
+    assert f"plan products \u2192 auto_emb ({run_id})" in described
+    assert f"embed products \u2192 auto_emb ({run_id})" in described
     wait_until(lambda: controller.tick().desired == 0, timeout=30, every=1)
-    assert cluster.state().alive_workers == 0
-    events = controller.events()
+    assert cluster.master_state().alive_workers == 0
+    events = controller.history.events()
     # After the kill the controller restores 2 workers while the backlog lasts, then scales in to 0.
     moves = [(e["from_workers"], e["to_workers"]) for e in events]
     assert moves[0] == (0, 2) and moves[-1][1] == 0 and all(to <= 2 for _, to in moves)
@@ -125,11 +130,12 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
     stops it all."""
     import json
 
-    from jobs import launcher, runner
-    from jobs.cli import wait
-    from jobs.db import default_home, redact_url
-    from jobs.progress import start_breakdown
-    from jobs.spec import RunSpec
+    from jobs import lifecycle
+    from jobs.core.progress import start_breakdown
+    from jobs.core.settings import Settings
+    from jobs.core.spec import RunSpec
+    from jobs.spark import run_service
+    from jobs.store.db import redact_url
 
     hold = tmp_path / "hold"
     env = dict(os.environ, EMBEDDECK_MASTER_PORT=str(free_port()), EMBEDDECK_MASTER_WEBUI_PORT=str(free_port()),
@@ -150,23 +156,23 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
         assert status["master"]["state"] == "ALIVE" and status["master"]["alive_workers"] == 1
         assert [a["name"] for a in status["master"]["active_apps"]] == ["embeddeck-runner"]
         service = status["runner"]
-        assert service["master"] == master and service["pid"] == runner.info()["pid"]
+        assert service["master"] == master and service["pid"] == run_service.info()["pid"]
         # The service loads the model in its executors' Python workers before any run asks for it.
-        wait_until(lambda: "warm_s" in (runner.info() or {}), timeout=120)
+        wait_until(lambda: "warm_s" in (run_service.info() or {}), timeout=120)
 
         def launch(target, **kw):
             spec = RunSpec(db_url=pg_url, source="products", id_column="id", text_column="description",
                            target=target, master=master, launched_by="test", **kw)
-            return launcher.launch(spec, registry)
+            return lifecycle.launch(spec, registry)
 
-        first = wait(registry, launch("svc_emb", limit_rows=120), out=open(os.devnull, "w"))
+        first = lifecycle.wait(launch("svc_emb", limit_rows=120), registry)
         assert first.state == "succeeded", first.error
         assert first.driver_pid == service["pid"]
         first_marks = json.loads(first.timings)
         assert first_marks["worker_started"] < 0 and first_marks["model_load_s"] < 0.05  # warmed, not loaded
         check_table(pg_url, reference_model, 120, "svc_emb")
 
-        second = wait(registry, launch("svc_small", limit_rows=50), out=open(os.devnull, "w"))
+        second = lifecycle.wait(launch("svc_small", limit_rows=50), registry)
         assert second.state == "succeeded" and second.rows_done == 50
         marks = json.loads(second.timings)
         assert marks["worker_started"] < 0  # the Python worker was up before this run was launched
@@ -177,22 +183,22 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
         hold.touch()  # keeps the next run in flight after its first commit, however fast the machine
         busy = launch("svc_busy", model=fast_model)
         wait_until(lambda: registry.get(busy).rows_done > 0, timeout=120)
-        assert launcher.cancel(busy, registry) == "cancelled"
+        assert lifecycle.cancel_and_wait(busy, registry) == "cancelled"
         assert 0 < registry.get(busy).rows_done < ROWS
         hold.unlink()
-        assert runner.info()["pid"] == service["pid"]
-        again = wait(registry, launch("svc_again", limit_rows=20), out=open(os.devnull, "w"))
+        assert run_service.info()["pid"] == service["pid"]
+        again = lifecycle.wait(launch("svc_again", limit_rows=20), registry)
         assert again.state == "succeeded" and again.driver_pid == service["pid"]
 
         # A scale-up is warmed too, before any run reaches the new worker.
-        assert runner.info()["warm_executors"] == 1
+        assert run_service.info()["warm_executors"] == 1
         cli("scale", "2")
-        wait_until(lambda: (runner.info() or {}).get("warm_executors") == 2, timeout=120)
-        assert runner.info()["pid"] == service["pid"]
+        wait_until(lambda: (run_service.info() or {}).get("warm_executors") == 2, timeout=120)
+        assert run_service.info()["pid"] == service["pid"]
 
         password = "s3cret-pg"
         assert password in pg_url and password not in redact_url(pg_url)
-        assert password not in (default_home() / "runner.log").read_text(errors="replace")
+        assert password not in (Settings().home / "runner.log").read_text(errors="replace")
         assert all(password not in r.spec_json for r in registry.list())
 
         # A master that dies takes the service with it: a standalone app never re-registers with a
@@ -203,9 +209,51 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
                       and port in (p.info["cmdline"] or []))
         master.kill()
         wait_until(lambda: not psutil.pid_exists(service["pid"]), timeout=30)
-        assert runner.info() is None
+        assert run_service.info() is None
     finally:
         cli("down")
     status = json.loads(cli("status", "--json"))
     assert status["master"]["state"] == "down" and status["runner"] is None
     assert not psutil.pid_exists(service["pid"]) and not psutil.pid_exists(service["pgid"])  # nothing left running
+
+
+def test_autoscale_endpoint_and_local_loop_take_the_same_step(tmp_path, monkeypatch):
+    """GET /autoscale (what KEDA reads on ACA) and the local loop answer alike for the same state: autoscale
+    on with nothing to do, the operator's manual count (autoscale off), and a backlog."""
+    from fastapi.testclient import TestClient
+
+    from jobs.doors.api import create_app
+    from jobs.store import scaling
+
+    monkeypatch.setenv("EMBEDDECK_HOME", str(tmp_path))
+    cluster = LocalCluster(master_port=free_port(), webui_port=free_port())
+    registry = Registry()
+    controller = Controller(cluster, registry)
+    token = {"Authorization": "Bearer loop-and-keda"}
+    try:
+        cluster.up(workers=0)
+        with TestClient(create_app("loop-and-keda", registry)) as api:
+            def both():
+                keda = api.get("/autoscale", headers=token).json()
+                loop = controller.tick()
+                return keda, loop
+
+            keda, loop = both()
+            assert keda["desired"] == loop.desired == 0 and keda["reason"] == loop.reason
+
+            scaling.set_manual(1)  # the operator's count, as the Cluster page and `cluster scale` set it
+            keda, loop = both()
+            assert keda["desired"] == loop.desired == 1
+            assert keda["reason"] == loop.reason == "autoscale off: manual count"
+            assert cluster.master_state().alive_workers == 1
+
+            settings = scaling.load_settings()
+            settings.autoscale, settings.max_workers = True, 2
+            scaling.save_settings(settings)
+            registry.create("{}", "test", "products", "t", "m", cluster.master_url())  # a queued run: backlog
+            wait_until(lambda: api.get("/autoscale", headers=token).json()["current"] == 1, timeout=30)
+            keda, loop = both()
+            assert keda["desired"] == loop.desired == 2 and keda["reason"] == loop.reason
+            assert "backlog" in loop.reason
+    finally:
+        cluster.down()

@@ -6,9 +6,10 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from dashboard import views
-from jobs import connections, db
-from jobs.demo import seed_demo
-from jobs.runs import Registry
+from jobs.core.settings import Settings
+from jobs.store import connections, db
+from jobs.store.demo import seed_demo
+from jobs.store.registry import Registry
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.spark
@@ -25,8 +26,8 @@ def page(name: str) -> AppTest:
 
 @pytest.fixture(scope="module")
 def demo(home):
-    seed_demo(db.default_db_url(), n=ROWS)
-    return db.default_db_url()
+    seed_demo(Settings().db_url, n=ROWS)
+    return Settings().db_url
 
 
 def test_connections_hide_passwords(monkeypatch):
@@ -76,6 +77,31 @@ def test_launch_explains_invalid_choices(demo):
     assert at.button[0].disabled
 
 
+def test_cancel_click_returns_at_once_and_the_run_settles(demo, fast_model, hold_file):
+    """The Runs page asks for the cancel and returns (well under a second); the live view then shows the
+    run cancelled once its driver has stopped its Spark jobs. The hold file keeps the run in flight."""
+    import time
+
+    from jobs import lifecycle
+    from jobs.core.spec import RunSpec
+
+    registry = Registry()
+    spec = RunSpec(db_url=demo, source="products", id_column="id", text_column="description",
+                   target="cancel_click_emb", model=fast_model, master="local[2]", launched_by="test")
+    run_id = lifecycle.launch(spec, registry)
+    wait_until(lambda: registry.get(run_id).rows_done > 0, timeout=180)
+    at = page("runs")
+    at.selectbox[0].select(run_id).run()
+    cancel = next(b for b in at.button if b.label == "Cancel run")
+    t0 = time.perf_counter()
+    cancel.click().run()
+    assert time.perf_counter() - t0 < 1.0
+    assert not at.exception, at.exception
+    assert registry.get(run_id).cancel_requested
+    final = lifecycle.wait(run_id, registry, timeout_s=60)
+    assert final.state == "cancelled" and 0 < final.rows_done < ROWS
+
+
 def test_cluster_page_with_master_down():
     at = page("cluster")
     assert any("Spark master is down" in w.value for w in at.warning)
@@ -83,7 +109,7 @@ def test_cluster_page_with_master_down():
 
 
 def test_run_views_are_pure():
-    from jobs.runs import Run
+    from jobs.store.registry import Run
 
     run = Run(run_id="r-1", state="running", cancel_requested=False, spec_json="{}", launched_by="api",
               source="s", target="t", model="m", master="local[2]", created_at=db.utcnow(), started_at=db.utcnow(),
@@ -144,9 +170,9 @@ def test_make_run_entry_point_starts_and_stops_everything(tmp_path):
         wait_until(healthy, timeout=120, every=1)
         cluster = LocalCluster(home=tmp_path, master_port=ports["EMBEDDECK_MASTER_PORT"],
                                webui_port=ports["EMBEDDECK_MASTER_WEBUI_PORT"])
-        assert cluster.state().status == "ALIVE"
+        assert cluster.master_state().status == "ALIVE"
         service = json.loads((tmp_path / "runner.json").read_text())  # the warm run service is up
-        assert [a["name"] for a in cluster.state().active_apps] == ["embeddeck-runner"]
+        assert [a["name"] for a in cluster.master_state().active_apps] == ["embeddeck-runner"]
         assert db.engine_for(f"sqlite:///{tmp_path / 'embeddeck.sqlite'}").connect().execute(
             db.sa.text("SELECT count(*) FROM products")).scalar() == 6000
     finally:

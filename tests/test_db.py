@@ -9,9 +9,10 @@ from sqlalchemy.dialects import mssql
 from sqlalchemy.dialects.mssql import pyodbc as mssql_pyodbc
 from sqlalchemy.schema import CreateTable
 
-from jobs import db, search
-from jobs.errors import BadRequest, Unavailable
-from jobs.spec import RunSpec
+from jobs.core.errors import BadRequest, Unavailable
+from jobs.core.spec import RunSpec
+from jobs.embed import search
+from jobs.store import db
 
 
 @pytest.fixture
@@ -201,7 +202,7 @@ def test_vector_index_over_its_cap_holds_nothing(sqlite_url, monkeypatch):
 
 
 def test_registry_written_by_an_older_version_gains_new_columns(tmp_path):
-    from jobs import runs
+    from jobs.store import registry as runs
 
     url = f"sqlite:///{tmp_path / 'old.sqlite'}"
     old = sa.MetaData()

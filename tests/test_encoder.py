@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs import bert
-from jobs.encoder import Encoder, model_path
+from jobs.embed import bert
+from jobs.embed.encoder import Encoder, model_path
 from tests.conftest import reference_vectors
 
 TRICKY = ["Hello world", "  padded with spaces  ", "x", "", "[PAD] [CLS] [SEP] [MASK] written out",
@@ -65,7 +65,7 @@ def test_other_pooling_falls_back_to_sentence_transformers(tmp_path: Path, refer
 
 
 def test_loading_the_default_model_imports_neither_transformers_nor_sentence_transformers():
-    code = ("import sys; from jobs.encoder import Encoder; Encoder('all-MiniLM-L6-v2').encode(['hi']); "
+    code = ("import sys; from jobs.embed.encoder import Encoder; Encoder('all-MiniLM-L6-v2').encode(['hi']); "
             "heavy = ('sentence_transformers', 'transformers', 'sklearn', 'scipy'); "
             "print(sorted(m for m in heavy if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)

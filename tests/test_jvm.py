@@ -4,8 +4,13 @@ import os
 import subprocess
 from pathlib import Path
 
-from jobs import jvm
-from jobs.launcher import spark_conf, spark_env, spark_submit
+import pytest
+
+from jobs.spark import jvm
+from jobs.spark.jvm import spark_env, spark_submit
+from jobs.spark.submit import spark_conf
+
+pytestmark = pytest.mark.spark
 
 
 def test_spark_jvms_start_from_the_archive():

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from jobs.demo import seed_demo
-from jobs.runs import Registry
+from jobs.store.demo import seed_demo
+from jobs.store.registry import Registry
 from tests.conftest import check_table, wait_until
 
 pytestmark = pytest.mark.spark

@@ -12,7 +12,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_example_notebook_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("EMBEDDECK_DB_URL", f"sqlite:///{tmp_path / 'nb.sqlite'}")
+    from jobs.store.demo import seed_demo
+
+    url = f"sqlite:///{tmp_path / 'nb.sqlite'}"
+    seed_demo(url, n=100)  # a configured database is the operator's: the notebook seeds only the embedded demo
+    monkeypatch.setenv("EMBEDDECK_DB_URL", url)
     monkeypatch.setenv("EMBEDDECK_NOTEBOOK_ROWS", "60")
     monkeypatch.setenv("PYTHONPATH", str(REPO))
     nb = nbformat.read(REPO / "docker" / "notebooks" / "embeddeck_example.ipynb", as_version=4)

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from jobs import db, pipeline
-from jobs.demo import products
-from jobs.runs import Registry
-from jobs.spec import RunSpec
-from jobs.texts import normalize_text
+from jobs.core.spec import RunSpec
+from jobs.core.texts import normalize_text
+from jobs.embed import pipeline
+from jobs.store import db
+from jobs.store.demo import products
+from jobs.store.registry import Registry
 from tests.conftest import reference_vectors
 
 pytestmark = pytest.mark.spark

@@ -5,9 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
-from jobs import plan, progress, texts, vectors
-from jobs.errors import BadRequest
-from jobs.spec import RunSpec
+from jobs.core import plan, progress, texts, vectors
+from jobs.core.errors import BadRequest
+from jobs.core.spec import RunSpec
 
 
 def spec(**kw):
@@ -44,7 +44,7 @@ def test_spec_shape_rejects(kw, message):
 @pytest.mark.parametrize("name", ["~\u00f2\u009a\u00c0", "~", "a\x00b", "x" * 300, "/no/such/model"])
 def test_model_names_that_are_no_directory_are_a_spec_error(name):
     """Found by schemathesis: "~user" raised RuntimeError, a 300-char name OSError (both were a 500)."""
-    from jobs.encoder import model_path
+    from jobs.embed.encoder import model_path
 
     with pytest.raises(BadRequest, match="is neither all-MiniLM-L6-v2 nor a local sentence-transformers"):
         model_path(name)
@@ -149,7 +149,7 @@ def test_start_breakdown_cold_and_warm():
     (256, 0, [(0, 256)]),
 ])
 def test_commit_slices_cover_the_chunk_once_first_batch_alone(n, first, want):
-    from jobs.plan import commit_slices
+    from jobs.core.plan import commit_slices
 
     got = commit_slices(n, first)
     assert [(s.start, s.stop) for s in got] == want

@@ -1,34 +1,33 @@
-"""The Spark application of a run: plan key ranges, then read, encode and upsert inside tasks.
+"""The Spark job of a run: plan key ranges, then read, encode and upsert inside tasks.
 
-Started by the launcher with spark-submit (client mode). No vector passes through the driver:
-each task reads its own id range from the database, encodes with the model cached in its Python
-worker, and commits its upserts per chunk.
+`execute` runs on a SparkContext that jobs/spark/ provides (its own spark-submit driver, or the warm
+run service). No vector passes through the driver: each task reads its own id range from the database,
+encodes with the model cached in its Python worker, and commits its upserts per chunk.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import functools
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
 
-from jobs import db, plan
-from jobs.encoder import get_encoder, model_dim
-from jobs.errors import BadRequest, EmbedDeckError, from_kind
-from jobs.progress import rate
-from jobs.runs import CANCELLED, FAILED, SUCCEEDED, Registry
-from jobs.spec import RunSpec
-from jobs.texts import content_hash, normalize_text
+from jobs.core import plan
+from jobs.core.errors import BadRequest, EmbedDeckError, from_kind
+from jobs.core.progress import rate
+from jobs.core.settings import HOLD_FILE_VAR, Settings
+from jobs.core.spec import RunSpec
+from jobs.core.texts import content_hash, normalize_text
+from jobs.embed.encoder import get_encoder, model_dim
+from jobs.store import db
+from jobs.store.registry import CANCELLED, FAILED, SUCCEEDED, Registry
 
 log = logging.getLogger("embeddeck.pipeline")
 
 PROGRESS_EVERY_S = 2.0
-HOLD_FILE_VAR = "EMBEDDECK_FAULT_HOLD_FILE"
 
 
 def _tables(spec: RunSpec) -> db.Tables:
@@ -74,7 +73,7 @@ def _worker_encoder(model: str, endpoint: str | None = None, api_key: str | None
     """The encoder of this Python worker, with torch limited to the task's share of cores."""
     if endpoint:
         return get_encoder(model, endpoint=endpoint, api_key=api_key)
-    threads = int(os.environ.get("EMBEDDECK_TORCH_THREADS", "0"))
+    threads = Settings().integer("EMBEDDECK_TORCH_THREADS")
     if threads > 0:
         import torch
 
@@ -159,7 +158,7 @@ def embed_partitions(spec: RunSpec, api_key: str | None = None):
     def run(ranges: Iterator[tuple[int, int, int]]) -> Iterator[dict]:
         tables = _tables(spec)
         engine = db.engine_for(spec.db_url)
-        hold = os.environ.get(HOLD_FILE_VAR)
+        hold = Settings().raw(HOLD_FILE_VAR)
         encoder = _worker_encoder(spec.model, spec.endpoint, api_key)
         for index, lo, hi in ranges:
             t0, embedded, first_commit, encoding = time.perf_counter(), 0, None, 0.0
@@ -252,11 +251,13 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
     marks: epoch times the caller already knows (driver_started, app_ready), completed here.
     """
     marks = dict(marks or {})
-    sc.setJobGroup(run_id, f"EmbedDeck {run_id}", interruptOnCancel=True)
+    # Spark's UI names our jobs by these, instead of by the thread that submitted them.
+    title = f"{spec.source} \u2192 {spec.target} ({run_id})"
+    sc.setJobGroup(run_id, f"embed {title}", interruptOnCancel=True)
     engine = db.check_connection(spec.db_url)
     tables = db.inspect_run(engine, spec)
     # The remote key travels inside the task closure, never through Spark's visible configuration.
-    api_key = os.environ.get("EMBEDDECK_REMOTE_API_KEY") if spec.endpoint else None
+    api_key = Settings().raw("EMBEDDECK_REMOTE_API_KEY") if spec.endpoint else None
     dim = get_encoder(spec.model, endpoint=spec.endpoint, api_key=api_key).dim if spec.endpoint \
         else model_dim(spec.model)
     target = db.ensure_target(engine, spec, tables, dim)
@@ -275,6 +276,7 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
     registry.set_phase(run_id, "planning")
     # Plain RDDs: the tasks read the database themselves, so Spark SQL and Arrow would only add
     # their start-up cost (seconds per run) and carry nothing.
+    sc.setJobDescription(f"plan {title}")
     scanned = sc.parallelize(ranges, len(ranges)).mapPartitions(scan_partitions(spec, api_key)).collect()
     _raise_task_error(scanned)
     marks["planned"] = time.time()
@@ -296,6 +298,7 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
     try:
         if work:
             registry.set_phase(run_id, "embedding")
+            sc.setJobDescription(f"embed {title}")
             embedded = sc.parallelize(work, len(work)).mapPartitions(embed_partitions(spec, api_key)).collect()
             _raise_task_error(embedded)
             busy = sum(r["seconds"] for r in embedded)
@@ -318,37 +321,3 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
     elapsed = time.monotonic() - t0
     registry.finish(run_id, SUCCEEDED, rows_done=done, rows_per_s=done / elapsed if elapsed > 0 else 0.0)
     return SUCCEEDED
-
-
-def main(argv: list[str] | None = None) -> int:
-    """spark-submit entry point: python jobs/pipeline.py --run-id ID."""
-    import psutil
-    from pyspark import SparkConf, SparkContext
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(description="EmbedDeck Spark driver")
-    parser.add_argument("--run-id", required=True)
-    opts = parser.parse_args(argv)
-    registry = Registry()
-    run = registry.get(opts.run_id)
-    if run is None:
-        print(f"run {opts.run_id} is not in the registry", file=sys.stderr)
-        return 2
-    # The stored spec has a redacted URL; the launcher hands the real one over the environment.
-    spec = RunSpec.from_json(run.spec_json).with_db_url(os.environ["EMBEDDECK_RUN_DB_URL"])
-    marks = {"driver_started": psutil.Process().create_time()}
-    # A bare SparkContext: the job uses no Spark SQL, whose session start costs seconds per run.
-    sc = SparkContext(conf=SparkConf().setAppName(f"embeddeck-{opts.run_id}"))
-    marks["app_ready"] = time.time()
-    try:
-        state = execute(sc, spec, registry, opts.run_id, marks)
-    except Exception as exc:
-        registry.finish(opts.run_id, FAILED, error=spark_error_message(exc))
-        state = FAILED
-    finally:
-        sc.stop()
-    return 0 if state == SUCCEEDED else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

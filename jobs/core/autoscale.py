@@ -1,4 +1,6 @@
-"""Autoscaling policy: backlog and throughput in, desired worker count and a reason out. Pure."""
+"""Autoscaling policy: the backlog, the operator's settings and the current count in, the desired worker
+count and a reason out. Pure; the local control loop and GET /autoscale (read by KEDA on ACA) both call
+`step`, so they always agree."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Inputs:
-    """What the controller knows at one tick."""
+    """What the policy knows at one tick."""
 
     pending_rows: int  # rows still to embed in queued and running runs
     queued_runs: int  # runs whose backlog is not planned yet
@@ -22,9 +24,31 @@ class Inputs:
 
 
 @dataclass(frozen=True)
+class Backlog:
+    """The runs' side of the inputs, read from the registry."""
+
+    pending_rows: int
+    queued_runs: int
+    rows_per_s: float  # of all running runs together
+    idle_s: float  # 0 while a run is active; inf before the first run
+
+
+@dataclass
+class ScalingSettings:
+    """The operator's choices; a manual count switches autoscale off until it is switched back on."""
+
+    autoscale: bool = True
+    min_workers: int = 0
+    max_workers: int = 2
+    idle_timeout_s: float = 120.0
+    desired: int = 0
+
+
+@dataclass(frozen=True)
 class Decision:
     desired: int
     reason: str
+    source: str = "autoscaler"  # or "manual": the operator's count while autoscale is off
 
 
 def decide(i: Inputs) -> Decision:
@@ -51,3 +75,12 @@ def decide(i: Inputs) -> Decision:
         return Decision(hi, f"above max {hi}")
     return Decision(i.current, "hold: no backlog" if i.current <= lo else
                     f"hold: idle {i.idle_s:.0f}s of {i.idle_timeout_s:.0f}s")
+
+
+def step(backlog: Backlog, settings: ScalingSettings, current: int) -> Decision:
+    """The one autoscale step: the operator's manual count while autoscale is off, else the policy."""
+    if not settings.autoscale:
+        return Decision(settings.desired, "autoscale off: manual count", "manual")
+    per_worker = backlog.rows_per_s / current if current and backlog.rows_per_s else 0.0
+    return decide(Inputs(backlog.pending_rows, backlog.queued_runs, per_worker, current, settings.min_workers,
+                         settings.max_workers, backlog.idle_s, settings.idle_timeout_s))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +17,9 @@ from sqlalchemy.dialects import mssql, postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.types import UserDefinedType
 
-from jobs import vectors
-from jobs.errors import BadRequest, EmbedDeckError, Unavailable
-from jobs.spec import RunSpec
+from jobs.core import vectors
+from jobs.core.errors import BadRequest, EmbedDeckError, Unavailable
+from jobs.core.spec import RunSpec
 
 TARGET_COLUMNS = ("source_id", "embedding", "model", "content_hash", "embedded_at")
 
@@ -40,24 +40,51 @@ class MSSQLVector(UserDefinedType):
 mssql.base.ischema_names.setdefault("vector", MSSQLVector)
 
 
-def default_home() -> Path:
-    """Where EmbedDeck keeps local state (registry, embedded database, logs)."""
-    home = Path(os.environ.get("EMBEDDECK_HOME", Path(__file__).resolve().parent.parent / "var"))
-    home.mkdir(parents=True, exist_ok=True)
-    return home
+# Query parameters that carry a secret in SQLAlchemy, libpq, ODBC and cloud-driver URLs.
+SECRET_KEYS = re.compile(r"pass(word|wd)?|pwd|secret|token|api[_-]?key|access[_-]?key|account[_-]?key|"
+                         r"sas|sig|credential", re.IGNORECASE)
+# Inside an ODBC connection string (odbc_connect=...): PWD=...; Password=...
+ODBC_SECRET = re.compile(r"\b(pwd|password)\s*=\s*(\{[^}]*\}|[^;]*)", re.IGNORECASE)
 
 
-def default_db_url() -> str:
-    """$EMBEDDECK_DB_URL, else the embedded SQLite demo database."""
-    return os.environ.get("EMBEDDECK_DB_URL") or f"sqlite:///{default_home() / 'embeddeck.sqlite'}"
+def secret_values(url: str) -> list[str]:
+    """Every secret a URL carries: its password, secret-named query values, PWD inside odbc_connect."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return []
+    found = [str(parsed.password)] if parsed.password else []
+    for key, value in parsed.query.items():
+        for v in (value,) if isinstance(value, str) else value:
+            if SECRET_KEYS.fullmatch(key):
+                found.append(v)
+            elif key.lower() == "odbc_connect":
+                found += [m.group(2).strip("{}") for m in ODBC_SECRET.finditer(v)]
+    return [v for v in found if v]
 
 
 def redact_url(url: str) -> str:
-    """The URL with its password replaced by ***, safe to show and log."""
+    """The URL with every secret it carries replaced by ***, safe to show, store and log."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except Exception:
         return "<unparseable database URL>"
+    query = {}
+    for key, value in parsed.query.items():
+        values = (value,) if isinstance(value, str) else tuple(value)
+        if SECRET_KEYS.fullmatch(key):
+            values = tuple("***" for _ in values)
+        elif key.lower() == "odbc_connect":
+            values = tuple(ODBC_SECRET.sub(lambda m: f"{m.group(1)}=***", v) for v in values)
+        query[key] = values[0] if len(values) == 1 else values
+    return parsed.set(query=query).render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
+
+
+def hide_secrets(text: str, url: str) -> str:
+    """text with every secret of url replaced by ***."""
+    for secret in secret_values(url):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _sqlite_on_connect(dbapi_conn, _record) -> None:
@@ -97,10 +124,7 @@ def connection_error_message(exc: Exception, url: str) -> str:
     """One line naming what failed, without the password."""
     first = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
     reason = first[0] if first else type(exc).__name__
-    password = make_url(url).password
-    if password:
-        reason = reason.replace(str(password), "***")
-    return f"cannot connect to {redact_url(url)}: {reason}"
+    return f"cannot connect to {redact_url(url)}: {hide_secrets(reason, url)}"
 
 
 def check_connection(url: str) -> Engine:
@@ -119,6 +143,13 @@ def check_connection(url: str) -> Engine:
 def list_tables(engine: Engine) -> list[str]:
     """Table names in the default schema, sorted."""
     return sorted(sa.inspect(engine).get_table_names())
+
+
+def list_targets(engine: Engine) -> list[str]:
+    """Tables that hold EmbedDeck vectors (source_id, embedding, model): what search can search."""
+    inspector = sa.inspect(engine)
+    return [t for t in sorted(inspector.get_table_names())
+            if {"source_id", "embedding", "model"} <= {c["name"] for c in inspector.get_columns(t)}]
 
 
 def _split_name(engine: Engine, name: str) -> tuple[str | None, str]:

@@ -1,7 +1,7 @@
 """PySpark worker daemon that imports the encoder's heavy modules once, before it forks workers.
 
 Set as spark.python.daemon.module: every Python worker of an executor is forked from this process,
-so torch and the plain-torch BERT encoder (jobs.bert) are imported once per executor instead of
+so torch and the plain-torch BERT encoder (jobs.embed.bert) are imported once per executor instead of
 once per worker (seconds of CPU each), and their pages are shared copy-on-write.
 """
 
@@ -11,8 +11,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pyspark.daemon import manager
 
-import jobs.bert
-import jobs.pipeline  # noqa: F401
+import jobs.embed.bert
+import jobs.embed.pipeline  # noqa: F401
 
 if __name__ == "__main__":
     manager()

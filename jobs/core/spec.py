@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, replace
 
-from jobs.errors import BadRequest
+from jobs.core.errors import BadRequest
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 MODES = ("incremental", "full")

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from jobs.errors import BadRequest, Unavailable
-from jobs.spec import DEFAULT_MODEL
+from jobs.core.errors import BadRequest, Unavailable
+from jobs.core.settings import Settings
+from jobs.core.spec import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def choose_precision(requested: str | None = None) -> Precision:
     """The fastest precision that keeps cosine >= 0.9999 to fp32 on this hardware."""
     import torch
 
-    requested = (requested or os.environ.get("EMBEDDECK_PRECISION") or "auto").lower()
+    requested = (requested or Settings().raw("EMBEDDECK_PRECISION") or "auto").lower()
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     if requested not in ("auto", "fp32", "bf16", "fp16"):
@@ -106,7 +107,7 @@ class _SentenceTransformerModel:
 
 def _load_model(path: str, device: str):
     """The plain-torch BERT encoder where the directory fits it, sentence-transformers otherwise."""
-    from jobs import bert
+    from jobs.embed import bert
 
     if bert.supports(path):
         return bert.BertSentenceEncoder(path, device)

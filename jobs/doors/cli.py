@@ -9,13 +9,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
-from jobs import db
-from jobs.errors import EmbedDeckError, NotFound
-from jobs.progress import eta_seconds, format_duration
-from jobs.runs import CANCELLED, SUCCEEDED, Registry, Run
-from jobs.spec import DEFAULT_MODEL, RunSpec
+from jobs import lifecycle
+from jobs.core.errors import EmbedDeckError
+from jobs.core.progress import eta_seconds, format_duration
+from jobs.core.settings import Settings
+from jobs.core.spec import DEFAULT_MODEL, RunSpec
+from jobs.store import db
+from jobs.store.registry import CANCELLED, SUCCEEDED, Registry, Run
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
 
@@ -31,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--text-column", required=True)
     run.add_argument("--target", required=True)
     run.add_argument("--model", default=DEFAULT_MODEL)
-    run.add_argument("--master", default="local[*]", help="local[N] or spark://host:port")
+    run.add_argument("--master", default=None, help="local[N] or spark://host:port (default: "
+                                                     "$EMBEDDECK_SPARK_MASTER, else the run service's master "
+                                                     "when one is up, else local[*])")
     run.add_argument("--mode", default="incremental", choices=["incremental", "full"])
     run.add_argument("--batch-size", type=int, default=32)
     run.add_argument("--chunk-rows", type=int, default=RunSpec.chunk_rows)
@@ -79,24 +82,18 @@ def progress_line(run: Run) -> str:
             f"  {run.rows_per_s:7.1f} rows/s  ETA {format_duration(eta)}  skipped {run.rows_skipped}")
 
 
-def wait(registry: Registry, run_id: str, out=sys.stderr) -> Run:
-    """Follow a run until it ends, drawing a progress line; Ctrl-C cancels the run."""
-    from jobs.launcher import cancel
+def follow(registry: Registry, run_id: str, out=sys.stderr) -> Run:
+    """Follow a run until it ends, drawing a progress line on a terminal; Ctrl-C cancels the run."""
+
+    def draw(run: Run) -> None:
+        if out.isatty():
+            out.write("\r" + progress_line(run) + ("   " if run.active else "\n"))
+            out.flush()
 
     try:
-        while True:
-            registry.reconcile()
-            run = registry.get(run_id)
-            if out.isatty():
-                out.write("\r" + progress_line(run) + "   ")
-            out.flush()
-            if not run.active:
-                if out.isatty():
-                    out.write("\n")
-                return run
-            time.sleep(1.0)
+        return lifecycle.wait(run_id, registry, on_tick=draw)
     except KeyboardInterrupt:
-        cancel(run_id, registry)
+        lifecycle.cancel_and_wait(run_id, registry)
         return registry.get(run_id)
 
 
@@ -105,36 +102,26 @@ def exit_code(run: Run) -> int:
 
 
 def cmd_run(args) -> int:
-    from jobs.launcher import launch
-
-    spec = RunSpec(db_url=args.db or db.default_db_url(), source=args.source, id_column=args.id_column,
+    spec = RunSpec(db_url=args.db or Settings().db_url, source=args.source, id_column=args.id_column,
                    text_column=args.text_column, target=args.target, model=args.model,
                    batch_size=args.batch_size, chunk_rows=args.chunk_rows, partitions=args.partitions,
                    limit_rows=args.limit_rows, endpoint=args.endpoint, mode=args.mode,
-                   master=args.master, launched_by="cli")
+                   master=lifecycle.resolve_master(args.master), launched_by="cli")
     registry = Registry()
-    run_id = launch(spec, registry)
+    run_id = lifecycle.launch(spec, registry)
     if args.detach:
         print(run_id)
         return EXIT_OK
     print(f"run {run_id} started", file=sys.stderr)
-    run = wait(registry, run_id)
+    run = follow(registry, run_id)
     print(progress_line(run))
     if run.error:
         print(f"error: {run.error}", file=sys.stderr)
     return exit_code(run)
 
 
-def _get(registry: Registry, run_id: str) -> Run:
-    registry.reconcile()
-    run = registry.get(run_id)
-    if run is None:
-        raise NotFound(f"run {run_id} does not exist")
-    return run
-
-
 def cmd_status(args) -> int:
-    run = _get(Registry(), args.run_id)
+    run = lifecycle.get(args.run_id, Registry())
     if args.json:
         print(json.dumps(run.as_dict(), indent=2))
     else:
@@ -146,7 +133,7 @@ def cmd_status(args) -> int:
 
 def cmd_list(args) -> int:
     registry = Registry()
-    registry.reconcile()
+    lifecycle.refresh(registry)
     runs = registry.list()
     if args.json:
         print(json.dumps([r.as_dict() for r in runs], indent=2))
@@ -158,18 +145,14 @@ def cmd_list(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from jobs.launcher import cancel
-
-    registry = Registry()
-    _get(registry, args.run_id)
-    print(cancel(args.run_id, registry))
+    print(lifecycle.cancel_and_wait(args.run_id, Registry()))
     return EXIT_OK
 
 
 def cmd_search(args) -> int:
-    from jobs.search import search
+    from jobs.embed.search import search
 
-    result = search(args.db or db.default_db_url(), args.target, args.query, k=args.k, model=args.model)
+    result = search(args.db or Settings().db_url, args.target, args.query, k=args.k, model=args.model)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:
@@ -183,16 +166,16 @@ def cmd_search(args) -> int:
 
 
 def cmd_seed_demo(args) -> int:
-    from jobs.demo import DEMO_ROWS, seed_demo
+    from jobs.store.demo import DEMO_ROWS, seed_demo
 
-    url = args.db or db.default_db_url()
+    url = args.db or Settings().db_url
     count = seed_demo(url, n=args.rows or DEMO_ROWS)
     print(f"products: {count} rows in {db.redact_url(url)}")
     return EXIT_OK
 
 
 def cmd_serve(args) -> int:
-    from jobs.api import serve
+    from jobs.doors.api import serve
 
     return serve(args.host, args.port)
 

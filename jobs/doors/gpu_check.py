@@ -1,4 +1,4 @@
-"""GPU device check (`python -m jobs.gpu_check`): CUDA fp16 texts/s on short and long texts, cosine to fp32.
+"""GPU device check (`python -m jobs.doors.gpu_check`): CUDA fp16 texts/s on short and long texts, cosine to fp32.
 
 One command, a few minutes on one GPU. Prints `name = value` lines; exits 2 when no CUDA device exists.
 Target: >= 10,000 short texts/s on one H200, min cosine >= 0.9999 to fp32.
@@ -13,7 +13,7 @@ import numpy as np
 
 
 def texts(n: int, long: bool) -> list[str]:
-    from jobs.demo import products
+    from jobs.store.demo import products
 
     base = [p["description"] for p in products(n)]
     return [" ".join([t] * 12) for t in base] if long else base
@@ -38,7 +38,7 @@ def main() -> int:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from jobs.encoder import Encoder, model_path
+    from jobs.embed.encoder import Encoder, model_path
 
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")

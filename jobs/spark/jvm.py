@@ -4,7 +4,7 @@ Measured on 2 vCPUs: a spark-submit driver reaches its first task in ~10.5 s; wi
 serial collector ~9.5 s; with Spark's classes read from an AppCDS archive ~7.4 s. The JVMs here
 schedule and move small results while Python does the work, so C2's peak speed buys nothing.
 
-`python -m jobs.jvm` builds the archive (`make setup` does), by running one tiny Spark job and
+`python -m jobs.spark.jvm` builds the archive (`make setup` does), by running one tiny Spark job and
 dumping the classes it loaded. It belongs to this JDK and this pyspark: the key in its file name
 changes with either, and a JVM that cannot map it starts without it (-Xshare:auto).
 """
@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from jobs.core.settings import REPO
 
 FAST_START = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 
@@ -41,6 +43,36 @@ def archive_path() -> Path | None:
     return Path(sys.prefix) / "embeddeck-jvm" / f"spark-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsa"
 
 
+def spark_submit() -> str:
+    """The spark-submit script of the installed pyspark."""
+    import pyspark
+
+    return str(Path(pyspark.__file__).parent / "bin" / "spark-submit")
+
+
+def spark_class() -> str:
+    """The spark-class script that starts Spark's daemons (pip's pyspark has no sbin scripts)."""
+    import pyspark
+
+    return str(Path(pyspark.__file__).parent / "bin" / "spark-class")
+
+
+def spark_env(db_url: str | None = None) -> dict[str, str]:
+    """Environment of a Spark program we start: loopback binding, our Python, our code on the path; a
+    run's real database URL only when given (its own driver)."""
+    env = dict(os.environ)
+    env.update({
+        "SPARK_LOCAL_IP": "127.0.0.1",
+        "PYSPARK_PYTHON": sys.executable,
+        "PYSPARK_DRIVER_PYTHON": sys.executable,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+        "PYTHONUNBUFFERED": "1",
+    })
+    if db_url:
+        env["EMBEDDECK_RUN_DB_URL"] = db_url
+    return env
+
+
 def java_options() -> str:
     """Options for every Spark JVM we start: fast start-up, and the shared archive when it exists."""
     path = archive_path()
@@ -51,8 +83,6 @@ def java_options() -> str:
 
 def build_archive(timeout_s: float = 300.0) -> Path | None:
     """Dump the classes one small Spark job loads into this pair's archive; its path, or None without Java."""
-    from jobs.launcher import spark_env, spark_submit
-
     path = archive_path()
     if path is None:
         return None

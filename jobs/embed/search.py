@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import sqlalchemy as sa
 
-from jobs import db, vectors
-from jobs.encoder import get_encoder
-from jobs.errors import BadRequest
+from jobs.core import vectors
+from jobs.core.errors import BadRequest
+from jobs.core.settings import Settings
+from jobs.embed.encoder import get_encoder
+from jobs.store import db
 
 SCAN_CHUNK_ROWS = 20_000
 
@@ -156,7 +157,7 @@ _INDEXES: dict[tuple[str, str], VectorIndex] = {}
 
 def cache_limit_rows(dim: int) -> int:
     """How many vectors of this size the in-memory index may hold."""
-    return int(float(os.environ.get("EMBEDDECK_SEARCH_CACHE_MB", "1024")) * 2**20 // (dim * 4))
+    return int(Settings().number("EMBEDDECK_SEARCH_CACHE_MB") * 2**20 // (dim * 4))
 
 
 def index_for(db_url: str, engine: sa.Engine, target: sa.Table, dim: int) -> VectorIndex:

@@ -6,7 +6,8 @@ import random
 
 import sqlalchemy as sa
 
-from jobs import db
+from jobs.core.settings import Settings
+from jobs.store import db
 
 DEMO_TABLE = "products"
 DEMO_TARGET = "product_embeddings"
@@ -94,7 +95,7 @@ def products(n: int = DEMO_ROWS, seed: int = 7) -> list[dict]:
 
 def seed_demo(url: str | None = None, n: int = DEMO_ROWS, table: str = DEMO_TABLE) -> int:
     """Create and fill the demo source table if it is missing; returns its row count."""
-    engine = db.engine_for(url or db.default_db_url())
+    engine = db.engine_for(url or Settings().db_url)
     meta = sa.MetaData()
     products_table = sa.Table(
         table, meta,

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 
-from jobs.db import default_home, redact_url
+from jobs.core.settings import Settings
+from jobs.store.db import redact_url
 
 EMBEDDED = "embedded demo (SQLite)"
 
 
 def configured(secrets: Mapping | None = None) -> dict[str, str]:
     """Connection name → URL. Secrets use [connections.NAME] url = "…"."""
-    out = {EMBEDDED: f"sqlite:///{default_home() / 'embeddeck.sqlite'}"}
-    if os.environ.get("EMBEDDECK_DB_URL"):
-        out["environment ($EMBEDDECK_DB_URL)"] = os.environ["EMBEDDECK_DB_URL"]
+    settings = Settings()
+    out = {EMBEDDED: f"sqlite:///{settings.home / 'embeddeck.sqlite'}"}
+    if settings.raw("EMBEDDECK_DB_URL"):
+        out["environment ($EMBEDDECK_DB_URL)"] = settings.db_url
     for name, entry in dict((secrets or {}).get("connections", {}) or {}).items():
         url = entry.get("url") if isinstance(entry, Mapping) else None
         if url:

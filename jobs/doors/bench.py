@@ -58,13 +58,12 @@ def timed_run(spec, registry):
     """Launch, follow to the end; returns the run, wall seconds, and seconds to the first committed vector."""
     import sqlalchemy as sa
 
-    from jobs import db
-    from jobs.cli import wait
-    from jobs.launcher import launch
+    from jobs import lifecycle
+    from jobs.store import db
 
     start = db.utcnow()
     t0 = time.perf_counter()
-    run = wait(registry, launch(spec, registry), out=open(os.devnull, "w"))
+    run = lifecycle.wait(lifecycle.launch(spec, registry), registry)
     wall = time.perf_counter() - t0
     engine = db.engine_for(spec.db_url)
     with engine.connect() as conn:
@@ -75,11 +74,19 @@ def timed_run(spec, registry):
     return run, wall, (first - start).total_seconds() if first else float("nan")
 
 
+def cluster_cli(*args: str) -> None:
+    """`python -m cluster ARGS` in this environment; raises when it fails."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-m", "cluster", *args], check=True, stdout=subprocess.DEVNULL)
+
+
 def stages_line(run) -> str:
     """The run's start-up breakdown as `jvm 3.1 + spark_app 6.9 + ...` seconds."""
     import json
 
-    from jobs.progress import start_breakdown
+    from jobs.core.progress import start_breakdown
 
     stages = start_breakdown(json.loads(run.timings or "{}"))
     return " + ".join(f"{name} {seconds:.1f}" for name, seconds in stages.items())
@@ -98,10 +105,10 @@ def peak_rss_mb(spec, registry) -> tuple[float, float]:
             for p in psutil.process_iter(["cmdline", "ppid"]):
                 try:
                     cmd = " ".join(p.info["cmdline"] or [])
-                    if "jobs/runner.py" in cmd and "python" in p.name():
+                    if "jobs/spark/run_service.py" in cmd and "python" in p.name():
                         driver[0] = max(driver[0], p.memory_info().rss / 2**20)
                     parent = psutil.Process(p.info["ppid"])
-                    if "jobs.spark_daemon" in cmd and "jobs.spark_daemon" in " ".join(parent.cmdline()):
+                    if "jobs.spark.daemon" in cmd and "jobs.spark.daemon" in " ".join(parent.cmdline()):
                         worker[0] = max(worker[0], p.memory_info().rss / 2**20)
                 except psutil.Error:
                     pass
@@ -121,7 +128,8 @@ def bench_search(home: str, n: int, queries: int) -> dict[str, float]:
     """p50/p99 of top-10 over n stored 384-d vectors: in-memory index vs the streaming scan."""
     import sqlalchemy as sa
 
-    from jobs import db, search
+    from jobs.embed import search
+    from jobs.store import db
 
     url = f"sqlite:///{home}/search.sqlite"
     engine = db.engine_for(url)
@@ -165,14 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["EMBEDDECK_HOME"] = home
     from sentence_transformers import SentenceTransformer
 
-    from cluster.local import LocalCluster
-    from jobs import runner
-    from jobs.bert import BertSentenceEncoder
-    from jobs.demo import products, seed_demo
-    from jobs.encoder import get_encoder, model_path
-    from jobs.launcher import free_port
-    from jobs.runs import Registry
-    from jobs.spec import RunSpec
+    from jobs.core.processes import free_port
+    from jobs.core.spec import RunSpec
+    from jobs.embed.bert import BertSentenceEncoder
+    from jobs.embed.encoder import get_encoder, model_path
+    from jobs.spark import run_service
+    from jobs.store.demo import products, seed_demo
+    from jobs.store.registry import Registry
 
     texts = [p["description"] for p in products(n_encode)]
     print(f"machine = {os.cpu_count()} cpus; texts = {len(texts)} demo descriptions; rounds = {rounds}")
@@ -225,27 +232,29 @@ def main(argv: list[str] | None = None) -> int:
     big_url = f"sqlite:///{home}/memory.sqlite"
     seed_demo(big_url, n=large)
     rss, driver_rss = {}, {}
-    cluster = LocalCluster(master_port=free_port(), webui_port=free_port())
+    # The standing cluster through its own CLI, as an operator starts it (jobs/ never imports cluster/).
+    master_port = free_port()
+    os.environ.update(EMBEDDECK_MASTER_PORT=str(master_port), EMBEDDECK_MASTER_WEBUI_PORT=str(free_port()))
+    master = f"spark://127.0.0.1:{master_port}"
     try:
-        cluster.up(workers=os.cpu_count())
+        cluster_cli("up", "--workers", str(os.cpu_count()), "--no-runner")
         t0 = time.perf_counter()
-        runner.start(cluster.master_url())
-        while "warm_s" not in (runner.info() or {}) and time.perf_counter() - t0 < 180:
+        run_service.start(master)
+        while "warm_s" not in (run_service.info() or {}) and time.perf_counter() - t0 < 180:
             time.sleep(0.2)  # the service loads the model in its workers before any run asks
         service_ready = time.perf_counter() - t0
         warm_spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description",
-                            target="bench_warm_emb", master=cluster.master_url(), limit_rows=200, launched_by="bench")
+                            target="bench_warm_emb", master=master, limit_rows=200, launched_by="bench")
         warm_run, _, warm_first = timed_run(warm_spec, registry)
         for n in (small, large):
             # On the run service the same Python workers serve both runs, so growth would show.
             # Titles: short texts make 50,000 rows affordable; what would grow with the table (rows
             # held, result sets, leaks) grows the same whatever the text length.
             mem_spec = RunSpec(db_url=big_url, source="products", id_column="id", text_column="title",
-                               target=f"mem_{n}", master=cluster.master_url(), limit_rows=n, launched_by="bench")
+                               target=f"mem_{n}", master=master, limit_rows=n, launched_by="bench")
             rss[n], driver_rss[n] = peak_rss_mb(mem_spec, registry)
     finally:
-        runner.stop()
-        cluster.down()
+        cluster_cli("down")
     print(f"service_warm_up_s = {service_ready:.1f}  # run service start until its workers hold the model")
     print(f"warm_start_s = {warm_first:.1f}  # the service's first run, launch to first vector committed")
     print(f"warm_start_stages = {stages_line(warm_run)}")

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import socket
 import uuid
 from dataclasses import dataclass, fields
 
-import psutil
 import sqlalchemy as sa
 
-from jobs.db import default_home, engine_for, utcnow
+from jobs.core.processes import is_alive, start_time
+from jobs.core.settings import Settings
+from jobs.store.db import engine_for, utcnow
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
@@ -25,6 +25,7 @@ runs_table = sa.Table(
     sa.Column("run_id", sa.String(40), primary_key=True),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("cancel_requested_at", sa.DateTime),
     sa.Column("spec_json", sa.Text, nullable=False),
     sa.Column("launched_by", sa.String(40), nullable=False),
     sa.Column("source", sa.String(400)),
@@ -86,6 +87,7 @@ class Run:
     log_path: str | None
     ui_url: str | None
     timings: str | None = None
+    cancel_requested_at: dt.datetime | None = None
 
     @property
     def active(self) -> bool:
@@ -107,11 +109,6 @@ class Run:
         return out
 
 
-def default_registry_url() -> str:
-    """$EMBEDDECK_REGISTRY_URL, else a SQLite file in EmbedDeck's home."""
-    return os.environ.get("EMBEDDECK_REGISTRY_URL") or f"sqlite:///{default_home() / 'registry.sqlite'}"
-
-
 def new_run_id() -> str:
     """Sortable, unique, short: r-20261128-104512-3fa2c1."""
     return f"r-{utcnow():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
@@ -121,7 +118,7 @@ class Registry:
     """Read and write runs; every method is one short transaction."""
 
     def __init__(self, url: str | None = None):
-        self.url = url or default_registry_url()
+        self.url = url or Settings().registry_url
         self.engine = engine_for(self.url)
         metadata.create_all(self.engine, checkfirst=True)
         self._add_new_columns()
@@ -155,12 +152,17 @@ class Registry:
 
     def set_driver(self, run_id: str, pid: int, log_path: str, ui_url: str | None = None) -> None:
         """Remember the driver process so a dead one can be detected."""
-        try:
-            started = psutil.Process(pid).create_time()
-        except psutil.Error:
-            started = None
         self._update(run_id, driver_pid=pid, driver_host=socket.gethostname(),
-                     driver_started=started, log_path=log_path, ui_url=ui_url)
+                     driver_started=start_time(pid), log_path=log_path, ui_url=ui_url)
+
+    def claim(self, run_id: str, pid: int, log_path: str, ui_url: str | None = None) -> bool:
+        """Take a queued run that no driver has yet, atomically; False when it is not such a run."""
+        stmt = (runs_table.update().where(runs_table.c.run_id == run_id, runs_table.c.state == QUEUED,
+                                          runs_table.c.driver_pid.is_(None))
+                .values(driver_pid=pid, driver_host=socket.gethostname(), driver_started=start_time(pid),
+                        log_path=log_path, ui_url=ui_url))
+        with self.engine.begin() as conn:
+            return conn.execute(stmt).rowcount == 1
 
     def set_timings(self, run_id: str, marks: dict[str, float]) -> None:
         """Store the run's start-up marks (seconds since launch), also after it ended."""
@@ -190,17 +192,25 @@ class Registry:
                             **values)
 
     def request_cancel(self, run_id: str) -> None:
+        """Mark the run for cancelling (the first request's time is kept); its driver acts on it."""
         self._update(run_id, cancel_requested=True)
+        stmt = (runs_table.update().where(runs_table.c.run_id == run_id, runs_table.c.cancel_requested_at.is_(None))
+                .values(cancel_requested_at=utcnow()))
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
 
     def get(self, run_id: str) -> Run | None:
         with self.engine.connect() as conn:
             row = conn.execute(runs_table.select().where(runs_table.c.run_id == run_id)).mappings().first()
         return Run(**row) if row else None
 
-    def list(self, limit: int = 200) -> list[Run]:
+    def list(self, limit: int = 200, active_only: bool = False) -> list[Run]:
+        """Runs, newest first."""
+        stmt = runs_table.select().order_by(runs_table.c.created_at.desc()).limit(limit)
+        if active_only:
+            stmt = stmt.where(runs_table.c.state.not_in(FINAL_STATES))
         with self.engine.connect() as conn:
-            rows = conn.execute(runs_table.select().order_by(runs_table.c.created_at.desc())
-                                .limit(limit)).mappings().all()
+            rows = conn.execute(stmt).mappings().all()
         return [Run(**r) for r in rows]
 
     def samples(self, run_id: str) -> list[tuple[dt.datetime, int, float]]:
@@ -213,13 +223,12 @@ class Registry:
         return [tuple(r) for r in rows]
 
     def reconcile(self) -> list[str]:
-        """Mark failed every active run whose driver is gone; returns their ids."""
+        """Mark failed every active run whose driver is gone; returns their ids. Reads the active runs
+        only, and writes only for a run that is found dead."""
         failed = []
         host = socket.gethostname()
         now = utcnow()
-        for run in self.list(limit=1000):
-            if not run.active:
-                continue
+        for run in self.list(limit=1000, active_only=True):
             reason = driver_gone_reason(run, host, now)
             if reason and self.finish(run.run_id, FAILED, error=reason):
                 failed.append(run.run_id)
@@ -233,13 +242,8 @@ def driver_gone_reason(run: Run, host: str, now: dt.datetime) -> str | None:
             return "the run was never started by a driver process"
         return None
     if run.driver_host == host:
-        try:
-            proc = psutil.Process(run.driver_pid)
-            same = run.driver_started is None or abs(proc.create_time() - run.driver_started) < 1
-            if same and proc.status() != psutil.STATUS_ZOMBIE:
-                return None
-        except psutil.Error:
-            pass
+        if is_alive(run.driver_pid, run.driver_started):
+            return None
         return f"driver process {run.driver_pid} exited without reporting an end (killed or crashed)"
     beat = run.heartbeat_at or run.created_at
     if (now - beat).total_seconds() > HEARTBEAT_TIMEOUT_S:

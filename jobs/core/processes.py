@@ -1,0 +1,68 @@
+"""Process plumbing in one place: free ports, pid liveness, process-group stop, atomic JSON state files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import psutil
+
+
+def free_port() -> int:
+    """A port free on loopback now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_time(pid: int) -> float | None:
+    """The process's start time (tells it apart from a later process that reuses its pid), or None."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def is_alive(pid: int | None, started: float | None = None) -> bool:
+    """Whether pid runs (and is the process that started at `started`, when given), not a zombie."""
+    if pid is None:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        same = started is None or abs(proc.create_time() - started) < 1
+        return same and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def stop_group(pgid: int, pid: int | None = None, grace_s: float = 10.0) -> None:
+    """SIGTERM a process group, then SIGKILL it if its leader (or pid) outlives grace_s."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+        psutil.Process(pid or pgid).wait(grace_s)
+    except psutil.TimeoutExpired:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    except (ProcessLookupError, PermissionError, psutil.Error):
+        pass
+
+
+def write_json(path: Path, data: object) -> None:
+    """Replace path's contents at once, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, default=str))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> object | None:
+    """A JSON state file's contents, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None

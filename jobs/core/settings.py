@@ -1,0 +1,144 @@
+"""Settings: every EMBEDDECK_* environment variable EmbedDeck reads, with its default and meaning, in one
+table. Values are read when asked for, so a test's or a child process's environment counts; the
+README's variables table is generated from VARIABLES (tests/test_settings.py keeps them equal)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.core.errors import BadRequest
+
+REPO = Path(__file__).resolve().parent.parent.parent
+HOLD_FILE_VAR = "EMBEDDECK_FAULT_HOLD_FILE"
+
+
+@dataclass(frozen=True)
+class Var:
+    """One environment variable: its name, default (None: unset) and what it does."""
+
+    name: str
+    default: str | None
+    doc: str
+
+
+VARIABLES: dict[str, Var] = {v.name: v for v in (
+    Var("EMBEDDECK_HOME", "var/", "local state: SQLite files, run logs, cluster state, worker readings"),
+    Var("EMBEDDECK_DB_URL", None, "default database (a SQLAlchemy URL) for the CLI, the API and a dashboard "
+                                  "connection; unset: the embedded SQLite demo `$EMBEDDECK_HOME/embeddeck.sqlite`"),
+    Var("EMBEDDECK_REGISTRY_URL", None, "the run registry; unset: `sqlite:///$EMBEDDECK_HOME/registry.sqlite`"),
+    Var("EMBEDDECK_SPARK_MASTER", None, "master of runs that name none (API, dashboard, CLI without `--master`); "
+                                        "unset: the run service's master when one is up, else `local[*]`"),
+    Var("EMBEDDECK_PRECISION", "auto", "`fp32`, `bf16`, `fp16`; auto picks fp16 on CUDA, bf16 on CPUs with "
+                                       "AMX/AVX-512-BF16, else fp32, and logs why"),
+    Var("EMBEDDECK_TORCH_THREADS", "1", "torch threads in each Spark Python worker (one per task)"),
+    Var("EMBEDDECK_EXECUTOR_MEMORY", "1g", "`spark.executor.memory` of every run"),
+    Var("EMBEDDECK_MASTER_PORT", "7077", "local master's RPC port"),
+    Var("EMBEDDECK_MASTER_WEBUI_PORT", "8080", "local master's web UI port (workers use the ports after it)"),
+    Var("EMBEDDECK_WORKER_CORES", "1", "cores of each local worker"),
+    Var("EMBEDDECK_WORKER_MEMORY", "2g", "memory of each local worker"),
+    Var("EMBEDDECK_DASHBOARD_PORT", "8501", "dashboard port of `make run`"),
+    Var("EMBEDDECK_CLUSTER_BACKEND", "local", "which workers the dashboard and `python -m cluster` drive: "
+                                              "`local` processes or `aca` (Azure Container Apps replicas)"),
+    Var("EMBEDDECK_TELEMETRY_DIR", None, "where workers publish their readings; unset: "
+                                         "`$EMBEDDECK_HOME/telemetry`"),
+    Var("EMBEDDECK_API_TOKEN", None, "the API's bearer token (required to serve)"),
+    Var("EMBEDDECK_API_TOKEN_FILE", None, "a file holding the API's token, read when `EMBEDDECK_API_TOKEN` is unset"),
+    Var("EMBEDDECK_REMOTE_API_KEY", None, "key sent to a run's `--endpoint`"),
+    Var("EMBEDDECK_SEARCH_CACHE_MB", "1024", "largest in-memory search index; bigger targets are searched by "
+                                             "streaming"),
+    Var("EMBEDDECK_DEFAULT_SOURCE", "products", "source table of the classic trigger `GET /`"),
+    Var("EMBEDDECK_DEFAULT_ID_COLUMN", "id", "id column of the classic trigger"),
+    Var("EMBEDDECK_DEFAULT_TEXT_COLUMN", "description", "text column of the classic trigger"),
+    Var("EMBEDDECK_DEFAULT_TARGET", "product_embeddings", "target table of the classic trigger"),
+    Var("EMBEDDECK_DRIVER_HOST", "127.0.0.1", "where executors reach a run's driver (the controller app's name on "
+                                              "ACA)"),
+    Var("EMBEDDECK_DRIVER_BIND", "127.0.0.1", "address the driver binds"),
+    Var("EMBEDDECK_DRIVER_PORT", None, "fixed driver port (ACA exposes it); unset: random"),
+    Var("EMBEDDECK_BLOCK_MANAGER_PORT", None, "fixed block manager port (ACA exposes it); unset: random"),
+    Var("EMBEDDECK_RUN_DB_URL", None, "internal: the real database URL of one run, handed to its own driver "
+                                      "process only"),
+    Var("EMBEDDECK_FAULT_HOLD_FILE", None, "fault injection for tests and drills: while this file exists, every "
+                                           "embedding task pauses after its first commit (a cancel or a killed "
+                                           "worker then lands mid-run however fast the machine is)"),
+    Var("EMBEDDECK_NOTEBOOK_ROWS", "200", "rows the example notebook embeds"),
+    Var("EMBEDDECK_ACA_ENV", "embeddeck-env", "ACA: the managed environment's name"),
+    Var("EMBEDDECK_ACA_CONTROLLER", "embeddeck-controller", "ACA: the controller app's name"),
+    Var("EMBEDDECK_ACA_WORKER", "embeddeck-worker", "ACA: the GPU worker app's name"),
+    Var("EMBEDDECK_ACA_SUBNET_ID", None, "ACA deploy: the subnet of the environment"),
+    Var("EMBEDDECK_STORAGE_ACCOUNT", None, "ACA deploy: the Azure Files account"),
+    Var("EMBEDDECK_STORAGE_KEY", None, "ACA deploy: its key (a secret)"),
+    Var("EMBEDDECK_SHARE", "embeddeck", "ACA deploy: the Azure Files share"),
+    Var("EMBEDDECK_CONTROLLER_IMAGE", None, "ACA deploy: the controller image"),
+    Var("EMBEDDECK_WORKER_IMAGE", None, "ACA deploy: the worker image"),
+    Var("EMBEDDECK_GPU_PROFILE", "Consumption-GPU-NC8as-T4", "ACA deploy: the serverless GPU workload profile"),
+    Var("EMBEDDECK_MAX_WORKERS", "4", "ACA deploy: most worker replicas"),
+    Var("EMBEDDECK_LOG_WORKSPACE_ID", None, "ACA: the Log Analytics workspace that holds scaling events"),
+    Var("AZURE_SUBSCRIPTION_ID", None, "ACA: the subscription (backend and deploy)"),
+    Var("AZURE_RESOURCE_GROUP", None, "ACA: the resource group (backend and deploy)"),
+    Var("AZURE_LOCATION", None, "ACA: the region (backend and deploy)"),
+)}
+
+
+class Settings:
+    """Typed access to the environment through VARIABLES; an undeclared name is a bug, not a default."""
+
+    def __init__(self, env: Mapping[str, str] | None = None):
+        self.env = os.environ if env is None else env
+
+    def raw(self, name: str) -> str | None:
+        """The variable's value, its default when unset or empty."""
+        var = VARIABLES[name]
+        value = self.env.get(name)
+        return value if value not in (None, "") else var.default
+
+    def integer(self, name: str) -> int:
+        """The variable as an integer; BadRequest naming it when it is not one."""
+        value = self.raw(name)
+        try:
+            return int(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise BadRequest(f"{name} must be an integer, not {value!r}") from None
+
+    def number(self, name: str) -> float:
+        """The variable as a number; BadRequest naming it when it is not one."""
+        value = self.raw(name)
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise BadRequest(f"{name} must be a number, not {value!r}") from None
+
+    @property
+    def home(self) -> Path:
+        """Where EmbedDeck keeps local state; created on first use."""
+        value = self.env.get("EMBEDDECK_HOME")
+        home = Path(value) if value else REPO / "var"
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+
+    @property
+    def db_url(self) -> str:
+        return self.raw("EMBEDDECK_DB_URL") or f"sqlite:///{self.home / 'embeddeck.sqlite'}"
+
+    @property
+    def registry_url(self) -> str:
+        return self.raw("EMBEDDECK_REGISTRY_URL") or f"sqlite:///{self.home / 'registry.sqlite'}"
+
+    @property
+    def telemetry_dir(self) -> Path:
+        return Path(self.raw("EMBEDDECK_TELEMETRY_DIR") or self.home / "telemetry")
+
+
+def markdown_table() -> str:
+    """The README's table of variables."""
+    lines = ["| variable | default | |", "|---|---|---|"]
+    for var in VARIABLES.values():
+        default = f"`{var.default}`" if var.default else "unset"
+        lines.append(f"| `{var.name}` | {default} | {var.doc} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

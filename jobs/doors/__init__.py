@@ -1,0 +1,1 @@
+"""Front doors: the HTTP API, the CLI, the bench and the GPU check. They call the lifecycle."""

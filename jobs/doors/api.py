@@ -1,0 +1,271 @@
+"""Trigger-mode HTTP API (FastAPI): runs, OpenAI/Ollama/TEI-style embeddings, the autoscale metric, health.
+
+Every route but /healthz needs the bearer token (or an `api-key` header, as SQL Server 2025's
+CREATE EXTERNAL MODEL sends it). Errors share one shape, {"error": {"code", "message"}}, and EmbedDeck's
+error kinds map to statuses here, once.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jobs import lifecycle
+from jobs.core.errors import BadRequest, EmbedDeckError
+from jobs.core.settings import Settings
+from jobs.core.spec import DEFAULT_MODEL, RunSpec
+from jobs.core.texts import normalize_text
+from jobs.doors.api_models import (
+    EmbeddingItem,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    ErrorBody,
+    OllamaEmbedRequest,
+    OllamaEmbedResponse,
+    RunAccepted,
+    RunRequest,
+    TeiEmbedRequest,
+    TextOrTokens,
+    Usage,
+)
+from jobs.embed.encoder import get_encoder, model_dim, model_path
+from jobs.store import connections, scaling, worker_readings
+from jobs.store.registry import Registry
+
+log = logging.getLogger("embeddeck.api")
+
+MAX_INPUTS = 2048
+MAX_INPUT_CHARS = 2_000_000
+# Whose fault it is: the caller's (4xx) or a dependency's that may come back (503, try again later).
+STATUS_OF_KIND = {"bad_request": 400, "not_found": 404, "conflict": 409, "unavailable": 503}
+RETRY_AFTER_S = 10
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+              413: "too_large"}
+BAD = {400: {"model": ErrorBody}, 413: {"model": ErrorBody}}
+
+
+def load_token() -> str | None:
+    """$EMBEDDECK_API_TOKEN, else the contents of the file named by $EMBEDDECK_API_TOKEN_FILE."""
+    settings = Settings()
+    token = (settings.raw("EMBEDDECK_API_TOKEN") or "").strip()
+    token_file = settings.raw("EMBEDDECK_API_TOKEN_FILE")
+    if not token and token_file:
+        token = Path(token_file).read_text().strip()
+    return token or None
+
+
+def error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message}})
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every failure answers in the one error shape; EmbedDeck's kinds become statuses here."""
+
+    # Starlette's own HTTPException (unparseable body, unknown route) must get our shape too.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        return error(exc.status_code, HTTP_CODES.get(exc.status_code, "error"), str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", []))
+        return error(422, "invalid_request", f"{where}: {first.get('msg', 'invalid')}")
+
+    @app.exception_handler(EmbedDeckError)
+    async def embeddeck_error(_: Request, exc: EmbedDeckError):
+        status = STATUS_OF_KIND.get(exc.kind, 500)
+        response = error(status, exc.kind, str(exc))
+        if status == 503:
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
+        return response
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception):
+        log.exception("internal error")
+        return error(500, "internal", f"internal error ({type(exc).__name__})")
+
+
+def token_checker(token: str):
+    """The dependency that admits a request with the right bearer token or api-key header."""
+
+    def require_token(authorization: str | None = Header(None), api_key: str | None = Header(None)) -> None:
+        given = api_key or ""
+        if authorization and authorization.lower().startswith("bearer "):
+            given = authorization[7:].strip()
+        if not given or not hmac.compare_digest(given.encode(), token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token")
+
+    return require_token
+
+
+def health_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/healthz")
+    def healthz() -> dict:
+        """Database and Spark master reachability; no token needed."""
+        out = lifecycle.health()
+        out["status"] = "ok" if all(v == "ok" for v in out.values()) else "degraded"
+        return out
+
+    return router
+
+
+def runs_router(registry: Registry) -> APIRouter:
+    """Start, follow and cancel runs through the lifecycle."""
+    router = APIRouter()
+
+    def accepted(run_id: str) -> RunAccepted:
+        return RunAccepted(run_id=run_id, state="queued", status_url=f"/runs/{run_id}")
+
+    @router.post("/runs", status_code=202, response_model=RunAccepted, responses={400: {"model": ErrorBody}})
+    def post_run(req: RunRequest) -> RunAccepted:
+        """Validate and start a run; returns at once with its id."""
+        configured = connections.configured()
+        if req.connection is not None and req.connection not in configured:
+            raise BadRequest(f"connection {req.connection!r} is not configured (known: {', '.join(configured)})")
+        db_url = configured[req.connection] if req.connection else Settings().db_url
+        spec = RunSpec(db_url=db_url, source=req.source, id_column=req.id_column, text_column=req.text_column,
+                       target=req.target, model=req.model, batch_size=req.batch_size, partitions=req.partitions,
+                       mode=req.mode, master=lifecycle.resolve_master(req.master), limit_rows=req.limit_rows,
+                       endpoint=req.endpoint, launched_by="api")
+        return accepted(lifecycle.launch(spec, registry))
+
+    @router.get("/runs")
+    def list_runs(limit: int = Query(100, ge=1, le=1000)) -> list[dict]:
+        lifecycle.refresh(registry)
+        return [r.as_dict() for r in registry.list(limit)]
+
+    @router.get("/runs/{run_id}", responses={404: {"model": ErrorBody}})
+    def get_run(run_id: str) -> dict:
+        return lifecycle.get(run_id, registry).as_dict()
+
+    @router.post("/runs/{run_id}/cancel", responses={404: {"model": ErrorBody}})
+    def cancel_run(run_id: str) -> dict:
+        """Cancel and answer the final state (the driver stops within seconds)."""
+        return {"run_id": run_id, "state": lifecycle.cancel_and_wait(run_id, registry)}
+
+    @router.get("/", status_code=202, response_model=RunAccepted, responses={400: {"model": ErrorBody}})
+    def classic_trigger(model: str = Query(DEFAULT_MODEL, min_length=1, max_length=400),
+                        rows: int | None = Query(None, ge=1), workers: int | None = Query(None, ge=0, le=64)):
+        """Compatibility trigger: a run on the configured default source and target, answered at once;
+        `workers` is the operator's manual worker count (autoscale off), as the cluster page sets it."""
+        settings = Settings()
+        spec = RunSpec(db_url=settings.db_url, source=settings.raw("EMBEDDECK_DEFAULT_SOURCE"),
+                       id_column=settings.raw("EMBEDDECK_DEFAULT_ID_COLUMN"),
+                       text_column=settings.raw("EMBEDDECK_DEFAULT_TEXT_COLUMN"),
+                       target=settings.raw("EMBEDDECK_DEFAULT_TARGET"), model=model,
+                       master=lifecycle.resolve_master(), limit_rows=rows, launched_by="api")
+        lifecycle.validate(spec)
+        if workers is not None:
+            scaling.set_manual(workers)
+        return accepted(lifecycle.record(spec, registry))
+
+    return router
+
+
+def scaling_router(registry: Registry) -> APIRouter:
+    router = APIRouter()
+
+    @router.get("/autoscale")
+    def autoscale() -> dict:
+        """The autoscale step's desired worker count, read by the workers' KEDA metrics-api scale rule:
+        the same step the local control loop takes, so the operator's manual count reaches Azure too."""
+        lifecycle.refresh(registry)
+        current = worker_readings.fresh_count()
+        decision = scaling.desired(registry, current)
+        return {"desired": decision.desired, "current": current, "reason": decision.reason}
+
+    return router
+
+
+def embeddings_router() -> APIRouter:
+    """OpenAI, Ollama and TEI embedding routes over one encoder per model in this process."""
+    router = APIRouter()
+    encoder_lock = threading.Lock()
+
+    def encode(model: str, inputs: TextOrTokens, normalize: bool = True) -> tuple[np.ndarray, int]:
+        """Vectors for one request's inputs and the tokens the model read."""
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        if not all(isinstance(t, str) for t in texts):
+            raise BadRequest("input must be text (a string or a list of strings); token ids are not accepted, "
+                             "EmbedDeck tokenises with the model's own tokenizer")
+        if not texts:
+            raise HTTPException(422, "input is empty")
+        if len(texts) > MAX_INPUTS:
+            raise HTTPException(413, f"{len(texts)} inputs; at most {MAX_INPUTS} per request")
+        if sum(len(t) for t in texts) > MAX_INPUT_CHARS:
+            raise HTTPException(413, f"inputs exceed {MAX_INPUT_CHARS} characters in total")
+        model_path(model)  # BadRequest (400) for an unknown model
+        with encoder_lock:  # one model instance, one batch at a time
+            enc = get_encoder(model)
+            prepared = [normalize_text(t) or "" for t in texts]
+            vecs = enc.encode(prepared, normalize=normalize)
+            tokens = enc.count_tokens(prepared)
+        return vecs, tokens
+
+    @router.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=BAD)
+    def embeddings(req: EmbeddingsRequest) -> EmbeddingsResponse:
+        """OpenAI wire format (NIM, SQL Server 2025 CREATE EXTERNAL MODEL, the openai client)."""
+        if req.dimensions is not None and req.dimensions != model_dim(req.model):
+            raise BadRequest(f"dimensions must be {model_dim(req.model)}, the dimension of {req.model}, "
+                             f"not {req.dimensions}: vectors are never shortened")
+        vecs, tokens = encode(req.model, req.input)
+        if req.encoding_format == "base64":
+            data = [EmbeddingItem(index=i, embedding=base64.b64encode(v.astype("<f4").tobytes()).decode("ascii"))
+                    for i, v in enumerate(vecs)]
+        else:
+            data = [EmbeddingItem(index=i, embedding=v) for i, v in enumerate(vecs.tolist())]
+        return EmbeddingsResponse(data=data, model=req.model, usage=Usage(prompt_tokens=tokens, total_tokens=tokens))
+
+    @router.post("/api/embed", response_model=OllamaEmbedResponse, responses=BAD)
+    def ollama_embed(req: OllamaEmbedRequest) -> OllamaEmbedResponse:
+        """Ollama's embed shape."""
+        vecs, _ = encode(req.model, req.input)
+        return OllamaEmbedResponse(model=req.model, embeddings=vecs.tolist())
+
+    @router.post("/embed", response_model=list[list[float]], responses=BAD)
+    def tei_embed(req: TeiEmbedRequest) -> list[list[float]]:
+        """Hugging Face TEI's shape, with the server's default model: one vector per input."""
+        vecs, _ = encode(DEFAULT_MODEL, req.inputs, normalize=req.normalize)
+        return vecs.tolist()
+
+    return router
+
+
+def create_app(token: str, registry: Registry | None = None) -> FastAPI:
+    """The API; `token` is required on every route except /healthz."""
+    app = FastAPI(title="EmbedDeck API", version="1.0",
+                  responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}})
+    registry = registry or Registry()
+    install_error_handlers(app)
+    auth = [Depends(token_checker(token))]
+    app.include_router(health_router())
+    app.include_router(runs_router(registry), dependencies=auth)
+    app.include_router(scaling_router(registry), dependencies=auth)
+    app.include_router(embeddings_router(), dependencies=auth)
+    return app
+
+
+def serve(host: str = "127.0.0.1", port: int = 8888) -> int:
+    """Run the API with uvicorn; refuses to start without a token rather than run open."""
+    import uvicorn
+
+    token = load_token()
+    if not token:
+        print("error: set EMBEDDECK_API_TOKEN or EMBEDDECK_API_TOKEN_FILE; the API never runs without a token",
+              file=sys.stderr)
+        return 2
+    uvicorn.run(create_app(token), host=host, port=port, log_level="info")
+    return 0

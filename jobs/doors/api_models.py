@@ -1,0 +1,94 @@
+"""The HTTP API's request and response bodies (pydantic), as its OpenAPI schema shows them."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from jobs.core.spec import DEFAULT_MODEL
+
+
+class ApiError(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    error: ApiError
+
+
+class RunRequest(BaseModel):
+    """A RunSpec over HTTP; the database is a configured connection's name, never a URL with a password."""
+
+    model_config = ConfigDict(extra="forbid")
+    connection: str | None = Field(None, description="configured connection name; default: the default database")
+    source: str = Field(min_length=1, max_length=400)
+    id_column: str = Field(min_length=1, max_length=400)
+    text_column: str = Field(min_length=1, max_length=400)
+    target: str = Field(min_length=1, max_length=400)
+    model: str = Field(DEFAULT_MODEL, min_length=1, max_length=400)
+    # Ranges and choices are RunSpec's to check (one place, a 400 naming the field), not repeated here.
+    batch_size: int = 32
+    partitions: int | None = None
+    mode: str = "incremental"
+    master: str | None = Field(None, max_length=200)
+    limit_rows: int | None = None
+    endpoint: str | None = Field(None, max_length=2000, description="OpenAI-compatible embeddings URL")
+
+
+class RunAccepted(BaseModel):
+    run_id: str
+    state: str
+    status_url: str
+
+
+# OpenAI also takes token ids (a list of ints, or a list of such lists), as LangChain sends them by
+# default; the route accepts that shape only to answer with a 400 that says to send text.
+TextOrTokens = str | list[str] | list[int] | list[list[int]]
+
+
+class EmbeddingsRequest(BaseModel):
+    model: str = Field(DEFAULT_MODEL, max_length=400)
+    input: TextOrTokens
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each vector's float32 little-endian bytes, as the openai client asks by default")
+    user: str | None = None
+    dimensions: int | None = Field(None, description="accepted when it equals the model's own dimension")
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: Usage
+
+
+class OllamaEmbedRequest(BaseModel):
+    model: str = Field(DEFAULT_MODEL, max_length=400)
+    input: str | list[str]
+
+
+class OllamaEmbedResponse(BaseModel):
+    model: str
+    embeddings: list[list[float]]
+
+
+class TeiEmbedRequest(BaseModel):
+    """Hugging Face Text Embeddings Inference's /embed body."""
+
+    inputs: str | list[str]
+    normalize: bool = True
+    truncate: bool = Field(True, description="inputs are always cut at the model's token limit, as TEI with "
+                                             "--auto-truncate does")

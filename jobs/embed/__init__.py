@@ -1,0 +1,1 @@
+"""Embedding: encoders, the Spark job's tasks and driver logic, similarity search."""

@@ -1,0 +1,141 @@
+"""A run's lifecycle, the one way every door starts and stops runs: validate once → record → hand to the
+master's warm run service or a spark-submit of its own → cancel (asked now, settled later) → rerun → wait.
+
+No function here blocks on a run except `wait` and `cancel_and_wait`, which a door calls only where its
+caller waits anyway (the CLI, the API's cancel route); the dashboard never does.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+from jobs.core.errors import BadRequest, EmbedDeckError, NotFound
+from jobs.core.processes import stop_group
+from jobs.core.settings import Settings
+from jobs.core.spec import RunSpec
+from jobs.embed.encoder import model_path
+from jobs.spark import run_service
+from jobs.spark.submit import check_master, start_driver
+from jobs.store import connections, db
+from jobs.store.registry import CANCELLED, Registry, Run
+
+# A driver that has not acted on a cancel within this time is stopped (its process group killed).
+CANCEL_GRACE_S = 20.0
+
+
+def resolve_master(requested: str | None = None) -> str:
+    """The master a run goes to: the one asked for, else $EMBEDDECK_SPARK_MASTER, else the master whose
+    run service is up (`make run`, `python -m cluster up`), else local[*]."""
+    if requested:
+        return requested
+    configured = Settings().raw("EMBEDDECK_SPARK_MASTER")
+    if configured:
+        return configured
+    service = run_service.info()
+    return service["master"] if service else "local[*]"
+
+
+def validate(spec: RunSpec) -> db.Tables:
+    """Everything checked before a run is recorded: shape, connection, catalog, model, master."""
+    spec.check_shape()
+    engine = db.check_connection(spec.db_url)
+    tables = db.inspect_run(engine, spec)
+    if not spec.endpoint:
+        model_path(spec.model)
+    check_master(spec.master)
+    return tables
+
+
+def health() -> dict[str, str]:
+    """Whether the default database and master answer: "ok", or why not."""
+    out = {}
+    for name, check in (("database", lambda: db.check_connection(Settings().db_url)),
+                        ("master", lambda: check_master(resolve_master()))):
+        try:
+            check()
+            out[name] = "ok"
+        except EmbedDeckError as exc:
+            out[name] = str(exc)
+    return out
+
+
+def record(spec: RunSpec, registry: Registry) -> str:
+    """Record a validated spec as a queued run (URL redacted) and hand it to a driver; returns its id."""
+    stored = spec.with_db_url(db.redact_url(spec.db_url))
+    run_id = registry.create(stored.to_json(), spec.launched_by, spec.source, spec.target, spec.model, spec.master)
+    # The real URL (it may hold a password) goes to the driver only: over the service's 0600 socket,
+    # or through the environment of the run's own driver process.
+    if not run_service.submit(run_id, spec.db_url, spec.master):
+        start_driver(run_id, spec.db_url, spec.master, registry)
+    return run_id
+
+
+def launch(spec: RunSpec, registry: Registry | None = None) -> str:
+    """Validate once, record and start a run; returns its id at once."""
+    validate(spec)
+    return record(spec, registry or Registry())
+
+
+def get(run_id: str, registry: Registry) -> Run:
+    """The run, with the registry's view of dead drivers and overdue cancels brought up to date."""
+    refresh(registry)
+    run = registry.get(run_id)
+    if run is None:
+        raise NotFound(f"run {run_id} does not exist")
+    return run
+
+
+def refresh(registry: Registry) -> None:
+    """Settle what only a reader can notice: drivers that died, and drivers that ignored a cancel."""
+    registry.reconcile()
+    now = db.utcnow()
+    for run in registry.list(limit=1000, active_only=True):
+        overdue = run.cancel_requested_at and (now - run.cancel_requested_at).total_seconds() > CANCEL_GRACE_S
+        if not overdue:
+            continue
+        if run.driver_pid and not run_service.serves(run):  # never the run service
+            stop_group(run.driver_pid, run.driver_pid, grace_s=5.0)
+        registry.finish(run.run_id, CANCELLED, error="cancelled by request (the driver did not stop in time)")
+
+
+def cancel(run_id: str, registry: Registry | None = None) -> str:
+    """Ask for the run to be cancelled and return at once with its state; the driver cancels its Spark
+    jobs within seconds, and one that does not is stopped after CANCEL_GRACE_S."""
+    registry = registry or Registry()
+    run = get(run_id, registry)
+    if run.active:
+        registry.request_cancel(run_id)
+    return run.state
+
+
+def wait(run_id: str, registry: Registry | None = None, every_s: float = 1.0, timeout_s: float | None = None,
+         on_tick: Callable[[Run], None] | None = None) -> Run:
+    """Follow a run until it ends (or timeout_s passes); on_tick sees it at each poll."""
+    registry = registry or Registry()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        run = get(run_id, registry)
+        if on_tick:
+            on_tick(run)
+        if not run.active or (deadline is not None and time.monotonic() > deadline):
+            return run
+        time.sleep(every_s)
+
+
+def cancel_and_wait(run_id: str, registry: Registry | None = None) -> str:
+    """Cancel and wait until the run has ended (at most the grace time and a few polls); its final state."""
+    registry = registry or Registry()
+    cancel(run_id, registry)
+    return wait(run_id, registry, every_s=0.5, timeout_s=CANCEL_GRACE_S + 10).state
+
+
+def rerun(run_id: str, configured: Mapping[str, str], launched_by: str, registry: Registry | None = None) -> str:
+    """Launch a run again with the same spec, against the configured connection its redacted URL names."""
+    registry = registry or Registry()
+    stored = RunSpec.from_json(get(run_id, registry).spec_json)
+    url = connections.resolve(stored.db_url, dict(configured))
+    if url is None:
+        raise BadRequest(f"no configured connection matches {stored.db_url}; add it to the environment or secrets")
+    return launch(replace(stored, db_url=url, launched_by=launched_by), registry)

@@ -1,0 +1,50 @@
+"""A run's own Spark driver: `spark-submit jobs/spark/driver.py --run-id ID` (client mode).
+
+Started by jobs/spark/submit.py when no run service serves the master. The stored spec has a redacted
+URL; the real one comes through this process's environment only (EMBEDDECK_RUN_DB_URL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+import psutil
+from pyspark import SparkConf, SparkContext
+
+from jobs.core.settings import Settings
+from jobs.core.spec import RunSpec
+from jobs.embed.pipeline import execute, spark_error_message
+from jobs.store.registry import FAILED, SUCCEEDED, Registry
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one registered run to its end; exit 0 when it succeeded."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(description="EmbedDeck Spark driver")
+    parser.add_argument("--run-id", required=True)
+    opts = parser.parse_args(argv)
+    registry = Registry()
+    run = registry.get(opts.run_id)
+    if run is None:
+        print(f"run {opts.run_id} is not in the registry", file=sys.stderr)
+        return 2
+    spec = RunSpec.from_json(run.spec_json).with_db_url(Settings().raw("EMBEDDECK_RUN_DB_URL") or "")
+    marks = {"driver_started": psutil.Process().create_time()}
+    # A bare SparkContext: the job uses no Spark SQL, whose session start costs seconds per run.
+    sc = SparkContext(conf=SparkConf().setAppName(f"embeddeck-{opts.run_id}"))
+    marks["app_ready"] = time.time()
+    try:
+        state = execute(sc, spec, registry, opts.run_id, marks)
+    except Exception as exc:
+        registry.finish(opts.run_id, FAILED, error=spark_error_message(exc))
+        state = FAILED
+    finally:
+        sc.stop()
+    return 0 if state == SUCCEEDED else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""spark-submit plumbing: the settings every Spark application of ours uses, its command line, a master
+reachability check, and a run's own driver process."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+from jobs.core.errors import BadRequest, Unavailable
+from jobs.core.processes import free_port
+from jobs.core.settings import HOLD_FILE_VAR, REPO, Settings
+from jobs.spark.jvm import java_options, spark_env, spark_submit
+from jobs.store.registry import Registry
+
+DRIVER_SCRIPT = REPO / "jobs" / "spark" / "driver.py"
+
+
+def check_master(master: str, timeout_s: float = 3.0) -> None:
+    """Raise Unavailable unless a spark:// master accepts connections (local masters always do)."""
+    if master.startswith("local"):
+        return
+    parsed = urlparse(master)
+    if parsed.scheme != "spark" or not parsed.hostname:
+        raise BadRequest(f"master must be local[N] or spark://host:port, not {master!r}")
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 7077), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise Unavailable(f"Spark master {master} is unreachable: {exc.strerror or exc}") from None
+
+
+def spark_conf(master: str) -> dict[str, str]:
+    """Spark settings every run uses (fixed driver ports when set, as executors on ACA need them)."""
+    settings = Settings()
+    fixed = {key: settings.raw(var) for key, var in (("spark.driver.port", "EMBEDDECK_DRIVER_PORT"),
+                                                    ("spark.driver.blockManager.port", "EMBEDDECK_BLOCK_MANAGER_PORT"))
+             if settings.raw(var)}
+    hold = settings.raw(HOLD_FILE_VAR)  # fault injection, only where a test or drill sets it
+    fixed |= {f"spark.executorEnv.{HOLD_FILE_VAR}": hold} if hold else {}
+    options = java_options()
+    return fixed | {
+        "spark.master": master,
+        "spark.driver.host": settings.raw("EMBEDDECK_DRIVER_HOST"),
+        "spark.driver.bindAddress": settings.raw("EMBEDDECK_DRIVER_BIND"),
+        "spark.ui.showConsoleProgress": "false",
+        "spark.driver.extraJavaOptions": options,
+        "spark.executor.extraJavaOptions": options,
+        "spark.python.worker.reuse": "true",
+        "spark.python.daemon.module": "jobs.spark.daemon",
+        "spark.pyspark.python": sys.executable,
+        "spark.executorEnv.PYTHONPATH": str(REPO),
+        "spark.executorEnv.EMBEDDECK_TORCH_THREADS": settings.raw("EMBEDDECK_TORCH_THREADS"),
+        "spark.executorEnv.HF_HUB_OFFLINE": "1",
+        "spark.task.maxFailures": "4",
+        "spark.executor.memory": settings.raw("EMBEDDECK_EXECUTOR_MEMORY"),
+        "spark.sql.warehouse.dir": str(settings.home / "spark-warehouse"),
+        "spark.master.rest.enabled": "false",
+    }
+
+
+def command(script: Path, master: str, ui_port: int, extra: dict[str, str] | None = None,
+            args: tuple[str, ...] = ()) -> list[str]:
+    """The spark-submit command line of one of our applications (a run's driver, the run service)."""
+    cmd = [spark_submit(), "--conf", f"spark.ui.port={ui_port}"]
+    for key, value in (spark_conf(master) | (extra or {})).items():
+        cmd += ["--conf", f"{key}={value}"]
+    return [*cmd, str(script), *args]
+
+
+def start(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start a Spark program in a process group of its own, output to log_path; reaped when it exits."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, cwd=str(REPO), start_new_session=True)
+    # Reap the child when it exits so it never lingers as a zombie of a long-lived front door.
+    threading.Thread(target=proc.wait, daemon=True).start()
+    return proc
+
+
+def start_driver(run_id: str, db_url: str, master: str, registry: Registry) -> int:
+    """Start the run's own spark-submit driver; returns its pid (the leader of its process group)."""
+    ui_port = free_port()
+    log_path = Settings().home / "runs" / f"{run_id}.log"
+    cmd = command(DRIVER_SCRIPT, master, ui_port, args=("--run-id", run_id))
+    proc = start(cmd, log_path, spark_env(db_url) | {"EMBEDDECK_REGISTRY_URL": registry.url})
+    registry.set_driver(run_id, proc.pid, str(log_path), f"http://127.0.0.1:{ui_port}")
+    return proc.pid

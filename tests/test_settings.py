@@ -1,0 +1,44 @@
+"""One Settings object: every EMBEDDECK_* variable the code, images and notebook name is declared once,
+with its default and meaning, and the README's table is that declaration."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from jobs.core.errors import BadRequest
+from jobs.core.settings import VARIABLES, Settings, markdown_table
+
+REPO = Path(__file__).resolve().parent.parent
+SOURCES = [*REPO.glob("jobs/**/*.py"), *REPO.glob("cluster/*.py"), *REPO.glob("dashboard/*.py"),
+           *REPO.glob("pages/*.py"), REPO / "app.py", *REPO.glob("docker/*"), *REPO.glob("docker/notebooks/*")]
+
+
+def test_every_variable_named_anywhere_is_declared():
+    named = set()
+    for path in SOURCES:
+        if path.is_file():
+            named |= set(re.findall(r"\bEMBEDDECK_[A-Z_]+[A-Z]\b", path.read_text(errors="replace")))
+    assert named - set(VARIABLES) == set()
+
+
+def test_the_readme_table_is_the_declaration():
+    readme = (REPO / "README.md").read_text()
+    assert markdown_table() in readme, "regenerate it: python -m jobs.core.settings"
+
+
+def test_python_reads_the_environment_only_through_settings():
+    offenders = [str(p.relative_to(REPO)) for p in SOURCES if p.suffix == ".py" and p.name != "settings.py"
+                 and re.search(r"os\.environ\.get\([\"']EMBEDDECK_|os\.environ\[[\"']EMBEDDECK_\w+[\"']\](?!\s*=)",
+                               p.read_text())]
+    assert offenders == []
+
+
+def test_values_defaults_and_bad_numbers():
+    s = Settings({"EMBEDDECK_MASTER_PORT": "7999", "EMBEDDECK_WORKER_CORES": "two", "EMBEDDECK_PRECISION": ""})
+    assert s.integer("EMBEDDECK_MASTER_PORT") == 7999
+    assert s.raw("EMBEDDECK_PRECISION") == "auto"  # empty means unset
+    with pytest.raises(BadRequest, match="EMBEDDECK_WORKER_CORES must be an integer, not 'two'"):
+        s.integer("EMBEDDECK_WORKER_CORES")
+    with pytest.raises(KeyError):
+        s.raw("EMBEDDECK_NOT_DECLARED")
