@@ -48,11 +48,11 @@ def validate(spec: RunSpec) -> db.Tables:
     return tables
 
 
-def health() -> dict[str, str]:
-    """Whether the default database and master answer: "ok", or why not."""
+def health(timeout_s: float = 3.0) -> dict[str, str]:
+    """Whether the default database and master answer within timeout_s each: "ok", or why not."""
     out = {}
-    for name, check in (("database", lambda: db.check_connection(Settings().db_url)),
-                        ("master", lambda: check_master(resolve_master()))):
+    for name, check in (("database", lambda: db.check_connection(Settings().db_url, timeout_s)),
+                        ("master", lambda: check_master(resolve_master(), timeout_s))):
         try:
             check()
             out[name] = "ok"

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -20,12 +21,12 @@ pytestmark = pytest.mark.spark
 TOKEN = "test-token-4f9a2c"
 
 
-def start_server(tmp_path, name: str, db_url: str) -> tuple[subprocess.Popen, str]:
+def start_server(tmp_path, name: str, db_url: str, **env) -> tuple[subprocess.Popen, str]:
     """`python -m jobs serve` on a free port; its runs hold after their first commits while tmp_path/hold exists."""
     port = free_port()
     log = open(tmp_path / f"{name}.log", "wb")
     env = dict(os.environ, EMBEDDECK_API_TOKEN=TOKEN, EMBEDDECK_DB_URL=db_url, EMBEDDECK_SPARK_MASTER="local[2]",
-               EMBEDDECK_FAULT_HOLD_FILE=str(tmp_path / "hold"))
+               EMBEDDECK_FAULT_HOLD_FILE=str(tmp_path / "hold"), **env)
     proc = subprocess.Popen([sys.executable, "-m", "jobs", "serve", "--port", str(port)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -66,7 +67,12 @@ def test_token_required_everywhere_but_healthz(server):
     assert requests.post(f"{base}/v1/embeddings", json={"input": "x"}, timeout=5).status_code == 401
     assert requests.get(f"{base}/runs", headers={"api-key": TOKEN}, timeout=5).status_code == 200
     health = requests.get(f"{base}/healthz", timeout=5).json()
-    assert health["status"] == "ok" and health["database"] == "ok"
+    assert health == {"status": "ok", "checks": {"database": True, "master": True}}
+    for path in ("/openapi.json", "/docs"):  # the schema is behind the token too
+        assert requests.get(f"{base}{path}", timeout=5).status_code == 401
+        assert requests.get(f"{base}{path}", headers=auth(), timeout=5).status_code == 200
+    bad_json = requests.post(f"{base}/runs", data=b"{not json", timeout=5)
+    assert bad_json.status_code == 401  # authentication comes before the body is even parsed
 
 
 def test_refuses_to_start_without_a_token():
@@ -196,3 +202,92 @@ def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def raw_request(base: str, head: str, body_bytes: int, chunk: int = 1 << 20, chunked: bool = False) -> bytes:
+    """Send a request's head, then up to body_bytes of body (stopping when the server answers or closes);
+    returns the status line."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(base)
+    with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+        sock.sendall(head.encode() + b"\r\n")
+        sent, block = 0, b"x" * chunk
+        sock.settimeout(0.05)
+        try:
+            while sent < body_bytes:
+                sock.sendall((f"{chunk:x}\r\n".encode() + block + b"\r\n") if chunked else block)
+                sent += chunk
+                try:
+                    if sock.recv(1, socket.MSG_PEEK):
+                        break  # answered before the body was sent
+                except TimeoutError:
+                    pass
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        sock.settimeout(30)
+        return sock.makefile("rb").readline()
+
+
+def test_huge_bodies_are_refused_before_they_are_read(tmp_path):
+    """A 200 MiB body without a token once took the server from 86 MB to 907 MB before its 401: the token and
+    the size are now checked from the headers, and a streamed body is cut at the cap."""
+    import psutil
+
+    proc, base = start_server(tmp_path, "guard", f"sqlite:///{tmp_path / 'guard.sqlite'}")
+    try:
+        server = psutil.Process(proc.pid)
+        before = server.memory_info().rss
+        anon = (f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {200 * 2**20}\r\n")
+        assert raw_request(base, anon, 200 * 2**20).startswith(b"HTTP/1.1 401")
+        declared = anon + f"Authorization: Bearer {TOKEN}\r\n"
+        assert raw_request(base, declared, 200 * 2**20).startswith(b"HTTP/1.1 413")
+        chunked = (f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Authorization: Bearer {TOKEN}\r\nTransfer-Encoding: chunked\r\n")
+        assert raw_request(base, chunked, 64 * 2**20, chunked=True).startswith(b"HTTP/1.1 413")
+        grown_mb = (server.memory_info().rss - before) / 2**20
+        assert grown_mb < 60, f"the server grew by {grown_mb:.0f} MB"
+        assert requests.get(f"{base}/runs", headers=auth(), timeout=5).status_code == 200  # still serving
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_healthz_tells_nothing_and_a_stalled_database_delays_no_one(tmp_path):
+    """Open to anyone, /healthz answers booleans only (no host, user, password or message), from a cached
+    result, so 80 calls against a database that accepts and never answers hold up no authenticated call."""
+    import socket
+    import threading
+
+    stalled = socket.socket()
+    stalled.bind(("127.0.0.1", 0))
+    stalled.listen(128)  # accepts connections (the kernel does) and never says a word
+    url = f"postgresql+psycopg://app:pw@127.0.0.1:{stalled.getsockname()[1]}/prod?password=Qs3cret"
+    port = free_port()
+    log = open(tmp_path / "stalled.log", "wb")
+    env = dict(os.environ, EMBEDDECK_API_TOKEN=TOKEN, EMBEDDECK_DB_URL=url, EMBEDDECK_SPARK_MASTER="local[2]")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", "serve", "--port", str(port)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: _up(base), timeout=60)
+        answers = []
+        threads = [threading.Thread(target=lambda: answers.append(requests.get(f"{base}/healthz", timeout=60)))
+                   for _ in range(80)]
+        for t in threads:
+            t.start()
+        t0 = time.monotonic()
+        assert requests.get(f"{base}/runs", headers=auth(), timeout=30).status_code == 200
+        assert time.monotonic() - t0 < 3.0
+        for t in threads:
+            t.join()
+        for r in answers:
+            assert r.status_code == 200 and r.json()["status"] == "degraded"
+            assert set(r.json()) == {"status", "checks"} and r.json()["checks"]["database"] is False
+            assert "Qs3cret" not in r.text and "127.0.0.1" not in r.text and "app" not in r.text
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        stalled.close()

@@ -42,6 +42,21 @@ def test_redact_url_hides_password():
     assert "hunter2" not in db.redact_url("mssql+pyodbc://u:hunter2@h/db?driver=ODBC+Driver+18")
 
 
+@pytest.mark.parametrize("url,secret", [
+    ("postgresql+psycopg://app@db.internal/prod?password=Qs3cret", "Qs3cret"),
+    ("postgresql+psycopg://app:Us3rinfo@db.internal/prod", "Us3rinfo"),
+    ("mssql+pyodbc:///?odbc_connect=DRIVER%3D%7BODBC+Driver+18+for+SQL+Server%7D%3BSERVER%3Ddb%3BUID%3Dsa%3BPWD%3DOdbcS3cret",
+     "OdbcS3cret"),
+    ("mssql+pyodbc://sa@db/prod?driver=ODBC+Driver+18+for+SQL+Server&Pwd=Sq1pwd", "Sq1pwd"),
+    ("postgresql://app@db/prod?sslmode=require&api_key=K3yK3y", "K3yK3y"),
+])
+def test_every_secret_in_a_url_is_redacted(url, secret):
+    shown = db.redact_url(url)
+    assert secret not in shown and "***" in shown
+    assert db.hide_secrets(f"connection to {url} failed: {secret} rejected", url).count(secret) == 0
+    assert db.redact_url(shown) == shown  # stable: a stored, redacted URL redacts to itself
+
+
 def test_missing_table_and_columns_are_named(sqlite_url):
     make_source(sqlite_url)
     engine = db.engine_for(sqlite_url)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,10 +128,13 @@ def connection_error_message(exc: Exception, url: str) -> str:
     return f"cannot connect to {redact_url(url)}: {hide_secrets(reason, url)}"
 
 
-def check_connection(url: str) -> Engine:
-    """Engine for url after a round trip; raises Unavailable with a redacted message."""
+def check_connection(url: str, timeout_s: float | None = None) -> Engine:
+    """Engine for url after a round trip (bounded by timeout_s when given); raises Unavailable with a
+    redacted message."""
     try:
         engine = engine_for(url)
+        if timeout_s is not None:
+            _probe(url, timeout_s)
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
         return engine
@@ -138,6 +142,20 @@ def check_connection(url: str) -> Engine:
         raise
     except Exception as exc:
         raise Unavailable(connection_error_message(exc, url)) from None
+
+
+def _probe(url: str, timeout_s: float) -> None:
+    """A TCP connect to the database's host within timeout_s: a stalled server fails fast here instead of
+    holding a pooled connection attempt for the driver's own timeout."""
+    parsed = make_url(url)
+    if not parsed.host:
+        return  # SQLite, or a driver-specific address (odbc_connect): nothing to probe
+    port = parsed.port or {"postgresql": 5432, "mssql": 1433}.get(parsed.get_backend_name(), 0)
+    try:
+        with socket.create_connection((parsed.host, port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise Unavailable(f"cannot connect to {redact_url(url)}: {exc.strerror or type(exc).__name__}") from None
 
 
 def list_tables(engine: Engine) -> list[str]:
