@@ -2,7 +2,10 @@
 
 import streamlit as st
 
+from dashboard.access import require_sign_in
+
 st.set_page_config(page_title="EmbedDeck", page_icon=":material/hub:", layout="wide")
+require_sign_in()
 page = st.navigation([
     st.Page("pages/launch.py", title="Launch", icon=":material/rocket_launch:", default=True),
     st.Page("pages/runs.py", title="Runs", icon=":material/list_alt:"),

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from cluster.backend import Backend
+from jobs import lifecycle
 from jobs.core.autoscale import Decision
 from jobs.store import scaling
 from jobs.store.registry import Registry
@@ -37,7 +38,7 @@ class Controller:
 
     def tick(self) -> Decision:
         """One control step; returns what it decided."""
-        self.registry.reconcile()
+        lifecycle.refresh(self.registry)  # dead drivers, overdue cancels, waiting runs whose slot came free
         current = self.current()
         decision = scaling.desired(self.registry, current, self.home)
         if decision.desired != current:

@@ -8,6 +8,7 @@ environment; what is missing is named.
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class AcaConfig:
     share: str = "embeddeck"
     gpu_profile_type: str = "Consumption-GPU-NC8as-T4"
     max_workers: int = 4
+    spark_secret: str = ""  # the cluster's Spark authentication secret; made per deployment when not given
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None,
@@ -55,7 +57,8 @@ class AcaConfig:
         return cls(*(get(k) for k in REQUIRED), settings.raw("EMBEDDECK_ACA_ENV"),
                    settings.raw("EMBEDDECK_ACA_CONTROLLER"), settings.raw("EMBEDDECK_ACA_WORKER"),
                    settings.raw("EMBEDDECK_SHARE"), settings.raw("EMBEDDECK_GPU_PROFILE"),
-                   settings.integer("EMBEDDECK_MAX_WORKERS")), missing
+                   settings.integer("EMBEDDECK_MAX_WORKERS"),
+                   settings.raw("EMBEDDECK_SPARK_SECRET") or secrets.token_hex(32)), missing
 
     @property
     def environment_id(self) -> str:
@@ -93,7 +96,8 @@ def controller_app(c: AcaConfig) -> m.ContainerApp:
         location=c.location, managed_environment_id=c.environment_id, workload_profile_name="Consumption",
         configuration=m.Configuration(
             active_revisions_mode="Single",
-            secrets=[m.Secret(name="api-token", value=c.api_token), m.Secret(name="db-url", value=c.db_url)],
+            secrets=[m.Secret(name="api-token", value=c.api_token), m.Secret(name="db-url", value=c.db_url),
+                     m.Secret(name="spark-auth", value=c.spark_secret)],
             ingress=m.Ingress(external=True, target_port=8888, transport="http", additional_port_mappings=[
                 m.IngressPortMapping(external=True, target_port=8501, exposed_port=8501),
                 internal(7077), internal(DRIVER_PORT), internal(BLOCK_MANAGER_PORT), internal(8080)]),
@@ -109,7 +113,9 @@ def controller_app(c: AcaConfig) -> m.ContainerApp:
                      m.EnvironmentVar(name="EMBEDDECK_DRIVER_HOST", value=c.controller),
                      m.EnvironmentVar(name="EMBEDDECK_DRIVER_BIND", value="0.0.0.0"),
                      m.EnvironmentVar(name="EMBEDDECK_DRIVER_PORT", value=str(DRIVER_PORT)),
-                     m.EnvironmentVar(name="EMBEDDECK_BLOCK_MANAGER_PORT", value=str(BLOCK_MANAGER_PORT))],
+                     m.EnvironmentVar(name="EMBEDDECK_BLOCK_MANAGER_PORT", value=str(BLOCK_MANAGER_PORT)),
+                     # Master, driver and executors admit only holders of the cluster's secret.
+                     m.EnvironmentVar(name="_SPARK_AUTH_SECRET", secret_ref="spark-auth")],
                 volume_mounts=mounts)],
             scale=m.Scale(min_replicas=1, max_replicas=1),
             volumes=volumes),
@@ -131,13 +137,15 @@ def worker_app(c: AcaConfig) -> m.ContainerApp:
     return m.ContainerApp(
         location=c.location, managed_environment_id=c.environment_id, workload_profile_name="gpu",
         configuration=m.Configuration(active_revisions_mode="Single",
-                                      secrets=[m.Secret(name="api-token", value=c.api_token)]),
+                                      secrets=[m.Secret(name="api-token", value=c.api_token),
+                                               m.Secret(name="spark-auth", value=c.spark_secret)]),
         template=m.Template(
             containers=[m.Container(
                 name="worker", image=c.worker_image, resources=m.ContainerResources(cpu=8.0, memory="56Gi"),
                 env=[m.EnvironmentVar(name="APP_MODE", value="worker"),
                      m.EnvironmentVar(name="SPARK_MASTER_URL", value=f"spark://{c.controller}:7077"),
-                     m.EnvironmentVar(name="EMBEDDECK_TELEMETRY_DIR", value="/data/embeddeck/telemetry")],
+                     m.EnvironmentVar(name="EMBEDDECK_TELEMETRY_DIR", value="/data/embeddeck/telemetry"),
+                     m.EnvironmentVar(name="_SPARK_AUTH_SECRET", secret_ref="spark-auth")],
                 volume_mounts=mounts)],
             scale=m.Scale(min_replicas=0, max_replicas=c.max_workers, cooldown_period=300, polling_interval=30,
                           rules=[rule]),
@@ -156,7 +164,7 @@ def plan(c: AcaConfig) -> list[tuple[str, str, object]]:
 def masked(body: dict, c: AcaConfig) -> dict:
     """The body with every secret value replaced by ***, for printing."""
     text = json.dumps(body)
-    for secret in (c.api_token, c.db_url, c.storage_key):
+    for secret in (c.api_token, c.db_url, c.storage_key, c.spark_secret):
         text = text.replace(json.dumps(secret)[1:-1], SECRET_MASK)
     return json.loads(text)
 

@@ -78,7 +78,10 @@ class LocalCluster:
 
     # processes ---------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str], port: int, webui_port: int) -> Proc:
-        env = jvm.spark_env() | {"SPARK_NO_DAEMONIZE": "1", "SPARK_DAEMON_JAVA_OPTS": jvm.java_options(),
+        jvm.ensure_auth_secret()  # before spark_env, which passes it to the daemon
+        # No secret of EmbedDeck's in a daemon's environment: executors (anyone's code) inherit it.
+        env = jvm.spark_env() | {"SPARK_NO_DAEMONIZE": "1",
+                                 "SPARK_DAEMON_JAVA_OPTS": f"{jvm.java_options()} {jvm.AUTH_OPTIONS}",
                                  "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false"}
         log = self.dir / "logs" / f"{name}.log"
         with open(log, "ab") as out:

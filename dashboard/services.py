@@ -27,13 +27,6 @@ def controller() -> Controller:
     return Controller(backend(), registry())
 
 
-def secrets() -> dict:
-    """st.secrets as a dict; empty when there is no secrets file."""
-    try:
-        return st.secrets.to_dict()
-    except Exception:
-        return {}
-
-
 def configured_connections() -> dict[str, str]:
-    return connections.configured(secrets())
+    """The connections of the secrets file (the one Streamlit reads too) and the environment."""
+    return connections.configured()

@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 export SPARK_NO_DAEMONIZE=1 PYTHONPATH="$PWD"
 SPARK_CLASS="$(python -c 'import pyspark, os; print(os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-class"))')"
 MASTER_OPTS="--host 0.0.0.0 --port ${SPARK_MASTER_PORT:-7077} --webui-port ${SPARK_MASTER_WEBUI_PORT:-8080}"
+# With the cluster's secret (a secret reference on ACA), daemons admit only applications that hold it.
+if [ -n "${_SPARK_AUTH_SECRET:-}" ]; then
+  export SPARK_DAEMON_JAVA_OPTS="${SPARK_DAEMON_JAVA_OPTS:-} -Dspark.authenticate=true -Dspark.network.crypto.enabled=true"
+fi
 
 start_master() {
   # The REST submission server answers without authentication: keep it off.
@@ -27,16 +31,33 @@ case "${APP_MODE:-dashboard}" in
     ;;
   worker)
     : "${SPARK_MASTER_URL:?set SPARK_MASTER_URL, e.g. spark://embeddeck-controller:7077}"
-    "$SPARK_CLASS" org.apache.spark.deploy.worker.Worker "$SPARK_MASTER_URL" \
+    # The work directory must be the runtime user's: pyspark's own (in site-packages) is root's.
+    work_dir="${SPARK_WORKER_DIR:-$HOME/spark-work}"
+    mkdir -p "$work_dir"
+    "$SPARK_CLASS" org.apache.spark.deploy.worker.Worker "$SPARK_MASTER_URL" --work-dir "$work_dir" \
       --cores "${SPARK_WORKER_CORES:-$(nproc)}" --memory "${SPARK_WORKER_MEMORY:-16g}" &
     worker=$!
     python -m cluster.telemetry --worker "${HOSTNAME:-worker}" --pid "$worker" &
     wait "$worker"
     ;;
   dashboard)
+    # The dashboard is the whole control plane and Streamlit has no sign-in of its own: it is served beyond
+    # loopback only behind authentication (docker/README.md, "Reaching the dashboard").
+    address="${DASHBOARD_ADDRESS:-0.0.0.0}"
+    case "${EMBEDDECK_DASHBOARD_AUTH:-none}" in
+      proxy|oidc) ;;
+      none)
+        case "$address" in
+          127.0.0.1|localhost|::1) ;;
+          *) echo "refusing to serve the dashboard on $address without authentication: set" \
+                  "EMBEDDECK_DASHBOARD_AUTH=proxy (behind ACA's built-in authentication) or oidc (st.login)" >&2
+             exit 2 ;;
+        esac ;;
+      *) echo "EMBEDDECK_DASHBOARD_AUTH must be none, proxy or oidc" >&2; exit 2 ;;
+    esac
     start_master
     start_run_service
-    exec streamlit run app.py --server.address 0.0.0.0 --server.port 8501 --server.headless true \
+    exec streamlit run app.py --server.address "$address" --server.port 8501 --server.headless true \
       --browser.gatherUsageStats false
     ;;
   trigger)
@@ -46,6 +67,10 @@ case "${APP_MODE:-dashboard}" in
     ;;
   jupyter)
     : "${JUPYTER_TOKEN:?set JUPYTER_TOKEN: Jupyter never runs without a token}"
+    if [ "${#JUPYTER_TOKEN}" -lt 24 ] || [ -z "${JUPYTER_TOKEN//[[:space:]]/}" ]; then
+      echo "JUPYTER_TOKEN must be at least 24 characters (e.g. python -c 'import secrets; print(secrets.token_hex(16))')" >&2
+      exit 2
+    fi
     start_master
     start_run_service
     exec jupyter lab --ip 0.0.0.0 --port 8888 --no-browser --allow-root \

@@ -7,9 +7,11 @@ caller waits anyway (the CLI, the API's cancel route); the dashboard never does.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from pathlib import Path
 
 from jobs.core.errors import BadRequest, EmbedDeckError, NotFound
 from jobs.core.processes import stop_group
@@ -19,7 +21,7 @@ from jobs.embed.encoder import model_path
 from jobs.spark import run_service
 from jobs.spark.submit import check_master, start_driver
 from jobs.store import connections, db
-from jobs.store.registry import CANCELLED, Registry, Run
+from jobs.store.registry import CANCELLED, FAILED, WAITING, Registry, Run
 
 # A driver that has not acted on a cancel within this time is stopped (its process group killed).
 CANCEL_GRACE_S = 20.0
@@ -62,14 +64,62 @@ def health(timeout_s: float = 3.0) -> dict[str, str]:
 
 
 def record(spec: RunSpec, registry: Registry) -> str:
-    """Record a validated spec as a queued run (URL redacted) and hand it to a driver; returns its id."""
-    stored = spec.with_db_url(db.redact_url(spec.db_url))
-    run_id = registry.create(stored.to_json(), spec.launched_by, spec.source, spec.target, spec.model, spec.master)
+    """Record a validated spec as a queued run (URL redacted) and start it, or let it wait for a slot when
+    EMBEDDECK_MAX_ACTIVE_RUNS runs are active; returns its id. Conflict when its target has an active run."""
+    redacted = db.redact_url(spec.db_url)
+    full = len([r for r in registry.list(limit=1000, active_only=True) if r.phase != WAITING]) >= _max_active()
+    run_id = registry.create(spec.with_db_url(redacted).to_json(), spec.launched_by, spec.source, spec.target,
+                             spec.model, spec.master, target_key=f"{redacted}|{spec.target}",
+                             phase=WAITING if full else "queued")
+    if full:
+        _keep_url(run_id, spec.db_url)
+    else:
+        _hand_over(run_id, spec.db_url, spec.master, registry)
+    return run_id
+
+
+def _max_active() -> int:
+    return max(1, Settings().integer("EMBEDDECK_MAX_ACTIVE_RUNS"))
+
+
+def _hand_over(run_id: str, db_url: str, master: str, registry: Registry) -> None:
     # The real URL (it may hold a password) goes to the driver only: over the service's 0600 socket,
     # or through the environment of the run's own driver process.
-    if not run_service.submit(run_id, spec.db_url, spec.master):
-        start_driver(run_id, spec.db_url, spec.master, registry)
-    return run_id
+    if not run_service.submit(run_id, db_url, master):
+        start_driver(run_id, db_url, master, registry)
+
+
+def _waiting_url_path(run_id: str) -> Path:
+    return Settings().home / "secrets" / f"waiting-{run_id}.url"
+
+
+def _keep_url(run_id: str, db_url: str) -> None:
+    """A waiting run's real URL, owner-only, until dispatch hands it to the run's driver."""
+    path = _waiting_url_path(run_id)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(db_url)
+
+
+def dispatch(registry: Registry) -> list[str]:
+    """Start waiting runs, oldest first, while fewer than the cap are active; returns the ids started."""
+    started = []
+    for run in registry.waiting():
+        active = [r for r in registry.list(limit=1000, active_only=True) if r.phase != WAITING]
+        if len(active) >= _max_active():
+            break
+        path = _waiting_url_path(run.run_id)
+        try:
+            db_url = path.read_text()
+        except OSError:
+            registry.finish(run.run_id, FAILED, error="the run waited for a slot, but its connection is gone")
+            continue
+        registry.set_phase(run.run_id, "queued")
+        _hand_over(run.run_id, db_url, run.master, registry)
+        path.unlink(missing_ok=True)
+        started.append(run.run_id)
+    return started
 
 
 def launch(spec: RunSpec, registry: Registry | None = None) -> str:
@@ -88,7 +138,8 @@ def get(run_id: str, registry: Registry) -> Run:
 
 
 def refresh(registry: Registry) -> None:
-    """Settle what only a reader can notice: drivers that died, and drivers that ignored a cancel."""
+    """Settle what only a reader can notice: drivers that died, drivers that ignored a cancel, and waiting runs
+    whose slot came free."""
     registry.reconcile()
     now = db.utcnow()
     for run in registry.list(limit=1000, active_only=True):
@@ -98,6 +149,11 @@ def refresh(registry: Registry) -> None:
         if run.driver_pid and not run_service.serves(run):  # never the run service
             stop_group(run.driver_pid, run.driver_pid, grace_s=5.0)
         registry.finish(run.run_id, CANCELLED, error="cancelled by request (the driver did not stop in time)")
+    for run in registry.waiting():
+        if run.cancel_requested:  # never started: nothing to stop
+            registry.finish(run.run_id, CANCELLED, error="cancelled by request before it started")
+            _waiting_url_path(run.run_id).unlink(missing_ok=True)
+    dispatch(registry)
 
 
 def cancel(run_id: str, registry: Registry | None = None) -> str:

@@ -19,6 +19,8 @@ os.environ["EMBEDDECK_HOME"] = str(_HOME)
 os.environ.pop("EMBEDDECK_DB_URL", None)
 os.environ.pop("EMBEDDECK_REGISTRY_URL", None)
 os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
+# Tests share one registry: the cap on runs at once is tested where a server sets it, not between tests.
+os.environ["EMBEDDECK_MAX_ACTIVE_RUNS"] = "8"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
@@ -114,13 +116,14 @@ def fast_reference(fast_model):
 
 
 @pytest.fixture
-def hold_file(tmp_path, monkeypatch) -> Path:
+def hold_file(tmp_path, monkeypatch):
     """While this file exists, every embedding task pauses after its first commit ($EMBEDDECK_FAULT_HOLD_FILE);
     the variable is set for every process the test starts. Delete the file to let the run go on."""
     path = tmp_path / "hold"
     path.touch()
     monkeypatch.setenv("EMBEDDECK_FAULT_HOLD_FILE", str(path))
-    return path
+    yield path
+    path.unlink(missing_ok=True)  # a failed test must not leave runs held for the tests after it
 
 
 def reference_vectors(model, texts: list[str]) -> np.ndarray:

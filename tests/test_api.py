@@ -42,16 +42,25 @@ def _up(url):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, fast_model):
     tmp = tmp_path_factory.mktemp("api")
     url = f"sqlite:///{tmp / 'api.sqlite'}"
     seed_demo(url, n=300)
-    proc, base = start_server(tmp, "api", url)
+    proc, base = start_server(tmp, "api", url, EMBEDDECK_ALLOWED_MODELS=f"all-MiniLM-L6-v2,{fast_model}",
+                              EMBEDDECK_MAX_ACTIVE_RUNS="2")
     yield base, url, tmp
     proc.terminate()
     proc.wait(10)
     log = (tmp / "api.log").read_text(errors="replace")
     assert TOKEN not in log, "the token leaked into the server log"
+
+
+@pytest.fixture(autouse=True)
+def _release_holds(request):
+    """A failed test must not leave the module server's runs held for the tests after it."""
+    yield
+    if "server" in request.fixturenames:
+        (request.getfixturevalue("server")[2] / "hold").unlink(missing_ok=True)
 
 
 def auth(token=TOKEN):
@@ -170,22 +179,85 @@ def test_embeddings_openai_and_ollama_shapes(server, reference_model):
 
 
 def test_remote_encoder_run_matches_local_run(server, spark, tmp_path, monkeypatch):
+    """A run through a configured endpoint (our own server's /v1) gives the local run's vectors, and records
+    which endpoint made them."""
     base, _, _ = server
     url = f"sqlite:///{tmp_path / 'remote.sqlite'}"
     seed_demo(url, n=60)
+    monkeypatch.setenv("EMBEDDECK_REMOTE_ENDPOINT", f"{base}/v1")
     monkeypatch.setenv("EMBEDDECK_REMOTE_API_KEY", TOKEN)
     registry = Registry()
     vectors = {}
-    for target, endpoint in (("local_emb", None), ("remote_emb", f"{base}/v1")):
+    for target, endpoint in (("local_emb", None), ("remote_emb", "remote")):
         spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description", target=target,
                        partitions=2, endpoint=endpoint)
         run_id = registry.create(spec.to_json(), "test", "products", target, spec.model, "local[2]")
         assert pipeline.execute(spark.sparkContext, spec, registry, run_id) == "succeeded", registry.get(run_id).error
         with db.engine_for(url).connect() as conn:
-            rows = conn.execute(sa.text(f"SELECT source_id, embedding FROM {target} ORDER BY source_id")).all()
+            rows = conn.execute(sa.text(f"SELECT source_id, embedding, model FROM {target} ORDER BY source_id")).all()
         vectors[target] = np.stack([np.frombuffer(r.embedding, "<f4") for r in rows])
+        assert {r.model for r in rows} == {spec.model_identity}
     assert vectors["local_emb"].shape == vectors["remote_emb"].shape == (60, 384)
     assert (vectors["local_emb"] * vectors["remote_emb"]).sum(1).min() >= 0.9999
+
+
+class Listener:
+    """A stand-in for whatever an attacker points at: records every request, answers 403 with a body."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        seen = self.seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                seen.append((self.path, self.headers.get("Authorization")))
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = b'{"leaked": "identity token abc"}'
+                self.send_response(403)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST
+
+            def log_message(self, *_):
+                pass
+
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.http.shutdown()
+
+
+def test_endpoints_are_names_keys_go_only_to_their_own_and_remote_bodies_are_never_echoed(tmp_path):
+    """The SSRF once found: a URL posted as `endpoint` received the server's remote key, its answer came back
+    in the run's error, and all the source texts went to it. Now only configured names are accepted."""
+    listener = Listener()
+    url = f"sqlite:///{tmp_path / 'ssrf.sqlite'}"
+    seed_demo(url, n=20)
+    proc, base = start_server(tmp_path, "ssrf", url, EMBEDDECK_REMOTE_ENDPOINT=f"{listener.url}/v1",
+                              EMBEDDECK_REMOTE_API_KEY="the-remote-key")
+    try:
+        attack = f"{listener.url}/metadata/identity/oauth2/token?resource=x#"
+        r = requests.post(f"{base}/runs", json=run_body("ssrf_emb", endpoint=attack), headers=auth(), timeout=30)
+        assert r.status_code == 400 and "is not configured" in r.json()["error"]["message"]
+        assert listener.seen == []  # nothing was sent anywhere
+        r = requests.post(f"{base}/runs", json=run_body("ssrf_emb", endpoint="remote"), headers=auth(), timeout=30)
+        assert r.status_code == 202, r.text
+        run = wait_until(lambda: (s := get_run(base, r.json()["run_id"]))["state"] not in ("queued", "running") and s,
+                         timeout=180, every=1)
+        assert run["state"] == "failed" and "embedding endpoint 'remote' answered HTTP 403" in run["error"]
+        assert "leaked" not in run["error"] and "identity token" not in run["error"]
+        assert listener.seen and all(path == "/v1/embeddings" and key == "Bearer the-remote-key"
+                                     for path, key in listener.seen)  # the key went to its own endpoint only
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        listener.close()
 
 
 def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path):
@@ -291,3 +363,57 @@ def test_healthz_tells_nothing_and_a_stalled_database_delays_no_one(tmp_path):
         proc.terminate()
         proc.wait(10)
         stalled.close()
+
+
+def test_one_active_run_per_target_and_a_cap_on_runs_at_once(server, fast_model):
+    """Four full runs into one target all once said "succeeded 60/60": now a second active run into a target
+    is a 409 naming the first; and runs beyond EMBEDDECK_MAX_ACTIVE_RUNS (2) wait as queued, then start as
+    slots free. The hold file keeps the first runs in flight."""
+    base, _, tmp = server
+    (tmp / "hold").touch()
+    first = requests.post(f"{base}/runs", json=run_body("cap_a", model=fast_model), headers=auth(), timeout=30)
+    assert first.status_code == 202, first.text
+    first_id = first.json()["run_id"]
+    clash = requests.post(f"{base}/runs", json=run_body("cap_a", model=fast_model), headers=auth(), timeout=30)
+    assert clash.status_code == 409 and first_id in clash.json()["error"]["message"]
+    assert clash.json()["error"]["code"] == "conflict"
+    ids = [first_id] + [requests.post(f"{base}/runs", json=run_body(t, model=fast_model), headers=auth(),
+                                      timeout=30).json()["run_id"] for t in ("cap_b", "cap_c")]
+    waiting = get_run(base, ids[2])
+    assert waiting["state"] == "queued" and waiting["phase"] == "waiting" and waiting["driver_pid"] is None
+    wait_until(lambda: all(get_run(base, i)["rows_done"] > 0 for i in ids[:2]), timeout=240, every=1)
+    assert get_run(base, ids[2])["phase"] == "waiting"  # still: two are active
+    (tmp / "hold").unlink()
+    for run_id in ids:
+        wait_until(lambda r=run_id: get_run(base, r)["state"] == "succeeded", timeout=240, every=1)
+
+
+def test_a_small_embeddings_request_is_not_starved_by_a_big_one(server):
+    """One maximum-size request held the model for 38 s while a one-input request waited: the model is now
+    taken in slices, so a small request sent just after a big one finishes first."""
+    import json
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    base, _, _ = server
+    u = urlparse(base)
+    body = json.dumps({"input": ["a long product description of a waterproof hiking boot " * 30] * 256}).encode()
+    sent, finished = threading.Event(), {}
+
+    def big():
+        with socket.create_connection((u.hostname, u.port), timeout=600) as sock:
+            sock.sendall(f"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            sent.set()  # the whole request is on its way: 256 texts of 256 tokens take a while on any machine
+            assert sock.makefile("rb").readline().startswith(b"HTTP/1.1 200")
+            finished["big"] = time.monotonic()
+
+    thread = threading.Thread(target=big)
+    thread.start()
+    assert sent.wait(60)
+    r = requests.post(f"{base}/v1/embeddings", json={"input": "one short text"}, headers=auth(), timeout=600)
+    assert r.status_code == 200
+    finished["small"] = time.monotonic()
+    thread.join()
+    assert finished["small"] < finished["big"]

@@ -102,3 +102,24 @@ def test_a_bad_request_is_still_a_400(tmp_path, monkeypatch):
         r = c.post("/runs", json={"source": "nope", "id_column": "id", "text_column": "description",
                                   "target": "t"}, headers=AUTH)
     assert r.status_code == 400 and "source table 'nope' does not exist" in r.json()["error"]["message"]
+
+
+def test_the_api_runs_only_allowed_models(client, fast_model):
+    r = client.post("/v1/embeddings", json={"input": "x", "model": fast_model}, headers=AUTH)
+    assert r.status_code == 400 and "is not served here (allowed: all-MiniLM-L6-v2)" in r.json()["error"]["message"]
+
+
+def test_autoscale_reads_a_newer_workers_reading(tmp_path, monkeypatch):
+    """A reading with a field this version does not know once made /autoscale a 500: a newer worker must
+    never break scaling."""
+    import json
+    import time
+
+    monkeypatch.setenv("EMBEDDECK_TELEMETRY_DIR", str(tmp_path))
+    (tmp_path / "worker-9.json").write_text(json.dumps(
+        {"worker": "worker-9", "host": "h", "at": time.time(), "gpus": [{"index": 0, "name": "H200",
+         "utilisation_pct": 90.0, "memory_used_mb": 1.0, "memory_total_mb": 2.0, "temperature_c": None,
+         "power_w": None, "sm_clock_mhz": 1980}], "cpu_pct": 5.0, "nvlink_gbps": 12.5}))
+    with TestClient(create_app(TOKEN, Registry(f"sqlite:///{tmp_path / 'r.sqlite'}"))) as c:
+        r = c.get("/autoscale", headers=AUTH)
+    assert r.status_code == 200 and r.json()["current"] == 1

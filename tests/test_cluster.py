@@ -78,11 +78,12 @@ def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp
     seed_demo(url, n=ROWS)
     cluster.up(workers=0)
     save_settings(ScalingSettings(autoscale=True, min_workers=0, max_workers=2, idle_timeout_s=3), tmp_path)
-    controller = Controller(cluster, Registry(), home=tmp_path)
+    registry_url = f"sqlite:///{tmp_path / 'registry.sqlite'}"  # this cluster's backlog only
+    controller = Controller(cluster, Registry(registry_url), home=tmp_path)
     out = subprocess.run([sys.executable, "-m", "jobs", "run", "--db", url, "--source", "products",
                           "--id-column", "id", "--text-column", "description", "--target", "auto_emb",
                           "--model", fast_model, "--master", cluster.master_url(), "--detach"],
-                         capture_output=True, text=True, env=dict(os.environ))
+                         capture_output=True, text=True, env=dict(os.environ, EMBEDDECK_REGISTRY_URL=registry_url))
     run_id = out.stdout.strip()
     assert run_id, out.stderr
     first = controller.tick()
@@ -165,7 +166,20 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
                            target=target, master=master, launched_by="test", **kw)
             return lifecycle.launch(spec, registry)
 
-        first = lifecycle.wait(launch("svc_emb", limit_rows=120), registry)
+        # The service's socket: a client that connects and leaves at once once killed the service, and one
+        # that connects and says nothing held the accept loop for everyone.
+        import socket
+
+        sock_path = str(Settings().home / "runner.sock")
+        with socket.socket(socket.AF_UNIX) as gone:
+            gone.connect(sock_path)
+        silent = socket.socket(socket.AF_UNIX)
+        silent.connect(sock_path)  # never sends a byte
+        first_id = launch("svc_emb", limit_rows=120)  # handed over the same socket, behind the silent one
+        silent.close()
+        first = lifecycle.wait(first_id, registry)
+        # The same run handed over twice more is refused: it ran once.
+        assert not run_service.submit(first_id, pg_url, master) and not run_service.submit(first_id, pg_url, master)
         assert first.state == "succeeded", first.error
         assert first.driver_pid == service["pid"]
         first_marks = json.loads(first.timings)
@@ -200,6 +214,17 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
         assert password in pg_url and password not in redact_url(pg_url)
         assert password not in (Settings().home / "runner.log").read_text(errors="replace")
         assert all(password not in r.spec_json for r in registry.list())
+        # Nor in any process's environment or command line: the service, its executors, the daemons.
+        service_tree = psutil.Process(service["pid"])
+        procs = [service_tree, *service_tree.children(recursive=True)]
+        for pid in (p.pid for p in psutil.process_iter() if "deploy.worker.Worker" in " ".join(p.cmdline())):
+            procs += [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        for proc in procs:
+            try:
+                seen = " ".join(proc.cmdline()) + " ".join(f"{k}={v}" for k, v in proc.environ().items())
+            except psutil.Error:
+                continue
+            assert password not in seen, proc.cmdline()[:3]
 
         # A master that dies takes the service with it: a standalone app never re-registers with a
         # restarted master, so an orphaned service would take runs it can never run.
@@ -257,3 +282,47 @@ def test_autoscale_endpoint_and_local_loop_take_the_same_step(tmp_path, monkeypa
             assert "backlog" in loop.reason
     finally:
         cluster.down()
+
+
+INTRUDER = """
+import os
+from pyspark import SparkContext
+sc = SparkContext(appName="intruder")
+print("STOLEN", sc.parallelize([0], 1).map(lambda _: dict(os.environ)).collect())
+"""
+
+
+def test_the_master_refuses_an_application_without_the_cluster_secret(cluster, tmp_path, monkeypatch):
+    """A 10-line pyspark app submitted by anyone on the machine once ran on our workers and printed the
+    database password: the cluster now admits only applications that hold its secret (spark.authenticate,
+    traffic encrypted), and no daemon or executor carries EmbedDeck's secrets in its environment."""
+    from jobs.spark.jvm import spark_env, spark_submit
+
+    monkeypatch.setenv("EMBEDDECK_DB_URL", "postgresql+psycopg://app:Db5ecret@127.0.0.1:1/prod")
+    monkeypatch.setenv("EMBEDDECK_API_TOKEN", "Ap1token-never-shared")
+    monkeypatch.setenv("EMBEDDECK_REMOTE_API_KEY", "Rem0te-key")
+    cluster.up(workers=1)
+    app = tmp_path / "intruder.py"
+    app.write_text(INTRUDER)
+    env = {k: v for k, v in spark_env().items() if k != "_SPARK_AUTH_SECRET"}  # all an outsider has
+    proc = subprocess.Popen([spark_submit(), "--master", cluster.master_url(), str(app)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        refused = wait_until(lambda: (out := proc.stdout.readline()) and "SASL" in out and out, timeout=120,
+                             every=0)
+        assert "Expected SaslMessage" in refused or "SASL" in refused
+        assert cluster.master_state().active_apps == []
+    finally:
+        proc.kill()
+        rest = proc.communicate()[0]
+    assert "STOLEN" not in rest
+    secrets = ("Db5ecret", "Ap1token-never-shared", "Rem0te-key")
+    for pid in [*cluster.worker_pids().values(), cluster._load("master").pid]:
+        for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+            try:
+                environ = "\n".join(f"{k}={v}" for k, v in p.environ().items())
+                cmdline = " ".join(p.cmdline())
+            except psutil.Error:  # an executor that exited with the refused application
+                continue
+            assert not any(s in environ for s in secrets), cmdline[:200]
+            assert not any(s in cmdline for s in secrets)

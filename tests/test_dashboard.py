@@ -102,6 +102,13 @@ def test_cancel_click_returns_at_once_and_the_run_settles(demo, fast_model, hold
     assert final.state == "cancelled" and 0 < final.rows_done < ROWS
 
 
+def test_proxy_mode_shows_nothing_without_the_user_header(monkeypatch):
+    monkeypatch.setenv("EMBEDDECK_DASHBOARD_AUTH", "proxy")
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60).run()
+    assert any("Sign-in required" in e.value for e in at.error)
+    assert not at.title
+
+
 def test_cluster_page_with_master_down():
     at = page("cluster")
     assert any("Spark master is down" in w.value for w in at.warning)

@@ -228,3 +228,18 @@ def test_registry_written_by_an_older_version_gains_new_columns(tmp_path):
     run_id = registry.create("{}", "test", "s", "t", "m", "local[1]")
     registry.set_timings(run_id, {"first_commit": 1.23456})
     assert registry.get(run_id).as_dict()["timings"] == {"first_commit": 1.235}
+
+
+def test_a_deleted_registry_file_is_started_again_not_split(tmp_path):
+    """A registry file deleted under a running API once left it writing the old file while new processes
+    wrote a new one: every process now follows the file at the path."""
+    from jobs.store.registry import Registry
+
+    url = f"sqlite:///{tmp_path / 'reg.sqlite'}"
+    api, other = Registry(url), Registry(url)
+    api.create("{}", "test", "s", "t1", "m", "local[1]")
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"reg.sqlite{suffix}").unlink(missing_ok=True)
+    assert api.list() == []
+    run_id = api.create("{}", "test", "s", "t2", "m", "local[1]")
+    assert [r.run_id for r in other.list()] == [run_id]  # both see the one file at the path

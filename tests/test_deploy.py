@@ -20,6 +20,7 @@ ENV = {
     "EMBEDDECK_CONTROLLER_IMAGE": "acr.io/embeddeck/controller:1",
     "EMBEDDECK_WORKER_IMAGE": "acr.io/embeddeck/worker:1",
     "EMBEDDECK_API_TOKEN": "tok-secret-123", "EMBEDDECK_DB_URL": "mssql+pyodbc://sa:Passw0rd!@sql:1433/db",
+    "EMBEDDECK_SPARK_SECRET": "Sp4rk-cluster-secret",
     "EMBEDDECK_MAX_WORKERS": "6",
 }
 
@@ -78,8 +79,17 @@ def test_worker_gpu_profile_no_ingress_and_keda_rule():
 
 def test_no_secret_in_plain_text_anywhere():
     text = json.dumps(bodies())
-    for secret in ("tok-secret-123", "Passw0rd!", "StorageKey==secret", "mssql+pyodbc"):
+    for secret in ("tok-secret-123", "Passw0rd!", "StorageKey==secret", "mssql+pyodbc", "Sp4rk-cluster-secret"):
         assert secret not in text
+
+
+def test_both_apps_hold_the_spark_secret_by_reference():
+    """Master, driver (controller) and executors (workers) admit only holders of the cluster's secret."""
+    for name in ("embeddeck-controller", "embeddeck-worker"):
+        props = bodies()[name]["body"]["properties"]
+        assert {"name": "spark-auth", "value": "***"} in props["configuration"]["secrets"]
+        env = {e["name"]: e for e in props["template"]["containers"][0]["env"]}
+        assert env["_SPARK_AUTH_SECRET"] == {"name": "_SPARK_AUTH_SECRET", "secretRef": "spark-auth"}
 
 
 def test_cli_dry_run_names_what_is_missing_and_real_run_refuses():
@@ -102,12 +112,19 @@ def test_hadolint(dockerfile):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("mode,message", [("bogus", "APP_MODE must be dashboard, trigger, jupyter"),
-                                          ("jupyter", "Jupyter never runs without a token"),
-                                          ("worker", "set SPARK_MASTER_URL")])
-def test_entrypoint_refuses_unknown_mode_tokenless_jupyter_and_masterless_worker(mode, message):
-    env = {k: v for k, v in os.environ.items() if k not in ("JUPYTER_TOKEN", "SPARK_MASTER_URL")}
-    env.update(APP_MODE=mode, PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+@pytest.mark.parametrize("mode,extra,message", [
+    ("bogus", {}, "APP_MODE must be dashboard, trigger, jupyter"),
+    ("jupyter", {}, "Jupyter never runs without a token"),
+    ("jupyter", {"JUPYTER_TOKEN": " "}, "JUPYTER_TOKEN must be at least 24 characters"),
+    ("jupyter", {"JUPYTER_TOKEN": " " * 30}, "JUPYTER_TOKEN must be at least 24 characters"),
+    ("worker", {}, "set SPARK_MASTER_URL"),
+    ("dashboard", {}, "refusing to serve the dashboard on 0.0.0.0 without authentication"),
+    ("dashboard", {"EMBEDDECK_DASHBOARD_AUTH": "maybe"}, "EMBEDDECK_DASHBOARD_AUTH must be none, proxy or oidc"),
+])
+def test_entrypoint_refuses_what_it_must(mode, extra, message):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("JUPYTER_TOKEN", "SPARK_MASTER_URL", "EMBEDDECK_DASHBOARD_AUTH", "DASHBOARD_ADDRESS")}
+    env.update(APP_MODE=mode, PATH=f"{Path(sys.executable).parent}:{env['PATH']}", **extra)
     out = subprocess.run(["bash", str(REPO / "docker" / "entrypoint.sh")], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode != 0 and message in out.stderr

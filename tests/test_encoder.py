@@ -83,3 +83,21 @@ def test_flop_count_matches_torchs_counter_for_the_linear_layers(encoder, texts)
             model.model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))
     attention = sum(6 * 4 * n * n * 384 for n in counts)  # torch counts no CPU flash attention
     assert model.flops(texts) == counter.get_total_flops() + attention
+
+
+def test_every_spelling_of_one_model_shares_one_encoder_and_the_cache_is_bounded(fast_model, tmp_path, monkeypatch):
+    """Seven spellings of one model path once took the API from 95 to 809 MB: encoders are keyed by the
+    resolved directory, and at most CACHE_SIZE stay loaded."""
+    from jobs.embed import encoder as enc
+
+    monkeypatch.setattr(enc, "_CACHE", type(enc._CACHE)())
+    spellings = [fast_model, fast_model + "/", str(Path(fast_model) / ".." / Path(fast_model).name),
+                 str(Path(fast_model) / "1_Pooling" / "..")]
+    assert len({id(enc.get_encoder(m)) for m in spellings}) == 1
+    copies = []
+    for i in range(enc.CACHE_SIZE + 2):
+        copy = tmp_path / f"copy{i}"
+        shutil.copytree(fast_model, copy)
+        copies.append(enc.get_encoder(str(copy)))
+    assert len(enc._CACHE) == enc.CACHE_SIZE
+    assert enc.get_encoder(str(tmp_path / f"copy{enc.CACHE_SIZE + 1}")) is copies[-1]  # the newest stays

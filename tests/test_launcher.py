@@ -136,3 +136,12 @@ def test_wrong_password_exit_2_without_the_password(pg_url):
 def test_status_of_unknown_run():
     out = cli("status", "r-nope")
     assert out.returncode == 2 and "run r-nope does not exist" in out.stderr
+
+
+def test_db_takes_a_configured_connection_name(demo_url, tmp_path, monkeypatch):
+    """`--db URL` put a password in `ps`: a configured connection's name works instead."""
+    secrets = tmp_path / "secrets.toml"
+    secrets.write_text(f'[connections.demo]\nurl = "{demo_url}"\n')
+    monkeypatch.setenv("EMBEDDECK_SECRETS_FILE", str(secrets))
+    out = cli("search", "--db", "demo", "--target", "nope", "boots")
+    assert out.returncode == 2 and "target table 'nope' does not exist (tables: products" in out.stderr

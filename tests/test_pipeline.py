@@ -136,3 +136,69 @@ def test_empty_source_succeeds_with_nothing_to_do(spark, sqlite_url):
         conn.execute(sa.text("CREATE TABLE items (item_id INTEGER PRIMARY KEY, descr TEXT)"))
     result = run(spark, sqlite_url)
     assert (result.state, result.rows_done) == ("succeeded", 0)
+
+
+def test_no_secret_travels_in_a_task_closure(spark, pg_url, monkeypatch):
+    """The pickled task functions once held the database password: now they carry the spec without its URL,
+    and tasks read the URL (and an endpoint's key) from a broadcast that only the application's own
+    executors fetch, destroyed when the run ends. Checked on what pyspark really ships."""
+    from pyspark import serializers
+
+    shipped = []
+    dumps = serializers.CloudPickleSerializer.dumps
+    monkeypatch.setattr(serializers.CloudPickleSerializer, "dumps",
+                        lambda self, obj: shipped.append(dumps(self, obj)) or shipped[-1])
+    load_source(pg_url, "closure_items", n=30)
+    result = run(spark, pg_url, source="closure_items", target="closure_emb")
+    assert result.state == "succeeded" and result.rows_done == 30 + 3, result.error  # + the 3 special texts
+    password = db.make_url(pg_url).password.encode()
+    assert len(shipped) >= 2 and not any(password in blob for blob in shipped)
+
+
+def three_dimension_endpoint():
+    """An OpenAI-compatible endpoint whose vectors have 3 dimensions; returns its base URL and server."""
+    import http.server
+    import json
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            texts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["input"]
+            body = json.dumps({"data": [{"index": i, "embedding": [1.0, float(len(t) % 7), 0.5]}
+                                        for i, t in enumerate(texts)]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/v1", server
+
+
+def test_vectors_are_known_by_their_encoder_and_size(spark, sqlite_url, tmp_path, monkeypatch):
+    """A remote endpoint's 3-dimension vectors were once stored as all-MiniLM-L6-v2: the next local run
+    skipped every row and search crashed. Now the model column names the endpoint too, a target refuses
+    vectors of another size, and search says what is wrong."""
+    from jobs.core.errors import BadRequest
+    from jobs.embed import search
+
+    base, endpoint = three_dimension_endpoint()
+    secrets = tmp_path / "secrets.toml"
+    secrets.write_text(f'[endpoints.tiny3]\nurl = "{base}"\n')
+    monkeypatch.setenv("EMBEDDECK_SECRETS_FILE", str(secrets))
+    try:
+        load_source(sqlite_url, n=20)
+        remote = run(spark, sqlite_url, target="dim3_emb", endpoint="tiny3")
+        assert remote.state == "succeeded", remote.error
+        assert {r.model for r in stored(sqlite_url, "dim3_emb")} == {"all-MiniLM-L6-v2@tiny3"}
+        with pytest.raises(BadRequest, match="holds 3-dimension vectors; all-MiniLM-L6-v2 makes 384"):
+            run(spark, sqlite_url, target="dim3_emb")  # the local model makes 384: refused, not skipped
+        with pytest.raises(BadRequest, match="stored vectors have 3 dimensions, expected 384"):
+            search.search(sqlite_url, "dim3_emb", "boots", model="all-MiniLM-L6-v2")
+        assert search.search(sqlite_url, "dim3_emb", "boots").model == "all-MiniLM-L6-v2@tiny3"
+    finally:
+        endpoint.shutdown()

@@ -154,3 +154,13 @@ def test_commit_slices_cover_the_chunk_once_first_batch_alone(n, first, want):
     got = commit_slices(n, first)
     assert [(s.start, s.stop) for s in got] == want
     assert sum(s.stop - s.start for s in got) == n
+
+
+def test_masters_are_compared_by_where_they_are_not_by_spelling():
+    """spark://localhost:P and spark://127.0.0.1:P once made a second application that waited with 0 cores."""
+    from jobs.spark.submit import same_master
+
+    assert same_master("spark://localhost:7077", "spark://127.0.0.1:7077")
+    assert same_master("spark://127.0.0.1", "spark://127.0.0.1:7077")
+    assert not same_master("spark://127.0.0.1:7077", "spark://127.0.0.1:7078")
+    assert not same_master("local[2]", "spark://127.0.0.1:7077")

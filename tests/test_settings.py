@@ -42,3 +42,9 @@ def test_values_defaults_and_bad_numbers():
         s.integer("EMBEDDECK_WORKER_CORES")
     with pytest.raises(KeyError):
         s.raw("EMBEDDECK_NOT_DECLARED")
+
+
+def test_home_is_the_owners_alone(tmp_path):
+    """Registry, demo database and logs were readable by every user (0644 in a 0755 folder)."""
+    home = Settings({"EMBEDDECK_HOME": str(tmp_path / "fresh" / "home")}).home
+    assert home.is_dir() and home.stat().st_mode & 0o777 == 0o700

@@ -5,6 +5,7 @@ README's variables table is generated from VARIABLES (tests/test_settings.py kee
 from __future__ import annotations
 
 import os
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +23,20 @@ class Var:
     name: str
     default: str | None
     doc: str
+    secret: bool = False  # holds (or points at) a secret: never passed to Spark daemons or executors
 
 
 VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_HOME", "var/", "local state: SQLite files, run logs, cluster state, worker readings"),
     Var("EMBEDDECK_DB_URL", None, "default database (a SQLAlchemy URL) for the CLI, the API and a dashboard "
-                                  "connection; unset: the embedded SQLite demo `$EMBEDDECK_HOME/embeddeck.sqlite`"),
-    Var("EMBEDDECK_REGISTRY_URL", None, "the run registry; unset: `sqlite:///$EMBEDDECK_HOME/registry.sqlite`"),
+                                  "connection; unset: the embedded SQLite demo `$EMBEDDECK_HOME/embeddeck.sqlite`",
+        secret=True),
+    Var("EMBEDDECK_REGISTRY_URL", None, "the run registry; unset: `sqlite:///$EMBEDDECK_HOME/registry.sqlite`",
+        secret=True),
     Var("EMBEDDECK_SPARK_MASTER", None, "master of runs that name none (API, dashboard, CLI without `--master`); "
                                         "unset: the run service's master when one is up, else `local[*]`"),
+    Var("EMBEDDECK_MAX_ACTIVE_RUNS", "2", "runs started at once; more wait as `queued` (phase `waiting`) and "
+                                         "start, oldest first, as others end"),
     Var("EMBEDDECK_PRECISION", "auto", "`fp32`, `bf16`, `fp16`; auto picks fp16 on CUDA, bf16 on CPUs with "
                                        "AMX/AVX-512-BF16, else fp32, and logs why"),
     Var("EMBEDDECK_TORCH_THREADS", "1", "torch threads in each Spark Python worker (one per task)"),
@@ -40,13 +46,24 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_WORKER_CORES", "1", "cores of each local worker"),
     Var("EMBEDDECK_WORKER_MEMORY", "2g", "memory of each local worker"),
     Var("EMBEDDECK_DASHBOARD_PORT", "8501", "dashboard port of `make run`"),
+    Var("EMBEDDECK_DASHBOARD_AUTH", "none", "who may use the dashboard: `none` (loopback only; the container "
+                                            "refuses other addresses), `proxy` (an authenticating proxy's user "
+                                            "header, e.g. ACA's built-in authentication), `oidc` (st.login)"),
+    Var("EMBEDDECK_DASHBOARD_AUTH_HEADER", "X-MS-CLIENT-PRINCIPAL-NAME", "the user header `proxy` mode trusts"),
     Var("EMBEDDECK_CLUSTER_BACKEND", "local", "which workers the dashboard and `python -m cluster` drive: "
                                               "`local` processes or `aca` (Azure Container Apps replicas)"),
     Var("EMBEDDECK_TELEMETRY_DIR", None, "where workers publish their readings; unset: "
                                          "`$EMBEDDECK_HOME/telemetry`"),
-    Var("EMBEDDECK_API_TOKEN", None, "the API's bearer token (required to serve)"),
-    Var("EMBEDDECK_API_TOKEN_FILE", None, "a file holding the API's token, read when `EMBEDDECK_API_TOKEN` is unset"),
-    Var("EMBEDDECK_REMOTE_API_KEY", None, "key sent to a run's `--endpoint`"),
+    Var("EMBEDDECK_API_TOKEN", None, "the API's bearer token (required to serve)", secret=True),
+    Var("EMBEDDECK_API_TOKEN_FILE", None, "a file holding the API's token, read when `EMBEDDECK_API_TOKEN` is unset",
+        secret=True),
+    Var("EMBEDDECK_REMOTE_ENDPOINT", None, "an OpenAI-compatible embeddings URL configured as the endpoint "
+                                           "named `remote` (more: `[endpoints.NAME]` in the secrets file)"),
+    Var("EMBEDDECK_REMOTE_API_KEY", None, "the key of the endpoint `remote`, sent to that endpoint only", secret=True),
+    Var("EMBEDDECK_SECRETS_FILE", None, "TOML file of named connections and endpoints with their secrets; unset: "
+                                        "`.streamlit/secrets.toml` in the checkout", secret=True),
+    Var("EMBEDDECK_ALLOWED_MODELS", "all-MiniLM-L6-v2", "comma-separated models (names or local directories) "
+                                                        "the HTTP API runs; any other is a 400"),
     Var("EMBEDDECK_SEARCH_CACHE_MB", "1024", "largest in-memory search index; bigger targets are searched by "
                                              "streaming"),
     Var("EMBEDDECK_DEFAULT_SOURCE", "products", "source table of the classic trigger `GET /`"),
@@ -59,7 +76,7 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_DRIVER_PORT", None, "fixed driver port (ACA exposes it); unset: random"),
     Var("EMBEDDECK_BLOCK_MANAGER_PORT", None, "fixed block manager port (ACA exposes it); unset: random"),
     Var("EMBEDDECK_RUN_DB_URL", None, "internal: the real database URL of one run, handed to its own driver "
-                                      "process only"),
+                                      "process only", secret=True),
     Var("EMBEDDECK_FAULT_HOLD_FILE", None, "fault injection for tests and drills: while this file exists, every "
                                            "embedding task pauses after its first commit (a cancel or a killed "
                                            "worker then lands mid-run however fast the machine is)"),
@@ -69,12 +86,14 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_ACA_WORKER", "embeddeck-worker", "ACA: the GPU worker app's name"),
     Var("EMBEDDECK_ACA_SUBNET_ID", None, "ACA deploy: the subnet of the environment"),
     Var("EMBEDDECK_STORAGE_ACCOUNT", None, "ACA deploy: the Azure Files account"),
-    Var("EMBEDDECK_STORAGE_KEY", None, "ACA deploy: its key (a secret)"),
+    Var("EMBEDDECK_STORAGE_KEY", None, "ACA deploy: its key (a secret)", secret=True),
     Var("EMBEDDECK_SHARE", "embeddeck", "ACA deploy: the Azure Files share"),
     Var("EMBEDDECK_CONTROLLER_IMAGE", None, "ACA deploy: the controller image"),
     Var("EMBEDDECK_WORKER_IMAGE", None, "ACA deploy: the worker image"),
     Var("EMBEDDECK_GPU_PROFILE", "Consumption-GPU-NC8as-T4", "ACA deploy: the serverless GPU workload profile"),
-    Var("EMBEDDECK_MAX_WORKERS", "4", "ACA deploy: most worker replicas"),
+    Var("EMBEDDECK_MAX_WORKERS", "4", "most workers: ACA replicas at deploy, and the API's `workers`"),
+    Var("EMBEDDECK_SPARK_SECRET", None, "ACA deploy: the cluster's Spark authentication secret; unset: a new "
+                                        "one per deployment", secret=True),
     Var("EMBEDDECK_LOG_WORKSPACE_ID", None, "ACA: the Log Analytics workspace that holds scaling events"),
     Var("AZURE_SUBSCRIPTION_ID", None, "ACA: the subscription (backend and deploy)"),
     Var("AZURE_RESOURCE_GROUP", None, "ACA: the resource group (backend and deploy)"),
@@ -115,7 +134,10 @@ class Settings:
         """Where EmbedDeck keeps local state; created on first use."""
         value = self.env.get("EMBEDDECK_HOME")
         home = Path(value) if value else REPO / "var"
-        home.mkdir(parents=True, exist_ok=True)
+        if not home.is_dir():
+            home.mkdir(mode=0o700, parents=True)  # registry, demo database, logs and secrets: the owner's alone
+        elif not value and home.stat().st_mode & 0o077:
+            home.chmod(0o700)  # the default var/ of an older checkout; a directory named by the operator is theirs
         return home
 
     @property
@@ -126,9 +148,30 @@ class Settings:
     def registry_url(self) -> str:
         return self.raw("EMBEDDECK_REGISTRY_URL") or f"sqlite:///{self.home / 'registry.sqlite'}"
 
+    def secrets(self) -> dict:
+        """The secrets file's tables ([connections.NAME], [endpoints.NAME]); empty when there is none."""
+        path = Path(self.raw("EMBEDDECK_SECRETS_FILE") or REPO / ".streamlit" / "secrets.toml")
+        try:
+            return tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise BadRequest(f"secrets file {path} cannot be read: {exc}") from None
+
     @property
     def telemetry_dir(self) -> Path:
         return Path(self.raw("EMBEDDECK_TELEMETRY_DIR") or self.home / "telemetry")
+
+
+# Secrets of other software that our children never need either.
+OTHER_SECRETS = ("AZURE_CLIENT_SECRET", "AZURE_CLIENT_CERTIFICATE_PASSWORD", "JUPYTER_TOKEN", "_SPARK_AUTH_SECRET")
+
+
+def public_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment without any secret: what Spark daemons, executors and sidecars start with."""
+    env = os.environ if env is None else env
+    secret = {v.name for v in VARIABLES.values() if v.secret} | set(OTHER_SECRETS)
+    return {k: v for k, v in env.items() if k not in secret}
 
 
 def markdown_table() -> str:
@@ -136,7 +179,7 @@ def markdown_table() -> str:
     lines = ["| variable | default | |", "|---|---|---|"]
     for var in VARIABLES.values():
         default = f"`{var.default}`" if var.default else "unset"
-        lines.append(f"| `{var.name}` | {default} | {var.doc} |")
+        lines.append(f"| `{var.name}` | {default} | {var.doc}{' (a secret)' if var.secret else ''} |")
     return "\n".join(lines)
 
 

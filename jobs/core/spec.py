@@ -27,7 +27,7 @@ class RunSpec:
     mode: str = "incremental"
     master: str = "local[*]"
     limit_rows: int | None = None
-    endpoint: str | None = None  # OpenAI-compatible embeddings URL; None: the local model
+    endpoint: str | None = None  # a configured remote endpoint's name (the CLI also takes a URL); None: local
     launched_by: str = "cli"
 
     def check_shape(self) -> None:
@@ -46,14 +46,22 @@ class RunSpec:
             raise BadRequest(f"chunk rows must be between 1 and 100000, not {self.chunk_rows}")
         if self.partitions is not None and not 1 <= self.partitions <= 10_000:
             raise BadRequest(f"partitions must be between 1 and 10000, not {self.partitions}")
-        if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
-            raise BadRequest(f"endpoint must be an http(s) URL, not {self.endpoint!r}")
+        if self.endpoint is not None:
+            if not self.endpoint.strip() or len(self.endpoint) > 2000:
+                raise BadRequest("endpoint must be a configured endpoint's name or an http(s) URL")
+            _check_identifier("endpoint", self.endpoint)
         if self.limit_rows is not None and self.limit_rows < 1:
             raise BadRequest(f"limit rows must be 1 or more, not {self.limit_rows}")
         if self.source == self.target:
             raise BadRequest("target table must differ from the source table")
         if not (self.master.startswith("local") or self.master.startswith("spark://")):
             raise BadRequest(f"master must be local[N] or spark://host:port, not {self.master!r}")
+
+    @property
+    def model_identity(self) -> str:
+        """What the target's model column records: the model, and the endpoint that ran it when remote. A
+        local run never takes a remote run's vectors for its own, nor one endpoint's for another's."""
+        return f"{self.model}@{self.endpoint}" if self.endpoint else self.model
 
     def to_json(self) -> str:
         """Serialise; callers must redact db_url first when the JSON is stored or shown."""

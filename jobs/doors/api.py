@@ -40,13 +40,14 @@ from jobs.doors.api_models import (
     Usage,
 )
 from jobs.embed.encoder import get_encoder, model_dim, model_path
-from jobs.store import connections, scaling, worker_readings
+from jobs.store import connections, endpoints, scaling, worker_readings
 from jobs.store.registry import Registry
 
 log = logging.getLogger("embeddeck.api")
 
 MAX_INPUTS = 2048
 MAX_INPUT_CHARS = 2_000_000
+ENCODE_SLICE = 64  # inputs encoded per turn at the model
 # Whose fault it is: the caller's (4xx) or a dependency's that may come back (503, try again later).
 STATUS_OF_KIND = {"bad_request": 400, "not_found": 404, "conflict": 409, "unavailable": 503}
 RETRY_AFTER_S = 10
@@ -68,6 +69,15 @@ def load_token() -> str | None:
 
 def error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": {"code": code, "message": message}})
+
+
+def check_model_allowed(model: str) -> None:
+    """The server runs only the models it is configured to ($EMBEDDECK_ALLOWED_MODELS): a caller cannot make
+    it load any directory it can name."""
+    allowed = [m.strip() for m in (Settings().raw("EMBEDDECK_ALLOWED_MODELS") or "").split(",") if m.strip()]
+    if model in allowed or model_path(model) in {model_path(m) for m in allowed}:
+        return
+    raise BadRequest(f"model {model!r} is not served here (allowed: {', '.join(allowed)})")
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -145,10 +155,14 @@ def runs_router(registry: Registry) -> APIRouter:
         configured = connections.configured()
         if req.connection is not None and req.connection not in configured:
             raise BadRequest(f"connection {req.connection!r} is not configured (known: {', '.join(configured)})")
+        if req.endpoint is not None:
+            endpoints.resolve(req.endpoint, allow_url=False)
+        else:
+            check_model_allowed(req.model)
         db_url = configured[req.connection] if req.connection else Settings().db_url
         spec = RunSpec(db_url=db_url, source=req.source, id_column=req.id_column, text_column=req.text_column,
                        target=req.target, model=req.model, batch_size=req.batch_size, partitions=req.partitions,
-                       mode=req.mode, master=lifecycle.resolve_master(req.master), limit_rows=req.limit_rows,
+                       mode=req.mode, master=lifecycle.resolve_master(), limit_rows=req.limit_rows,
                        endpoint=req.endpoint, launched_by="api")
         return accepted(lifecycle.launch(spec, registry))
 
@@ -171,7 +185,11 @@ def runs_router(registry: Registry) -> APIRouter:
                         rows: int | None = Query(None, ge=1), workers: int | None = Query(None, ge=0, le=64)):
         """Compatibility trigger: a run on the configured default source and target, answered at once;
         `workers` is the operator's manual worker count (autoscale off), as the cluster page sets it."""
+        check_model_allowed(model)
         settings = Settings()
+        if workers is not None and workers > settings.integer("EMBEDDECK_MAX_WORKERS"):
+            raise BadRequest(f"workers must be at most {settings.integer('EMBEDDECK_MAX_WORKERS')} "
+                             f"(EMBEDDECK_MAX_WORKERS), not {workers}")
         spec = RunSpec(db_url=settings.db_url, source=settings.raw("EMBEDDECK_DEFAULT_SOURCE"),
                        id_column=settings.raw("EMBEDDECK_DEFAULT_ID_COLUMN"),
                        text_column=settings.raw("EMBEDDECK_DEFAULT_TEXT_COLUMN"),
@@ -217,13 +235,18 @@ def embeddings_router() -> APIRouter:
             raise HTTPException(413, f"{len(texts)} inputs; at most {MAX_INPUTS} per request")
         if sum(len(t) for t in texts) > MAX_INPUT_CHARS:
             raise HTTPException(413, f"inputs exceed {MAX_INPUT_CHARS} characters in total")
-        model_path(model)  # BadRequest (400) for an unknown model
-        with encoder_lock:  # one model instance, one batch at a time
+        check_model_allowed(model)
+        prepared = [normalize_text(t) or "" for t in texts]
+        with encoder_lock:
             enc = get_encoder(model)
-            prepared = [normalize_text(t) or "" for t in texts]
-            vecs = enc.encode(prepared, normalize=normalize)
             tokens = enc.count_tokens(prepared)
-        return vecs, tokens
+        parts = []
+        # One model instance, one slice at a time: a 2,048-input request takes turns with the others
+        # instead of holding the model for its whole length while a one-input request waits.
+        for start in range(0, len(prepared), ENCODE_SLICE):
+            with encoder_lock:
+                parts.append(enc.encode(prepared[start:start + ENCODE_SLICE], normalize=normalize))
+        return np.concatenate(parts), tokens
 
     @router.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=BAD)
     def embeddings(req: EmbeddingsRequest) -> EmbeddingsResponse:
@@ -269,6 +292,16 @@ def create_app(token: str, registry: Registry | None = None) -> FastAPI:
     return app
 
 
+def settle_forever(registry: Registry, every_s: float = 2.0) -> None:
+    """While the API serves: start waiting runs as slots free up, settle dead drivers and overdue cancels."""
+    while True:
+        try:
+            lifecycle.refresh(registry)
+        except Exception as exc:  # the next round tries again; the API itself is unaffected
+            log.warning("settling runs failed: %s", exc)
+        time.sleep(every_s)
+
+
 def serve(host: str = "127.0.0.1", port: int = 8888) -> int:
     """Run the API with uvicorn; refuses to start without a token rather than run open."""
     import uvicorn
@@ -278,7 +311,9 @@ def serve(host: str = "127.0.0.1", port: int = 8888) -> int:
         print("error: set EMBEDDECK_API_TOKEN or EMBEDDECK_API_TOKEN_FILE; the API never runs without a token",
               file=sys.stderr)
         return 2
+    registry = Registry()
+    threading.Thread(target=settle_forever, args=(registry,), daemon=True).start()
     # Bounded: connections at once, idle keep-alive, the size of an unfinished header block.
-    uvicorn.run(create_app(token), host=host, port=port, log_level="info", limit_concurrency=256,
+    uvicorn.run(create_app(token, registry), host=host, port=port, log_level="info", limit_concurrency=256,
                 timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
     return 0

@@ -19,7 +19,8 @@ class ErrorBody(BaseModel):
 
 
 class RunRequest(BaseModel):
-    """A RunSpec over HTTP; the database is a configured connection's name, never a URL with a password."""
+    """A RunSpec over HTTP. The database and a remote endpoint are names the server has configured, never URLs,
+    and the Spark master is the server's own: a caller cannot point the server anywhere."""
 
     model_config = ConfigDict(extra="forbid")
     connection: str | None = Field(None, description="configured connection name; default: the default database")
@@ -32,9 +33,9 @@ class RunRequest(BaseModel):
     batch_size: int = 32
     partitions: int | None = None
     mode: str = "incremental"
-    master: str | None = Field(None, max_length=200)
     limit_rows: int | None = None
-    endpoint: str | None = Field(None, max_length=2000, description="OpenAI-compatible embeddings URL")
+    endpoint: str | None = Field(None, max_length=200, description="a configured remote endpoint's name; "
+                                                                   "URLs are never accepted")
 
 
 class RunAccepted(BaseModel):

@@ -15,7 +15,7 @@ from jobs.core.errors import EmbedDeckError
 from jobs.core.progress import eta_seconds, format_duration
 from jobs.core.settings import Settings
 from jobs.core.spec import DEFAULT_MODEL, RunSpec
-from jobs.store import db
+from jobs.store import connections, db
 from jobs.store.registry import CANCELLED, SUCCEEDED, Registry, Run
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
@@ -26,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     run = verbs.add_parser("run", help="start an embedding run")
-    run.add_argument("--db", default=None, help="SQLAlchemy URL (default $EMBEDDECK_DB_URL or embedded SQLite)")
+    run.add_argument("--db", default=None, help="a configured connection's name (its URL, password included, "
+                                                 "then never shows in ps) or a SQLAlchemy URL; default "
+                                                 "$EMBEDDECK_DB_URL or embedded SQLite")
     run.add_argument("--source", required=True)
     run.add_argument("--id-column", required=True)
     run.add_argument("--text-column", required=True)
@@ -40,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chunk-rows", type=int, default=RunSpec.chunk_rows)
     run.add_argument("--partitions", type=int, default=None)
     run.add_argument("--endpoint", default=None,
-                     help="OpenAI-compatible embeddings URL to use instead of the local model "
-                          "(key from $EMBEDDECK_REMOTE_API_KEY)")
+                     help="a configured remote endpoint's name (its key goes to it alone), or an OpenAI-compatible "
+                          "embeddings URL (sent no key unless it is a configured endpoint's)")
     run.add_argument("--limit-rows", type=int, default=None, help="embed only the first N rows by id")
     run.add_argument("--detach", action="store_true", help="print the run id and return at once")
 
@@ -73,6 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def database(value: str | None) -> str:
+    """--db: a configured connection's URL by its name, else the URL given, else the default database."""
+    if not value:
+        return Settings().db_url
+    return connections.configured().get(value, value)
+
+
 def progress_line(run: Run) -> str:
     """One line: state, rows done/total, rows/s, ETA."""
     total = run.rows_total
@@ -102,7 +111,7 @@ def exit_code(run: Run) -> int:
 
 
 def cmd_run(args) -> int:
-    spec = RunSpec(db_url=args.db or Settings().db_url, source=args.source, id_column=args.id_column,
+    spec = RunSpec(db_url=database(args.db), source=args.source, id_column=args.id_column,
                    text_column=args.text_column, target=args.target, model=args.model,
                    batch_size=args.batch_size, chunk_rows=args.chunk_rows, partitions=args.partitions,
                    limit_rows=args.limit_rows, endpoint=args.endpoint, mode=args.mode,
@@ -152,7 +161,7 @@ def cmd_cancel(args) -> int:
 def cmd_search(args) -> int:
     from jobs.embed.search import search
 
-    result = search(args.db or Settings().db_url, args.target, args.query, k=args.k, model=args.model)
+    result = search(database(args.db), args.target, args.query, k=args.k, model=args.model)
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.json:
@@ -168,7 +177,7 @@ def cmd_search(args) -> int:
 def cmd_seed_demo(args) -> int:
     from jobs.store.demo import DEMO_ROWS, seed_demo
 
-    url = args.db or Settings().db_url
+    url = database(args.db)
     count = seed_demo(url, n=args.rows or DEMO_ROWS)
     print(f"products: {count} rows in {db.redact_url(url)}")
     return EXIT_OK

@@ -7,8 +7,10 @@ import contextlib
 import logging
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -161,13 +163,17 @@ class RemoteEncoder:
 
     MAX_BATCH = 256
 
-    def __init__(self, endpoint: str, model: str, api_key: str | None = None, retries: int = 3,
-                 timeout_s: float = 60.0):
+    def __init__(self, endpoint: str, model: str, api_key: str | None = None, name: str | None = None,
+                 retries: int = 3, timeout_s: float = 60.0):
         import requests
 
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise BadRequest(f"endpoint {name or endpoint!r} must be an http(s) URL without query or fragment")
         self.url = endpoint.rstrip("/")
         if not self.url.endswith("/embeddings"):
             self.url += "/embeddings"
+        self.name = name or endpoint
         self.model_name, self.retries, self.timeout_s = model, retries, timeout_s
         self.session = requests.Session()
         if api_key:
@@ -182,17 +188,20 @@ class RemoteEncoder:
                 resp = self.session.post(self.url, json={"model": self.model_name, "input": texts},
                                          timeout=self.timeout_s)
                 if resp.status_code < 500:
+                    # The body is never echoed: it is the remote's, and may hold anything.
                     if not resp.ok:
-                        # The body is never echoed: it is the remote's, and may hold anything.
-                        raise Unavailable(f"embedding endpoint {self.url} answered HTTP {resp.status_code}")
-                    data = sorted(resp.json()["data"], key=lambda d: d["index"])
-                    return [d["embedding"] for d in data]
+                        raise Unavailable(f"embedding endpoint {self.name!r} answered HTTP {resp.status_code}")
+                    try:
+                        data = sorted(resp.json()["data"], key=lambda d: d["index"])
+                        return [d["embedding"] for d in data]
+                    except (ValueError, KeyError, TypeError):
+                        raise Unavailable(f"embedding endpoint {self.name!r} answered with no embeddings") from None
                 reason = f"HTTP {resp.status_code}"
             except requests.RequestException as exc:
                 reason = type(exc).__name__
             if attempt < self.retries:
                 time.sleep(0.5 * 2**attempt)
-        raise Unavailable(f"embedding endpoint {self.url} failed after {self.retries + 1} attempts: {reason}")
+        raise Unavailable(f"embedding endpoint {self.name!r} failed after {self.retries + 1} attempts: {reason}")
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         """Unit-length vectors, sent in requests of at most MAX_BATCH texts."""
@@ -204,16 +213,25 @@ class RemoteEncoder:
         return (arr / np.where(norms == 0, 1, norms)).astype(np.float32)
 
 
-_CACHE: dict[tuple, Encoder | RemoteEncoder] = {}
+# Encoders held per process, least recently used dropped first: each local model costs ~100-400 MB, and
+# seven spellings of one path once loaded it seven times.
+CACHE_SIZE = 3
+_CACHE: OrderedDict[tuple, Encoder | RemoteEncoder] = OrderedDict()
 
 
 def get_encoder(model: str, precision: str | None = None, endpoint: str | None = None,
-                api_key: str | None = None) -> Encoder | RemoteEncoder:
-    """The process-wide encoder for model (local, or at endpoint): built once, reused by every task."""
-    key = (model, precision, endpoint)
-    if key not in _CACHE:
-        _CACHE[key] = RemoteEncoder(endpoint, model, api_key) if endpoint else Encoder(model, precision)
-    return _CACHE[key]
+                api_key: str | None = None, name: str | None = None) -> Encoder | RemoteEncoder:
+    """The process-wide encoder for model (local, or at endpoint): built once, reused by every task. Keyed by
+    the model's resolved directory, so every spelling of one model shares one copy."""
+    key = (model, endpoint) if endpoint else (model_path(model), precision)
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    encoder = RemoteEncoder(endpoint, model, api_key, name) if endpoint else Encoder(model, precision)
+    _CACHE[key] = encoder
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return encoder
 
 
 def model_dim(model: str) -> int:

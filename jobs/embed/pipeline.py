@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 from jobs.core import plan
 from jobs.core.errors import BadRequest, EmbedDeckError, from_kind
@@ -22,7 +23,7 @@ from jobs.core.settings import HOLD_FILE_VAR, Settings
 from jobs.core.spec import RunSpec
 from jobs.core.texts import content_hash, normalize_text
 from jobs.embed.encoder import get_encoder, model_dim
-from jobs.store import db
+from jobs.store import db, endpoints
 from jobs.store.registry import CANCELLED, FAILED, SUCCEEDED, Registry
 
 log = logging.getLogger("embeddeck.pipeline")
@@ -53,6 +54,24 @@ def _chunks(spec: RunSpec, tables: db.Tables, lo: int, hi: int) -> Iterator[list
         after = rows[-1][0]
 
 
+@dataclass(frozen=True)
+class TaskPlan:
+    """All a task's closure carries: the spec without its database URL, a broadcast that holds the run's
+    secrets (its id travels in the closure, the value only over the application's own authenticated
+    channel, and it is destroyed when the run ends), the endpoint's URL without its key, and the vector
+    size the target holds. Nothing in the closure is a secret."""
+
+    spec: RunSpec
+    secrets: object  # pyspark Broadcast of {"db_url", "api_key"}
+    endpoint_url: str | None
+    dim: int
+
+    def open(self) -> tuple[RunSpec, str | None]:
+        """In a task: the spec with its real database URL, and the endpoint's key."""
+        secrets = self.secrets.value
+        return self.spec.with_db_url(secrets["db_url"]), secrets.get("api_key")
+
+
 def _classify(spec: RunSpec, rows: list) -> tuple[list[tuple[int, str, str]], int, int]:
     """Split a chunk into rows to embed (id, text, hash), empty rows and up-to-date rows."""
     todo, empty, current = [], 0, 0
@@ -62,17 +81,17 @@ def _classify(spec: RunSpec, rows: list) -> tuple[list[tuple[int, str, str]], in
             empty += 1
             continue
         digest = content_hash(text)
-        if plan.needs_vector(text, digest, stored_hash, stored_model, spec.model, spec.mode):
+        if plan.needs_vector(text, digest, stored_hash, stored_model, spec.model_identity, spec.mode):
             todo.append((row_id, text, digest))
         else:
             current += 1
     return todo, empty, current
 
 
-def _worker_encoder(model: str, endpoint: str | None = None, api_key: str | None = None):
+def _worker_encoder(model: str, endpoint: str | None = None, api_key: str | None = None, name: str | None = None):
     """The encoder of this Python worker, with torch limited to the task's share of cores."""
     if endpoint:
-        return get_encoder(model, endpoint=endpoint, api_key=api_key)
+        return get_encoder(model, endpoint=endpoint, api_key=api_key, name=name)
     threads = Settings().integer("EMBEDDECK_TORCH_THREADS")
     if threads > 0:
         import torch
@@ -122,11 +141,12 @@ def warm_partitions(model: str):
     return run
 
 
-def scan_partitions(spec: RunSpec, api_key: str | None = None):
+def scan_partitions(task: TaskPlan):
     """mapPartitions function: count per key range what the run has to embed."""
 
     @_errors_as_results
     def run(ranges: Iterator[tuple[int, int, int]]) -> Iterator[dict]:
+        spec, api_key = task.open()
         tables = _tables(spec)
         # Python workers are reused by the embedding job: loading the model here overlaps the
         # import and load (seconds) with planning instead of stalling the first chunk.
@@ -134,7 +154,7 @@ def scan_partitions(spec: RunSpec, api_key: str | None = None):
 
         marks = {"worker_started": psutil.Process().create_time()}  # forked from the executor's daemon
         t0 = time.perf_counter()
-        _worker_encoder(spec.model, spec.endpoint, api_key)
+        _worker_encoder(spec.model, task.endpoint_url, api_key, spec.endpoint)
         marks["model_ready"] = time.time()
         marks["model_load_s"] = time.perf_counter() - t0  # ~0 when this worker already holds the model
         for index, lo, hi in ranges:
@@ -151,15 +171,16 @@ def scan_partitions(spec: RunSpec, api_key: str | None = None):
     return run
 
 
-def embed_partitions(spec: RunSpec, api_key: str | None = None):
+def embed_partitions(task: TaskPlan):
     """mapPartitions function: read, encode and upsert each key range, committing every few hundred rows."""
 
     @_errors_as_results
     def run(ranges: Iterator[tuple[int, int, int]]) -> Iterator[dict]:
+        spec, api_key = task.open()
         tables = _tables(spec)
         engine = db.engine_for(spec.db_url)
         hold = Settings().raw(HOLD_FILE_VAR)
-        encoder = _worker_encoder(spec.model, spec.endpoint, api_key)
+        encoder = _worker_encoder(spec.model, task.endpoint_url, api_key, spec.endpoint)
         for index, lo, hi in ranges:
             t0, embedded, first_commit, encoding = time.perf_counter(), 0, None, 0.0
             for chunk in _chunks(spec, tables, lo, hi):
@@ -170,9 +191,12 @@ def embed_partitions(spec: RunSpec, api_key: str | None = None):
                     t1 = time.perf_counter()
                     vecs = encoder.encode([t for _, t, _ in part], batch_size=spec.batch_size)
                     encoding += time.perf_counter() - t1
+                    if vecs.shape[1] != task.dim:  # a remote endpoint may change its answer mid-run
+                        raise BadRequest(f"{spec.model_identity} returned {vecs.shape[1]}-dimension vectors; "
+                                         f"target {spec.target!r} holds {task.dim}")
                     now = db.utcnow()
                     rows = [{"source_id": i, "embedding": db.encode_for(tables.target, v),
-                             "model": spec.model, "content_hash": h, "embedded_at": now}
+                             "model": spec.model_identity, "content_hash": h, "embedded_at": now}
                             for (i, _, h), v in zip(part, vecs)]
                     with engine.begin() as conn:
                         db.upsert(conn, tables.target, rows)
@@ -256,10 +280,9 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
     sc.setJobGroup(run_id, f"embed {title}", interruptOnCancel=True)
     engine = db.check_connection(spec.db_url)
     tables = db.inspect_run(engine, spec)
-    # The remote key travels inside the task closure, never through Spark's visible configuration.
-    api_key = Settings().raw("EMBEDDECK_REMOTE_API_KEY") if spec.endpoint else None
-    dim = get_encoder(spec.model, endpoint=spec.endpoint, api_key=api_key).dim if spec.endpoint \
-        else model_dim(spec.model)
+    endpoint = endpoints.resolve(spec.endpoint) if spec.endpoint else None
+    dim = (get_encoder(spec.model, endpoint=endpoint.url, api_key=endpoint.api_key, name=endpoint.name).dim
+           if endpoint else model_dim(spec.model))
     target = db.ensure_target(engine, spec, tables, dim)
     db.record_target(engine, spec)
     bounds = db.id_bounds(engine, tables.source, tables.id_col)
@@ -272,52 +295,59 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
         hi = db.nth_id(engine, tables.source, tables.id_col, spec.limit_rows) or hi
     parts = spec.partitions or plan.default_partitions(sc.defaultParallelism)
     ranges = [(r.index, r.lo, r.hi) for r in plan.split_range(lo, hi, parts)]
+    # A broadcast, not a file Spark's file server keeps offering: executors that join the run service later
+    # would fetch every file ever added, and a destroyed broadcast is gone from every executor.
+    secrets = sc.broadcast({"db_url": spec.db_url, "api_key": endpoint.api_key if endpoint else None})
+    task = TaskPlan(spec.with_db_url(""), secrets, endpoint.url if endpoint else None, dim)
 
-    registry.set_phase(run_id, "planning")
-    # Plain RDDs: the tasks read the database themselves, so Spark SQL and Arrow would only add
-    # their start-up cost (seconds per run) and carry nothing.
-    sc.setJobDescription(f"plan {title}")
-    scanned = sc.parallelize(ranges, len(ranges)).mapPartitions(scan_partitions(spec, api_key)).collect()
-    _raise_task_error(scanned)
-    marks["planned"] = time.time()
-    total = sum(r["needed"] for r in scanned)
-    skipped = sum(r["empty"] + r["current"] for r in scanned)
-    work = [(r["index"], r["lo"], r["hi"]) for r in scanned if r["needed"] > 0]
-    _record_marks(registry, run_id, marks, scanned, [])
-    if registry.get(run_id).cancel_requested:
-        registry.finish(run_id, CANCELLED, error="cancelled before embedding started")
-        return CANCELLED
-    since = db.utcnow()
-    if not registry.start(run_id, total, skipped):
-        return registry.get(run_id).state
-    log.info("run %s: %d rows to embed in %d ranges, %d skipped", run_id, total, len(work), skipped)
-
-    watcher = _ProgressWatcher(sc, registry, run_id, spec, target, since)
-    watcher.start()
-    t0 = time.monotonic()
     try:
-        if work:
-            registry.set_phase(run_id, "embedding")
-            sc.setJobDescription(f"embed {title}")
-            embedded = sc.parallelize(work, len(work)).mapPartitions(embed_partitions(spec, api_key)).collect()
-            _raise_task_error(embedded)
-            busy = sum(r["seconds"] for r in embedded)
-            log.info("run %s: %d tasks busy %.1f s in all (%.0f %% of it encoding), %.1f s the longest, "
-                     "over %.1f s on %d cores", run_id, len(embedded), busy,
-                     100 * sum(r["encoding_s"] for r in embedded) / max(busy, 1e-9),
-                     max(r["seconds"] for r in embedded), time.monotonic() - t0, sc.defaultParallelism)
-            _record_marks(registry, run_id, marks, scanned, embedded)
-    except Exception as exc:
-        watcher.stop_event.set()
-        done = watcher.sample()
-        if watcher.cancelled:
-            registry.finish(run_id, CANCELLED, error="cancelled by request", rows_done=done)
+        registry.set_phase(run_id, "planning")
+        # Plain RDDs: the tasks read the database themselves, so Spark SQL and Arrow would only add
+        # their start-up cost (seconds per run) and carry nothing.
+        sc.setJobDescription(f"plan {title}")
+        scanned = sc.parallelize(ranges, len(ranges)).mapPartitions(scan_partitions(task)).collect()
+        _raise_task_error(scanned)
+        marks["planned"] = time.time()
+        total = sum(r["needed"] for r in scanned)
+        skipped = sum(r["empty"] + r["current"] for r in scanned)
+        work = [(r["index"], r["lo"], r["hi"]) for r in scanned if r["needed"] > 0]
+        _record_marks(registry, run_id, marks, scanned, [])
+        if registry.get(run_id).cancel_requested:
+            registry.finish(run_id, CANCELLED, error="cancelled before embedding started")
             return CANCELLED
-        registry.finish(run_id, FAILED, error=spark_error_message(exc), rows_done=done)
-        return FAILED
-    watcher.stop_event.set()
-    watcher.join(timeout=5)
-    done = watcher.sample()
-    elapsed = time.monotonic() - t0
-    registry.finish(run_id, SUCCEEDED, rows_done=done, rows_per_s=done / elapsed if elapsed > 0 else 0.0)
-    return SUCCEEDED
+        since = db.utcnow()
+        if not registry.start(run_id, total, skipped):
+            return registry.get(run_id).state
+        log.info("run %s: %d rows to embed in %d ranges, %d skipped", run_id, total, len(work), skipped)
+
+        watcher = _ProgressWatcher(sc, registry, run_id, spec, target, since)
+        watcher.start()
+        t0 = time.monotonic()
+        try:
+            if work:
+                registry.set_phase(run_id, "embedding")
+                sc.setJobDescription(f"embed {title}")
+                embedded = sc.parallelize(work, len(work)).mapPartitions(embed_partitions(task)).collect()
+                _raise_task_error(embedded)
+                busy = sum(r["seconds"] for r in embedded)
+                log.info("run %s: %d tasks busy %.1f s in all (%.0f %% of it encoding), %.1f s the longest, "
+                         "over %.1f s on %d cores", run_id, len(embedded), busy,
+                         100 * sum(r["encoding_s"] for r in embedded) / max(busy, 1e-9),
+                         max(r["seconds"] for r in embedded), time.monotonic() - t0, sc.defaultParallelism)
+                _record_marks(registry, run_id, marks, scanned, embedded)
+        except Exception as exc:
+            watcher.stop_event.set()
+            done = watcher.sample()
+            if watcher.cancelled:
+                registry.finish(run_id, CANCELLED, error="cancelled by request", rows_done=done)
+                return CANCELLED
+            registry.finish(run_id, FAILED, error=spark_error_message(exc), rows_done=done)
+            return FAILED
+        watcher.stop_event.set()
+        watcher.join(timeout=5)
+        done = watcher.sample()
+        elapsed = time.monotonic() - t0
+        registry.finish(run_id, SUCCEEDED, rows_done=done, rows_per_s=done / elapsed if elapsed > 0 else 0.0)
+        return SUCCEEDED
+    finally:
+        secrets.destroy()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -12,7 +13,7 @@ from jobs.core import vectors
 from jobs.core.errors import BadRequest
 from jobs.core.settings import Settings
 from jobs.embed.encoder import get_encoder
-from jobs.store import db
+from jobs.store import db, endpoints
 
 SCAN_CHUNK_ROWS = 20_000
 
@@ -152,7 +153,9 @@ class VectorIndex:
         return top_k(self.matrix @ q.astype(np.float32), self.ids, k)
 
 
-_INDEXES: dict[tuple[str, str], VectorIndex] = {}
+# Indexes held in this process, least recently used first; together they stay within the cache budget
+# (one target once could hold 1 GiB, and every target searched kept its own).
+_INDEXES: OrderedDict[tuple[str, str], VectorIndex] = OrderedDict()
 
 
 def cache_limit_rows(dim: int) -> int:
@@ -165,7 +168,15 @@ def index_for(db_url: str, engine: sa.Engine, target: sa.Table, dim: int) -> Vec
     key = (db_url, str(target))
     if key not in _INDEXES or _INDEXES[key].dim != dim:
         _INDEXES[key] = VectorIndex(engine, target, dim)
+    _INDEXES.move_to_end(key)
     return _INDEXES[key]
+
+
+def trim_indexes() -> None:
+    """Drop the least recently used indexes until all of them fit the cache budget together."""
+    budget = Settings().number("EMBEDDECK_SEARCH_CACHE_MB") * 2**20
+    while len(_INDEXES) > 1 and sum(ix.matrix.nbytes for ix in _INDEXES.values()) > budget:
+        _INDEXES.popitem(last=False)
 
 
 def mssql_search_statement(target: sa.Table, dim: int, k: int) -> sa.TextClause:
@@ -190,6 +201,15 @@ def fetch_texts(engine: sa.Engine, origin: dict | None, ids: list[int]) -> dict[
         return {int(i): t for i, t in conn.execute(sa.select(id_col, text_col).where(id_col.in_(ids)))}
 
 
+def query_encoder(identity: str):
+    """The encoder a target's model column names: `model`, or `model@endpoint` for a remote one."""
+    model, _, endpoint_name = identity.partition("@")
+    if not endpoint_name:
+        return get_encoder(model)
+    endpoint = endpoints.resolve(endpoint_name)
+    return get_encoder(model, endpoint=endpoint.url, api_key=endpoint.api_key, name=endpoint.name)
+
+
 def search(db_url: str, target_name: str, query: str, k: int = 10, model: str | None = None) -> SearchResult:
     """Embed query with the target's model and return the k most similar rows with their text."""
     if not query or not query.strip():
@@ -209,7 +229,7 @@ def search(db_url: str, target_name: str, query: str, k: int = 10, model: str | 
     elif len(stored) > 1:
         warnings.append(f"target holds vectors of several models ({', '.join(stored)})")
     t0 = time.perf_counter()
-    qvec = get_encoder(use_model).encode([query])[0]
+    qvec = query_encoder(use_model).encode([query])[0]
     t1 = time.perf_counter()
     if engine.dialect.name == "mssql" and isinstance(target.c.embedding.type, db.MSSQLVector):
         with engine.connect() as conn:
@@ -219,6 +239,7 @@ def search(db_url: str, target_name: str, query: str, k: int = 10, model: str | 
         ids = np.array([r.source_id for r in rows], dtype=np.int64)
     else:
         best = index_for(db_url, engine, target, len(qvec)).top_k(qvec, k)
+        trim_indexes()
         scores, ids = best if best is not None else scan_top_k(engine, target, qvec, k)
     t2 = time.perf_counter()
     texts = fetch_texts(engine, origin, [int(i) for i in ids])

@@ -12,11 +12,12 @@ import sys
 import time
 
 import psutil
-from pyspark import SparkConf, SparkContext
+from pyspark import SparkContext
 
 from jobs.core.settings import Settings
 from jobs.core.spec import RunSpec
 from jobs.embed.pipeline import execute, spark_error_message
+from jobs.spark.submit import app_conf
 from jobs.store.registry import FAILED, SUCCEEDED, Registry
 
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = RunSpec.from_json(run.spec_json).with_db_url(Settings().raw("EMBEDDECK_RUN_DB_URL") or "")
     marks = {"driver_started": psutil.Process().create_time()}
     # A bare SparkContext: the job uses no Spark SQL, whose session start costs seconds per run.
-    sc = SparkContext(conf=SparkConf().setAppName(f"embeddeck-{opts.run_id}"))
+    sc = SparkContext(conf=app_conf(f"embeddeck-{opts.run_id}"))
     marks["app_ready"] = time.time()
     try:
         state = execute(sc, spec, registry, opts.run_id, marks)

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from jobs.core.settings import REPO
+from jobs.core.settings import REPO, Settings, public_env
 
 FAST_START = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
 
@@ -57,10 +58,45 @@ def spark_class() -> str:
     return str(Path(pyspark.__file__).parent / "bin" / "spark-class")
 
 
-def spark_env(db_url: str | None = None) -> dict[str, str]:
-    """Environment of a Spark program we start: loopback binding, our Python, our code on the path; a
-    run's real database URL only when given (its own driver)."""
-    env = dict(os.environ)
+AUTH_SECRET_ENV = "_SPARK_AUTH_SECRET"  # where Spark's SecurityManager reads the shared secret from
+AUTH_OPTIONS = "-Dspark.authenticate=true -Dspark.network.crypto.enabled=true"
+
+
+def auth_secret_path() -> Path:
+    """One secret per EmbedDeck home: every cluster, driver and run service of this home shares it."""
+    return Settings().home / "cluster" / "spark-auth.secret"
+
+
+def ensure_auth_secret() -> str:
+    """The local cluster's Spark secret, made once (owner-only file) when the cluster first starts."""
+    path = auth_secret_path()
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def auth_secret() -> str | None:
+    """The secret Spark applications and daemons authenticate with: the environment's (a secret reference on
+    ACA), else the local cluster's file; None where no cluster made one."""
+    if os.environ.get(AUTH_SECRET_ENV):
+        return os.environ[AUTH_SECRET_ENV]
+    path = auth_secret_path()
+    return path.read_text().strip() if path.is_file() else None
+
+
+def spark_env(db_url: str | None = None, secrets_too: bool = False) -> dict[str, str]:
+    """Environment of a Spark program we start: loopback binding, our Python, our code on the path, and no
+    secret but what it needs: a driver (secrets_too) keeps the registry's URL, endpoint keys and its run's
+    database URL; daemons and sidecars get none. Spark's own secret is passed where Spark reads it."""
+    env = dict(os.environ) if secrets_too else public_env()
+    env.pop("EMBEDDECK_API_TOKEN", None)
+    env.pop("EMBEDDECK_API_TOKEN_FILE", None)
+    secret = auth_secret()
+    if secret:
+        env[AUTH_SECRET_ENV] = secret
     env.update({
         "SPARK_LOCAL_IP": "127.0.0.1",
         "PYSPARK_PYTHON": sys.executable,

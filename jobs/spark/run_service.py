@@ -24,13 +24,16 @@ from jobs.core.settings import Settings
 from jobs.core.spec import DEFAULT_MODEL, RunSpec
 from jobs.embed.pipeline import execute, spark_error_message, warm_partitions
 from jobs.spark.jvm import spark_env
-from jobs.spark.submit import check_master, command
+from jobs.spark.submit import app_conf, check_master, command, same_master
 from jobs.spark.submit import start as start_app
 from jobs.store.registry import FAILED, Registry
 
 log = logging.getLogger("embeddeck.run_service")
 
-ACCEPT_TIMEOUT_S = 5.0  # a client that connects and sends nothing is dropped after this
+# A client that connects and says nothing is dropped after CONNECTION_TIMEOUT_S, well before a real
+# client, waiting in the backlog meanwhile, gives up at SUBMIT_TIMEOUT_S.
+CONNECTION_TIMEOUT_S, SUBMIT_TIMEOUT_S = 1.0, 10.0
+WARM_ATTEMPTS = 5
 SCRIPT = Path(__file__).resolve()
 
 
@@ -51,12 +54,12 @@ def info() -> dict | None:
 def submit(run_id: str, db_url: str, master: str) -> bool:
     """Hand a queued run to the service of master; False when there is none (or it refuses)."""
     current = info()
-    if current is None or current["master"] != master:
+    if current is None or not same_master(current["master"], master):
         return False
     sock_path, _ = _paths()
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-            conn.settimeout(ACCEPT_TIMEOUT_S)
+            conn.settimeout(SUBMIT_TIMEOUT_S)
             conn.connect(str(sock_path))
             conn.sendall(json.dumps({"run_id": run_id, "db_url": db_url}).encode() + b"\n")
             reply = conn.makefile("rb").readline()
@@ -70,12 +73,13 @@ def start(master: str, timeout_s: float = 120.0) -> dict:
     """Start the service application against a spark:// master and wait until it takes runs."""
     current = info()
     if current is not None:
-        if current["master"] == master:
+        if same_master(current["master"], master):
             return current
         stop()
     _paths()[1].unlink(missing_ok=True)
     log_path = Settings().home / "runner.log"
-    proc = start_app(command(SCRIPT, master, free_port(), {"spark.scheduler.mode": "FAIR"}), log_path, spark_env())
+    proc = start_app(command(SCRIPT, master, free_port(), {"spark.scheduler.mode": "FAIR"}), log_path,
+                     spark_env(secrets_too=True))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         current = info()
@@ -134,18 +138,26 @@ def _warm_executors(sc, state: dict, state_path: Path, settle_s: float = 2.0, ev
         if not ids - warm or time.monotonic() - changed < settle_s:
             continue
         slots = sc.defaultParallelism
-        sc.setJobGroup("warm-up", f"warm-up: load {DEFAULT_MODEL} in {slots} Python workers")
+        sc.setJobGroup("warm-up", f"warm-up: load {DEFAULT_MODEL} in the Python workers of {len(ids)} executors")
         t0, warm = time.perf_counter(), ids  # tried once per executor: a failed warm-up is not retried
         try:
-            loads = sc.parallelize(range(slots), slots).mapPartitions(warm_partitions(DEFAULT_MODEL)).collect()
+            pids, loads, tasks = set(), [], slots
+            # Spark may place every task on the executors that were ready first: go again, wider, until a
+            # Python worker of each executor (one daemon each) holds the model.
+            for _ in range(WARM_ATTEMPTS):
+                loads += sc.parallelize(range(tasks), tasks).mapPartitions(warm_partitions(DEFAULT_MODEL)).collect()
+                pids = {pid for pid, _ in loads}
+                if len(pids) >= len(ids):
+                    break
+                tasks *= 2
         except Exception as exc:  # it costs the next run its speed, nothing else
             log.warning("warm-up failed: %s", exc)
             continue
         # Counted from the workers that loaded the model, not from the executors Spark lists.
-        state.update(warm_s=round(time.perf_counter() - t0, 2), warm_executors=len({pid for pid, _ in loads}))
+        state.update(warm_s=round(time.perf_counter() - t0, 2), warm_executors=len(pids))
         write_json(state_path, state)
-        log.info("warmed %d Python workers on %d of %d executors in %.1f s (model load %.1f s at most)",
-                 slots, state["warm_executors"], len(ids), state["warm_s"], max(s for _, s in loads))
+        log.info("warmed Python workers on %d of %d executors in %.1f s (model load %.1f s at most)",
+                 state["warm_executors"], len(ids), state["warm_s"], max(s for _, s in loads))
 
 
 def _exit_when_orphaned(sc, sock_path: Path, state_path: Path, every_s: float = 2.0, misses: int = 3) -> None:
@@ -175,10 +187,10 @@ def main() -> int:
     import threading
 
     import psutil
-    from pyspark import InheritableThread, SparkConf, SparkContext
+    from pyspark import InheritableThread, SparkContext
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sc = SparkContext(conf=SparkConf().setAppName("embeddeck-runner"))
+    sc = SparkContext(conf=app_conf("embeddeck-runner"))
     registry = Registry()
     sock_path, state_path = _paths()
     sock_path.unlink(missing_ok=True)
@@ -204,7 +216,7 @@ def main() -> int:
             conn, _ = server.accept()
             with conn:
                 # One slow or silent client must not hold the accept loop for everyone.
-                conn.settimeout(ACCEPT_TIMEOUT_S)
+                conn.settimeout(CONNECTION_TIMEOUT_S)
                 try:
                     request = json.loads(conn.makefile("rb").readline())
                     run_id, db_url = request["run_id"], request["db_url"]

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 from jobs.core.errors import BadRequest, Unavailable
 from jobs.core.processes import free_port
 from jobs.core.settings import HOLD_FILE_VAR, REPO, Settings
-from jobs.spark.jvm import java_options, spark_env, spark_submit
+from jobs.spark.jvm import auth_secret, java_options, spark_env, spark_submit
 from jobs.store.registry import Registry
 
 DRIVER_SCRIPT = REPO / "jobs" / "spark" / "driver.py"
@@ -33,6 +33,22 @@ def check_master(master: str, timeout_s: float = 3.0) -> None:
         raise Unavailable(f"Spark master {master} is unreachable: {exc.strerror or exc}") from None
 
 
+def same_master(a: str, b: str) -> bool:
+    """Whether two master URLs name one master: spark://localhost:7077 and spark://127.0.0.1:7077 are one."""
+
+    def canonical(master: str) -> str:
+        parsed = urlparse(master)
+        if parsed.scheme != "spark" or not parsed.hostname:
+            return master
+        try:
+            host = socket.gethostbyname(parsed.hostname)
+        except OSError:
+            host = parsed.hostname
+        return f"spark://{host}:{parsed.port or 7077}"
+
+    return canonical(a) == canonical(b)
+
+
 def spark_conf(master: str) -> dict[str, str]:
     """Spark settings every run uses (fixed driver ports when set, as executors on ACA need them)."""
     settings = Settings()
@@ -42,6 +58,9 @@ def spark_conf(master: str) -> dict[str, str]:
     hold = settings.raw(HOLD_FILE_VAR)  # fault injection, only where a test or drill sets it
     fixed |= {f"spark.executorEnv.{HOLD_FILE_VAR}": hold} if hold else {}
     options = java_options()
+    if master.startswith("spark://") and auth_secret():
+        # The cluster admits only applications that hold its secret, and its traffic is encrypted.
+        fixed |= {"spark.authenticate": "true", "spark.network.crypto.enabled": "true"}
     return fixed | {
         "spark.master": master,
         "spark.driver.host": settings.raw("EMBEDDECK_DRIVER_HOST"),
@@ -60,6 +79,19 @@ def spark_conf(master: str) -> dict[str, str]:
         "spark.sql.warehouse.dir": str(settings.home / "spark-warehouse"),
         "spark.master.rest.enabled": "false",
     }
+
+
+def app_conf(name: str):
+    """The SparkConf of one of our applications: its name, and the cluster's secret set here in the driver
+    (Spark needs it as configuration for a standalone master; here it shows in no command line, and Spark's
+    UI redacts it)."""
+    from pyspark import SparkConf
+
+    conf = SparkConf().setAppName(name)
+    secret = auth_secret()
+    if secret:  # used only where spark.authenticate is on (spark_conf turns it on for spark:// masters)
+        conf.set("spark.authenticate.secret", secret)
+    return conf
 
 
 def command(script: Path, master: str, ui_port: int, extra: dict[str, str] | None = None,
@@ -87,6 +119,6 @@ def start_driver(run_id: str, db_url: str, master: str, registry: Registry) -> i
     ui_port = free_port()
     log_path = Settings().home / "runs" / f"{run_id}.log"
     cmd = command(DRIVER_SCRIPT, master, ui_port, args=("--run-id", run_id))
-    proc = start(cmd, log_path, spark_env(db_url) | {"EMBEDDECK_REGISTRY_URL": registry.url})
+    proc = start(cmd, log_path, spark_env(db_url, secrets_too=True) | {"EMBEDDECK_REGISTRY_URL": registry.url})
     registry.set_driver(run_id, proc.pid, str(log_path), f"http://127.0.0.1:{ui_port}")
     return proc.pid

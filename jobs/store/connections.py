@@ -11,12 +11,14 @@ EMBEDDED = "embedded demo (SQLite)"
 
 
 def configured(secrets: Mapping | None = None) -> dict[str, str]:
-    """Connection name → URL. Secrets use [connections.NAME] url = "…"."""
+    """Connection name → URL: the embedded demo, $EMBEDDECK_DB_URL, and [connections.NAME] url = "…" in the
+    secrets file (or in `secrets`, when given)."""
     settings = Settings()
     out = {EMBEDDED: f"sqlite:///{settings.home / 'embeddeck.sqlite'}"}
     if settings.raw("EMBEDDECK_DB_URL"):
         out["environment ($EMBEDDECK_DB_URL)"] = settings.db_url
-    for name, entry in dict((secrets or {}).get("connections", {}) or {}).items():
+    tables = settings.secrets() if secrets is None else secrets
+    for name, entry in dict(tables.get("connections", {}) or {}).items():
         url = entry.get("url") if isinstance(entry, Mapping) else None
         if url:
             out[str(name)] = str(url)

@@ -273,9 +273,26 @@ def vector_type_for(dialect_name: str, dim: int, native: bool = False) -> sa.typ
     return sa.LargeBinary()
 
 
+def stored_dim(engine: Engine, target: sa.Table) -> int | None:
+    """The dimension of the vectors a target holds (its VECTOR(n) type, else one stored row), None if empty."""
+    declared = getattr(target.c.embedding.type, "dim", None)
+    if declared:
+        return int(declared)
+    with engine.connect() as conn:
+        value = conn.execute(sa.select(target.c.embedding).limit(1)).scalar()
+    if value is None:
+        return None
+    return len(vectors.from_json(value)) if isinstance(value, str) else len(value) // 4
+
+
 def ensure_target(engine: Engine, spec: RunSpec, tables: Tables, dim: int) -> sa.Table:
-    """The existing compatible target, or a new one created with the contract's columns."""
+    """The existing compatible target, or a new one created with the contract's columns; BadRequest when the
+    target already holds vectors of another size than this run's model makes."""
     if tables.target is not None:
+        held = stored_dim(engine, tables.target)
+        if held is not None and held != dim:
+            raise BadRequest(f"target table {spec.target!r} holds {held}-dimension vectors; {spec.model_identity} "
+                             f"makes {dim}: use another target")
         return tables.target
     schema, name = _split_name(engine, spec.target)
     id_type = tables.id_col.type
@@ -393,7 +410,7 @@ def record_target(engine: Engine, spec: RunSpec) -> None:
     """Remember which source and columns a target was embedded from (search shows that text)."""
     targets_table.metadata.create_all(engine, checkfirst=True)
     values = {"source": spec.source, "id_column": spec.id_column, "text_column": spec.text_column,
-              "model": spec.model, "updated_at": utcnow()}
+              "model": spec.model_identity, "updated_at": utcnow()}
     with engine.begin() as conn:
         n = conn.execute(targets_table.update().where(targets_table.c.target == spec.target)
                          .values(**values)).rowcount

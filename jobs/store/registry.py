@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import socket
 import uuid
 from dataclasses import dataclass, fields
 
 import sqlalchemy as sa
+from sqlalchemy.engine import make_url
 
+from jobs.core.errors import Conflict
 from jobs.core.processes import is_alive, start_time
 from jobs.core.settings import Settings
 from jobs.store.db import engine_for, utcnow
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
+WAITING = "waiting"  # the phase of a queued run held back by the cap on active runs
 # A driver on another host that has not written a heartbeat for this long is taken for dead.
 HEARTBEAT_TIMEOUT_S = 60
 
@@ -48,7 +52,13 @@ runs_table = sa.Table(
     sa.Column("log_path", sa.Text),
     sa.Column("ui_url", sa.String(200)),
     sa.Column("timings", sa.Text),  # JSON: start-up marks, seconds since launch
+    sa.Column("target_key", sa.String(900)),  # the database (redacted) and target a run writes
 )
+# One active run per target: a second one is refused by the database itself, so two doors racing to
+# launch into one target cannot both win.
+_ACTIVE = runs_table.c.state.in_((QUEUED, RUNNING))
+one_active_run_per_target = sa.Index("one_active_run_per_target", runs_table.c.target_key, unique=True,
+                                     sqlite_where=_ACTIVE, postgresql_where=_ACTIVE, mssql_where=_ACTIVE)
 progress_table = sa.Table(
     "run_progress", metadata,
     sa.Column("run_id", sa.String(40), nullable=False, index=True),
@@ -88,6 +98,7 @@ class Run:
     ui_url: str | None
     timings: str | None = None
     cancel_requested_at: dt.datetime | None = None
+    target_key: str | None = None
 
     @property
     def active(self) -> bool:
@@ -120,8 +131,29 @@ class Registry:
     def __init__(self, url: str | None = None):
         self.url = url or Settings().registry_url
         self.engine = engine_for(self.url)
+        self._file = make_url(self.url).database if make_url(self.url).get_backend_name() == "sqlite" else None
+        self._file_id = None
+        self._ensure_schema()
+
+    def _ensure_schema(self) -> None:
         metadata.create_all(self.engine, checkfirst=True)
         self._add_new_columns()
+        one_active_run_per_target.create(self.engine, checkfirst=True)
+        self._file_id = self._identity()
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self._file) if self._file else None
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino) if st else None
+
+    def _fresh(self) -> None:
+        """A SQLite registry deleted (or replaced) under a running process: drop the pooled connections to
+        the old file and start the new one, instead of two processes writing two files."""
+        if self._file and self._identity() != self._file_id:
+            self.engine.dispose()
+            self._ensure_schema()
 
     def _add_new_columns(self) -> None:
         """Registries written by an older EmbedDeck lack newer nullable columns: add them in place."""
@@ -133,14 +165,21 @@ class Registry:
                     conn.execute(sa.text(f'ALTER TABLE runs ADD COLUMN "{column.name}" {kind}'))
 
     def create(self, spec_json: str, launched_by: str, source: str, target: str, model: str,
-               master: str) -> str:
-        """Record a queued run and return its id."""
+               master: str, target_key: str | None = None, phase: str = "queued") -> str:
+        """Record a queued run and return its id; Conflict when target_key already has an active run."""
+        self._fresh()
         run_id = new_run_id()
-        with self.engine.begin() as conn:
-            conn.execute(runs_table.insert().values(
-                run_id=run_id, state=QUEUED, cancel_requested=False, spec_json=spec_json,
-                launched_by=launched_by, source=source, target=target, model=model, master=master,
-                created_at=utcnow(), rows_done=0, rows_skipped=0, rows_per_s=0.0, phase="queued"))
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(runs_table.insert().values(
+                    run_id=run_id, state=QUEUED, cancel_requested=False, spec_json=spec_json,
+                    launched_by=launched_by, source=source, target=target, model=model, master=master,
+                    created_at=utcnow(), rows_done=0, rows_skipped=0, rows_per_s=0.0, phase=phase,
+                    target_key=target_key))
+        except sa.exc.IntegrityError:
+            active = [r.run_id for r in self.list(active_only=True) if r.target_key == target_key]
+            raise Conflict(f"target {target!r} already has an active run ({', '.join(active) or 'just started'}); "
+                           "cancel it or wait for it to end") from None
         return run_id
 
     def _update(self, run_id: str, only_active: bool = True, **values) -> bool:
@@ -154,6 +193,11 @@ class Registry:
         """Remember the driver process so a dead one can be detected."""
         self._update(run_id, driver_pid=pid, driver_host=socket.gethostname(),
                      driver_started=start_time(pid), log_path=log_path, ui_url=ui_url)
+
+    def waiting(self) -> list[Run]:
+        """Queued runs held back by the cap, oldest first."""
+        return sorted((r for r in self.list(limit=1000, active_only=True) if r.phase == WAITING),
+                      key=lambda r: r.created_at)
 
     def claim(self, run_id: str, pid: int, log_path: str, ui_url: str | None = None) -> bool:
         """Take a queued run that no driver has yet, atomically; False when it is not such a run."""
@@ -200,12 +244,14 @@ class Registry:
             conn.execute(stmt)
 
     def get(self, run_id: str) -> Run | None:
+        self._fresh()
         with self.engine.connect() as conn:
             row = conn.execute(runs_table.select().where(runs_table.c.run_id == run_id)).mappings().first()
         return Run(**row) if row else None
 
     def list(self, limit: int = 200, active_only: bool = False) -> list[Run]:
         """Runs, newest first."""
+        self._fresh()
         stmt = runs_table.select().order_by(runs_table.c.created_at.desc()).limit(limit)
         if active_only:
             stmt = stmt.where(runs_table.c.state.not_in(FINAL_STATES))
@@ -238,6 +284,8 @@ class Registry:
 def driver_gone_reason(run: Run, host: str, now: dt.datetime) -> str | None:
     """Why the run's driver is known to be dead, or None while it may be alive."""
     if run.driver_pid is None:
+        if run.phase == WAITING:
+            return None  # waits for a free slot, by design (lifecycle.dispatch starts it)
         if (now - run.created_at).total_seconds() > HEARTBEAT_TIMEOUT_S:
             return "the run was never started by a driver process"
         return None
