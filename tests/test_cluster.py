@@ -215,16 +215,21 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
         assert password not in (Settings().home / "runner.log").read_text(errors="replace")
         assert all(password not in r.spec_json for r in registry.list())
         # Nor in any process's environment or command line: the service, its executors, the daemons.
-        service_tree = psutil.Process(service["pid"])
-        procs = [service_tree, *service_tree.children(recursive=True)]
-        for pid in (p.pid for p in psutil.process_iter() if "deploy.worker.Worker" in " ".join(p.cmdline())):
-            procs += [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-        for proc in procs:
+        def tree(pid):
+            try:
+                root = psutil.Process(pid)
+                return [root, *root.children(recursive=True)]
+            except psutil.Error:  # gone, or a zombie: nothing to read
+                return []
+
+        workers = [p.pid for p in psutil.process_iter(["cmdline"])
+                   if "deploy.worker.Worker" in " ".join(p.info["cmdline"] or [])]
+        for proc in [*tree(service["pid"]), *(p for pid in workers for p in tree(pid))]:
             try:
                 seen = " ".join(proc.cmdline()) + " ".join(f"{k}={v}" for k, v in proc.environ().items())
             except psutil.Error:
                 continue
-            assert password not in seen, proc.cmdline()[:3]
+            assert password not in seen, seen[:200]
 
         # A master that dies takes the service with it: a standalone app never re-registers with a
         # restarted master, so an orphaned service would take runs it can never run.
