@@ -128,8 +128,9 @@ class AcaBackend:
         app = self.client.container_apps.get(t.resource_group, t.worker_app)
         scale = app.template.scale
         scale.min_replicas, scale.max_replicas = min_replicas, max_replicas
-        envelope = m.ContainerApp(location=app.location, template=m.Template(containers=app.template.containers,
-                                                                             scale=scale))
+        # A PATCH's template replaces the whole template: without the volumes every replica would lose the share.
+        envelope = m.ContainerApp(location=app.location, template=m.Template(
+            containers=app.template.containers, volumes=app.template.volumes, scale=scale))
         self.client.container_apps.begin_update(t.resource_group, t.worker_app, envelope).result()
 
     def metrics(self, hours: float = 1.0) -> list[MetricPoint]:
@@ -160,5 +161,9 @@ class AcaBackend:
                "| project TimeGenerated, Reason_s, Log_s | order by TimeGenerated asc")
         result = LogsQueryClient(self.credential, **self.client_kwargs).query_workspace(
             self.target.workspace_id, kql, timespan=dt.timedelta(hours=hours))
-        table = result.tables[0]
+        # A partial answer (LogsQueryPartialResult) has no .tables: its rows are in partial_data.
+        tables = result.tables if hasattr(result, "tables") else result.partial_data
+        if not tables:
+            return []
+        table = tables[0]
         return [dict(zip(table.columns, row)) for row in table.rows]

@@ -7,6 +7,7 @@ environment; what is missing is named.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 from collections.abc import Mapping
@@ -23,6 +24,9 @@ REQUIRED = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZURE_LOCATION", "
             "EMBEDDECK_WORKER_IMAGE", "EMBEDDECK_API_TOKEN", "EMBEDDECK_DB_URL")
 # Executors dial the driver in the controller on these fixed ports (no replica IPs needed).
 DRIVER_PORT, BLOCK_MANAGER_PORT = 7078, 7079
+# Local state (SQLite, the run service's socket, logs) on the replica's own disk; the share only for what
+# every replica must see (worker readings). SQLite in WAL mode on SMB fails with "database is locked".
+LOCAL_HOME, SHARED_TELEMETRY = "/home/embeddeck/state", "/data/embeddeck/telemetry"
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,12 @@ class AcaConfig:
     gpu_profile_type: str = "Consumption-GPU-NC8as-T4"
     max_workers: int = 4
     spark_secret: str = ""  # the cluster's Spark authentication secret; made per deployment when not given
+    autoscale_token: str = ""  # KEDA's read-only token for GET /autoscale; made per deployment when not given
+    default_domain: str = "<environment default domain>"  # read from the environment once it exists
+    registry_server: str | None = None  # e.g. myacr.azurecr.io: images are pulled with identity_id
+    identity_id: str | None = None  # a user-assigned managed identity with AcrPull on registry_server
+    log_workspace_id: str | None = None  # Log Analytics: where scaling events and logs go
+    log_workspace_key: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None,
@@ -58,7 +68,11 @@ class AcaConfig:
                    settings.raw("EMBEDDECK_ACA_CONTROLLER"), settings.raw("EMBEDDECK_ACA_WORKER"),
                    settings.raw("EMBEDDECK_SHARE"), settings.raw("EMBEDDECK_GPU_PROFILE"),
                    settings.integer("EMBEDDECK_MAX_WORKERS"),
-                   settings.raw("EMBEDDECK_SPARK_SECRET") or secrets.token_hex(32)), missing
+                   settings.raw("EMBEDDECK_SPARK_SECRET") or secrets.token_hex(32),
+                   settings.raw("EMBEDDECK_AUTOSCALE_TOKEN") or secrets.token_hex(24),
+                   settings.raw("EMBEDDECK_ACA_DEFAULT_DOMAIN") or "<environment default domain>",
+                   settings.raw("EMBEDDECK_ACR_SERVER"), settings.raw("EMBEDDECK_ACA_IDENTITY_ID"),
+                   settings.raw("EMBEDDECK_LOG_WORKSPACE_ID"), settings.raw("EMBEDDECK_LOG_WORKSPACE_KEY")), missing
 
     @property
     def environment_id(self) -> str:
@@ -66,14 +80,34 @@ class AcaConfig:
                 f"/providers/Microsoft.App/managedEnvironments/{self.environment}")
 
 
+# vCPU and memory of one replica on each serverless GPU profile (the profile's whole node).
+GPU_RESOURCES = {"Consumption-GPU-NC8as-T4": (8.0, "56Gi"), "Consumption-GPU-NC24-A100": (24.0, "220Gi")}
+
+
 def managed_environment(c: AcaConfig) -> m.ManagedEnvironment:
-    """Environment in our VNet with a CPU consumption profile and a serverless GPU profile."""
+    """Environment in our VNet with a CPU consumption profile and a serverless GPU profile; its logs (KEDA's
+    scaling events among them) go to Log Analytics when a workspace is given."""
+    logs = None
+    if c.log_workspace_id:
+        logs = m.AppLogsConfiguration(
+            destination="log-analytics",
+            log_analytics_configuration=m.LogAnalyticsConfiguration(customer_id=c.log_workspace_id,
+                                                                    shared_key=c.log_workspace_key))
     return m.ManagedEnvironment(
         location=c.location,
         vnet_configuration=m.VnetConfiguration(infrastructure_subnet_id=c.subnet_id, internal=False),
         workload_profiles=[m.WorkloadProfile(name="Consumption", workload_profile_type="Consumption"),
                            m.WorkloadProfile(name="gpu", workload_profile_type=c.gpu_profile_type)],
+        app_logs_configuration=logs,
     )
+
+
+def _pull(c: AcaConfig) -> tuple[list[m.RegistryCredentials] | None, m.ManagedServiceIdentity | None]:
+    """Private images: pulled from the registry with the user-assigned identity (AcrPull), no password."""
+    if not c.registry_server:
+        return None, None
+    identity = m.ManagedServiceIdentity(type="UserAssigned", user_assigned_identities={c.identity_id: {}})
+    return [m.RegistryCredentials(server=c.registry_server, identity=c.identity_id)], identity
 
 
 def storage(c: AcaConfig) -> m.ManagedEnvironmentStorage:
@@ -91,13 +125,16 @@ def _volume(c: AcaConfig) -> tuple[list[m.Volume], list[m.VolumeMount]]:
 def controller_app(c: AcaConfig) -> m.ContainerApp:
     """One CPU replica: trigger API (8888, external), dashboard 8501, master 7077, driver ports, Spark UI."""
     volumes, mounts = _volume(c)
+    registries, identity = _pull(c)
     internal = lambda port: m.IngressPortMapping(external=False, target_port=port, exposed_port=port)  # noqa: E731
     return m.ContainerApp(
         location=c.location, managed_environment_id=c.environment_id, workload_profile_name="Consumption",
+        identity=identity,
         configuration=m.Configuration(
-            active_revisions_mode="Single",
+            active_revisions_mode="Single", registries=registries,
             secrets=[m.Secret(name="api-token", value=c.api_token), m.Secret(name="db-url", value=c.db_url),
-                     m.Secret(name="spark-auth", value=c.spark_secret)],
+                     m.Secret(name="spark-auth", value=c.spark_secret),
+                     m.Secret(name="autoscale-token", value=c.autoscale_token)],
             ingress=m.Ingress(external=True, target_port=8888, transport="http", additional_port_mappings=[
                 m.IngressPortMapping(external=True, target_port=8501, exposed_port=8501),
                 internal(7077), internal(DRIVER_PORT), internal(BLOCK_MANAGER_PORT), internal(8080)]),
@@ -108,7 +145,13 @@ def controller_app(c: AcaConfig) -> m.ContainerApp:
                 resources=m.ContainerResources(cpu=2.0, memory="4Gi"),
                 env=[m.EnvironmentVar(name="APP_MODE", value="trigger"),
                      m.EnvironmentVar(name="EMBEDDECK_API_TOKEN", secret_ref="api-token"),
+                     m.EnvironmentVar(name="EMBEDDECK_AUTOSCALE_TOKEN", secret_ref="autoscale-token"),
                      m.EnvironmentVar(name="EMBEDDECK_DB_URL", secret_ref="db-url"),
+                     # Runs are recorded in the run's own SQL database (durable, shared), never in SQLite on
+                     # the SMB share; local state stays on local disk, readings go to the share.
+                     m.EnvironmentVar(name="EMBEDDECK_REGISTRY_URL", secret_ref="db-url"),
+                     m.EnvironmentVar(name="EMBEDDECK_HOME", value=LOCAL_HOME),
+                     m.EnvironmentVar(name="EMBEDDECK_TELEMETRY_DIR", value=SHARED_TELEMETRY),
                      m.EnvironmentVar(name="EMBEDDECK_SPARK_MASTER", value=f"spark://{c.controller}:7077"),
                      m.EnvironmentVar(name="EMBEDDECK_DRIVER_HOST", value=c.controller),
                      m.EnvironmentVar(name="EMBEDDECK_DRIVER_BIND", value="0.0.0.0"),
@@ -129,22 +172,28 @@ def worker_app(c: AcaConfig) -> m.ContainerApp:
     and would replace every running worker.
     """
     volumes, mounts = _volume(c)
+    registries, identity = _pull(c)
+    # KEDA reaches the controller's HTTP ingress at its FQDN over HTTPS (ingress serves 80/443 only; name:port
+    # is for TCP ports), with a token that can read /autoscale and nothing else.
     rule = m.ScaleRule(name="embeddeck-autoscaler", custom=m.CustomScaleRule(
         type="metrics-api",
-        metadata={"url": f"http://{c.controller}:8888/autoscale", "valueLocation": "desired",
+        metadata={"url": f"https://{c.controller}.internal.{c.default_domain}/autoscale", "valueLocation": "desired",
                   "targetValue": "1", "authMode": "bearer"},
-        auth=[m.ScaleRuleAuth(secret_ref="api-token", trigger_parameter="token")]))
+        auth=[m.ScaleRuleAuth(secret_ref="autoscale-token", trigger_parameter="token")]))
+    cpu, memory = GPU_RESOURCES.get(c.gpu_profile_type, (8.0, "56Gi"))
     return m.ContainerApp(
         location=c.location, managed_environment_id=c.environment_id, workload_profile_name="gpu",
-        configuration=m.Configuration(active_revisions_mode="Single",
-                                      secrets=[m.Secret(name="api-token", value=c.api_token),
+        identity=identity,
+        configuration=m.Configuration(active_revisions_mode="Single", registries=registries,
+                                      secrets=[m.Secret(name="autoscale-token", value=c.autoscale_token),
                                                m.Secret(name="spark-auth", value=c.spark_secret)]),
         template=m.Template(
             containers=[m.Container(
-                name="worker", image=c.worker_image, resources=m.ContainerResources(cpu=8.0, memory="56Gi"),
+                name="worker", image=c.worker_image, resources=m.ContainerResources(cpu=cpu, memory=memory),
                 env=[m.EnvironmentVar(name="APP_MODE", value="worker"),
                      m.EnvironmentVar(name="SPARK_MASTER_URL", value=f"spark://{c.controller}:7077"),
-                     m.EnvironmentVar(name="EMBEDDECK_TELEMETRY_DIR", value="/data/embeddeck/telemetry"),
+                     m.EnvironmentVar(name="EMBEDDECK_HOME", value=LOCAL_HOME),
+                     m.EnvironmentVar(name="EMBEDDECK_TELEMETRY_DIR", value=SHARED_TELEMETRY),
                      m.EnvironmentVar(name="_SPARK_AUTH_SECRET", secret_ref="spark-auth")],
                 volume_mounts=mounts)],
             scale=m.Scale(min_replicas=0, max_replicas=c.max_workers, cooldown_period=300, polling_interval=30,
@@ -164,7 +213,9 @@ def plan(c: AcaConfig) -> list[tuple[str, str, object]]:
 def masked(body: dict, c: AcaConfig) -> dict:
     """The body with every secret value replaced by ***, for printing."""
     text = json.dumps(body)
-    for secret in (c.api_token, c.db_url, c.storage_key, c.spark_secret):
+    for secret in (c.api_token, c.db_url, c.storage_key, c.spark_secret, c.autoscale_token, c.log_workspace_key):
+        if not secret:
+            continue
         text = text.replace(json.dumps(secret)[1:-1], SECRET_MASK)
     return json.loads(text)
 
@@ -182,9 +233,12 @@ def deploy(c: AcaConfig) -> None:
     client = ContainerAppsAPIClient(DefaultAzureCredential(), c.subscription_id)
     for kind, name, body in plan(c):
         if kind == "managedEnvironment":
-            client.managed_environments.begin_create_or_update(c.resource_group, name, body).result()
+            created = client.managed_environments.begin_create_or_update(c.resource_group, name, body).result()
+            # KEDA's URL names the environment's default domain, known only once the environment exists.
+            c = dataclasses.replace(c, default_domain=created.default_domain)
         elif kind == "storage":
             client.managed_environments_storages.create_or_update(c.resource_group, c.environment, name, body)
         else:
+            body = controller_app(c) if name == c.controller else worker_app(c)
             client.container_apps.begin_create_or_update(c.resource_group, name, body).result()
         print(f"{kind} {name}: done")

@@ -123,3 +123,14 @@ def test_autoscale_reads_a_newer_workers_reading(tmp_path, monkeypatch):
     with TestClient(create_app(TOKEN, Registry(f"sqlite:///{tmp_path / 'r.sqlite'}"))) as c:
         r = c.get("/autoscale", headers=AUTH)
     assert r.status_code == 200 and r.json()["current"] == 1
+
+
+def test_the_autoscale_token_reads_the_metric_and_nothing_else(tmp_path):
+    """The workers' KEDA rule once held the full API token, which can launch runs: its own token opens
+    GET /autoscale alone."""
+    with TestClient(create_app(TOKEN, Registry(f"sqlite:///{tmp_path / 'r.sqlite'}"), "keda-read-only")) as c:
+        keda = {"Authorization": "Bearer keda-read-only"}
+        assert c.get("/autoscale", headers=keda).status_code == 200
+        assert c.get("/runs", headers=keda).status_code == 401
+        assert c.post("/runs", json={}, headers=keda).status_code == 401
+        assert c.post("/v1/embeddings", json={"input": "x"}, headers=keda).status_code == 401

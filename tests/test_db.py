@@ -140,6 +140,19 @@ def test_mssql_target_ddl_varbinary_and_vector():
     assert "embedding VECTOR(384) NOT NULL" in native
 
 
+@pytest.mark.parametrize("version,edition,native", [
+    ((17, 0, 1000), 3, True),  # SQL Server 2025
+    ((16, 0, 4135), 3, False),  # SQL Server 2022: VARBINARY(8000)
+    ((12, 0, 2000), 5, True),  # Azure SQL Database reports 12 and has VECTOR
+    ((15, 0, 2000), 8, False),  # Azure SQL Managed Instance (2019 line)
+])
+def test_new_sql_server_targets_use_vector_where_the_server_has_it(version, edition, native):
+    assert db.native_vectors_supported(version, edition) is native
+    compiled = str(sa.schema.CreateTable(db.target_table("t", sa.Integer(), db.vector_type_for("mssql", 384, native)))
+                   .compile(dialect=mssql.dialect()))
+    assert ("VECTOR(384)" in compiled) is native and ("VARBINARY(8000)" in compiled) is not native
+
+
 def test_mssql_upsert_is_a_holdlock_merge_with_quoted_names():
     target = db.target_table("my emb]x", sa.BigInteger(), db.vector_type_for("mssql", 384), schema="dbo")
     sql = compile_mssql(db.upsert_statement(target, "mssql"))

@@ -20,7 +20,12 @@ ENV = {
     "EMBEDDECK_CONTROLLER_IMAGE": "acr.io/embeddeck/controller:1",
     "EMBEDDECK_WORKER_IMAGE": "acr.io/embeddeck/worker:1",
     "EMBEDDECK_API_TOKEN": "tok-secret-123", "EMBEDDECK_DB_URL": "mssql+pyodbc://sa:Passw0rd!@sql:1433/db",
-    "EMBEDDECK_SPARK_SECRET": "Sp4rk-cluster-secret",
+    "EMBEDDECK_SPARK_SECRET": "Sp4rk-cluster-secret", "EMBEDDECK_AUTOSCALE_TOKEN": "Keda-read-only-1",
+    "EMBEDDECK_ACA_DEFAULT_DOMAIN": "kindocean-1a2b3c4d.swedencentral.azurecontainerapps.io",
+    "EMBEDDECK_ACR_SERVER": "embeddeck.azurecr.io",
+    "EMBEDDECK_ACA_IDENTITY_ID": "/subscriptions/x/resourceGroups/rg/providers/Microsoft.ManagedIdentity"
+                                 "/userAssignedIdentities/embeddeck-pull",
+    "EMBEDDECK_LOG_WORKSPACE_ID": "5b1e6c2a-0000-0000-0000-00000000abcd", "EMBEDDECK_LOG_WORKSPACE_KEY": "LogKey==",
     "EMBEDDECK_MAX_WORKERS": "6",
 }
 
@@ -70,16 +75,23 @@ def test_worker_gpu_profile_no_ingress_and_keda_rule():
     assert (scale["minReplicas"], scale["maxReplicas"]) == (0, 6)
     rule = scale["rules"][0]["custom"]
     assert rule["type"] == "metrics-api"
-    assert rule["metadata"] == {"url": "http://embeddeck-controller:8888/autoscale", "valueLocation": "desired",
-                                "targetValue": "1", "authMode": "bearer"}
-    assert rule["auth"] == [{"secretRef": "api-token", "triggerParameter": "token"}]
+    # KEDA's metrics-api scaler: url, valueLocation (a GJSON path into the answer), targetValue, and
+    # authMode bearer with the token in the trigger parameter "token". ACA serves an app's HTTP ingress on
+    # 443 at <app>.internal.<environment default domain> inside the environment; app:port is for TCP only.
+    assert rule["metadata"] == {"url": "https://embeddeck-controller.internal.kindocean-1a2b3c4d.swedencentral"
+                                       ".azurecontainerapps.io/autoscale",
+                                "valueLocation": "desired", "targetValue": "1", "authMode": "bearer"}
+    assert rule["auth"] == [{"secretRef": "autoscale-token", "triggerParameter": "token"}]
+    secrets = {x["name"] for x in props["configuration"]["secrets"]}
+    assert "api-token" not in secrets  # workers hold no token that can launch runs
     env = {e["name"]: e.get("value") for e in props["template"]["containers"][0]["env"]}
     assert env["SPARK_MASTER_URL"] == "spark://embeddeck-controller:7077" and env["APP_MODE"] == "worker"
 
 
 def test_no_secret_in_plain_text_anywhere():
     text = json.dumps(bodies())
-    for secret in ("tok-secret-123", "Passw0rd!", "StorageKey==secret", "mssql+pyodbc", "Sp4rk-cluster-secret"):
+    for secret in ("tok-secret-123", "Passw0rd!", "StorageKey==secret", "mssql+pyodbc", "Sp4rk-cluster-secret",
+                   "Keda-read-only-1", "LogKey=="):
         assert secret not in text
 
 
@@ -128,3 +140,29 @@ def test_entrypoint_refuses_what_it_must(mode, extra, message):
     out = subprocess.run(["bash", str(REPO / "docker" / "entrypoint.sh")], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode != 0 and message in out.stderr
+
+
+def test_private_images_state_on_local_disk_logs_and_gpu_sizes():
+    """What stopped a first deployment, fixed: images pulled from a private registry with a managed identity,
+    local state off the SMB share (the registry in the run's SQL database), Log Analytics for KEDA's events,
+    and each GPU profile's own size."""
+    apps = bodies()
+    for name in ("embeddeck-controller", "embeddeck-worker"):
+        body = apps[name]["body"]
+        identity_id = ENV["EMBEDDECK_ACA_IDENTITY_ID"]
+        assert body["identity"] == {"type": "UserAssigned", "userAssignedIdentities": {identity_id: {}}}
+        assert body["properties"]["configuration"]["registries"] == [
+            {"server": "embeddeck.azurecr.io", "identity": identity_id}]
+        env = {e["name"]: e.get("value", e.get("secretRef")) for e in
+               body["properties"]["template"]["containers"][0]["env"]}
+        assert env["EMBEDDECK_HOME"] == "/home/embeddeck/state"  # not under the /data share
+        assert env["EMBEDDECK_TELEMETRY_DIR"].startswith("/data/")
+    controller_env = {e["name"]: e.get("value", e.get("secretRef")) for e in
+                      apps["embeddeck-controller"]["body"]["properties"]["template"]["containers"][0]["env"]}
+    assert controller_env["EMBEDDECK_REGISTRY_URL"] == "db-url"
+    logs = apps["embeddeck-env"]["body"]["properties"]["appLogsConfiguration"]
+    assert logs == {"destination": "log-analytics", "logAnalyticsConfiguration": {
+        "customerId": ENV["EMBEDDECK_LOG_WORKSPACE_ID"], "sharedKey": "***"}}
+    a100, _ = deploy.AcaConfig.from_env(ENV | {"EMBEDDECK_GPU_PROFILE": "Consumption-GPU-NC24-A100"})
+    resources = deploy.worker_app(a100).as_dict()["properties"]["template"]["containers"][0]["resources"]
+    assert (resources["cpu"], resources["memory"]) == (24.0, "220Gi")

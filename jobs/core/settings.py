@@ -94,7 +94,15 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_MAX_WORKERS", "4", "most workers: ACA replicas at deploy, and the API's `workers`"),
     Var("EMBEDDECK_SPARK_SECRET", None, "ACA deploy: the cluster's Spark authentication secret; unset: a new "
                                         "one per deployment", secret=True),
-    Var("EMBEDDECK_LOG_WORKSPACE_ID", None, "ACA: the Log Analytics workspace that holds scaling events"),
+    Var("EMBEDDECK_LOG_WORKSPACE_ID", None, "ACA: the Log Analytics workspace that holds scaling events (deploy "
+                                            "sends the environment's logs there)"),
+    Var("EMBEDDECK_LOG_WORKSPACE_KEY", None, "ACA deploy: that workspace's shared key", secret=True),
+    Var("EMBEDDECK_ACA_DEFAULT_DOMAIN", None, "ACA deploy, dry run: the environment's default domain (a real "
+                                              "deploy reads it from the environment it created)"),
+    Var("EMBEDDECK_ACR_SERVER", None, "ACA deploy: the private registry the images come from"),
+    Var("EMBEDDECK_ACA_IDENTITY_ID", None, "ACA deploy: a user-assigned managed identity with AcrPull on it"),
+    Var("EMBEDDECK_AUTOSCALE_TOKEN", None, "a read-only token that admits `GET /autoscale` alone (KEDA's); "
+                                           "deploy makes one when unset", secret=True),
     Var("AZURE_SUBSCRIPTION_ID", None, "ACA: the subscription (backend and deploy)"),
     Var("AZURE_RESOURCE_GROUP", None, "ACA: the resource group (backend and deploy)"),
     Var("AZURE_LOCATION", None, "ACA: the region (backend and deploy)"),

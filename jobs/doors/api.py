@@ -277,7 +277,7 @@ def embeddings_router() -> APIRouter:
     return router
 
 
-def create_app(token: str, registry: Registry | None = None) -> FastAPI:
+def create_app(token: str, registry: Registry | None = None, autoscale_token: str | None = None) -> FastAPI:
     """The API; `token` is required on every route except /healthz (the schema and /docs included),
     checked with the body's size by RequestGuard before any body is read."""
     app = FastAPI(title="EmbedDeck API", version="1.0",
@@ -288,7 +288,7 @@ def create_app(token: str, registry: Registry | None = None) -> FastAPI:
     app.include_router(runs_router(registry))
     app.include_router(scaling_router(registry))
     app.include_router(embeddings_router())
-    app.add_middleware(RequestGuard, token=token)
+    app.add_middleware(RequestGuard, token=token, autoscale_token=autoscale_token)
     return app
 
 
@@ -314,6 +314,7 @@ def serve(host: str = "127.0.0.1", port: int = 8888) -> int:
     registry = Registry()
     threading.Thread(target=settle_forever, args=(registry,), daemon=True).start()
     # Bounded: connections at once, idle keep-alive, the size of an unfinished header block.
-    uvicorn.run(create_app(token, registry), host=host, port=port, log_level="info", limit_concurrency=256,
-                timeout_keep_alive=5, h11_max_incomplete_event_size=64 * 1024)
+    app = create_app(token, registry, Settings().raw("EMBEDDECK_AUTOSCALE_TOKEN"))
+    uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=256, timeout_keep_alive=5,
+                h11_max_incomplete_event_size=64 * 1024)
     return 0

@@ -8,6 +8,7 @@ import hmac
 import json
 
 OPEN_PATHS = frozenset({"/healthz"})
+AUTOSCALE_PATH = "/autoscale"  # the one route KEDA's read-only token opens
 MAX_BODY_BYTES = 16 * 2**20  # 2,048 inputs of 2,000,000 characters in all, JSON-escaped, fit well inside
 
 
@@ -24,15 +25,17 @@ def authorized(headers: dict[str, str], token: str) -> bool:
 class RequestGuard:
     """401 without the token, 413 over max_body bytes (declared or streamed); everything else passes."""
 
-    def __init__(self, app, token: str, max_body: int = MAX_BODY_BYTES):
-        self.app, self.token, self.max_body = app, token, max_body
+    def __init__(self, app, token: str, autoscale_token: str | None = None, max_body: int = MAX_BODY_BYTES):
+        self.app, self.token, self.autoscale_token, self.max_body = app, token, autoscale_token, max_body
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if scope["path"] not in OPEN_PATHS and not authorized(headers, self.token):
+        keda = (scope["path"] == AUTOSCALE_PATH and scope["method"] == "GET" and self.autoscale_token
+                and authorized(headers, self.autoscale_token))
+        if scope["path"] not in OPEN_PATHS and not keda and not authorized(headers, self.token):
             await reject(send, 401, "unauthorized", "missing or wrong bearer token")
             return
         length = headers.get("content-length")

@@ -266,6 +266,21 @@ def target_table(name: str, id_type: sa.types.TypeEngine, vector_type: sa.types.
     return table
 
 
+def native_vectors_supported(version: tuple, engine_edition: int | None) -> bool:
+    """Whether a SQL Server stores VECTOR(n): SQL Server 2025 (major version 17 and later), and Azure SQL
+    Database (engine edition 5, which reports version 12)."""
+    return tuple(version[:1]) >= (17,) or engine_edition == 5
+
+
+def has_native_vectors(engine: Engine) -> bool:
+    """Whether this database gets VECTOR(n) targets (SQL Server 2025 / Azure SQL) rather than VARBINARY."""
+    if engine.dialect.name != "mssql":
+        return False
+    with engine.connect() as conn:
+        edition = conn.execute(sa.text("SELECT CAST(SERVERPROPERTY('EngineEdition') AS int)")).scalar()
+    return native_vectors_supported(engine.dialect.server_version_info or (), edition)
+
+
 def vector_type_for(dialect_name: str, dim: int, native: bool = False) -> sa.types.TypeEngine:
     """Column type for a new embedding column in this dialect."""
     if dialect_name == "mssql":
@@ -298,7 +313,7 @@ def ensure_target(engine: Engine, spec: RunSpec, tables: Tables, dim: int) -> sa
     id_type = tables.id_col.type
     if not isinstance(id_type, sa.Integer):
         id_type = sa.BigInteger()
-    table = target_table(name, id_type, vector_type_for(engine.dialect.name, dim), schema)
+    table = target_table(name, id_type, vector_type_for(engine.dialect.name, dim, has_native_vectors(engine)), schema)
     table.metadata.create_all(engine, checkfirst=True)
     tables.target = table
     return table
