@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -218,10 +219,29 @@ def scaling_router(registry: Registry) -> APIRouter:
     return router
 
 
+class FairLock:
+    """A lock taken in the order it was asked for. threading.Lock is not: a thread that releases it and asks
+    again at once (a big request's next slice) wins over one that has been waiting (a small request)."""
+
+    def __init__(self):
+        self._cond, self._queue = threading.Condition(), deque()
+
+    def __enter__(self) -> None:
+        me = object()
+        with self._cond:
+            self._queue.append(me)
+            self._cond.wait_for(lambda: self._queue[0] is me)
+
+    def __exit__(self, *_) -> None:
+        with self._cond:
+            self._queue.popleft()
+            self._cond.notify_all()
+
+
 def embeddings_router() -> APIRouter:
     """OpenAI, Ollama and TEI embedding routes over one encoder per model in this process."""
     router = APIRouter()
-    encoder_lock = threading.Lock()
+    encoder_lock = FairLock()
 
     def encode(model: str, inputs: TextOrTokens, normalize: bool = True) -> tuple[np.ndarray, int]:
         """Vectors for one request's inputs and the tokens the model read."""

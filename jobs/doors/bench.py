@@ -163,6 +163,54 @@ def bench_search(home: str, n: int, queries: int) -> dict[str, float]:
             "index_mb": index.matrix.nbytes / 2**20}
 
 
+def dashboard_watch_cpu_pct(seconds: float, watcher: str | None = None) -> float:
+    """Percent of one core the Streamlit server uses while one headless Chromium sits on the Cluster page (its
+    live view reruns every 3 s) and no run is active. watcher overrides the product's fileWatcherType."""
+    import shutil
+    import subprocess
+    import sys
+
+    import psutil
+    import requests
+    from playwright.sync_api import sync_playwright
+
+    from jobs.core.processes import free_port
+    from jobs.core.settings import REPO
+
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    if watcher:
+        env["STREAMLIT_SERVER_FILE_WATCHER_TYPE"] = watcher
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address",
+                               "127.0.0.1", "--server.port", str(port)], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/_stcore/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.3)
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=[
+                "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}/cluster")
+            page.get_by_text("Workers over time").wait_for(timeout=60_000)
+            proc = psutil.Process(server.pid)
+            before, t0 = proc.cpu_times(), time.monotonic()
+            time.sleep(seconds)
+            after = proc.cpu_times()
+            browser.close()
+        used = (after.user + after.system) - (before.user + before.system)
+        return 100 * used / (time.monotonic() - t0)
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rows, same code (< 3 minutes)")
@@ -215,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"search_scan_p50_ms = {s['scan_p50']:.1f}  # baseline: streaming scan per query")
     print(f"search_scan/index = {s['scan_p50'] / s['p50']:.1f}")
     print(f"query_encode_ms = {query_ms:.1f}")
+
+    watch_s = 20 if args.quick else 60
+    watch, watch_auto = dashboard_watch_cpu_pct(watch_s), dashboard_watch_cpu_pct(watch_s, watcher="auto")
+    print(f"dashboard_watch_cpu_pct = {watch:.1f}  # Streamlit server, one browser on the Cluster page for "
+          f"{watch_s} s, no run; the product's .streamlit/config.toml")
+    print(f"dashboard_watch_cpu_pct_file_watcher = {watch_auto:.1f}  # baseline: Streamlit's default file watcher")
 
     url = f"sqlite:///{home}/bench.sqlite"
     seed_demo(url, n=n_pipeline)
