@@ -113,6 +113,14 @@ def test_posted_run_completes_while_classic_trigger_run_is_cancelled(server, fas
 
     seen = wait_until(lambda: (s := get_run(base, classic))["rows_done"] > 0 and s, timeout=240, every=1)
     assert seen["rows_total"] == 200 and seen["state"] == "running"  # rows=200 limits the run
+    import psutil  # a child gets only what it needs: the API's token stays in the API's process
+
+    driver = psutil.Process(seen["driver_pid"])
+    for proc in [driver, *driver.children(recursive=True)]:
+        try:
+            assert TOKEN not in " ".join(proc.environ().values())
+        except psutil.Error:  # a Python worker that exited meanwhile
+            pass
     c = requests.post(f"{base}/runs/{classic}/cancel", headers=auth(), timeout=60)
     assert c.status_code == 200 and c.json()["state"] == "cancelled"
     assert 0 < get_run(base, classic)["rows_done"] < 200

@@ -134,3 +134,15 @@ def test_the_autoscale_token_reads_the_metric_and_nothing_else(tmp_path):
         assert c.get("/runs", headers=keda).status_code == 401
         assert c.post("/runs", json={}, headers=keda).status_code == 401
         assert c.post("/v1/embeddings", json={"input": "x"}, headers=keda).status_code == 401
+
+
+def test_callers_pick_neither_the_master_nor_more_workers_than_configured(client):
+    """`master` in a request once made a second application that waited with 0 cores, and `?workers=64` would
+    have started 64 worker JVMs: the master is the server's, and workers are capped by EMBEDDECK_MAX_WORKERS."""
+    r = client.post("/runs", json={"source": "products", "id_column": "id", "text_column": "description",
+                                   "target": "t", "master": "spark://localhost:7077"}, headers=AUTH)
+    assert r.status_code == 422 and "master" in r.json()["error"]["message"]
+    r = client.get("/", params={"workers": 64}, headers=AUTH)
+    assert r.status_code in (400, 422) and r.json()["error"]["code"] in ("bad_request", "invalid_request")
+    r = client.get("/", params={"workers": 5}, headers=AUTH)
+    assert r.status_code == 400 and "workers must be at most 4 (EMBEDDECK_MAX_WORKERS)" in r.json()["error"]["message"]

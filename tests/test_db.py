@@ -256,3 +256,22 @@ def test_a_deleted_registry_file_is_started_again_not_split(tmp_path):
     assert api.list() == []
     run_id = api.create("{}", "test", "s", "t2", "m", "local[1]")
     assert [r.run_id for r in other.list()] == [run_id]  # both see the one file at the path
+
+
+def test_search_indexes_share_one_memory_budget(sqlite_url, monkeypatch):
+    """Each target searched once kept its own index of up to 1 GiB: together they now stay within the budget,
+    the least recently used dropped first."""
+    engine = db.engine_for(sqlite_url)
+    for name in ("budget_a", "budget_b"):
+        target = db.target_table(name, sa.Integer(), sa.LargeBinary())
+        target.metadata.create_all(engine)
+        with engine.begin() as conn:
+            db.upsert(conn, target, [dict(source_id=i, embedding=np.ones(384, "<f4").tobytes(), model="m",
+                                          content_hash="h", embedded_at=dt.datetime(2026, 1, 1)) for i in range(10)])
+    monkeypatch.setenv("EMBEDDECK_SEARCH_CACHE_MB", str(15 * 384 * 4 / 2**20))  # room for 15 vectors: one index
+    monkeypatch.setattr(search, "_INDEXES", type(search._INDEXES)())
+    for name in ("budget_a", "budget_b"):
+        table = db.reflect(engine, name)
+        assert search.index_for(sqlite_url, engine, table, 384).top_k(np.ones(384, np.float32), 3) is not None
+        search.trim_indexes()
+    assert [key[1] for key in search._INDEXES] == ["budget_b"]
