@@ -54,13 +54,19 @@ class AcaConfig:
     identity_id: str | None = None  # a user-assigned managed identity with AcrPull on registry_server
     log_workspace_id: str | None = None  # Log Analytics: where scaling events and logs go
     log_workspace_key: str | None = None
+    mode: str = "trigger"  # the controller's front door: trigger (the HTTP API) or jupyter
+    jupyter_token: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None,
                  allow_missing: bool = False) -> tuple[AcaConfig, list[str]]:
         """Config from the environment, and the names of required variables that are missing."""
         settings = Settings(env)
-        missing = [k for k in REQUIRED if not settings.raw(k)]
+        mode = settings.raw("EMBEDDECK_ACA_MODE")
+        if mode not in ("trigger", "jupyter"):
+            raise BadRequest(f"EMBEDDECK_ACA_MODE must be trigger or jupyter, not {mode!r}")
+        needed = REQUIRED + (("EMBEDDECK_JUPYTER_TOKEN",) if mode == "jupyter" else ())
+        missing = [k for k in needed if not settings.raw(k)]
         if missing and not allow_missing:
             raise BadRequest("Azure deployment needs these environment variables: " + ", ".join(missing))
         get = lambda k: settings.raw(k) or f"<{k}>"  # noqa: E731
@@ -72,7 +78,8 @@ class AcaConfig:
                    settings.raw("EMBEDDECK_AUTOSCALE_TOKEN") or secrets.token_hex(24),
                    settings.raw("EMBEDDECK_ACA_DEFAULT_DOMAIN") or "<environment default domain>",
                    settings.raw("EMBEDDECK_ACR_SERVER"), settings.raw("EMBEDDECK_ACA_IDENTITY_ID"),
-                   settings.raw("EMBEDDECK_LOG_WORKSPACE_ID"), settings.raw("EMBEDDECK_LOG_WORKSPACE_KEY")), missing
+                   settings.raw("EMBEDDECK_LOG_WORKSPACE_ID"), settings.raw("EMBEDDECK_LOG_WORKSPACE_KEY"),
+                   mode, settings.raw("EMBEDDECK_JUPYTER_TOKEN")), missing
 
     @property
     def environment_id(self) -> str:
@@ -134,7 +141,8 @@ def controller_app(c: AcaConfig) -> m.ContainerApp:
             active_revisions_mode="Single", registries=registries,
             secrets=[m.Secret(name="api-token", value=c.api_token), m.Secret(name="db-url", value=c.db_url),
                      m.Secret(name="spark-auth", value=c.spark_secret),
-                     m.Secret(name="autoscale-token", value=c.autoscale_token)],
+                     m.Secret(name="autoscale-token", value=c.autoscale_token),
+                     *([m.Secret(name="jupyter-token", value=c.jupyter_token)] if c.mode == "jupyter" else [])],
             ingress=m.Ingress(external=True, target_port=8888, transport="http", additional_port_mappings=[
                 m.IngressPortMapping(external=True, target_port=8501, exposed_port=8501),
                 internal(7077), internal(DRIVER_PORT), internal(BLOCK_MANAGER_PORT), internal(8080)]),
@@ -143,7 +151,11 @@ def controller_app(c: AcaConfig) -> m.ContainerApp:
             containers=[m.Container(
                 name="controller", image=c.controller_image,
                 resources=m.ContainerResources(cpu=2.0, memory="4Gi"),
-                env=[m.EnvironmentVar(name="APP_MODE", value="trigger"),
+                env=[m.EnvironmentVar(name="APP_MODE", value=c.mode),
+                     # Jupyter's token, and notebooks on the share so they outlive a revision.
+                     *([m.EnvironmentVar(name="JUPYTER_TOKEN", secret_ref="jupyter-token"),
+                        m.EnvironmentVar(name="EMBEDDECK_NOTEBOOK_DIR", value="/data/notebooks")]
+                       if c.mode == "jupyter" else []),
                      m.EnvironmentVar(name="EMBEDDECK_API_TOKEN", secret_ref="api-token"),
                      m.EnvironmentVar(name="EMBEDDECK_AUTOSCALE_TOKEN", secret_ref="autoscale-token"),
                      m.EnvironmentVar(name="EMBEDDECK_DB_URL", secret_ref="db-url"),
@@ -213,7 +225,8 @@ def plan(c: AcaConfig) -> list[tuple[str, str, object]]:
 def masked(body: dict, c: AcaConfig) -> dict:
     """The body with every secret value replaced by ***, for printing."""
     text = json.dumps(body)
-    for secret in (c.api_token, c.db_url, c.storage_key, c.spark_secret, c.autoscale_token, c.log_workspace_key):
+    for secret in (c.api_token, c.db_url, c.storage_key, c.spark_secret, c.autoscale_token, c.log_workspace_key,
+                   c.jupyter_token):
         if not secret:
             continue
         text = text.replace(json.dumps(secret)[1:-1], SECRET_MASK)

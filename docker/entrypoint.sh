@@ -71,11 +71,15 @@ case "${APP_MODE:-dashboard}" in
       echo "JUPYTER_TOKEN must be at least 24 characters (e.g. python -c 'import secrets; print(secrets.token_hex(16))')" >&2
       exit 2
     fi
+    # Notebooks on the share outlive a revision: the example is copied there once, never over a user's.
+    notebooks="${EMBEDDECK_NOTEBOOK_DIR:-$PWD/docker/notebooks}"
+    mkdir -p "$notebooks"
+    cp -n "$PWD"/docker/notebooks/*.ipynb "$notebooks"/ 2>/dev/null || true
     start_master
     start_run_service
     exec jupyter lab --ip 0.0.0.0 --port 8888 --no-browser --allow-root \
       --IdentityProvider.token="$JUPYTER_TOKEN" --ServerApp.disable_check_xsrf=False \
-      --ServerApp.root_dir="$PWD/docker/notebooks"
+      --ServerApp.root_dir="$notebooks"
     ;;
   *)
     echo "APP_MODE must be dashboard, trigger, jupyter, master or worker, not '${APP_MODE}'" >&2

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cluster import deploy
+from jobs.core.errors import BadRequest
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {
@@ -166,3 +167,17 @@ def test_private_images_state_on_local_disk_logs_and_gpu_sizes():
     a100, _ = deploy.AcaConfig.from_env(ENV | {"EMBEDDECK_GPU_PROFILE": "Consumption-GPU-NC24-A100"})
     resources = deploy.worker_app(a100).as_dict()["properties"]["template"]["containers"][0]["resources"]
     assert (resources["cpu"], resources["memory"]) == (24.0, "220Gi")
+
+
+def test_jupyter_mode_deploys_with_its_token_and_notebooks_on_the_share():
+    with pytest.raises(BadRequest, match="EMBEDDECK_JUPYTER_TOKEN"):
+        deploy.AcaConfig.from_env(ENV | {"EMBEDDECK_ACA_MODE": "jupyter"})
+    config, _ = deploy.AcaConfig.from_env(ENV | {"EMBEDDECK_ACA_MODE": "jupyter",
+                                                 "EMBEDDECK_JUPYTER_TOKEN": "Jup-0123456789abcdef0123"})
+    body = deploy.masked(deploy.controller_app(config).as_dict(), config)
+    container = body["properties"]["template"]["containers"][0]
+    env = {e["name"]: e.get("value", e.get("secretRef")) for e in container["env"]}
+    assert env["APP_MODE"] == "jupyter" and env["JUPYTER_TOKEN"] == "jupyter-token"
+    assert env["EMBEDDECK_NOTEBOOK_DIR"].startswith("/data/")
+    assert {"name": "jupyter-token", "value": "***"} in body["properties"]["configuration"]["secrets"]
+    assert "Jup-0123456789abcdef0123" not in json.dumps(body)

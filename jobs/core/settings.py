@@ -81,6 +81,12 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
                                            "embedding task pauses after its first commit (a cancel or a killed "
                                            "worker then lands mid-run however fast the machine is)"),
     Var("EMBEDDECK_NOTEBOOK_ROWS", "200", "rows the example notebook embeds"),
+    Var("EMBEDDECK_NOTEBOOK_DIR", None, "where the container's Jupyter serves notebooks from (the example is "
+                                        "copied there first when missing); unset: `docker/notebooks`"),
+    Var("EMBEDDECK_ACA_MODE", "trigger", "ACA deploy: the controller's front door, `trigger` (HTTP API) or "
+                                         "`jupyter`"),
+    Var("EMBEDDECK_JUPYTER_TOKEN", None, "ACA deploy in jupyter mode: Jupyter's token (a Container Apps "
+                                         "secret; at least 24 characters)", secret=True),
     Var("EMBEDDECK_ACA_ENV", "embeddeck-env", "ACA: the managed environment's name"),
     Var("EMBEDDECK_ACA_CONTROLLER", "embeddeck-controller", "ACA: the controller app's name"),
     Var("EMBEDDECK_ACA_WORKER", "embeddeck-worker", "ACA: the GPU worker app's name"),
