@@ -56,6 +56,10 @@ class AcaConfig:
     log_workspace_key: str | None = None
     mode: str = "trigger"  # the controller's front door: trigger (the HTTP API) or jupyter
     jupyter_token: str | None = None
+    dashboard: str = "embeddeck-dashboard"
+    entra_client_id: str | None = None  # an Entra ID app registration: the dashboard is deployed behind it
+    entra_client_secret: str | None = None
+    tenant_id: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None,
@@ -79,7 +83,9 @@ class AcaConfig:
                    settings.raw("EMBEDDECK_ACA_DEFAULT_DOMAIN") or "<environment default domain>",
                    settings.raw("EMBEDDECK_ACR_SERVER"), settings.raw("EMBEDDECK_ACA_IDENTITY_ID"),
                    settings.raw("EMBEDDECK_LOG_WORKSPACE_ID"), settings.raw("EMBEDDECK_LOG_WORKSPACE_KEY"),
-                   mode, settings.raw("EMBEDDECK_JUPYTER_TOKEN")), missing
+                   mode, settings.raw("EMBEDDECK_JUPYTER_TOKEN"), settings.raw("EMBEDDECK_ACA_DASHBOARD"),
+                   settings.raw("EMBEDDECK_ENTRA_CLIENT_ID"), settings.raw("EMBEDDECK_ENTRA_CLIENT_SECRET"),
+                   settings.raw("AZURE_TENANT_ID")), missing
 
     @property
     def environment_id(self) -> str:
@@ -144,7 +150,6 @@ def controller_app(c: AcaConfig) -> m.ContainerApp:
                      m.Secret(name="autoscale-token", value=c.autoscale_token),
                      *([m.Secret(name="jupyter-token", value=c.jupyter_token)] if c.mode == "jupyter" else [])],
             ingress=m.Ingress(external=True, target_port=8888, transport="http", additional_port_mappings=[
-                m.IngressPortMapping(external=True, target_port=8501, exposed_port=8501),
                 internal(7077), internal(DRIVER_PORT), internal(BLOCK_MANAGER_PORT), internal(8080)]),
         ),
         template=m.Template(
@@ -214,19 +219,80 @@ def worker_app(c: AcaConfig) -> m.ContainerApp:
     )
 
 
+ENTRA_SECRET = "microsoft-provider-authentication-secret"
+
+
+def dashboard_app(c: AcaConfig) -> m.ContainerApp:
+    """The dashboard, its own app behind Container Apps' built-in authentication (Entra ID): every request
+    reaches Streamlit through the sign-in, which sets X-MS-CLIENT-PRINCIPAL-NAME (the `proxy` mode trusts
+    it). It drives the controller's master and the ACA backend; runs it launches have their driver here."""
+    volumes, mounts = _volume(c)
+    registries, identity = _pull(c)
+    internal = lambda port: m.IngressPortMapping(external=False, target_port=port, exposed_port=port)  # noqa: E731
+    return m.ContainerApp(
+        location=c.location, managed_environment_id=c.environment_id, workload_profile_name="Consumption",
+        identity=identity,
+        configuration=m.Configuration(
+            active_revisions_mode="Single", registries=registries,
+            secrets=[m.Secret(name="db-url", value=c.db_url), m.Secret(name="spark-auth", value=c.spark_secret),
+                     m.Secret(name=ENTRA_SECRET, value=c.entra_client_secret)],
+            ingress=m.Ingress(external=True, target_port=8501, transport="http", additional_port_mappings=[
+                internal(DRIVER_PORT), internal(BLOCK_MANAGER_PORT)]),
+        ),
+        template=m.Template(
+            containers=[m.Container(
+                name="dashboard", image=c.controller_image, resources=m.ContainerResources(cpu=1.0, memory="2Gi"),
+                env=[m.EnvironmentVar(name="APP_MODE", value="dashboard"),
+                     m.EnvironmentVar(name="EMBEDDECK_DASHBOARD_AUTH", value="proxy"),
+                     m.EnvironmentVar(name="EMBEDDECK_CLUSTER_BACKEND", value="aca"),
+                     m.EnvironmentVar(name="AZURE_SUBSCRIPTION_ID", value=c.subscription_id),
+                     m.EnvironmentVar(name="AZURE_RESOURCE_GROUP", value=c.resource_group),
+                     m.EnvironmentVar(name="AZURE_LOCATION", value=c.location),
+                     m.EnvironmentVar(name="EMBEDDECK_DB_URL", secret_ref="db-url"),
+                     m.EnvironmentVar(name="EMBEDDECK_REGISTRY_URL", secret_ref="db-url"),
+                     m.EnvironmentVar(name="EMBEDDECK_HOME", value=LOCAL_HOME),
+                     m.EnvironmentVar(name="EMBEDDECK_TELEMETRY_DIR", value=SHARED_TELEMETRY),
+                     m.EnvironmentVar(name="EMBEDDECK_SPARK_MASTER", value=f"spark://{c.controller}:7077"),
+                     m.EnvironmentVar(name="EMBEDDECK_DRIVER_HOST", value=c.dashboard),
+                     m.EnvironmentVar(name="EMBEDDECK_DRIVER_BIND", value="0.0.0.0"),
+                     m.EnvironmentVar(name="EMBEDDECK_DRIVER_PORT", value=str(DRIVER_PORT)),
+                     m.EnvironmentVar(name="EMBEDDECK_BLOCK_MANAGER_PORT", value=str(BLOCK_MANAGER_PORT)),
+                     m.EnvironmentVar(name="_SPARK_AUTH_SECRET", secret_ref="spark-auth")],
+                volume_mounts=mounts)],
+            scale=m.Scale(min_replicas=1, max_replicas=1),
+            volumes=volumes),
+    )
+
+
+def dashboard_auth(c: AcaConfig) -> m.AuthConfig:
+    """Built-in authentication on the dashboard app: no request without an Entra ID sign-in."""
+    return m.AuthConfig(
+        platform=m.AuthPlatform(enabled=True),
+        global_validation=m.GlobalValidation(unauthenticated_client_action="RedirectToLoginPage",
+                                             redirect_to_provider="azureactivedirectory"),
+        identity_providers=m.IdentityProviders(azure_active_directory=m.AzureActiveDirectory(
+            enabled=True, registration=m.AzureActiveDirectoryRegistration(
+                client_id=c.entra_client_id, client_secret_setting_name=ENTRA_SECRET,
+                open_id_issuer=f"https://login.microsoftonline.com/{c.tenant_id}/v2.0"))))
+
+
 def plan(c: AcaConfig) -> list[tuple[str, str, object]]:
-    """(kind, name, body) of every resource, in creation order."""
-    return [("managedEnvironment", c.environment, managed_environment(c)),
-            ("storage", c.share, storage(c)),
-            ("containerApp", c.controller, controller_app(c)),
-            ("containerApp", c.worker, worker_app(c))]
+    """(kind, name, body) of every resource, in creation order; the dashboard only with an Entra ID
+    registration to put it behind (it is the whole control plane, and Streamlit has no sign-in)."""
+    resources = [("managedEnvironment", c.environment, managed_environment(c)),
+                 ("storage", c.share, storage(c)),
+                 ("containerApp", c.controller, controller_app(c)),
+                 ("containerApp", c.worker, worker_app(c))]
+    if c.entra_client_id:
+        resources += [("containerApp", c.dashboard, dashboard_app(c)), ("authConfig", c.dashboard, dashboard_auth(c))]
+    return resources
 
 
 def masked(body: dict, c: AcaConfig) -> dict:
     """The body with every secret value replaced by ***, for printing."""
     text = json.dumps(body)
     for secret in (c.api_token, c.db_url, c.storage_key, c.spark_secret, c.autoscale_token, c.log_workspace_key,
-                   c.jupyter_token):
+                   c.jupyter_token, c.entra_client_secret):
         if not secret:
             continue
         text = text.replace(json.dumps(secret)[1:-1], SECRET_MASK)
@@ -251,7 +317,9 @@ def deploy(c: AcaConfig) -> None:
             c = dataclasses.replace(c, default_domain=created.default_domain)
         elif kind == "storage":
             client.managed_environments_storages.create_or_update(c.resource_group, c.environment, name, body)
+        elif kind == "authConfig":
+            client.container_apps_auth_configs.create_or_update(c.resource_group, name, "current", body)
         else:
-            body = controller_app(c) if name == c.controller else worker_app(c)
+            body = {c.controller: controller_app, c.worker: worker_app, c.dashboard: dashboard_app}[name](c)
             client.container_apps.begin_create_or_update(c.resource_group, name, body).result()
         print(f"{kind} {name}: done")

@@ -55,8 +55,10 @@ case "${APP_MODE:-dashboard}" in
         esac ;;
       *) echo "EMBEDDECK_DASHBOARD_AUTH must be none, proxy or oidc" >&2; exit 2 ;;
     esac
-    start_master
-    start_run_service
+    case "${EMBEDDECK_SPARK_MASTER:-}" in
+      ""|spark://127.0.0.1*|spark://localhost*) start_master; start_run_service ;;
+      *) ;;  # the controller's master (the deployed dashboard app): runs launched here drive from here
+    esac
     exec streamlit run app.py --server.address "$address" --server.port 8501 --server.headless true \
       --browser.gatherUsageStats false
     ;;

@@ -56,7 +56,7 @@ def test_controller_ports_secrets_and_volume():
     ingress = props["configuration"]["ingress"]
     assert (ingress["external"], ingress["targetPort"], ingress["transport"]) == (True, 8888, "http")
     ports = {p["targetPort"]: p["external"] for p in ingress["additionalPortMappings"]}
-    assert ports == {8501: True, 7077: False, 7078: False, 7079: False, 8080: False}
+    assert ports == {7077: False, 7078: False, 7079: False, 8080: False}  # nothing public but the API
     assert props["workloadProfileName"] == "Consumption"
     container = props["template"]["containers"][0]
     env = {e["name"]: e.get("value", e.get("secretRef")) for e in container["env"]}
@@ -181,3 +181,28 @@ def test_jupyter_mode_deploys_with_its_token_and_notebooks_on_the_share():
     assert env["EMBEDDECK_NOTEBOOK_DIR"].startswith("/data/")
     assert {"name": "jupyter-token", "value": "***"} in body["properties"]["configuration"]["secrets"]
     assert "Jup-0123456789abcdef0123" not in json.dumps(body)
+
+
+def test_the_dashboard_is_deployed_only_behind_entra_id_sign_in():
+    """The dashboard was published as raw TCP 8501 with no TLS and no sign-in: it is now its own app, whose
+    HTTP ingress is behind Container Apps' built-in authentication, and trusts only the header it sets."""
+    assert "embeddeck-dashboard" not in bodies()  # no Entra registration: no dashboard on the internet
+    controller = bodies()["embeddeck-controller"]["body"]["properties"]["configuration"]["ingress"]
+    assert all(not p["external"] for p in controller["additionalPortMappings"])
+    env = ENV | {"EMBEDDECK_ENTRA_CLIENT_ID": "7c1f0e0a-0000-0000-0000-000000000001",
+                 "EMBEDDECK_ENTRA_CLIENT_SECRET": "Entra-secret-value", "AZURE_TENANT_ID": "contoso-tenant"}
+    config, _ = deploy.AcaConfig.from_env(env)
+    resources = {(r["kind"], r["name"]): r["body"] for r in deploy.dry_run(config)}
+    app = resources[("containerApp", "embeddeck-dashboard")]["properties"]
+    assert app["configuration"]["ingress"]["external"] is True and app["configuration"]["ingress"]["targetPort"] == 8501
+    assert app["configuration"]["ingress"]["transport"] == "http"  # TLS at the ingress, sign-in before Streamlit
+    container_env = {e["name"]: e.get("value", e.get("secretRef")) for e in app["template"]["containers"][0]["env"]}
+    assert container_env["EMBEDDECK_DASHBOARD_AUTH"] == "proxy" and container_env["EMBEDDECK_CLUSTER_BACKEND"] == "aca"
+    auth = resources[("authConfig", "embeddeck-dashboard")]["properties"]
+    assert auth["platform"] == {"enabled": True}
+    assert auth["globalValidation"] == {"unauthenticatedClientAction": "RedirectToLoginPage",
+                                        "redirectToProvider": "azureactivedirectory"}
+    registration = auth["identityProviders"]["azureActiveDirectory"]["registration"]
+    assert registration["openIdIssuer"] == "https://login.microsoftonline.com/contoso-tenant/v2.0"
+    assert registration["clientSecretSettingName"] in {x["name"] for x in app["configuration"]["secrets"]}
+    assert "Entra-secret-value" not in json.dumps(list(resources.values()))

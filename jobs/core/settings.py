@@ -109,6 +109,11 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_ACA_IDENTITY_ID", None, "ACA deploy: a user-assigned managed identity with AcrPull on it"),
     Var("EMBEDDECK_AUTOSCALE_TOKEN", None, "a read-only token that admits `GET /autoscale` alone (KEDA's); "
                                            "deploy makes one when unset", secret=True),
+    Var("EMBEDDECK_ACA_DASHBOARD", "embeddeck-dashboard", "ACA: the dashboard app's name"),
+    Var("EMBEDDECK_ENTRA_CLIENT_ID", None, "ACA deploy: the Entra ID app registration the dashboard signs in "
+                                           "with; without it the dashboard is not deployed"),
+    Var("EMBEDDECK_ENTRA_CLIENT_SECRET", None, "ACA deploy: that registration's client secret", secret=True),
+    Var("AZURE_TENANT_ID", None, "ACA deploy: the Entra ID tenant of the dashboard's sign-in"),
     Var("AZURE_SUBSCRIPTION_ID", None, "ACA: the subscription (backend and deploy)"),
     Var("AZURE_RESOURCE_GROUP", None, "ACA: the resource group (backend and deploy)"),
     Var("AZURE_LOCATION", None, "ACA: the region (backend and deploy)"),
