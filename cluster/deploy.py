@@ -135,11 +135,35 @@ def _volume(c: AcaConfig) -> tuple[list[m.Volume], list[m.VolumeMount]]:
             [m.VolumeMount(volume_name="share", mount_path="/data")])
 
 
+def _internal(port: int) -> m.IngressPortMapping:
+    """A TCP port other apps of the environment reach as <app>:<port>; nothing outside it."""
+    return m.IngressPortMapping(external=False, target_port=port, exposed_port=port)
+
+
+def _driver_env(c: AcaConfig, host: str) -> list[m.EnvironmentVar]:
+    """Environment of an app whose runs have their Spark driver in it (the controller, the dashboard)."""
+    var = m.EnvironmentVar
+    return [var(name="EMBEDDECK_DB_URL", secret_ref="db-url"),
+            # Runs are recorded in the run's own SQL database (durable, shared), never in SQLite on the SMB
+            # share; local state stays on local disk, readings go to the share.
+            var(name="EMBEDDECK_REGISTRY_URL", secret_ref="db-url"),
+            var(name="EMBEDDECK_HOME", value=LOCAL_HOME),
+            var(name="EMBEDDECK_TELEMETRY_DIR", value=SHARED_TELEMETRY),
+            var(name="EMBEDDECK_SPARK_MASTER", value=f"spark://{c.controller}:7077"),
+            # Executors dial the driver by the app's name on fixed ports the app exposes inside the environment.
+            var(name="EMBEDDECK_DRIVER_HOST", value=host),
+            var(name="EMBEDDECK_DRIVER_BIND", value="0.0.0.0"),
+            var(name="EMBEDDECK_DRIVER_PORT", value=str(DRIVER_PORT)),
+            var(name="EMBEDDECK_BLOCK_MANAGER_PORT", value=str(BLOCK_MANAGER_PORT)),
+            # Master, driver and executors admit only holders of the cluster's secret.
+            var(name="_SPARK_AUTH_SECRET", secret_ref="spark-auth")]
+
+
 def controller_app(c: AcaConfig) -> m.ContainerApp:
-    """One CPU replica: trigger API (8888, external), dashboard 8501, master 7077, driver ports, Spark UI."""
+    """One CPU replica: the API or Jupyter (8888, external HTTPS); master 7077, driver ports and Spark UI
+    inside the environment only."""
     volumes, mounts = _volume(c)
     registries, identity = _pull(c)
-    internal = lambda port: m.IngressPortMapping(external=False, target_port=port, exposed_port=port)  # noqa: E731
     return m.ContainerApp(
         location=c.location, managed_environment_id=c.environment_id, workload_profile_name="Consumption",
         identity=identity,
@@ -150,7 +174,7 @@ def controller_app(c: AcaConfig) -> m.ContainerApp:
                      m.Secret(name="autoscale-token", value=c.autoscale_token),
                      *([m.Secret(name="jupyter-token", value=c.jupyter_token)] if c.mode == "jupyter" else [])],
             ingress=m.Ingress(external=True, target_port=8888, transport="http", additional_port_mappings=[
-                internal(7077), internal(DRIVER_PORT), internal(BLOCK_MANAGER_PORT), internal(8080)]),
+                _internal(7077), _internal(DRIVER_PORT), _internal(BLOCK_MANAGER_PORT), _internal(8080)]),
         ),
         template=m.Template(
             containers=[m.Container(
@@ -163,19 +187,7 @@ def controller_app(c: AcaConfig) -> m.ContainerApp:
                        if c.mode == "jupyter" else []),
                      m.EnvironmentVar(name="EMBEDDECK_API_TOKEN", secret_ref="api-token"),
                      m.EnvironmentVar(name="EMBEDDECK_AUTOSCALE_TOKEN", secret_ref="autoscale-token"),
-                     m.EnvironmentVar(name="EMBEDDECK_DB_URL", secret_ref="db-url"),
-                     # Runs are recorded in the run's own SQL database (durable, shared), never in SQLite on
-                     # the SMB share; local state stays on local disk, readings go to the share.
-                     m.EnvironmentVar(name="EMBEDDECK_REGISTRY_URL", secret_ref="db-url"),
-                     m.EnvironmentVar(name="EMBEDDECK_HOME", value=LOCAL_HOME),
-                     m.EnvironmentVar(name="EMBEDDECK_TELEMETRY_DIR", value=SHARED_TELEMETRY),
-                     m.EnvironmentVar(name="EMBEDDECK_SPARK_MASTER", value=f"spark://{c.controller}:7077"),
-                     m.EnvironmentVar(name="EMBEDDECK_DRIVER_HOST", value=c.controller),
-                     m.EnvironmentVar(name="EMBEDDECK_DRIVER_BIND", value="0.0.0.0"),
-                     m.EnvironmentVar(name="EMBEDDECK_DRIVER_PORT", value=str(DRIVER_PORT)),
-                     m.EnvironmentVar(name="EMBEDDECK_BLOCK_MANAGER_PORT", value=str(BLOCK_MANAGER_PORT)),
-                     # Master, driver and executors admit only holders of the cluster's secret.
-                     m.EnvironmentVar(name="_SPARK_AUTH_SECRET", secret_ref="spark-auth")],
+                     *_driver_env(c, c.controller)],
                 volume_mounts=mounts)],
             scale=m.Scale(min_replicas=1, max_replicas=1),
             volumes=volumes),
@@ -228,7 +240,6 @@ def dashboard_app(c: AcaConfig) -> m.ContainerApp:
     it). It drives the controller's master and the ACA backend; runs it launches have their driver here."""
     volumes, mounts = _volume(c)
     registries, identity = _pull(c)
-    internal = lambda port: m.IngressPortMapping(external=False, target_port=port, exposed_port=port)  # noqa: E731
     return m.ContainerApp(
         location=c.location, managed_environment_id=c.environment_id, workload_profile_name="Consumption",
         identity=identity,
@@ -237,7 +248,7 @@ def dashboard_app(c: AcaConfig) -> m.ContainerApp:
             secrets=[m.Secret(name="db-url", value=c.db_url), m.Secret(name="spark-auth", value=c.spark_secret),
                      m.Secret(name=ENTRA_SECRET, value=c.entra_client_secret)],
             ingress=m.Ingress(external=True, target_port=8501, transport="http", additional_port_mappings=[
-                internal(DRIVER_PORT), internal(BLOCK_MANAGER_PORT)]),
+                _internal(DRIVER_PORT), _internal(BLOCK_MANAGER_PORT)]),
         ),
         template=m.Template(
             containers=[m.Container(
@@ -248,16 +259,7 @@ def dashboard_app(c: AcaConfig) -> m.ContainerApp:
                      m.EnvironmentVar(name="AZURE_SUBSCRIPTION_ID", value=c.subscription_id),
                      m.EnvironmentVar(name="AZURE_RESOURCE_GROUP", value=c.resource_group),
                      m.EnvironmentVar(name="AZURE_LOCATION", value=c.location),
-                     m.EnvironmentVar(name="EMBEDDECK_DB_URL", secret_ref="db-url"),
-                     m.EnvironmentVar(name="EMBEDDECK_REGISTRY_URL", secret_ref="db-url"),
-                     m.EnvironmentVar(name="EMBEDDECK_HOME", value=LOCAL_HOME),
-                     m.EnvironmentVar(name="EMBEDDECK_TELEMETRY_DIR", value=SHARED_TELEMETRY),
-                     m.EnvironmentVar(name="EMBEDDECK_SPARK_MASTER", value=f"spark://{c.controller}:7077"),
-                     m.EnvironmentVar(name="EMBEDDECK_DRIVER_HOST", value=c.dashboard),
-                     m.EnvironmentVar(name="EMBEDDECK_DRIVER_BIND", value="0.0.0.0"),
-                     m.EnvironmentVar(name="EMBEDDECK_DRIVER_PORT", value=str(DRIVER_PORT)),
-                     m.EnvironmentVar(name="EMBEDDECK_BLOCK_MANAGER_PORT", value=str(BLOCK_MANAGER_PORT)),
-                     m.EnvironmentVar(name="_SPARK_AUTH_SECRET", secret_ref="spark-auth")],
+                     *_driver_env(c, c.dashboard)],
                 volume_mounts=mounts)],
             scale=m.Scale(min_replicas=1, max_replicas=1),
             volumes=volumes),
