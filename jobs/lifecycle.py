@@ -7,14 +7,13 @@ caller waits anyway (the CLI, the API's cancel route); the dashboard never does.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
 from jobs.core.errors import BadRequest, EmbedDeckError, NotFound
-from jobs.core.processes import stop_group
+from jobs.core.processes import stop_group, write_private
 from jobs.core.settings import Settings
 from jobs.core.spec import RunSpec
 from jobs.embed.encoder import model_path
@@ -67,7 +66,7 @@ def record(spec: RunSpec, registry: Registry) -> str:
     """Record a validated spec as a queued run (URL redacted) and start it, or let it wait for a slot when
     EMBEDDECK_MAX_ACTIVE_RUNS runs are active; returns its id. Conflict when its target has an active run."""
     redacted = db.redact_url(spec.db_url)
-    full = len([r for r in registry.list(limit=1000, active_only=True) if r.phase != WAITING]) >= _max_active()
+    full = _started(registry.list(limit=1000, active_only=True)) >= _max_active()
     run_id = registry.create(spec.with_db_url(redacted).to_json(), spec.launched_by, spec.source, spec.target,
                              spec.model, spec.master, target_key=f"{redacted}|{spec.target}",
                              phase=WAITING if full else "queued")
@@ -80,6 +79,11 @@ def record(spec: RunSpec, registry: Registry) -> str:
 
 def _max_active() -> int:
     return max(1, Settings().integer("EMBEDDECK_MAX_ACTIVE_RUNS"))
+
+
+def _started(active: list[Run]) -> int:
+    """How many of the active runs hold a slot (all but those waiting for one)."""
+    return sum(1 for r in active if r.phase != WAITING)
 
 
 def _hand_over(run_id: str, db_url: str, master: str, registry: Registry) -> None:
@@ -95,19 +99,14 @@ def _waiting_url_path(run_id: str) -> Path:
 
 def _keep_url(run_id: str, db_url: str) -> None:
     """A waiting run's real URL, owner-only, until dispatch hands it to the run's driver."""
-    path = _waiting_url_path(run_id)
-    path.parent.mkdir(mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(db_url)
+    write_private(_waiting_url_path(run_id), db_url)
 
 
 def dispatch(registry: Registry) -> list[str]:
     """Start waiting runs, oldest first, while fewer than the cap are active; returns the ids started."""
     started = []
     for run in registry.waiting():
-        active = [r for r in registry.list(limit=1000, active_only=True) if r.phase != WAITING]
-        if len(active) >= _max_active():
+        if _started(registry.list(limit=1000, active_only=True)) >= _max_active():
             break
         path = _waiting_url_path(run.run_id)
         try:
@@ -142,18 +141,20 @@ def refresh(registry: Registry) -> None:
     whose slot came free."""
     registry.reconcile()
     now = db.utcnow()
+    waiting = False
     for run in registry.list(limit=1000, active_only=True):
-        overdue = run.cancel_requested_at and (now - run.cancel_requested_at).total_seconds() > CANCEL_GRACE_S
-        if not overdue:
-            continue
-        if run.driver_pid and not run_service.serves(run):  # never the run service
-            stop_group(run.driver_pid, run.driver_pid, grace_s=5.0)
-        registry.finish(run.run_id, CANCELLED, error="cancelled by request (the driver did not stop in time)")
-    for run in registry.waiting():
-        if run.cancel_requested:  # never started: nothing to stop
+        if run.phase == WAITING and run.cancel_requested:  # never started: nothing to stop
             registry.finish(run.run_id, CANCELLED, error="cancelled by request before it started")
             _waiting_url_path(run.run_id).unlink(missing_ok=True)
-    dispatch(registry)
+            continue
+        waiting = waiting or run.phase == WAITING
+        overdue = run.cancel_requested_at and (now - run.cancel_requested_at).total_seconds() > CANCEL_GRACE_S
+        if overdue:
+            if run.driver_pid and not run_service.serves(run):  # never the run service
+                stop_group(run.driver_pid, run.driver_pid, grace_s=5.0)
+            registry.finish(run.run_id, CANCELLED, error="cancelled by request (the driver did not stop in time)")
+    if waiting:
+        dispatch(registry)
 
 
 def cancel(run_id: str, registry: Registry | None = None) -> str:

@@ -60,6 +60,14 @@ def write_json(path: Path, data: object) -> None:
     os.replace(tmp, path)
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write a secret to a file only its owner can read, created so from the start (never briefly 0644)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
 def read_json(path: Path) -> object | None:
     """A JSON state file's contents, or None when it is missing or unreadable."""
     try:

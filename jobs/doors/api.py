@@ -271,6 +271,7 @@ def embeddings_router() -> APIRouter:
     @router.post("/v1/embeddings", response_model=EmbeddingsResponse, responses=BAD)
     def embeddings(req: EmbeddingsRequest) -> EmbeddingsResponse:
         """OpenAI wire format (NIM, SQL Server 2025 CREATE EXTERNAL MODEL, the openai client)."""
+        check_model_allowed(req.model)  # before its files are read for the dimension
         if req.dimensions is not None and req.dimensions != model_dim(req.model):
             raise BadRequest(f"dimensions must be {model_dim(req.model)}, the dimension of {req.model}, "
                              f"not {req.dimensions}: vectors are never shortened")

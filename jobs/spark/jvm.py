@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from jobs.core.processes import write_private
 from jobs.core.settings import REPO, Settings, public_env
 
 FAST_START = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
@@ -71,10 +72,7 @@ def ensure_auth_secret() -> str:
     """The local cluster's Spark secret, made once (owner-only file) when the cluster first starts."""
     path = auth_secret_path()
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(secrets.token_hex(32))
+        write_private(path, secrets.token_hex(32))
     return path.read_text().strip()
 
 
