@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export SPARK_LOCAL_IP := 127.0.0.1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test test-unit setup system-deps bench gpu-check lint clean
+.PHONY: run test test-unit setup system-deps bench gpu-check lint clean images e2e
 
 run: setup
 	$(BIN)/python -m dashboard
@@ -26,6 +26,14 @@ bench: setup
 # On a machine with an NVIDIA GPU: CUDA fp16 texts/s (short and long texts) and cosine to fp32.
 gpu-check: setup
 	$(BIN)/python -m jobs.doors.gpu_check
+
+# The two images, built with buildah (no Docker engine, no registry needed): docker/images.sh.
+images:
+	bash docker/images.sh
+
+# The deployment's topology from those images: controller + KEDA-driven workers + PostgreSQL (tests/e2e_images.py).
+e2e: setup images
+	$(BIN)/python -m tests.e2e_images
 
 lint: setup
 	$(BIN)/ruff check .

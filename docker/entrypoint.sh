@@ -65,7 +65,7 @@ case "${APP_MODE:-dashboard}" in
   trigger)
     start_master
     start_run_service
-    exec python -m jobs serve --host 0.0.0.0 --port 8888
+    exec python -m jobs serve --host 0.0.0.0 --port "${EMBEDDECK_API_PORT:-8888}"
     ;;
   jupyter)
     : "${JUPYTER_TOKEN:?set JUPYTER_TOKEN: Jupyter never runs without a token}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jobs.core.processes import free_port
+from tests import postgres
 
 _HOME = Path(tempfile.mkdtemp(prefix="embeddeck-test-"))
 os.environ["EMBEDDECK_HOME"] = str(_HOME)
@@ -130,40 +129,14 @@ def reference_vectors(model, texts: list[str]) -> np.ndarray:
     return model.encode(texts, batch_size=32, normalize_embeddings=True, convert_to_numpy=True)
 
 
-def _pg_bin(name: str) -> str:
-    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-    if found:
-        return str(found[-1])
-    path = shutil.which(name)
-    if not path:
-        pytest.fail(f"PostgreSQL's {name} is not installed; run `make setup`")
-    return path
-
-
 @pytest.fixture(scope="session")
 def pg_url():
     """A throwaway PostgreSQL server on 127.0.0.1, stopped at the end of the session."""
-    data = Path(tempfile.mkdtemp(prefix="embeddeck-pg-"))
-    port = free_port()
-    as_user: list[str] = []
-    if os.geteuid() == 0:  # postgres refuses to run as root
-        shutil.chown(data, "postgres")
-        as_user = ["runuser", "-u", "postgres", "--"]
-    pwfile = data / "pw"
-    pwfile.write_text("s3cret-pg\n")
-    if as_user:
-        shutil.chown(pwfile, "postgres")
-    subprocess.run(as_user + [_pg_bin("initdb"), "-D", str(data / "db"), "-U", "embeddeck", "-A",
-                              "scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8"],
-                   check=True, capture_output=True)
-    subprocess.run(as_user + [_pg_bin("pg_ctl"), "-D", str(data / "db"), "-l", str(data / "log"),
-                              "-o", f"-h 127.0.0.1 -p {port} -k {data}", "-w", "start"],
-                   check=True, capture_output=True)
-    url = f"postgresql+psycopg://embeddeck:s3cret-pg@127.0.0.1:{port}/postgres"
-    yield url
-    subprocess.run(as_user + [_pg_bin("pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
-                   capture_output=True)
-    shutil.rmtree(data, ignore_errors=True)
+    try:
+        with postgres.server() as url:
+            yield url
+    except FileNotFoundError as exc:
+        pytest.fail(f"{exc}; run `make setup`")
 
 
 def wait_until(predicate, timeout: float = 60.0, every: float = 0.5):

@@ -10,12 +10,13 @@ import pytest
 import requests
 import sqlalchemy as sa
 
+from jobs.core.processes import free_port
 from jobs.core.spec import RunSpec
 from jobs.embed import pipeline
 from jobs.store import db
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
-from tests.conftest import check_table, free_port, reference_vectors, wait_until
+from tests.conftest import check_table, reference_vectors, wait_until
 
 pytestmark = pytest.mark.spark
 TOKEN = "test-token-4f9a2c"

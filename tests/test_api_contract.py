@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from jobs.core.processes import free_port
 from jobs.doors.api import create_app
 from jobs.store.registry import Registry
-from tests.conftest import free_port, reference_vectors
+from tests.conftest import reference_vectors
 
 TOKEN = "contract-token-7d1e"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

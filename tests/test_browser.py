@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from jobs.core.processes import free_port
 from jobs.core.settings import Settings
 from jobs.store.demo import seed_demo
-from tests.conftest import ARTIFACTS, free_port, wait_until
+from tests.conftest import ARTIFACTS, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.spark]
 REPO = Path(__file__).resolve().parent.parent
@@ -124,3 +125,38 @@ def test_pages_run_and_search_in_chromium(dashboard_url, browser, home):
     assert "boot" in rows.first.inner_text().lower()
     no_exception(page)
     shot(page, "search")
+
+
+def test_cluster_page_on_the_aca_backend_in_chromium(browser, tmp_path):
+    """The real dashboard server on the ACA backend, Azure's transport stubbed in its process
+    (tests/azure_stub.py): replicas, decisions, per-replica usage and a run's GPU cost render in a browser."""
+    from tests import azure_stub
+
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO), EMBEDDECK_HOME=str(tmp_path),
+               EMBEDDECK_TELEMETRY_DIR=str(tmp_path / "telemetry"), **azure_stub.ENV)
+    proc = subprocess.Popen([sys.executable, "-m", "tests.azure_stub", str(port), str(tmp_path)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _healthy(url), timeout=60)
+        page = browser.new_page(viewport={"width": 1280, "height": 1700})
+        page.goto(f"{url}/cluster")
+        page.get_by_text("Latest scaling decisions").wait_for(timeout=60_000)
+        page.get_by_text("NVIDIA T4").first.wait_for(state="attached", timeout=30_000)  # a canvas grid cell
+        no_exception(page)
+        shot(page, "cluster-aca")
+        page.goto(f"{url}/runs")
+        page.get_by_text("GPU-seconds").wait_for(timeout=60_000)
+        assert "570.0 GPU-seconds" in page.inner_text("body")
+        no_exception(page)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/_stcore/health", timeout=1).ok
+    except requests.RequestException:
+        return False
