@@ -12,13 +12,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cluster import spark_rest
-from cluster.backend import Worker
+from cluster.backend import Worker, configured_pricing
+from jobs.core.cost import Pricing
 from jobs.core.errors import BadRequest
 from jobs.core.settings import Settings
 from jobs.store import worker_readings
 
 NEEDED = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZURE_LOCATION")
 METRICS = ["Replicas", "UsageNanoCores", "WorkingSetBytes"]
+PER_REPLICA = ["UsageNanoCores", "WorkingSetBytes"]  # published with a replicaName dimension
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,42 @@ class AcaBackend:
         """The master in the controller app, as its own JSON tells (reached inside the environment)."""
         return spark_rest.master_state(self.master_webui)
 
+    def pricing(self) -> Pricing:
+        """A serverless GPU replica holds one GPU; the price is the region's published rate (deploy sets it)."""
+        return configured_pricing("GPU", 1.0)
+
     def utilisation(self) -> list[worker_readings.Reading]:
-        """Azure Monitor has no GPU metric for Container Apps: each replica publishes its own readings
-        to the shared Azure Files store."""
-        return worker_readings.read_all(worker_readings.store_dir())
+        """CPU and memory per replica from Azure Monitor; GPU from the replicas' own readings on the share
+        (Azure Monitor publishes no GPU metric for Container Apps). A replica Azure knows of that has not
+        reported yet still gets a row."""
+        readings = {r.worker: r for r in worker_readings.read_all(worker_readings.store_dir())}
+        for replica, (cores, memory_bytes) in self.replica_usage().items():
+            reading = readings.setdefault(replica, worker_readings.Reading(
+                replica, replica, 0.0, gpu_note="no GPU reading from this replica yet"))
+            reading.cpu_pct, reading.rss_mb = cores * 100.0, memory_bytes / 2**20
+            reading.source = "Azure Monitor (CPU, memory)" + (", worker (GPU)" if reading.gpus else "")
+        return list(readings.values())
+
+    def replica_usage(self, minutes: int = 10) -> dict[str, tuple[float, float]]:
+        """The latest cores in use and working-set bytes of each replica, split by Azure's replicaName."""
+        from azure.monitor.querymetrics import MetricsClient
+
+        client = MetricsClient(f"https://{self.target.region}.metrics.monitor.azure.com", self.credential,
+                               **self.client_kwargs)
+        results = client.query_resources(resource_ids=[self.target.worker_id],
+                                         metric_namespace="Microsoft.App/containerApps", metric_names=PER_REPLICA,
+                                         timespan=dt.timedelta(minutes=minutes), granularity=dt.timedelta(minutes=1),
+                                         aggregations=["Average"], filter="replicaName eq '*'")
+        usage: dict[str, list[float]] = {}
+        for result in results:
+            for metric in result.metrics:
+                column = PER_REPLICA.index(metric.name)
+                for series in metric.timeseries:
+                    replica = next(iter(series.metadata_values.values()), None)
+                    points = [p.average for p in series.data if p.average is not None]
+                    if replica and points:
+                        usage.setdefault(replica, [0.0, 0.0])[column] = points[-1]
+        return {replica: (nano / 1e9, memory) for replica, (nano, memory) in usage.items()}
 
     def up(self, workers: int = 0) -> spark_rest.MasterState:
         raise BadRequest("on Azure Container Apps the master runs in the controller app: deploy it with "

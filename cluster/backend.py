@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from cluster.spark_rest import MasterState
+from jobs.core.cost import Pricing
+from jobs.core.settings import Settings
 from jobs.store.worker_readings import Reading
 
 RUNNING_STATES = ("ALIVE", "STARTING", "Running")
@@ -25,6 +27,14 @@ class Worker:
     @property
     def running(self) -> bool:
         return self.state in RUNNING_STATES
+
+
+def configured_pricing(unit: str, units_per_worker: float) -> Pricing:
+    """A backend's billing unit with the price the configuration gives (none: costs show units only)."""
+    settings = Settings()
+    price = settings.number("EMBEDDECK_PRICE_PER_UNIT_S") if settings.raw("EMBEDDECK_PRICE_PER_UNIT_S") else None
+    return Pricing(unit, units_per_worker, price, settings.raw("EMBEDDECK_PRICE_CURRENCY") or "USD",
+                   settings.raw("EMBEDDECK_PRICE_SOURCE") or "")
 
 
 class Backend(Protocol):
@@ -59,4 +69,8 @@ class Backend(Protocol):
 
     def down(self) -> None:
         """Stop the workers and the master where the backend can; BadRequest where it cannot."""
+        ...
+
+    def pricing(self) -> Pricing:
+        """What one worker bills per second: cores locally, GPUs on ACA, at the configured price."""
         ...

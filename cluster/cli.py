@@ -15,12 +15,13 @@ from cluster.controller import Controller
 from jobs.core.errors import EmbedDeckError
 from jobs.spark import run_service
 from jobs.store import scaling
+from jobs.store.registry import Registry
 
 
-def status_dict(backend: Backend) -> dict:
+def status_dict(backend: Backend, registry: Registry) -> dict:
     """Master state, workers, desired vs actual, readings: all JSON-ready."""
     state = backend.master_state()
-    settings = scaling.load_settings()
+    settings = scaling.load_settings(registry)
     workers = backend.workers()
     return {
         "backend": backend.name,
@@ -72,17 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
 def run_verb(args: argparse.Namespace) -> int:
     if args.verb == "deploy":
         return deploy_command(args.dry_run)
-    backend = backends.configured()
+    backend, registry = backends.configured(), Registry()
     if args.verb == "up":
         state = backend.up(args.workers)
         print(f"master {backend.master_url()} (UI {backend.master_webui}), {state.alive_workers} workers")
         if not args.no_runner:
             print(f"run service up (UI {run_service.start(backend.master_url())['ui_url']})")
     elif args.verb == "scale":
-        Controller(backend).scale_manually(args.n)
+        Controller(backend, registry).scale_manually(args.n)
         print(f"{sum(1 for w in backend.workers() if w.running)} workers")
     elif args.verb == "status":
-        info = status_dict(backend)
+        info = status_dict(backend, registry)
         if args.json:
             print(json.dumps(info, indent=2, default=str))
         else:
@@ -97,14 +98,14 @@ def run_verb(args: argparse.Namespace) -> int:
         print("cluster stopped")
     elif args.verb == "autoscale":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        settings = scaling.load_settings()
+        settings = scaling.load_settings(registry)
         settings.autoscale = True
         settings.min_workers = settings.min_workers if args.min is None else args.min
         settings.max_workers = settings.max_workers if args.max is None else args.max
-        scaling.save_settings(settings)
+        scaling.save_settings(settings, registry)
         if not backend.master_state().reachable:
             backend.up(settings.min_workers)
-        Controller(backend).loop(args.every)
+        Controller(backend, registry).loop(args.every)
     return 0
 
 

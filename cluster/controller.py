@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from cluster.backend import Backend
 from jobs import lifecycle
@@ -19,10 +18,9 @@ log = logging.getLogger("embeddeck.controller")
 class Controller:
     """Reads the backlog and the operator's settings, decides, scales the backend, and records it."""
 
-    def __init__(self, backend: Backend, registry: Registry | None = None, home: Path | None = None):
+    def __init__(self, backend: Backend, registry: Registry | None = None):
         self.backend = backend
         self.registry = registry or Registry()
-        self.home = home
         self.history = scaling.ScaleHistory(self.registry)
 
     def current(self) -> int:
@@ -32,7 +30,7 @@ class Controller:
     def scale_manually(self, n: int) -> None:
         """Operator override: scale now and keep autoscale off until it is switched back on."""
         current = self.current()
-        scaling.set_manual(n, self.home)
+        scaling.set_manual(n, self.registry)
         self.backend.scale(n)
         self.history.record(current, n, "manual scale by operator", "manual")
 
@@ -40,7 +38,7 @@ class Controller:
         """One control step; returns what it decided."""
         lifecycle.refresh(self.registry)  # dead drivers, overdue cancels, waiting runs whose slot came free
         current = self.current()
-        decision = scaling.desired(self.registry, current, self.home)
+        decision = scaling.desired(self.registry, current)
         if decision.desired != current:
             self.backend.scale(decision.desired)
             self.history.record(current, decision.desired, decision.reason, decision.source)

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cluster import spark_rest
-from cluster.backend import Worker
+from cluster.backend import Worker, configured_pricing
+from jobs.core.cost import Pricing
 from jobs.core.errors import BadRequest, Unavailable
 from jobs.core.processes import free_port, is_alive, read_json, start_time, stop_group, write_json
 from jobs.core.settings import REPO, Settings
@@ -197,6 +198,10 @@ class LocalCluster:
             out.append(Worker(name, status, seen.cores if seen else self.worker_cores,
                               seen.memory_mb if seen else None, proc.started, f"pid {proc.pid}"))
         return out
+
+    def pricing(self) -> Pricing:
+        """Each local worker holds its cores."""
+        return configured_pricing("core", float(self.worker_cores))
 
     def utilisation(self) -> list[worker_readings.Reading]:
         """The readings each worker's telemetry sidecar publishes."""

@@ -43,9 +43,16 @@ def telemetry_rows(readings: list) -> list[dict]:
         if r.gpus:
             rows += [{"worker": r.worker, "kind": f"GPU {g.index} {g.name}", "utilisation %": g.utilisation_pct,
                       "memory MB": f"{g.memory_used_mb:.0f} / {g.memory_total_mb:.0f}",
-                      "temp °C": g.temperature_c, "power W": g.power_w, "stale": r.stale} for g in r.gpus]
+                      "temp °C": g.temperature_c, "power W": g.power_w, "stale": r.stale, "source": r.source}
+                     for g in r.gpus]
         else:
             rows.append({"worker": r.worker, "kind": "CPU (no GPU on this worker)",
                          "utilisation %": round(r.cpu_pct, 1), "memory MB": f"{r.rss_mb:.0f} RSS",
-                         "temp °C": None, "power W": None, "stale": r.stale})
+                         "temp °C": None, "power W": None, "stale": r.stale, "source": r.source})
     return rows
+
+
+def decision_rows(events: list[dict]) -> list[dict]:
+    """The scaling decisions as a table, newest first, each with its reason."""
+    return [{"at (UTC)": e["at"].strftime("%H:%M:%S"), "workers": f"{e['from_workers']} → {e['to_workers']}",
+             "by": e["source"], "reason": e["reason"]} for e in reversed(events)]

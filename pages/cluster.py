@@ -18,14 +18,19 @@ controller = services.controller()
 def overview() -> None:
     state = backend.master_state()
     if not state.reachable:
-        st.warning(f"Spark master is down ({state.error}). Start it below or with `python -m cluster up`.")
+        hint = " Start it below or with `python -m cluster up`." if backend.name == "local" else \
+            " It runs in the controller app and is reached from inside the Container Apps environment."
+        st.warning(f"Spark master is down ({state.error}).{hint}")
     m = st.columns(4)
     m[0].metric("Master", state.status if state.reachable else "down")
     m[1].metric("Alive workers", state.alive_workers)
     m[2].metric("Cores used", f"{state.cores_used}/{state.cores}")
     m[3].metric("Running apps", len(state.active_apps))
-    st.plotly_chart(charts.workers_figure(controller.history.samples(), controller.history.events()),
-                    width="stretch")
+    events = controller.history.events()
+    st.plotly_chart(charts.workers_figure(controller.history.samples(), events), width="stretch")
+    if events:
+        st.caption("Latest scaling decisions")
+        st.dataframe(pd.DataFrame(views.decision_rows(events[-5:])), hide_index=True, width="stretch")
 
     st.subheader("Worker utilisation")
     readings = backend.utilisation()
@@ -35,7 +40,8 @@ def overview() -> None:
     if rows:
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
         st.caption("CPU % is of one core (100 = one core busy). Stale readings are older than "
-                   f"{worker_readings.STALE_AFTER_S:.0f}s and are not current values.")
+                   f"{worker_readings.STALE_AFTER_S:.0f}s and are not current values. "
+                   f"Each worker bills {backend.pricing().units_per_worker:g} {backend.pricing().unit}(s).")
 
     st.subheader("Spark")
     service = run_service.info()
@@ -64,27 +70,31 @@ def overview() -> None:
 overview()
 
 st.subheader("Scaling")
-settings = scaling.load_settings()
+settings = scaling.load_settings(services.registry())
 c1, c2, c3 = st.columns(3)
 auto = c1.toggle("Autoscale", value=settings.autoscale)
 lo = c2.number_input("Min workers", 0, 64, settings.min_workers)
 hi = c3.number_input("Max workers", 1, 64, settings.max_workers)
 if (auto, lo, hi) != (settings.autoscale, settings.min_workers, settings.max_workers):
     settings.autoscale, settings.min_workers, settings.max_workers = auto, int(lo), int(max(lo, hi))
-    scaling.save_settings(settings)
+    scaling.save_settings(settings, services.registry())
     st.toast("Autoscale settings saved")
 n = st.number_input("Workers", 0, 64, controller.current())
 b1, b2 = st.columns(2)
 master_up = backend.master_state().reachable
+local = backend.name == "local"  # ACA's master lives in the controller app; only a local one is ours to start
 try:
     if b1.button("Scale now (turns autoscale off)"):
-        if not master_up:
+        if local and not master_up:
             backend.up(0)
         with st.spinner(f"scaling to {n}…"):
             controller.scale_manually(int(n))
         st.rerun()
-    if b2.button("Stop cluster" if master_up else "Start master"):
+    if local and b2.button("Stop cluster" if master_up else "Start master"):
         backend.down() if master_up else backend.up(0)
         st.rerun()
 except EmbedDeckError as exc:
     st.error(str(exc))
+if not local:
+    b2.caption("Replicas follow the worker app's KEDA rule, which reads this count from the controller's "
+               "/autoscale at every poll (30 s by default).")

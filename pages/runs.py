@@ -6,6 +6,7 @@ import streamlit as st
 from dashboard import charts, services, views
 from jobs import lifecycle
 from jobs.core.errors import EmbedDeckError
+from jobs.store import scaling
 
 st.title("Runs")
 registry = services.registry()
@@ -40,6 +41,8 @@ def live(run_id: str) -> None:
     m[1].metric("Rows/s", f"{run.rows_per_s:.1f}")
     m[2].metric("Skipped", f"{run.rows_skipped:,}")
     m[3].metric("Master", run.master or "—")
+    if run.started_at is not None:
+        st.caption(f"Cost: {scaling.cost(registry, run, services.backend().pricing()).label()}")
     samples = registry.samples(run_id)
     if samples:
         st.plotly_chart(charts.throughput_figure(samples), width="stretch")

@@ -9,90 +9,16 @@ import json
 from urllib.parse import parse_qs, urlparse
 
 import pytest
-import requests
-from azure.core.credentials import AccessToken
-from azure.core.pipeline.transport import HttpTransport
-from azure.core.rest._requests_basic import RestRequestsTransportResponse
 
 from cluster.aca import AcaBackend, AcaTarget
 from jobs.core.errors import BadRequest
-
-SUB, RG = "00000000-0000-0000-0000-00000000abcd", "rg-embed"
-APP_PATH = f"/subscriptions/{SUB}/resourceGroups/{RG}/providers/Microsoft.App/containerApps/embeddeck-worker"
-
-
-class FakeCredential:
-    def get_token(self, *scopes, **kwargs):
-        return AccessToken("fake-token", int(dt.datetime.now().timestamp()) + 3600)
-
-    def get_token_info(self, *scopes, options=None):
-        from azure.core.credentials import AccessTokenInfo
-
-        return AccessTokenInfo("fake-token", int(dt.datetime.now().timestamp()) + 3600)
-
-
-class StubTransport(HttpTransport):
-    """Records every request; answers from a table of (method, path suffix) → JSON body."""
-
-    def __init__(self, routes):
-        self.routes, self.requests = routes, []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *args):
-        pass
-
-    def open(self):
-        pass
-
-    def close(self):
-        pass
-
-    def send(self, request, **kwargs):
-        self.requests.append(request)
-        path = urlparse(request.url).path
-        for (method, suffix), body in self.routes.items():
-            if request.method == method and path.endswith(suffix):
-                resp = requests.Response()
-                resp.status_code, resp._content, resp._content_consumed = 200, json.dumps(body).encode(), True
-                resp.reason = "OK"
-                resp.headers["Content-Type"] = "application/json"
-                resp.url, resp.encoding = request.url, "utf-8"
-                return RestRequestsTransportResponse(request=request, internal_response=resp)
-        raise AssertionError(f"unexpected request {request.method} {request.url}")
-
-
-APP = {"id": APP_PATH, "name": "embeddeck-worker", "location": "swedencentral",
-       "properties": {"latestReadyRevisionName": "embeddeck-worker--r7", "provisioningState": "Succeeded",
-                      "template": {"containers": [{"name": "worker", "image": "acr.io/w:1"}],
-                                   "scale": {"minReplicas": 0, "maxReplicas": 4}}}}
-REPLICAS = {"value": [
-    {"name": "embeddeck-worker--r7-5d9c-abc", "properties": {
-        "createdTime": "2026-11-28T10:00:00Z", "runningState": "Running",
-        "containers": [{"name": "worker", "ready": True, "restartCount": 1, "runningState": "Running"}]}},
-    {"name": "embeddeck-worker--r7-5d9c-def", "properties": {
-        "createdTime": "2026-11-28T10:01:30Z", "runningState": "NotRunning",
-        "containers": [{"name": "worker", "ready": False, "restartCount": 0, "runningState": "Waiting"}]}}]}
-METRICS = {"values": [{
-    "starttime": "2026-11-28T09:00:00Z", "endtime": "2026-11-28T10:00:00Z", "interval": "PT1M",
-    "resourceid": APP_PATH, "resourceregion": "swedencentral", "namespace": "Microsoft.App/containerApps",
-    "value": [{"id": f"{APP_PATH}/providers/Microsoft.Insights/metrics/Replicas", "type": "Microsoft.Insights/metrics",
-               "name": {"value": "Replicas", "localizedValue": "Replica Count"}, "unit": "Count",
-               "timeseries": [{"metadatavalues": [], "data": [
-                   {"timeStamp": "2026-11-28T09:58:00Z", "average": 1.0, "maximum": 1.0},
-                   {"timeStamp": "2026-11-28T09:59:00Z", "average": 2.0, "maximum": 2.0}]}]}]}]}
-LOGS = {"tables": [{"name": "PrimaryResult",
-                    "columns": [{"name": "TimeGenerated", "type": "datetime"}, {"name": "Reason_s", "type": "string"},
-                                {"name": "Log_s", "type": "string"}],
-                    "rows": [["2026-11-28T09:58:10Z", "KEDAScaleTargetActivated",
-                              "Scaled apps/v1.Deployment from 0"]]}]}
+from jobs.store import worker_readings
+from tests.azure_stub import APP_PATH, REPLICA_A, REPLICA_B, RG, SUB, FakeCredential, StubTransport, routes
 
 
 @pytest.fixture
 def stub():
-    return StubTransport({("GET", APP_PATH): APP, ("GET", "/revisions/embeddeck-worker--r7/replicas"): REPLICAS,
-                          ("POST", "/metrics:getBatch"): METRICS, ("POST", "/workspaces/ws-1/query"): LOGS})
+    return StubTransport(routes())
 
 
 def backend(stub):
@@ -139,3 +65,35 @@ def test_scaling_events_query(stub):
 def test_missing_settings_are_named():
     with pytest.raises(BadRequest, match="needs AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP"):
         AcaTarget.from_env({})
+
+
+def test_per_replica_cpu_and_memory_come_split_by_replica(stub):
+    usage = backend(stub).replica_usage(minutes=10)
+    q = parse_qs(urlparse(stub.requests[-1].url).query)
+    assert q["metricnames"] == ["UsageNanoCores,WorkingSetBytes"] and q["aggregation"] == ["Average"]
+    assert q["filter"] == ["replicaName eq '*'"]  # the batch API's dimension split: one series per replica
+    assert usage == {REPLICA_A: (3.5, 6 * 2**30), REPLICA_B: (0.25, 2**30)}  # the latest point of each
+
+
+def test_utilisation_joins_azure_monitor_with_the_replicas_gpu_readings(stub, tmp_path, monkeypatch):
+    """Azure publishes CPU and memory per replica but no GPU metric: the GPU comes from the replica's own
+    NVML reading on the share, and a replica that has not reported yet still shows Azure's numbers."""
+    monkeypatch.setenv("EMBEDDECK_TELEMETRY_DIR", str(tmp_path))
+    gpu = worker_readings.GpuReading(0, "NVIDIA T4", 87.0, 9800.0, 15360.0, 61.0, 64.5)
+    worker_readings.publish(worker_readings.Reading(REPLICA_A, "10.0.0.7", dt.datetime.now().timestamp(),
+                                                    gpus=[gpu], cpu_pct=1.0, rss_mb=1.0), tmp_path)
+    readings = {r.worker: r for r in backend(stub).utilisation()}
+    a, b = readings[REPLICA_A], readings[REPLICA_B]
+    assert a.gpus == [gpu] and a.cpu_pct == 350.0 and a.rss_mb == 6 * 1024
+    assert a.source == "Azure Monitor (CPU, memory), worker (GPU)"
+    assert not b.gpus and b.cpu_pct == 25.0 and "no GPU reading" in b.gpu_note
+
+
+def test_a_replica_bills_one_gpu_at_the_configured_rate(stub, monkeypatch):
+    monkeypatch.setenv("EMBEDDECK_PRICE_PER_UNIT_S", "0.0005")
+    monkeypatch.setenv("EMBEDDECK_PRICE_SOURCE", "Azure retail price, swedencentral")
+    pricing = backend(stub).pricing()
+    assert (pricing.unit, pricing.units_per_worker, pricing.price_per_unit_s) == ("GPU", 1.0, 0.0005)
+    monkeypatch.setenv("EMBEDDECK_PRICE_PER_UNIT_S", "cheap")
+    with pytest.raises(BadRequest, match="EMBEDDECK_PRICE_PER_UNIT_S must be a number"):
+        backend(stub).pricing()

@@ -11,11 +11,12 @@ from cluster import spark_rest, telemetry
 from cluster.controller import Controller
 from cluster.local import LocalCluster
 from jobs.core.autoscale import ScalingSettings
-from jobs.store import worker_readings
+from jobs.core.processes import free_port
+from jobs.store import scaling, worker_readings
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
 from jobs.store.scaling import save_settings
-from tests.conftest import check_table, free_port, wait_until
+from tests.conftest import check_table, wait_until
 
 pytestmark = pytest.mark.spark
 ROWS = 400
@@ -77,9 +78,10 @@ def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp
     url = f"sqlite:///{tmp_path / 'auto.sqlite'}"
     seed_demo(url, n=ROWS)
     cluster.up(workers=0)
-    save_settings(ScalingSettings(autoscale=True, min_workers=0, max_workers=2, idle_timeout_s=3), tmp_path)
-    registry_url = f"sqlite:///{tmp_path / 'registry.sqlite'}"  # this cluster's backlog only
-    controller = Controller(cluster, Registry(registry_url), home=tmp_path)
+    registry_url = f"sqlite:///{tmp_path / 'registry.sqlite'}"  # this cluster's backlog and settings only
+    controller = Controller(cluster, Registry(registry_url))
+    save_settings(ScalingSettings(autoscale=True, min_workers=0, max_workers=2, idle_timeout_s=3),
+                  controller.registry)
     out = subprocess.run([sys.executable, "-m", "jobs", "run", "--db", url, "--source", "products",
                           "--id-column", "id", "--text-column", "description", "--target", "auto_emb",
                           "--model", fast_model, "--master", cluster.master_url(), "--detach"],
@@ -121,6 +123,11 @@ def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp
     moves = [(e["from_workers"], e["to_workers"]) for e in events]
     assert moves[0] == (0, 2) and moves[-1][1] == 0 and all(to <= 2 for _, to in moves)
     assert events[-1]["reason"].startswith("idle for")
+    # Its cost: the core-seconds of the workers the controller sampled while it ran (at most 2 one-core
+    # workers for its whole duration, and some, since two held tasks).
+    cost = scaling.cost(controller.registry, final, cluster.pricing())
+    assert cost.pricing.unit == "core" and 0 < cost.unit_s <= 2 * final.duration_s() + 1e-6
+    assert cost.label().endswith("no price configured")
 
 
 def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_survives_a_cancel(
@@ -271,15 +278,15 @@ def test_autoscale_endpoint_and_local_loop_take_the_same_step(tmp_path, monkeypa
             keda, loop = both()
             assert keda["desired"] == loop.desired == 0 and keda["reason"] == loop.reason
 
-            scaling.set_manual(1)  # the operator's count, as the Cluster page and `cluster scale` set it
+            scaling.set_manual(1, registry)  # the operator's count, as the Cluster page and `cluster scale` set it
             keda, loop = both()
             assert keda["desired"] == loop.desired == 1
             assert keda["reason"] == loop.reason == "autoscale off: manual count"
             assert cluster.master_state().alive_workers == 1
 
-            settings = scaling.load_settings()
+            settings = scaling.load_settings(registry)
             settings.autoscale, settings.max_workers = True, 2
-            scaling.save_settings(settings)
+            scaling.save_settings(settings, registry)
             registry.create("{}", "test", "products", "t", "m", cluster.master_url())  # a queued run: backlog
             wait_until(lambda: api.get("/autoscale", headers=token).json()["current"] == 1, timeout=30)
             keda, loop = both()

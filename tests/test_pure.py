@@ -164,3 +164,35 @@ def test_masters_are_compared_by_where_they_are_not_by_spelling():
     assert same_master("spark://127.0.0.1", "spark://127.0.0.1:7077")
     assert not same_master("spark://127.0.0.1:7077", "spark://127.0.0.1:7078")
     assert not same_master("local[2]", "spark://127.0.0.1:7077")
+
+
+def test_worker_seconds_follow_the_sampled_counts_over_the_run():
+    from jobs.core.cost import worker_seconds
+
+    samples = [(0.0, 0), (10.0, 2), (40.0, 1), (100.0, 0)]
+    assert worker_seconds(samples, (5.0, 100.0)) == 2 * 30 + 1 * 60  # a count holds until the next sample
+    assert worker_seconds(samples, (50.0, 70.0)) == 20
+    assert worker_seconds(samples, (100.0, 200.0)) == 0
+    assert worker_seconds([], (0.0, 10.0)) == 0 and worker_seconds(samples, (10.0, 10.0)) == 0
+    assert worker_seconds([(20.0, 3)], (0.0, 30.0)) == 30  # before the first sample nothing is known to run
+
+
+def test_overlapping_runs_share_the_workers_so_costs_add_up_to_the_bill():
+    from jobs.core.cost import worker_seconds
+
+    samples = [(0.0, 2)]
+    a, b = (0.0, 100.0), (50.0, 150.0)
+    cost_a, cost_b = worker_seconds(samples, a, [b]), worker_seconds(samples, b, [a])
+    assert cost_a == 2 * 50 + 2 * 50 / 2 and cost_b == 2 * 50 / 2 + 2 * 50
+    assert cost_a + cost_b == 2 * 150
+
+
+def test_run_cost_label_names_units_rate_and_source():
+    from jobs.core.cost import Pricing, run_cost
+
+    local = run_cost(120.0, Pricing("core", 1.0))
+    assert local.label() == "120.0 core-seconds (120.0 worker-seconds) · no price configured"
+    gpu = run_cost(100.0, Pricing("GPU", 1.0, 0.0005, "USD", "Azure retail price, swedencentral"))
+    assert gpu.amount == pytest.approx(0.05)
+    assert gpu.label() == ("100.0 GPU-seconds (100.0 worker-seconds) ≈ 0.0500 USD at 0.0005 USD/GPU-second, "
+                           "Azure retail price, swedencentral")

@@ -45,6 +45,11 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_MASTER_WEBUI_PORT", "8080", "local master's web UI port (workers use the ports after it)"),
     Var("EMBEDDECK_WORKER_CORES", "1", "cores of each local worker"),
     Var("EMBEDDECK_WORKER_MEMORY", "2g", "memory of each local worker"),
+    Var("EMBEDDECK_API_PORT", "8888", "port of the controller image's trigger API (`APP_MODE=trigger`)"),
+    Var("EMBEDDECK_PRICE_PER_UNIT_S", None, "price of one billing unit-second for run costs: a GPU-second on ACA "
+        "(`deploy` sets the region's published rate), a core-second locally; unset: costs show units only"),
+    Var("EMBEDDECK_PRICE_CURRENCY", "USD", "currency of `EMBEDDECK_PRICE_PER_UNIT_S`"),
+    Var("EMBEDDECK_PRICE_SOURCE", None, "where that price came from, shown beside every cost"),
     Var("EMBEDDECK_DASHBOARD_PORT", "8501", "dashboard port of `make run`"),
     Var("EMBEDDECK_DASHBOARD_AUTH", "none", "who may use the dashboard: `none` (loopback only; the container "
                                             "refuses other addresses), `proxy` (an authenticating proxy's user "

@@ -198,7 +198,7 @@ def runs_router(registry: Registry) -> APIRouter:
                        master=lifecycle.resolve_master(), limit_rows=rows, launched_by="api")
         lifecycle.validate(spec)
         if workers is not None:
-            scaling.set_manual(workers)
+            scaling.set_manual(workers, registry)
         return accepted(lifecycle.record(spec, registry))
 
     return router
@@ -207,13 +207,19 @@ def runs_router(registry: Registry) -> APIRouter:
 def scaling_router(registry: Registry) -> APIRouter:
     router = APIRouter()
 
+    history = scaling.ScaleHistory(registry)
+
     @router.get("/autoscale")
     def autoscale() -> dict:
         """The autoscale step's desired worker count, read by the workers' KEDA metrics-api scale rule:
-        the same step the local control loop takes, so the operator's manual count reaches Azure too."""
+        the same step the local control loop takes, so the operator's manual count reaches Azure too.
+        Each poll is recorded as the local loop records its ticks: the Cluster page and run costs read it."""
         lifecycle.refresh(registry)
         current = worker_readings.fresh_count()
         decision = scaling.desired(registry, current)
+        if decision.desired != history.last_desired():
+            history.record(current, decision.desired, decision.reason, decision.source)
+        history.sample(current, decision.desired)
         return {"desired": decision.desired, "current": current, "reason": decision.reason}
 
     return router

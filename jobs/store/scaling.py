@@ -1,18 +1,19 @@
-"""Scaling state: the operator's settings (a JSON file in EmbedDeck's home), the backlog read from the
-registry, and the history of scale events and worker counts (tables beside the runs)."""
+"""Scaling state, all in the registry's database so that every process of a deployment shares it (on ACA the
+dashboard app sets the operator's count, the controller app's /autoscale reads it): the operator's settings,
+the backlog read from the runs, the history of scale events and worker counts, and what each run cost."""
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 from dataclasses import asdict, fields
-from pathlib import Path
 
 import sqlalchemy as sa
 
 from jobs.core.autoscale import Backlog, Decision, ScalingSettings, step
-from jobs.core.processes import read_json, write_json
-from jobs.core.settings import Settings
+from jobs.core.cost import Pricing, RunCost, run_cost, worker_seconds
 from jobs.store.db import utcnow
-from jobs.store.registry import QUEUED, RUNNING, Registry
+from jobs.store.registry import QUEUED, RUNNING, Registry, Run
 
 metadata = sa.MetaData()
 events_table = sa.Table(
@@ -29,29 +30,37 @@ samples_table = sa.Table(
     sa.Column("workers", sa.Integer, nullable=False),
     sa.Column("desired", sa.Integer, nullable=False),
 )
+settings_table = sa.Table(
+    "scaling_settings", metadata,
+    sa.Column("id", sa.Integer, primary_key=True),  # always 1: one operator setting per deployment
+    sa.Column("settings_json", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+)
 
 
-def settings_path(home: Path | None = None) -> Path:
-    return (home or Settings().home) / "cluster" / "settings.json"
-
-
-def load_settings(home: Path | None = None) -> ScalingSettings:
+def load_settings(registry: Registry) -> ScalingSettings:
     """The operator's scaling settings; defaults when none were saved (unknown keys are ignored)."""
-    data = read_json(settings_path(home))
+    metadata.create_all(registry.engine, checkfirst=True)
+    with registry.engine.connect() as conn:
+        text = conn.execute(sa.select(settings_table.c.settings_json).where(settings_table.c.id == 1)).scalar()
+    data = json.loads(text) if text else {}
     known = {f.name for f in fields(ScalingSettings)}
-    return ScalingSettings(**{k: v for k, v in data.items() if k in known}) if isinstance(data, dict) \
-        else ScalingSettings()
+    return ScalingSettings(**{k: v for k, v in data.items() if k in known})
 
 
-def save_settings(settings: ScalingSettings, home: Path | None = None) -> None:
-    write_json(settings_path(home), asdict(settings))
+def save_settings(settings: ScalingSettings, registry: Registry) -> None:
+    metadata.create_all(registry.engine, checkfirst=True)
+    values = {"settings_json": json.dumps(asdict(settings)), "updated_at": utcnow()}
+    with registry.engine.begin() as conn:
+        if not conn.execute(settings_table.update().where(settings_table.c.id == 1).values(**values)).rowcount:
+            conn.execute(settings_table.insert().values(id=1, **values))
 
 
-def set_manual(n: int, home: Path | None = None) -> ScalingSettings:
+def set_manual(n: int, registry: Registry) -> ScalingSettings:
     """The operator's manual count: autoscale goes off until it is switched back on."""
-    settings = load_settings(home)
+    settings = load_settings(registry)
     settings.autoscale, settings.desired = False, n
-    save_settings(settings, home)
+    save_settings(settings, registry)
     return settings
 
 
@@ -76,9 +85,9 @@ def backlog(registry: Registry) -> Backlog:
     return Backlog(pending, queued, rate, idle_s)
 
 
-def desired(registry: Registry, current: int, home: Path | None = None) -> Decision:
+def desired(registry: Registry, current: int) -> Decision:
     """The autoscale step on the registry's backlog and the operator's settings."""
-    return step(backlog(registry), load_settings(home), current)
+    return step(backlog(registry), load_settings(registry), current)
 
 
 class ScaleHistory:
@@ -106,3 +115,36 @@ class ScaleHistory:
         with self.engine.connect() as conn:
             rows = conn.execute(samples_table.select().order_by(samples_table.c.at.desc()).limit(limit)).mappings()
             return [dict(r) for r in rows][::-1]
+
+    def last_desired(self) -> int | None:
+        """The desired count of the latest sample: a decision is an event only when it changes."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(samples_table.c.desired).order_by(samples_table.c.at.desc())
+                                .limit(1)).scalar()
+
+    def counts(self, start: dt.datetime, end: dt.datetime) -> list[tuple[float, int]]:
+        """Worker counts sampled between start and end, led by the last one before start (the count then)."""
+        c = samples_table.c
+        with self.engine.connect() as conn:
+            before = conn.execute(sa.select(c.at, c.workers).where(c.at <= start).order_by(c.at.desc())
+                                  .limit(1)).all()
+            during = conn.execute(sa.select(c.at, c.workers).where(c.at > start, c.at <= end)
+                                  .order_by(c.at)).all()
+        return [(_seconds(at), n) for at, n in [*before, *during]]
+
+
+def _seconds(at: dt.datetime) -> float:
+    return at.replace(tzinfo=dt.UTC).timestamp()
+
+
+def cost(registry: Registry, run: Run, pricing: Pricing) -> RunCost:
+    """What this run cost on the workers it ran on, sharing each second with the runs active beside it."""
+    if run.started_at is None:
+        return run_cost(0.0, pricing)
+    now = utcnow()
+    end = run.ended_at or now
+    others = [(_seconds(r.started_at), _seconds(r.ended_at or now)) for r in registry.list(200)
+              if r.run_id != run.run_id and r.started_at and r.started_at < end
+              and (r.ended_at or now) > run.started_at]
+    samples = ScaleHistory(registry).counts(run.started_at, end)
+    return run_cost(worker_seconds(samples, (_seconds(run.started_at), _seconds(end)), others), pricing)

@@ -38,6 +38,7 @@ class Reading:
     rss_mb: float = 0.0
     processes: int = 0
     stale: bool = False
+    source: str = "worker"  # who measured CPU and memory: the worker itself, or Azure Monitor
 
 
 def _known(cls, data: dict) -> dict:
