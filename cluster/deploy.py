@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from azure.mgmt.appcontainers import models as m
 
-from jobs.core.errors import BadRequest
+from cluster import prices
+from jobs.core.errors import BadRequest, EmbedDeckError
 from jobs.core.settings import Settings
 
 SECRET_MASK = "***"
@@ -60,6 +61,9 @@ class AcaConfig:
     entra_client_id: str | None = None  # an Entra ID app registration: the dashboard is deployed behind it
     entra_client_secret: str | None = None
     tenant_id: str | None = None
+    price_per_unit_s: str | None = None  # a GPU-second; deploy looks up the region's published rate when unset
+    price_currency: str = "USD"
+    price_source: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None,
@@ -85,7 +89,10 @@ class AcaConfig:
                    settings.raw("EMBEDDECK_LOG_WORKSPACE_ID"), settings.raw("EMBEDDECK_LOG_WORKSPACE_KEY"),
                    mode, settings.raw("EMBEDDECK_JUPYTER_TOKEN"), settings.raw("EMBEDDECK_ACA_DASHBOARD"),
                    settings.raw("EMBEDDECK_ENTRA_CLIENT_ID"), settings.raw("EMBEDDECK_ENTRA_CLIENT_SECRET"),
-                   settings.raw("AZURE_TENANT_ID")), missing
+                   settings.raw("AZURE_TENANT_ID"), settings.raw("EMBEDDECK_PRICE_PER_UNIT_S"),
+                   settings.raw("EMBEDDECK_PRICE_CURRENCY"),
+                   settings.raw("EMBEDDECK_PRICE_SOURCE") or ("operator's setting" if settings.raw(
+                       "EMBEDDECK_PRICE_PER_UNIT_S") else None)), missing
 
     @property
     def environment_id(self) -> str:
@@ -156,7 +163,11 @@ def _driver_env(c: AcaConfig, host: str) -> list[m.EnvironmentVar]:
             var(name="EMBEDDECK_DRIVER_PORT", value=str(DRIVER_PORT)),
             var(name="EMBEDDECK_BLOCK_MANAGER_PORT", value=str(BLOCK_MANAGER_PORT)),
             # Master, driver and executors admit only holders of the cluster's secret.
-            var(name="_SPARK_AUTH_SECRET", secret_ref="spark-auth")]
+            var(name="_SPARK_AUTH_SECRET", secret_ref="spark-auth"),
+            # What a GPU-second costs, for the run costs the dashboard shows.
+            *([var(name="EMBEDDECK_PRICE_PER_UNIT_S", value=c.price_per_unit_s),
+               var(name="EMBEDDECK_PRICE_CURRENCY", value=c.price_currency),
+               var(name="EMBEDDECK_PRICE_SOURCE", value=c.price_source or "")] if c.price_per_unit_s else [])]
 
 
 def controller_app(c: AcaConfig) -> m.ContainerApp:
@@ -239,7 +250,11 @@ def dashboard_app(c: AcaConfig) -> m.ContainerApp:
     reaches Streamlit through the sign-in, which sets X-MS-CLIENT-PRINCIPAL-NAME (the `proxy` mode trusts
     it). It drives the controller's master and the ACA backend; runs it launches have their driver here."""
     volumes, mounts = _volume(c)
-    registries, identity = _pull(c)
+    registries, pull = _pull(c)
+    # Its own (system-assigned) identity reads the worker app and its metrics: DefaultAzureCredential finds it
+    # without a client id, and the roles it needs are granted to it alone (docker/README.md, step 8).
+    identity = m.ManagedServiceIdentity(type="SystemAssigned,UserAssigned" if pull else "SystemAssigned",
+                                        user_assigned_identities=pull.user_assigned_identities if pull else None)
     return m.ContainerApp(
         location=c.location, managed_environment_id=c.environment_id, workload_profile_name="Consumption",
         identity=identity,
@@ -306,11 +321,27 @@ def dry_run(c: AcaConfig) -> list[dict]:
     return [{"kind": kind, "name": name, "body": masked(body.as_dict(), c)} for kind, name, body in plan(c)]
 
 
+def with_published_price(c: AcaConfig, session=None) -> AcaConfig:
+    """The config with the region's published GPU-second price, unless the operator set one; a lookup that
+    fails is reported and the deployment goes on (costs then show GPU-seconds without an amount)."""
+    if c.price_per_unit_s:
+        return c
+    try:
+        rate = prices.gpu_rate(c.location, c.gpu_profile_type, session)
+    except EmbedDeckError as exc:
+        print(f"run costs without a price: {exc}")
+        return c
+    print(f"run costs at {rate.price_per_s:.6g} {rate.currency} per GPU-second ({rate.source})")
+    return dataclasses.replace(c, price_per_unit_s=f"{rate.price_per_s:.8g}", price_currency=rate.currency,
+                               price_source=rate.source)
+
+
 def deploy(c: AcaConfig) -> None:
     """Create or update everything, waiting for each long-running operation."""
     from azure.identity import DefaultAzureCredential
     from azure.mgmt.appcontainers import ContainerAppsAPIClient
 
+    c = with_published_price(c)
     client = ContainerAppsAPIClient(DefaultAzureCredential(), c.subscription_id)
     for kind, name, body in plan(c):
         if kind == "managedEnvironment":

@@ -1,12 +1,15 @@
 """Azure Container Apps deployment bodies, field by field; container files pass hadolint."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pytest
+import requests
 
 from cluster import deploy
 from jobs.core.errors import BadRequest
@@ -206,3 +209,88 @@ def test_the_dashboard_is_deployed_only_behind_entra_id_sign_in():
     assert registration["openIdIssuer"] == "https://login.microsoftonline.com/contoso-tenant/v2.0"
     assert registration["clientSecretSettingName"] in {x["name"] for x in app["configuration"]["secrets"]}
     assert "Entra-secret-value" not in json.dumps(list(resources.values()))
+    # Its own identity reads Azure (DefaultAzureCredential finds a system-assigned one without a client id);
+    # the registry identity still pulls its image.
+    identity = resources[("containerApp", "embeddeck-dashboard")]["identity"]
+    assert identity["type"] == "SystemAssigned,UserAssigned"
+    assert list(identity["userAssignedIdentities"]) == [ENV["EMBEDDECK_ACA_IDENTITY_ID"]]
+
+
+class RecordedPrices(requests.adapters.BaseAdapter):
+    """Answers like Azure's Retail Prices API (its documented page shape, split over two pages with
+    NextPageLink); the prices are placeholders, not Azure's."""
+
+    def __init__(self, pages):
+        super().__init__()
+        self.pages, self.sent = pages, []
+
+    def send(self, request, **kwargs):
+        self.sent.append(request)
+        resp = requests.Response()
+        resp.status_code, resp.request, resp.url = 200, request, request.url
+        resp._content = json.dumps(self.pages[len(self.sent) - 1]).encode()
+        return resp
+
+    def close(self):
+        pass
+
+
+def _meter(name, price, unit="1 Second", tier=0.0):
+    return {"currencyCode": "USD", "tierMinimumUnits": tier, "retailPrice": price, "unitPrice": price,
+            "armRegionName": "swedencentral", "location": "SE Central", "effectiveStartDate": "2026-06-01T00:00:00Z",
+            "meterName": name, "productName": "Azure Container Apps", "skuName": "Standard",
+            "serviceName": "Azure Container Apps", "unitOfMeasure": unit, "type": "Consumption"}
+
+
+PAGES = [{"BillingCurrency": "USD", "CustomerEntityId": "Default", "CustomerEntityType": "Retail", "Count": 2,
+          "Items": [_meter("Standard vCPU Active Usage", 0.0000240), _meter("Standard T4 GPU Usage", 0.0, tier=0.0)],
+          "NextPageLink": "https://prices.azure.com:443/api/retail/prices?$filter=x&$skip=100"},
+         {"BillingCurrency": "USD", "Count": 2, "NextPageLink": None,
+          "Items": [_meter("Standard T4 GPU Usage", 0.00032, tier=1800.0),
+                    _meter("Standard A100 GPU Usage", 4.68, unit="1 Hour")]}]
+
+
+def _session(pages):
+    session, adapter = requests.Session(), RecordedPrices(pages)
+    session.mount("https://", adapter)
+    return session, adapter
+
+
+def test_deploy_quotes_the_published_gpu_second_price_of_its_region_and_profile():
+    session, adapter = _session(PAGES)
+    config, _ = deploy.AcaConfig.from_env(ENV)
+    priced = deploy.with_published_price(config, session)
+    first = urlparse(adapter.sent[0].url)
+    assert first.netloc == "prices.azure.com" and first.path == "/api/retail/prices"
+    assert parse_qs(first.query)["$filter"] == [
+        "serviceName eq 'Azure Container Apps' and armRegionName eq 'swedencentral' and priceType eq 'Consumption'"]
+    assert adapter.sent[1].url == PAGES[0]["NextPageLink"]  # the next page as the API links it, as it is
+    # The T4 profile's paid tier (the zero-price free tier is not a rate), per second.
+    assert priced.price_per_unit_s == "0.00032" and priced.price_currency == "USD"
+    assert priced.price_source.startswith("Azure retail price, swedencentral, meter 'Standard T4 GPU Usage'")
+    env = {e.name: e.value for e in deploy.controller_app(priced).template.containers[0].env}
+    assert env["EMBEDDECK_PRICE_PER_UNIT_S"] == "0.00032" and "Azure retail price" in env["EMBEDDECK_PRICE_SOURCE"]
+    a100 = dataclasses.replace(config, gpu_profile_type="Consumption-GPU-NC24-A100")
+    session, _ = _session(PAGES)
+    assert float(deploy.with_published_price(a100, session).price_per_unit_s) == pytest.approx(4.68 / 3600)
+
+
+def test_an_operator_price_wins_and_a_failed_lookup_deploys_without_one(capsys):
+    config, _ = deploy.AcaConfig.from_env({**ENV, "EMBEDDECK_PRICE_PER_UNIT_S": "0.0004"})
+    assert deploy.with_published_price(config, requests.Session()).price_source == "operator's setting"
+
+    class Down(requests.adapters.BaseAdapter):
+        def send(self, request, **kwargs):
+            raise requests.ConnectionError("no route")
+
+        def close(self):
+            pass
+
+    session = requests.Session()
+    session.mount("https://", Down())
+    config, _ = deploy.AcaConfig.from_env(ENV)
+    unpriced = deploy.with_published_price(config, session)
+    assert unpriced.price_per_unit_s is None
+    assert "Retail Prices API did not answer" in capsys.readouterr().out
+    env = {e.name for e in deploy.controller_app(unpriced).template.containers[0].env}
+    assert "EMBEDDECK_PRICE_PER_UNIT_S" not in env
