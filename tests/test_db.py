@@ -202,6 +202,7 @@ def test_vector_index_follows_inserts_updates_and_deletes(sqlite_url):
             db.upsert(conn, target, rows)
 
     index = search.VectorIndex(engine, target, 8)
+    index.count_every_s = 0  # count at every query: a delete shows at once (it waits up to 2 s otherwise)
     q = rng.standard_normal(8).astype(np.float32)
     for step, change in enumerate([lambda: write(range(50), 1), lambda: write(range(50, 80), 2),
                                    lambda: write([3, 60], 3)]):
@@ -275,3 +276,44 @@ def test_search_indexes_share_one_memory_budget(sqlite_url, monkeypatch):
         assert search.index_for(sqlite_url, engine, table, 384).top_k(np.ones(384, np.float32), 3) is not None
         search.trim_indexes()
     assert [key[1] for key in search._INDEXES] == ["budget_b"]
+
+
+def test_a_large_target_is_searched_through_the_approximate_index_kept_current(sqlite_url, monkeypatch):
+    """Beyond EMBEDDECK_SEARCH_EXACT_ROWS the index is faiss IVF (8-bit): recall@10 against the exact scan
+    stays high, and upserts and deletes reach it without a rebuild per query."""
+    monkeypatch.setenv("EMBEDDECK_SEARCH_EXACT_ROWS", "500")
+    engine = db.engine_for(sqlite_url)
+    target = db.target_table("ann_emb", sa.Integer(), sa.LargeBinary())
+    target.metadata.create_all(engine)
+    rng = np.random.default_rng(7)
+    centers = rng.standard_normal((40, 64)).astype(np.float32)
+
+    def write(ids, second, vecs=None):
+        vecs = centers[rng.integers(0, 40, len(ids))] + 0.3 * rng.standard_normal((len(ids), 64)) if vecs is None \
+            else vecs
+        with engine.begin() as conn:
+            db.upsert(conn, target, [dict(source_id=int(i), embedding=db.encode_for(target, v), model="m",
+                                          content_hash="h", embedded_at=dt.datetime(2026, 1, 1, 0, 0, second))
+                                     for i, v in zip(ids, vecs)])
+
+    write(range(3000), 1)
+    index = search.VectorIndex(engine, target, 64)
+    queries = centers[rng.integers(0, 40, 20)] + 0.3 * rng.standard_normal((20, 64))
+    found = 0
+    for q in queries.astype(np.float32):
+        got = index.top_k(q, 10)
+        want = search.scan_top_k(engine, target, q / np.linalg.norm(q), 10)
+        found += len(set(got[1].tolist()) & set(want[1].tolist()))
+    assert index.ann is not None and index.ann.ntotal == 3000 and len(index.ids) == 0
+    assert found / 200 >= 0.9
+    ann = index.ann
+    probe = rng.standard_normal(64).astype(np.float32) * 10  # far from every cluster
+    write([5], 2, [probe])  # an update of a row the index holds
+    write([4000], 3, [-probe])  # a new row
+    assert index.top_k(probe, 1)[1][0] == 5 and index.top_k(-probe, 1)[1][0] == 4000
+    assert index.ann is ann and ann.ntotal == 3001  # updated in place: no rebuild, no duplicate of row 5
+    index.count_every_s = 0  # deletes show at the next count
+    with engine.begin() as conn:
+        conn.execute(target.delete().where(target.c.source_id < 2800))
+    got = index.top_k(probe, 3)  # 201 rows left: back under the line, searched exactly
+    assert index.ann is None and len(index.ids) == 201 and 5 not in got[1] and min(got[1]) >= 2800

@@ -71,6 +71,8 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
                                                         "the HTTP API runs; any other is a 400"),
     Var("EMBEDDECK_SEARCH_CACHE_MB", "1024", "largest in-memory search index; bigger targets are searched by "
                                              "streaming"),
+    Var("EMBEDDECK_SEARCH_EXACT_ROWS", "100000", "targets up to this many vectors are searched exactly; larger ones "
+        "through an approximate index (faiss IVF, 8-bit)"),
     Var("EMBEDDECK_DEFAULT_SOURCE", "products", "source table of the classic trigger `GET /`"),
     Var("EMBEDDECK_DEFAULT_ID_COLUMN", "id", "id column of the classic trigger"),
     Var("EMBEDDECK_DEFAULT_TEXT_COLUMN", "description", "text column of the classic trigger"),

@@ -1,4 +1,4 @@
-"""Exact top-k cosine search over a target's stored vectors."""
+"""Top-k cosine search over a target's stored vectors: exact for small targets, an IVF index for large ones."""
 
 from __future__ import annotations
 
@@ -76,72 +76,128 @@ def scan_top_k(engine: sa.Engine, target: sa.Table, query: np.ndarray, k: int,
 
 
 class VectorIndex:
-    """A target's vectors held in memory for fast exact search, kept fresh incrementally.
+    """A target's vectors held in memory for fast search, kept current as runs upsert.
 
-    Each query first asks the database for (count, latest embedded_at): unchanged means no I/O
-    beyond that; newer rows are read by embedded_at (indexed); a shrunken table reloads. Memory is
-    one float32 copy of the table (100k × 384 ≈ 147 MiB), capped by EMBEDDECK_SEARCH_CACHE_MB;
-    larger targets are searched by streaming instead.
+    Each query first asks the database for (count, latest embedded_at): unchanged means no I/O beyond
+    that; newer rows are read by embedded_at (indexed) and added, replacing what they update; a shrunken
+    table reloads. Up to EMBEDDECK_SEARCH_EXACT_ROWS vectors are searched exactly (one float32 copy,
+    100k × 384 ≈ 147 MiB); beyond that an approximate index (faiss IVF with 8-bit scalar quantization,
+    384 bytes a vector: 1M ≈ 370 MiB) answers in milliseconds. Both are capped by EMBEDDECK_SEARCH_CACHE_MB;
+    larger targets are searched by streaming instead. Rows are read in chunks: no full float copy is built.
     """
+
+    # Counting a table's rows scans it (about 50 ms for 1M rows in SQLite): the latest embedded_at (indexed)
+    # is checked at every query, the count (which reveals deletes) at most this often.
+    count_every_s = 2.0
 
     def __init__(self, engine: sa.Engine, target: sa.Table, dim: int):
         self.engine, self.target, self.dim = engine, target, dim
         self.ids = np.empty(0, np.int64)
         self.matrix = np.empty((0, dim), np.float32)
         self.position: dict[int, int] = {}
-        self.count, self.watermark = 0, None
+        self.ann = None  # the approximate index, once the target outgrows exact search
+        self.count, self.watermark, self.counted_at = 0, None, -np.inf
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the vectors take (what the cache budget counts)."""
+        if self.ann is not None:
+            return self.ann.ntotal * (self.dim + 8)
+        return self.matrix.nbytes + self.ids.nbytes
+
+    @property
+    def size(self) -> int:
+        return self.ann.ntotal if self.ann is not None else len(self.ids)
 
     def _state(self) -> tuple[int, object]:
         t = self.target
         with self.engine.connect() as conn:
             return tuple(conn.execute(sa.select(sa.func.count(), sa.func.max(t.c.embedded_at))).one())
 
-    def _load(self, since) -> None:
+    def _latest(self):
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.max(self.target.c.embedded_at))).scalar()
+
+    def _chunks(self, since, limit: int | None = None):
+        """(ids, unit-length float32 vectors, latest embedded_at) per chunk of rows at or after since."""
         t = self.target
         q = sa.select(t.c.source_id, t.c.embedding, t.c.embedded_at)
         if since is not None:
             q = q.where(t.c.embedded_at >= since)
-        new_ids, blobs, latest = [], [], self.watermark
+        if limit is not None:
+            q = q.limit(limit)
         with self.engine.connect() as conn:
-            for row in conn.execute(q.execution_options(yield_per=SCAN_CHUNK_ROWS)):
-                new_ids.append(int(row[0]))
-                blobs.append(row[1])
-                latest = row[2] if latest is None or row[2] > latest else latest
-        if not new_ids:
-            return
-        if isinstance(self.target.c.embedding.type, db.MSSQLVector):
-            mat = np.stack([vectors.from_json(b) for b in blobs]).astype(np.float32)
-        else:
-            mat = vectors.matrix_from_blobs(blobs, self.dim).copy()
-        norms = np.linalg.norm(mat, axis=1, keepdims=True)
-        mat /= np.where(norms == 0, 1, norms)
-        fresh = [i for i, row_id in enumerate(new_ids) if row_id not in self.position]
-        for i, row_id in enumerate(new_ids):
+            for part in conn.execute(q.execution_options(yield_per=SCAN_CHUNK_ROWS)).partitions():
+                ids = np.fromiter((int(r[0]) for r in part), np.int64, count=len(part))
+                if isinstance(t.c.embedding.type, db.MSSQLVector):
+                    mat = np.stack([vectors.from_json(r[1]) for r in part]).astype(np.float32)
+                else:
+                    mat = vectors.matrix_from_blobs([r[1] for r in part], self.dim).copy()
+                norms = np.linalg.norm(mat, axis=1, keepdims=True)
+                mat /= np.where(norms == 0, 1, norms)
+                yield ids, mat, max(r[2] for r in part)
+
+    def _add_exact(self, ids: np.ndarray, mat: np.ndarray) -> None:
+        fresh = [i for i, row_id in enumerate(ids.tolist()) if row_id not in self.position]
+        for i, row_id in enumerate(ids.tolist()):
             if row_id in self.position:
                 self.matrix[self.position[row_id]] = mat[i]
         if fresh:
             start = len(self.ids)
-            self.ids = np.concatenate([self.ids, np.asarray([new_ids[i] for i in fresh], np.int64)])
+            self.ids = np.concatenate([self.ids, ids[fresh]])
             self.matrix = np.concatenate([self.matrix, mat[fresh]])
             for offset, i in enumerate(fresh):
-                self.position[new_ids[i]] = start + offset
-        self.watermark = latest
+                self.position[int(ids[i])] = start + offset
+
+    def _train_ann(self, count: int) -> None:
+        """An IVF index with lists for this many vectors, trained on a sample of the table's own."""
+        import faiss
+
+        lists = int(min(4096, max(8, 2 * count ** 0.5)))
+        sample = np.concatenate([m for _, m, _ in self._chunks(None, limit=min(count, 40 * lists))])
+        ann = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(self.dim), self.dim, lists,
+                                            faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        ann.train(sample)
+        ann.nprobe = max(8, lists // 48)  # ~2 % of the lists: recall@10 ≥ 0.95 on 1M (make bench)
+        self.ann = ann
+
+    def _load(self, since) -> None:
+        for ids, mat, latest in self._chunks(since):
+            if self.ann is not None:
+                if since is not None:  # updated rows replace their old vectors
+                    self.ann.remove_ids(ids)
+                self.ann.add_with_ids(mat, ids)
+            else:
+                self._add_exact(ids, mat)
+            self.watermark = latest if self.watermark is None or latest > self.watermark else self.watermark
+
+    def _rebuild(self, count: int) -> None:
+        self.__init__(self.engine, self.target, self.dim)
+        if count > Settings().integer("EMBEDDECK_SEARCH_EXACT_ROWS"):
+            self._train_ann(count)
+        self._load(None)
 
     def refresh(self) -> bool:
-        """Bring the copy up to date with the table; False (and nothing held) when it is over the cap."""
+        """Bring the index up to date with the table; False (and nothing held) when it is over the cap."""
+        now = time.monotonic()
+        if self.watermark is not None and now - self.counted_at < self.count_every_s \
+                and self._latest() == self.watermark:
+            return True
         count, latest = self._state()
-        if count > cache_limit_rows(self.dim):
+        self.counted_at = now
+        if count > cache_limit_rows(self.dim, count > Settings().integer("EMBEDDECK_SEARCH_EXACT_ROWS")):
             self.__init__(self.engine, self.target, self.dim)
             return False
         if count == self.count and latest == self.watermark:
             return True
-        if count < len(self.ids):  # rows were deleted: start over
-            self.__init__(self.engine, self.target, self.dim)
-        self._load(self.watermark)
-        if len(self.ids) != count:
+        exact_wanted = count <= Settings().integer("EMBEDDECK_SEARCH_EXACT_ROWS")
+        if count < self.size or exact_wanted != (self.ann is None) or self.watermark is None:
+            self._rebuild(count)  # first load, rows deleted, or the target crossed the exact/approximate line
+        else:
+            self._load(self.watermark)
+        if self.size != count:
             # A row committed late with an older timestamp slipped past the watermark: reload.
-            self.__init__(self.engine, self.target, self.dim)
-            self._load(None)
+            self._rebuild(count)
         self.count = count
         return True
 
@@ -149,8 +205,12 @@ class VectorIndex:
         """Best k (scores, ids), or None when the target is too large to hold: stream it instead."""
         if not self.refresh():
             return None
-        q = query / (np.linalg.norm(query) or 1.0)
-        return top_k(self.matrix @ q.astype(np.float32), self.ids, k)
+        q = (query / (np.linalg.norm(query) or 1.0)).astype(np.float32)
+        if self.ann is not None:
+            scores, ids = self.ann.search(q[None, :], k)
+            keep = ids[0] >= 0
+            return scores[0][keep], ids[0][keep]
+        return top_k(self.matrix @ q, self.ids, k)
 
 
 # Indexes held in this process, least recently used first; together they stay within the cache budget
@@ -158,9 +218,10 @@ class VectorIndex:
 _INDEXES: OrderedDict[tuple[str, str], VectorIndex] = OrderedDict()
 
 
-def cache_limit_rows(dim: int) -> int:
-    """How many vectors of this size the in-memory index may hold."""
-    return int(Settings().number("EMBEDDECK_SEARCH_CACHE_MB") * 2**20 // (dim * 4))
+def cache_limit_rows(dim: int, approximate: bool = False) -> int:
+    """How many vectors of this size the in-memory index may hold (float32 exact, or 8-bit approximate)."""
+    per_row = dim + 8 if approximate else dim * 4 + 8
+    return int(Settings().number("EMBEDDECK_SEARCH_CACHE_MB") * 2**20 // per_row)
 
 
 def index_for(db_url: str, engine: sa.Engine, target: sa.Table, dim: int) -> VectorIndex:
@@ -175,7 +236,7 @@ def index_for(db_url: str, engine: sa.Engine, target: sa.Table, dim: int) -> Vec
 def trim_indexes() -> None:
     """Drop the least recently used indexes until all of them fit the cache budget together."""
     budget = Settings().number("EMBEDDECK_SEARCH_CACHE_MB") * 2**20
-    while len(_INDEXES) > 1 and sum(ix.matrix.nbytes for ix in _INDEXES.values()) > budget:
+    while len(_INDEXES) > 1 and sum(ix.nbytes for ix in _INDEXES.values()) > budget:
         _INDEXES.popitem(last=False)
 
 
