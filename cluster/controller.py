@@ -46,11 +46,28 @@ class Controller:
         self.history.sample(self.current(), decision.desired)
         return decision
 
-    def loop(self, every_s: float = 5.0) -> None:
-        """Run until killed; a failing tick is logged and retried, never fatal."""
+    def newest_run(self) -> str | None:
+        """The latest run's id: a new one means a launch the loop should act on now."""
+        runs = self.registry.list(limit=1)
+        return runs[0].run_id if runs else None
+
+    def loop(self, every_s: float = 5.0, wake_check_s: float = 0.25) -> None:
+        """Run until killed; a failing tick is logged and retried, never fatal. Between ticks it looks for a
+        newly launched run every wake_check_s (one indexed query), so a launch is acted on at once, not at
+        the next poll."""
         while True:
             try:
                 self.tick()
+                seen = self.newest_run()
             except Exception as exc:
                 log.warning("controller tick failed: %s", exc)
-            time.sleep(every_s)
+                time.sleep(every_s)
+                continue
+            deadline = time.monotonic() + every_s
+            while time.monotonic() < deadline:
+                time.sleep(wake_check_s)
+                try:
+                    if self.newest_run() != seen:
+                        break
+                except Exception:
+                    break  # the next tick logs what is wrong

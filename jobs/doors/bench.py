@@ -57,6 +57,34 @@ def gemm_gflops(enc, rows: int, windows: int = 9, seconds: float = 0.4) -> float
         return float(np.median(rates))
 
 
+SHARE_OF = {"matrix products": ("addmm", "aten::mm", "bmm", "aten::linear", "matmul"),
+            "attention": ("scaled_dot_product", "flash_attention", "softmax"),
+            "layer norms": ("layer_norm",), "GELU": ("gelu",), "casts": ("_to_copy", "aten::copy_", "aten::to"),
+            "embeddings": ("embedding", "index_select")}
+
+
+def time_shares(enc, texts: list[str]) -> str:
+    """Where the encoder's time goes, from torch's profiler (self time per operator, grouped), and the
+    tokenizer's share of the whole encode call."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    enc.model.token_ids(texts)
+    tokenize_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode(), enc.autocast():
+        enc.model.encode(texts, 32, True)
+    encode_s = time.perf_counter() - t0
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        group = next((g for g, keys in SHARE_OF.items() if any(k in event.key for k in keys)), "other")
+        totals[group] = totals.get(group, 0.0) + event.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    parts = ", ".join(f"{g} {100 * v / whole:.0f}%" for g, v in sorted(totals.items(), key=lambda kv: -kv[1]))
+    return f"{parts} of operator time; tokenizing {100 * tokenize_s / encode_s:.0f}% of an encode call"
+
+
 def timed_run(spec, registry):
     """Launch, follow to the end; returns the run, wall seconds, and seconds to the first committed vector."""
     import sqlalchemy as sa
@@ -258,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rows, same code (< 3 minutes)")
     args = parser.parse_args(argv)
-    n_encode, n_pipeline, rounds, n_search = (512, 1000, 1, 200_000) if args.quick else (2000, 5000, 3, 1_000_000)
+    n_encode, n_pipeline, rounds, n_search, n_scale = ((512, 1000, 1, 200_000, 600) if args.quick
+                                                        else (2000, 5000, 3, 1_000_000, 3000))
 
     home = tempfile.mkdtemp(prefix="embeddeck-bench-")
     os.environ["EMBEDDECK_HOME"] = home
@@ -294,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"default/gemm_ceiling = {default_speed * flops_per_text / 1e9 / gemm:.2f}")
         print(f"gemm_ceiling/fp32 = {gemm * 1e9 / flops_per_text / raw_speed:.2f}  # the most any "
               f"{enc.precision.dtype} encoder could reach over raw here")
+        print(f"encoder_time_shares = {time_shares(enc, texts[:256])}")
 
     t0 = time.perf_counter()
     enc.encode(["waterproof hiking boots"])
@@ -354,11 +384,45 @@ def main(argv: list[str] | None = None) -> int:
             mem_spec = RunSpec(db_url=big_url, source="products", id_column="id", text_column="title",
                                target=f"mem_{n}", master=master, limit_rows=n, launched_by="bench")
             rss[n], driver_rss[n] = peak_rss_mb(mem_spec, registry)
+        # The same run on one one-core worker, then on two.
+        scale_rates = {}
+        for workers in (1, 2):
+            scaled_at = time.time()
+            cluster_cli("scale", str(workers))
+            if workers == 2:  # the new worker's executor holds the model before the run, as the first one did
+                deadline = time.perf_counter() + 120
+                while (run_service.info() or {}).get("warmed_at", 0) < scaled_at and time.perf_counter() < deadline:
+                    time.sleep(0.2)
+            scale_spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description",
+                                 target=f"scale_{workers}w", master=master, limit_rows=n_scale, launched_by="bench")
+            scaled, _, _ = timed_run(scale_spec, registry)
+            scale_rates[workers] = scaled.rows_done / (scaled.ended_at - scaled.started_at).total_seconds()
+        # As `make run` leaves it: zero workers and the autoscaler on; a launch wakes it.
+        cluster_cli("scale", "0")
+        autoscaler = subprocess.Popen([sys.executable, "-m", "cluster", "autoscale", "--min", "0", "--max", "2"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(6)  # past its first tick: the launch must wake it, not meet its start
+            status = subprocess.run([sys.executable, "-m", "cluster", "status", "--json"], capture_output=True,
+                                    text=True, check=True)
+            workers_at_launch = json.loads(status.stdout)["master"]["alive_workers"]
+            auto_spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description",
+                                target="bench_auto_emb", master=master, limit_rows=200, launched_by="bench")
+            auto_run, _, auto_first = timed_run(auto_spec, registry)
+        finally:
+            autoscaler.terminate()
+            autoscaler.wait(10)
     finally:
         cluster_cli("down")
     print(f"service_warm_up_s = {service_ready:.1f}  # run service start until its workers hold the model")
     print(f"warm_start_s = {warm_first:.1f}  # the service's first run, launch to first vector committed")
     print(f"warm_start_stages = {stages_line(warm_run)}")
+    print(f"autoscaled_start_s = {auto_first:.1f}  # {workers_at_launch} workers at launch, autoscaler on: launch "
+          "to first vector committed")
+    print(f"autoscaled_start_stages = {stages_line(auto_run)}")
+    print(f"scale_1w_rows_per_s = {scale_rates[1]:.1f}  # {n_scale} rows, one one-core worker, run service")
+    print(f"scale_2w_rows_per_s = {scale_rates[2]:.1f}  # the same run on two")
+    print(f"scale_2w/1w = {scale_rates[2] / scale_rates[1]:.2f}")
     print(f"worker_rss_{small / 1000:g}k_mb = {rss[small]:.0f}  # peak of one Spark Python worker during the run, "
           "product titles")
     print(f"worker_rss_{large / 1000:g}k_mb = {rss[large]:.0f}  # the same workers, after the smaller run")

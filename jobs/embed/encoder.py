@@ -129,6 +129,11 @@ class Encoder:
             raise BadRequest(f"model {model!r} could not be loaded from {path}: {exc}") from exc
         if self.precision.device == "cuda" and self.precision.dtype == "fp16":
             self.model.half()
+        cast_linear = getattr(self.model, "cast_linear", None)  # the plain-torch BERT only
+        if self.precision.device == "cpu" and self.precision.dtype == "bf16" and cast_linear:
+            import torch
+
+            cast_linear(torch.bfloat16)
         self.dim = self.model.dim
         self.max_tokens = self.model.max_tokens
         log.info("model %s on %s %s (%s, %s)", model, self.precision.device, self.precision.dtype,

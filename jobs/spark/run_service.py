@@ -43,7 +43,8 @@ def _paths() -> tuple[Path, Path]:
 
 
 def info() -> dict | None:
-    """The live service's pid, master and UI (and warm_s, warm_executors once executors hold the model), or None."""
+    """The live service's pid, master and UI (and warm_s, warm_executors, warmed_at once executors hold the
+    model), or None."""
     sock, state = _paths()
     data = read_json(state)
     if not isinstance(data, dict) or not is_alive(data.get("pid"), data.get("pid_started")):
@@ -154,7 +155,7 @@ def _warm_executors(sc, state: dict, state_path: Path, settle_s: float = 2.0, ev
             log.warning("warm-up failed: %s", exc)
             continue
         # Counted from the workers that loaded the model, not from the executors Spark lists.
-        state.update(warm_s=round(time.perf_counter() - t0, 2), warm_executors=len(pids))
+        state.update(warm_s=round(time.perf_counter() - t0, 2), warm_executors=len(pids), warmed_at=time.time())
         write_json(state_path, state)
         log.info("warmed Python workers on %d of %d executors in %.1f s (model load %.1f s at most)",
                  state["warm_executors"], len(ids), state["warm_s"], max(s for _, s in loads))
