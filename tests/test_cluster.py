@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -237,6 +238,21 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
             except psutil.Error:
                 continue
             assert password not in seen, seen[:200]
+
+        # Scaled back in, no executor outlives its worker: a worker shutting down still launched the
+        # executors its master asked for, which then served tasks on a worker that no longer existed.
+        def executors() -> int:
+            return sum(1 for p in psutil.process_iter(["cmdline"])
+                       if "CoarseGrainedExecutorBackend" in " ".join(p.info["cmdline"] or []))
+
+        assert executors() == 2
+        cli("scale", "1")
+        # A stray executor appeared within a second or two of the scale-in: watch a few seconds for one.
+        seen = []
+        for _ in range(6):
+            time.sleep(0.5)
+            seen.append(executors())
+        assert seen == [1] * 6, seen
 
         # A master that dies takes the service with it: a standalone app never re-registers with a
         # restarted master, so an orphaned service would take runs it can never run.

@@ -196,3 +196,26 @@ def test_run_cost_label_names_units_rate_and_source():
     assert gpu.amount == pytest.approx(0.05)
     assert gpu.label() == ("100.0 GPU-seconds (100.0 worker-seconds) ≈ 0.0500 USD at 0.0005 USD/GPU-second, "
                            "Azure retail price, swedencentral")
+
+
+def test_stopping_a_group_also_stops_what_its_leader_started_while_shutting_down(tmp_path):
+    """A Spark worker given SIGTERM still launches the executors its master asks for, then exits: those
+    outlived it and served tasks on a worker that no longer existed. Here the leader starts a child on
+    SIGTERM, as the worker did, and exits; stop_group leaves nothing of the group running."""
+    import subprocess
+    import time
+
+    import psutil
+
+    from jobs.core.processes import stop_group
+
+    late_pid = tmp_path / "late.pid"
+    script = f"trap 'sleep 60 & echo $! > {late_pid}; exit 0' TERM; sleep 100 & wait"
+    leader = subprocess.Popen(["bash", "-c", script], start_new_session=True)
+    deadline = time.monotonic() + 10
+    while not psutil.Process(leader.pid).children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop_group(leader.pid, leader.pid, grace_s=5)
+    leader.wait(5)
+    late = int(late_pid.read_text())
+    assert not psutil.pid_exists(late) or psutil.Process(late).status() == psutil.STATUS_ZOMBIE

@@ -39,16 +39,17 @@ def is_alive(pid: int | None, started: float | None = None) -> bool:
 
 
 def stop_group(pgid: int, pid: int | None = None, grace_s: float = 10.0) -> None:
-    """SIGTERM a process group, then SIGKILL it if its leader (or pid) outlives grace_s."""
+    """SIGTERM a process group, wait up to grace_s for its leader (or pid), then SIGKILL what is left of the
+    group: a Spark worker that is shutting down still launches the executors its master asks for, and
+    those would outlive it, serving tasks on a worker that no longer exists."""
     try:
         os.killpg(pgid, signal.SIGTERM)
         psutil.Process(pid or pgid).wait(grace_s)
-    except psutil.TimeoutExpired:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
     except (ProcessLookupError, PermissionError, psutil.Error):
+        pass
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
         pass
 
 

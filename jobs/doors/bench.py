@@ -85,6 +85,37 @@ def time_shares(enc, texts: list[str]) -> str:
     return f"{parts} of operator time; tokenizing {100 * tokenize_s / encode_s:.0f}% of an encode call"
 
 
+def encode_rate_child(n: int, start_at: float) -> None:
+    """One process, one torch thread (as a Spark task runs): texts/s over n demo texts, timed from start_at so
+    that processes started together encode together."""
+    import torch
+
+    from jobs.embed.encoder import get_encoder
+    from jobs.store.demo import products
+
+    torch.set_num_threads(1)
+    texts = [p["description"] for p in products(n)]
+    enc = get_encoder("all-MiniLM-L6-v2")
+    enc.encode(texts[:32])
+    time.sleep(max(0.0, start_at - time.time()))
+    t0 = time.perf_counter()
+    enc.encode(texts)
+    print(n / (time.perf_counter() - t0))
+
+
+def parallel_rates(n: int) -> tuple[float, float]:
+    """Texts/s of one single-threaded encoder process alone, and of two side by side (summed): what two
+    one-core workers can get from this machine's cores at best."""
+    def run(k: int) -> float:
+        start_at = time.time() + 15  # after every process has loaded the model
+        procs = [subprocess.Popen([sys.executable, "-c", f"from jobs.doors.bench import encode_rate_child; "
+                                                         f"encode_rate_child({n}, {start_at})"],
+                                  stdout=subprocess.PIPE, text=True) for _ in range(k)]
+        return sum(float(p.communicate()[0].strip().splitlines()[-1]) for p in procs)
+
+    return run(1), run(2)
+
+
 def timed_run(spec, registry):
     """Launch, follow to the end; returns the run, wall seconds, and seconds to the first committed vector."""
     import sqlalchemy as sa
@@ -298,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.embed.bert import BertSentenceEncoder
     from jobs.embed.encoder import get_encoder, model_path
     from jobs.spark import run_service
+    from jobs.store import db, scaling
     from jobs.store.demo import products, seed_demo
     from jobs.store.registry import Registry
 
@@ -324,6 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gemm_ceiling/fp32 = {gemm * 1e9 / flops_per_text / raw_speed:.2f}  # the most any "
               f"{enc.precision.dtype} encoder could reach over raw here")
         print(f"encoder_time_shares = {time_shares(enc, texts[:256])}")
+
+    one, two = parallel_rates(n_encode // 2)
+    print(f"encode_1p_1t_texts_per_s = {one:.1f}  # one process, one torch thread (a Spark task's setting)")
+    print(f"encode_2p_1t_texts_per_s = {two:.1f}  # two such processes side by side, summed")
+    print(f"parallel_2p/1p = {two / one:.2f}  # the most two one-core workers can gain over one on this machine")
 
     t0 = time.perf_counter()
     enc.encode(["waterproof hiking boots"])
@@ -408,7 +445,10 @@ def main(argv: list[str] | None = None) -> int:
             workers_at_launch = json.loads(status.stdout)["master"]["alive_workers"]
             auto_spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description",
                                 target="bench_auto_emb", master=master, limit_rows=200, launched_by="bench")
+            launched = db.utcnow()
             auto_run, _, auto_first = timed_run(auto_spec, registry)
+            decisions = [e for e in scaling.ScaleHistory(registry).events()
+                         if e["at"] >= launched - dt.timedelta(seconds=8)]
         finally:
             autoscaler.terminate()
             autoscaler.wait(10)
@@ -420,9 +460,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"autoscaled_start_s = {auto_first:.1f}  # {workers_at_launch} workers at launch, autoscaler on: launch "
           "to first vector committed")
     print(f"autoscaled_start_stages = {stages_line(auto_run)}")
+    print("autoscaled_start_decisions = " + "; ".join(
+        f"{(e['at'] - launched).total_seconds():+.1f} s: {e['from_workers']} -> {e['to_workers']} ({e['reason']})"
+        for e in decisions))
     print(f"scale_1w_rows_per_s = {scale_rates[1]:.1f}  # {n_scale} rows, one one-core worker, run service")
     print(f"scale_2w_rows_per_s = {scale_rates[2]:.1f}  # the same run on two")
-    print(f"scale_2w/1w = {scale_rates[2] / scale_rates[1]:.2f}")
+    print(f"scale_2w/1w = {scale_rates[2] / scale_rates[1]:.2f}  # against parallel_2p/1p = {two / one:.2f}, "
+          "the machine's own")
     print(f"worker_rss_{small / 1000:g}k_mb = {rss[small]:.0f}  # peak of one Spark Python worker during the run, "
           "product titles")
     print(f"worker_rss_{large / 1000:g}k_mb = {rss[large]:.0f}  # the same workers, after the smaller run")
