@@ -107,7 +107,7 @@ def parallel_rates(n: int) -> tuple[float, float]:
     """Texts/s of one single-threaded encoder process alone, and of two side by side (summed): what two
     one-core workers can get from this machine's cores at best."""
     def run(k: int) -> float:
-        start_at = time.time() + 15  # after every process has loaded the model
+        start_at = time.time() + 8  # after every process has loaded the model (about 4 s here)
         procs = [subprocess.Popen([sys.executable, "-c", f"from jobs.doors.bench import encode_rate_child; "
                                                          f"encode_rate_child({n}, {start_at})"],
                                   stdout=subprocess.PIPE, text=True) for _ in range(k)]
