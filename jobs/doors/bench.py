@@ -107,13 +107,28 @@ def parallel_rates(n: int) -> tuple[float, float]:
     """Texts/s of one single-threaded encoder process alone, and of two side by side (summed): what two
     one-core workers can get from this machine's cores at best."""
     def run(k: int) -> float:
-        start_at = time.time() + 8  # after every process has loaded the model (about 4 s here)
+        start_at = time.time() + 7  # after every process has loaded the model (about 4 s here)
         procs = [subprocess.Popen([sys.executable, "-c", f"from jobs.doors.bench import encode_rate_child; "
                                                          f"encode_rate_child({n}, {start_at})"],
                                   stdout=subprocess.PIPE, text=True) for _ in range(k)]
         return sum(float(p.communicate()[0].strip().splitlines()[-1]) for p in procs)
 
     return run(1), run(2)
+
+
+def service_executors() -> int:
+    """Active executors of the run service, as its Spark UI lists them."""
+    import requests
+
+    from jobs.spark import run_service
+
+    ui = (run_service.info() or {}).get("ui_url")
+    try:
+        app = requests.get(f"{ui}/api/v1/applications", timeout=2).json()[0]["id"]
+        listed = requests.get(f"{ui}/api/v1/applications/{app}/executors", timeout=2).json()
+    except (requests.RequestException, ValueError, IndexError, KeyError):
+        return -1
+    return sum(1 for e in listed if e["id"] != "driver" and e.get("isActive"))
 
 
 def timed_run(spec, registry):
@@ -317,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rows, same code (< 3 minutes)")
     args = parser.parse_args(argv)
-    n_encode, n_pipeline, rounds, n_search, n_scale = ((512, 1000, 1, 200_000, 600) if args.quick
+    n_encode, n_pipeline, rounds, n_search, n_scale = ((512, 1000, 1, 120_000, 400) if args.quick
                                                         else (2000, 5000, 3, 1_000_000, 3000))
 
     home = tempfile.mkdtemp(prefix="embeddeck-bench-")
@@ -357,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{enc.precision.dtype} encoder could reach over raw here")
         print(f"encoder_time_shares = {time_shares(enc, texts[:256])}")
 
-    one, two = parallel_rates(n_encode // 2)
+    one, two = parallel_rates(128 if args.quick else n_encode // 2)
     print(f"encode_1p_1t_texts_per_s = {one:.1f}  # one process, one torch thread (a Spark task's setting)")
     print(f"encode_2p_1t_texts_per_s = {two:.1f}  # two such processes side by side, summed")
     print(f"parallel_2p/1p = {two / one:.2f}  # the most two one-core workers can gain over one on this machine")
@@ -378,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"search_scan/index = {s['scan_p50'] / s['p50']:.0f}")
     print(f"query_encode_ms = {query_ms:.1f}")
 
-    watch_s = 20 if args.quick else 60
+    watch_s = 8 if args.quick else 60
     watch, watch_auto = dashboard_watch_cpu_pct(watch_s), dashboard_watch_cpu_pct(watch_s, watcher="auto")
     print(f"dashboard_watch_cpu_pct = {watch:.1f}  # Streamlit server, one browser on the Cluster page for "
           f"{watch_s} s, no run; the product's .streamlit/config.toml")
@@ -426,10 +441,12 @@ def main(argv: list[str] | None = None) -> int:
         for workers in (1, 2):
             scaled_at = time.time()
             cluster_cli("scale", str(workers))
-            if workers == 2:  # the new worker's executor holds the model before the run, as the first one did
-                deadline = time.perf_counter() + 120
-                while (run_service.info() or {}).get("warmed_at", 0) < scaled_at and time.perf_counter() < deadline:
-                    time.sleep(0.2)
+            # The run service has exactly these executors (a removed one is gone), each holding the model.
+            deadline = time.perf_counter() + 120
+            while time.perf_counter() < deadline and (
+                    service_executors() != workers
+                    or (workers == 2 and (run_service.info() or {}).get("warmed_at", 0) < scaled_at)):
+                time.sleep(0.2)
             scale_spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description",
                                  target=f"scale_{workers}w", master=master, limit_rows=n_scale, launched_by="bench")
             scaled, _, _ = timed_run(scale_spec, registry)
