@@ -158,7 +158,7 @@ def test_make_run_entry_point_starts_and_stops_everything(tmp_path):
     import requests
 
     from cluster.local import LocalCluster
-    from tests.conftest import free_port
+    from jobs.core.processes import free_port
 
     ports = {"EMBEDDECK_DASHBOARD_PORT": free_port(), "EMBEDDECK_MASTER_PORT": free_port(),
              "EMBEDDECK_MASTER_WEBUI_PORT": free_port()}
