@@ -293,7 +293,7 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
     lo, hi, _ = bounds
     if spec.limit_rows:
         hi = db.nth_id(engine, tables.source, tables.id_col, spec.limit_rows) or hi
-    parts = spec.partitions or plan.default_partitions(sc.defaultParallelism)
+    parts = spec.partitions or plan.default_partitions(sc.defaultParallelism, hi - lo + 1)
     ranges = [(r.index, r.lo, r.hi) for r in plan.split_range(lo, hi, parts)]
     # A broadcast, not a file Spark's file server keeps offering: executors that join the run service later
     # would fetch every file ever added, and a destroyed broadcast is gone from every executor.
