@@ -13,6 +13,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import requests
 from azure.mgmt.appcontainers import models as m
 
 from cluster import prices
@@ -321,7 +322,7 @@ def dry_run(c: AcaConfig) -> list[dict]:
     return [{"kind": kind, "name": name, "body": masked(body.as_dict(), c)} for kind, name, body in plan(c)]
 
 
-def with_published_price(c: AcaConfig, session=None) -> AcaConfig:
+def with_published_price(c: AcaConfig, session: requests.Session | None = None) -> AcaConfig:
     """The config with the region's published GPU-second price, unless the operator set one; a lookup that
     fails is reported and the deployment goes on (costs then show GPU-seconds without an amount)."""
     if c.price_per_unit_s:

@@ -37,11 +37,12 @@ def overview() -> None:
     if not readings:
         st.caption("No worker telemetry yet: readings appear once workers run.")
     rows = views.telemetry_rows(readings)
+    pricing = backend.pricing()
     if rows:
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
         st.caption("CPU % is of one core (100 = one core busy). Stale readings are older than "
                    f"{worker_readings.STALE_AFTER_S:.0f}s and are not current values. "
-                   f"Each worker bills {backend.pricing().units_per_worker:g} {backend.pricing().unit}(s).")
+                   f"Each worker bills {pricing.units_per_worker:g} {pricing.unit}(s).")
 
     st.subheader("Spark")
     service = run_service.info()

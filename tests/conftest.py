@@ -139,14 +139,24 @@ def pg_url():
         pytest.fail(f"{exc}; run `make setup`")
 
 
-def wait_until(predicate, timeout: float = 60.0, every: float = 0.5):
+def wait_until(predicate, timeout: float = 60.0, every: float = 0.5, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(every)
-    raise AssertionError(f"condition not met within {timeout}s")
+    raise AssertionError(f"{what} not met within {timeout}s")
+
+
+def responds(url: str, **kwargs) -> bool:
+    """Whether an HTTP GET of url answers 2xx now (a server that is not up yet answers False)."""
+    import requests
+
+    try:
+        return requests.get(url, timeout=2, **kwargs).ok
+    except requests.RequestException:
+        return False
 
 
 def check_table(url: str, reference_model, n: int, target: str, model: str = "all-MiniLM-L6-v2") -> None:

@@ -35,6 +35,7 @@ from jobs.store import scaling
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
 from tests import postgres
+from tests.conftest import check_table, responds, wait_until
 
 CONTROLLER, WORKER = "localhost/embeddeck-controller:dev", "localhost/embeddeck-worker:dev"
 ROWS = int(os.environ.get("E2E_ROWS", "400"))
@@ -130,23 +131,6 @@ def keda_rule() -> tuple[dict, int, int]:
     return scale.rules[0].custom.as_dict(), scale.min_replicas, scale.max_replicas
 
 
-def wait_for(what: str, predicate, timeout: float, every: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise SystemExit(f"e2e: timed out after {timeout:.0f}s waiting for {what}")
-
-
-def ok(url: str, **kw) -> bool:
-    try:
-        return requests.get(url, timeout=2, **kw).ok
-    except requests.RequestException:
-        return False
-
-
 def main() -> int:
     for image in (CONTROLLER, WORKER):
         if subprocess.run(["buildah", "inspect", "--type", "image", image], capture_output=True).returncode:
@@ -183,8 +167,9 @@ def main() -> int:
                 "EMBEDDECK_API_PORT": str(api_port)}, {share: "/data"}, logs / "controller.log")
             containers.append(controller)
             api = f"http://127.0.0.1:{api_port}"
-            wait_for("the controller's API", lambda: ok(f"{api}/healthz"), timeout=180)
-            wait_for("the controller's Spark master", lambda: ok(f"http://127.0.0.1:{webui_port}/json/"), timeout=60)
+            wait_until(lambda: responds(f"{api}/healthz"), timeout=180, every=1, what="the controller's API")
+            wait_until(lambda: responds(f"http://127.0.0.1:{webui_port}/json/"), timeout=60, every=1,
+                       what="the controller's Spark master")
 
             def start_replica(i: int) -> Container:
                 replica = Container(WORKER, f"e2e-worker-{i}-{os.getpid()}", {
@@ -215,17 +200,17 @@ def main() -> int:
                 run = requests.get(f"{api}/runs/{run_id}", headers=auth, timeout=5).json()
                 return run if run["state"] in ("succeeded", "failed", "cancelled") else None
 
-            run = wait_for(f"run {run_id}", finished, timeout=900, every=2)
+            run = wait_until(finished, timeout=900, every=2, what=f"run {run_id}")
             assert run["state"] == "succeeded", run
             print(f"run {run_id}: {run['rows_done']}/{ROWS} rows in {time.monotonic() - t0:.0f}s "
                   f"from the POST; worker counts so far {keda.counts}")
-            wait_for("workers back to 0", lambda: keda.counts[-1] == 0 and len(keda.counts) > 2, timeout=180)
+            wait_until(lambda: keda.counts[-1] == 0 and len(keda.counts) > 2, timeout=180, every=1,
+                       what="workers back to 0")
             keda.stopping.set()
 
             from sentence_transformers import SentenceTransformer
 
             from jobs.embed.encoder import model_path
-            from tests.conftest import check_table
 
             check_table(db_url, SentenceTransformer(model_path("all-MiniLM-L6-v2"), device="cpu"), ROWS,
                         target="e2e_embeddings")

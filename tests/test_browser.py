@@ -4,16 +4,14 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import requests
 
 from jobs.core.processes import free_port
 from jobs.core.settings import Settings
 from jobs.store.demo import seed_demo
-from tests.conftest import ARTIFACTS, wait_until
+from tests.conftest import ARTIFACTS, responds, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.spark]
 REPO = Path(__file__).resolve().parent.parent
@@ -34,15 +32,7 @@ def dashboard_url(home):
                                                EMBEDDECK_DASHBOARD_AUTH="proxy"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(f"{url}/_stcore/health", timeout=1).ok:
-                break
-        except requests.RequestException:
-            pass
-        assert time.monotonic() < deadline, "streamlit did not start"
-        time.sleep(0.5)
+    wait_until(lambda: responds(f"{url}/_stcore/health"), timeout=60, what="the dashboard server")
     yield url
     proc.terminate()
     proc.wait(10)
@@ -139,7 +129,7 @@ def test_cluster_page_on_the_aca_backend_in_chromium(browser, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: _healthy(url), timeout=60)
+        wait_until(lambda: responds(f"{url}/_stcore/health"), timeout=60, what="the dashboard server")
         page = browser.new_page(viewport={"width": 1280, "height": 1700})
         page.goto(f"{url}/cluster")
         page.get_by_text("Latest scaling decisions").wait_for(timeout=60_000)
@@ -154,9 +144,3 @@ def test_cluster_page_on_the_aca_backend_in_chromium(browser, tmp_path):
         proc.terminate()
         proc.wait(10)
 
-
-def _healthy(url: str) -> bool:
-    try:
-        return requests.get(f"{url}/_stcore/health", timeout=1).ok
-    except requests.RequestException:
-        return False

@@ -245,7 +245,7 @@ def search_child(url: str, queries_file: str) -> None:
     unit = qs / np.linalg.norm(qs, axis=1, keepdims=True)
     best_s = np.full((len(qs), 10), -np.inf, np.float32)
     best_i = np.zeros((len(qs), 10), np.int64)
-    for ids, mat, _ in index._chunks(None):
+    for ids, mat, _ in index.chunks(None):
         scores = np.concatenate([best_s, unit @ mat.T], axis=1)
         idx = np.concatenate([best_i, np.broadcast_to(ids, (len(qs), len(ids)))], axis=1)
         order = np.argsort(-scores, axis=1)[:, :10]

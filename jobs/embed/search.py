@@ -118,7 +118,7 @@ class VectorIndex:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.max(self.target.c.embedded_at))).scalar()
 
-    def _chunks(self, since, limit: int | None = None):
+    def chunks(self, since, limit: int | None = None):
         """(ids, unit-length float32 vectors, latest embedded_at) per chunk of rows at or after since."""
         t = self.target
         q = sa.select(t.c.source_id, t.c.embedding, t.c.embedded_at)
@@ -154,7 +154,7 @@ class VectorIndex:
         import faiss
 
         lists = int(min(4096, max(8, 2 * count ** 0.5)))
-        sample = np.concatenate([m for _, m, _ in self._chunks(None, limit=min(count, 40 * lists))])
+        sample = np.concatenate([m for _, m, _ in self.chunks(None, limit=min(count, 40 * lists))])
         ann = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(self.dim), self.dim, lists,
                                             faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
         ann.train(sample)
@@ -162,7 +162,7 @@ class VectorIndex:
         self.ann = ann
 
     def _load(self, since) -> None:
-        for ids, mat, latest in self._chunks(since):
+        for ids, mat, latest in self.chunks(since):
             if self.ann is not None:
                 if since is not None:  # updated rows replace their old vectors
                     self.ann.remove_ids(ids)
@@ -185,12 +185,12 @@ class VectorIndex:
             return True
         count, latest = self._state()
         self.counted_at = now
-        if count > cache_limit_rows(self.dim, count > Settings().integer("EMBEDDECK_SEARCH_EXACT_ROWS")):
+        exact_wanted = count <= Settings().integer("EMBEDDECK_SEARCH_EXACT_ROWS")
+        if count > cache_limit_rows(self.dim, not exact_wanted):
             self.__init__(self.engine, self.target, self.dim)
             return False
         if count == self.count and latest == self.watermark:
             return True
-        exact_wanted = count <= Settings().integer("EMBEDDECK_SEARCH_EXACT_ROWS")
         if count < self.size or exact_wanted != (self.ann is None) or self.watermark is None:
             self._rebuild(count)  # first load, rows deleted, or the target crossed the exact/approximate line
         else:

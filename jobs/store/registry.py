@@ -136,6 +136,7 @@ class Registry:
         self._ensure_schema()
 
     def _ensure_schema(self) -> None:
+        self._beside: set[int] = set()  # other modules' tables made in this database file (see ensure)
         metadata.create_all(self.engine, checkfirst=True)
         self._add_new_columns()
         one_active_run_per_target.create(self.engine, checkfirst=True)
@@ -154,6 +155,13 @@ class Registry:
         if self._file and self._identity() != self._file_id:
             self.engine.dispose()
             self._ensure_schema()
+
+    def ensure(self, tables: sa.MetaData) -> None:
+        """Make another module's tables beside the runs, once per database file (not at every call)."""
+        self._fresh()
+        if id(tables) not in self._beside:
+            tables.create_all(self.engine, checkfirst=True)
+            self._beside.add(id(tables))
 
     def _add_new_columns(self) -> None:
         """Registries written by an older EmbedDeck lack newer nullable columns: add them in place."""

@@ -40,7 +40,7 @@ settings_table = sa.Table(
 
 def load_settings(registry: Registry) -> ScalingSettings:
     """The operator's scaling settings; defaults when none were saved (unknown keys are ignored)."""
-    metadata.create_all(registry.engine, checkfirst=True)
+    registry.ensure(metadata)
     with registry.engine.connect() as conn:
         text = conn.execute(sa.select(settings_table.c.settings_json).where(settings_table.c.id == 1)).scalar()
     data = json.loads(text) if text else {}
@@ -49,7 +49,7 @@ def load_settings(registry: Registry) -> ScalingSettings:
 
 
 def save_settings(settings: ScalingSettings, registry: Registry) -> None:
-    metadata.create_all(registry.engine, checkfirst=True)
+    registry.ensure(metadata)
     values = {"settings_json": json.dumps(asdict(settings)), "updated_at": utcnow()}
     with registry.engine.begin() as conn:
         if not conn.execute(settings_table.update().where(settings_table.c.id == 1).values(**values)).rowcount:
@@ -94,8 +94,13 @@ class ScaleHistory:
     """Scale events and worker-count samples, kept in the registry's database."""
 
     def __init__(self, registry: Registry):
-        self.engine = registry.engine
-        metadata.create_all(self.engine, checkfirst=True)
+        self.registry = registry
+        registry.ensure(metadata)
+
+    @property
+    def engine(self) -> sa.Engine:
+        self.registry.ensure(metadata)  # a deleted SQLite registry is started again, these tables with it
+        return self.registry.engine
 
     def record(self, frm: int, to: int, reason: str, source: str) -> None:
         with self.engine.begin() as conn:
