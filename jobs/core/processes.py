@@ -51,6 +51,12 @@ def stop_group(pgid: int, pid: int | None = None, grace_s: float = 10.0) -> None
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    # Killed members are gone only once reaped (their parent may have died with them): return when they are.
+    for member in {pid or pgid, pgid}:
+        try:
+            psutil.Process(member).wait(5)
+        except psutil.Error:
+            pass
 
 
 def write_json(path: Path, data: object) -> None:
