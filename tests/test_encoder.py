@@ -38,6 +38,23 @@ def test_vectors_match_sentence_transformers_in_input_order(encoder, reference_m
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def bf16_encoder():
+    return Encoder("all-MiniLM-L6-v2", precision="bf16")
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 64])
+def test_bf16_vectors_stay_within_budget_of_sentence_transformers(bf16_encoder, reference_model, batch_size):
+    """bf16 products with fp32 norms and residuals, on oneDNN-packed weights where this CPU has bf16 support;
+    batches of 1 have no padding and take the unmasked path."""
+    import torch
+
+    assert bf16_encoder.self_cast == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    got = bf16_encoder.encode(TRICKY, batch_size=batch_size)
+    assert (got * reference_vectors(reference_model, TRICKY)).sum(1).min() >= 0.9999
+    assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
 def test_token_counts_match_the_reference_tokenizer_after_truncation(encoder, reference_model):
     want = [len(ids) for ids in reference_model.tokenizer(TRICKY, truncation=True, max_length=256)["input_ids"]]
     assert encoder.count_tokens(TRICKY) == sum(want)
@@ -82,6 +99,7 @@ def test_flop_count_matches_torchs_counter_for_the_linear_layers(encoder, texts)
         for ids in model.token_ids(texts):  # one text per forward: no padding to count
             model.model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))
     attention = sum(6 * 4 * n * n * 384 for n in counts)  # torch counts no CPU flash attention
+    assert model.flops(texts, attention=False) == counter.get_total_flops()
     assert model.flops(texts) == counter.get_total_flops() + attention
 
 

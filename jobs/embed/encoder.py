@@ -80,7 +80,7 @@ def choose_precision(requested: str | None = None) -> Precision:
     if cuda:
         return Precision("cuda", "fp16", "CUDA device: fp16 tensor cores")
     if cpu_has_bf16_units():
-        return Precision("cpu", "bf16", "CPU has bf16 matrix units: bf16 autocast")
+        return Precision("cpu", "bf16", "CPU has bf16 matrix units: bf16 products, fp32 norms")
     return Precision("cpu", "fp32", "CPU has no bf16 matrix units: bf16 would be slower, fp32 kept")
 
 
@@ -129,21 +129,21 @@ class Encoder:
             raise BadRequest(f"model {model!r} could not be loaded from {path}: {exc}") from exc
         if self.precision.device == "cuda" and self.precision.dtype == "fp16":
             self.model.half()
-        cast_linear = getattr(self.model, "cast_linear", None)  # the plain-torch BERT only
-        if self.precision.device == "cpu" and self.precision.dtype == "bf16" and cast_linear:
-            import torch
-
-            cast_linear(torch.bfloat16)
+        pack_bf16 = getattr(self.model, "pack_bf16", None)  # the plain-torch BERT only
+        # Where the model runs bf16 itself, autocast would only add a dispatch layer to every operation.
+        self.self_cast = bool(self.precision.device == "cpu" and self.precision.dtype == "bf16" and pack_bf16
+                              and pack_bf16())
         self.dim = self.model.dim
         self.max_tokens = self.model.max_tokens
         log.info("model %s on %s %s (%s, %s)", model, self.precision.device, self.precision.dtype,
                  self.precision.reason, type(self.model).__name__)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The autocast context of the chosen precision (bf16 on CPUs with bf16 units), else a no-op."""
+        """The autocast context of the chosen precision (bf16 on CPUs with bf16 units, unless the model casts
+        itself), else a no-op."""
         import torch
 
-        if self.precision.device == "cpu" and self.precision.dtype == "bf16":
+        if self.precision.device == "cpu" and self.precision.dtype == "bf16" and not self.self_cast:
             return torch.autocast("cpu", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
