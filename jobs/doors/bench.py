@@ -537,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pipeline_wall_s = {wall:.1f}  # launch to succeeded")
     print(f"pipeline_rows_per_s = {pipe_speed:.1f}  # embedding phase, SQLite -> Spark local -> SQLite")
     print(f"pipeline/raw_fp32 = {pipe_speed / raw_speed:.2f}")
+    print(f"pipeline_bound/raw = {two / default_speed:.2f}  # encode_2p_1t against the in-process encoder: the "
+          "most one single-threaded task per core can reach")
     print(f"pipeline/raw = {pipe_speed / default_speed:.2f}")
     return 0
 
