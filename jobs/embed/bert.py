@@ -76,8 +76,8 @@ class _Bert:
 
     def pack_bf16(self) -> None:
         """Hold the linear layers as bf16 weights packed once for oneDNN (6-13 % faster products here than
-        plain bf16 weights; autocast would re-cast fp32 ones at every call); embeddings, residuals and layer norms stay
-        fp32, which keeps cosine >= 0.9999 to fp32."""
+        plain bf16 weights; autocast would re-cast fp32 ones at every call). Embeddings, residuals and layer
+        norms stay fp32, which keeps cosine >= 0.9999 to fp32."""
         pack = torch.ops.mkldnn._reorder_linear_weight
         linear = (".qkv.", ".attn_out.", ".up.", ".down.")
         self.w = {k: (pack(t.to(torch.bfloat16)) if k.endswith(".weight") else t.to(torch.bfloat16))
@@ -203,7 +203,7 @@ class BertSentenceEncoder:
                 batch = np.zeros((len(rows), width), dtype=np.int64)
                 for r, i in enumerate(rows):
                     batch[r, :len(ids[i])] = ids[i]
-                lengths = [len(ids[i]) for i in rows]
+                lengths = [len(ids[i]) for i in rows]  # longest first
                 mask = None if lengths[-1] == width else (
                     torch.arange(width, device=self.device) < torch.tensor(lengths, device=self.device)[:, None])
                 pooled = self.model(torch.from_numpy(batch).to(self.device), mask)
