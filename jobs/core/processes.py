@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 import psutil
+
+log = logging.getLogger(__name__)
 
 
 def free_port() -> int:
@@ -38,25 +43,49 @@ def is_alive(pid: int | None, started: float | None = None) -> bool:
         return False
 
 
+def _group_members(pgid: int) -> list[psutil.Process]:
+    """The processes of a process group now."""
+    members = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                members.append(proc)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return members
+
+
 def stop_group(pgid: int, pid: int | None = None, grace_s: float = 10.0) -> None:
     """SIGTERM a process group, wait up to grace_s for its leader (or pid), then SIGKILL what is left of the
-    group: a Spark worker that is shutting down still launches the executors its master asks for, and
-    those would outlive it, serving tasks on a worker that no longer exists."""
+    group and return once it has exited: a Spark worker that is shutting down still launches the executors its
+    master asks for, and those would outlive it, serving tasks on a worker that no longer exists."""
     try:
         os.killpg(pgid, signal.SIGTERM)
         psutil.Process(pid or pgid).wait(grace_s)
     except (ProcessLookupError, PermissionError, psutil.Error):
         pass
+    left = _group_members(pgid)
     try:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-    # Killed members are gone only once reaped (their parent may have died with them): return when they are.
-    for member in {pid or pgid, pgid}:
-        try:
-            psutil.Process(member).wait(5)
-        except psutil.Error:
-            pass
+    # SIGKILL lands when the victim next runs, and a busy machine may not run it at once: return when every
+    # member has exited. Ours are reaped here; one whose parent died with it stays a zombie until init reaps
+    # it, and a zombie runs nothing.
+    deadline = time.monotonic() + 5
+    for proc in left:
+        while True:
+            try:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    with contextlib.suppress(psutil.Error):
+                        proc.wait(0)
+                    break
+            except psutil.Error:
+                break
+            if time.monotonic() > deadline:
+                log.warning("process %d of group %d still runs after SIGKILL", proc.pid, pgid)
+                break
+            time.sleep(0.01)
 
 
 def write_json(path: Path, data: object) -> None:
