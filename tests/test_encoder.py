@@ -47,9 +47,7 @@ def bf16_encoder():
 def test_bf16_vectors_stay_within_budget_of_sentence_transformers(bf16_encoder, reference_model, batch_size):
     """bf16 products with fp32 norms and residuals, on oneDNN-packed weights where this CPU has bf16 support;
     batches of 1 have no padding and take the unmasked path."""
-    import torch
-
-    assert bf16_encoder.self_cast == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert bf16_encoder.self_cast == bert.bf16_packing_supported()
     got = bf16_encoder.encode(TRICKY, batch_size=batch_size)
     assert (got * reference_vectors(reference_model, TRICKY)).sum(1).min() >= 0.9999
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
@@ -119,3 +117,15 @@ def test_every_spelling_of_one_model_shares_one_encoder_and_the_cache_is_bounded
         copies.append(enc.get_encoder(str(copy)))
     assert len(enc._CACHE) == enc.CACHE_SIZE
     assert enc.get_encoder(str(tmp_path / f"copy{enc.CACHE_SIZE + 1}")) is copies[-1]  # the newest stays
+
+
+def test_bench_roofline_and_time_shares_follow_the_encoders_own_products(encoder, bf16_encoder):
+    """`make bench` times the products in the encoder's precision and finds the linear layers among the
+    profiler's operators on both paths (a renamed operator would leave that group empty and the bench's
+    linear_layers/gemm_ceiling line dividing by zero)."""
+    from jobs.doors.bench import gemm_gflops, time_shares
+
+    for enc in (encoder, bf16_encoder):
+        assert gemm_gflops(enc, rows=64, windows=1, seconds=0.05) > 0
+        line, linear_s = time_shares(enc, TRICKY[:20])
+        assert linear_s > 0 and "linear layers" in line

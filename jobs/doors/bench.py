@@ -35,6 +35,8 @@ def gemm_gflops(enc, rows: int, windows: int = 9, seconds: float = 0.4) -> float
     import torch
     import torch.nn.functional as F
 
+    from jobs.embed import bert
+
     h, ff = enc.model.dim, enc.model.intermediate
     device = enc.precision.device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(enc.precision.dtype, torch.float32)
@@ -44,8 +46,8 @@ def gemm_gflops(enc, rows: int, windows: int = 9, seconds: float = 0.4) -> float
     flops = sum(2 * rows * w.shape[0] * w.shape[1] for w in weights)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     products = {"plain": lambda: [F.linear(x, w) for x, w in zip(inputs, weights)]}
-    if device == "cpu" and torch.backends.mkldnn.is_available() and (
-            dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+    packable = {torch.bfloat16: bert.bf16_packing_supported, torch.float32: torch.backends.mkldnn.is_available}
+    if device == "cpu" and packable.get(dtype, lambda: False)():
         packed = [torch.ops.mkldnn._reorder_linear_weight(w) for w in weights]
         products["packed"] = lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
                                       for x, p in zip(inputs, packed)]

@@ -55,6 +55,11 @@ def forward_flops(token_counts: Iterable[int], hidden: int, layers: int, interme
     return sum(per_token * n + attention * layers * 4 * n * n * hidden for n in token_counts)
 
 
+def bf16_packing_supported() -> bool:
+    """Whether this torch and CPU run oneDNN bf16 products on packed weights."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 class _Bert:
     """BERT forward pass over a dict of weight tensors: no nn.Module, so loading allocates nothing twice
     and initialises nothing (random init on the meta device imports torch._dynamo, 3 s)."""
@@ -174,8 +179,7 @@ class BertSentenceEncoder:
     def pack_bf16(self) -> bool:
         """Run the linear layers in bf16 on weights packed once for oneDNN, where this torch and CPU support it;
         False where they do not (the caller autocasts instead)."""
-        if self.device != "cpu" or not (torch.backends.mkldnn.is_available()
-                                        and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        if self.device != "cpu" or not bf16_packing_supported():
             return False
         self.model.pack_bf16()
         return True

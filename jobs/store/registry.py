@@ -136,7 +136,7 @@ class Registry:
         self._ensure_schema()
 
     def _ensure_schema(self) -> None:
-        self._beside: set[int] = set()  # other modules' tables made in this database file (see ensure)
+        self._beside: set[sa.MetaData] = set()  # other modules' tables made in this database file (see ensure)
         metadata.create_all(self.engine, checkfirst=True)
         self._add_new_columns()
         one_active_run_per_target.create(self.engine, checkfirst=True)
@@ -159,9 +159,9 @@ class Registry:
     def ensure(self, tables: sa.MetaData) -> None:
         """Make another module's tables beside the runs, once per database file (not at every call)."""
         self._fresh()
-        if id(tables) not in self._beside:
+        if tables not in self._beside:
             tables.create_all(self.engine, checkfirst=True)
-            self._beside.add(id(tables))
+            self._beside.add(tables)
 
     def _add_new_columns(self) -> None:
         """Registries written by an older EmbedDeck lack newer nullable columns: add them in place."""
