@@ -201,6 +201,8 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
         assert marks["model_load_s"] < 0.05  # and already held the model (a load takes 0.4 s or more)
         stages = start_breakdown(marks)
         assert stages["jvm"] == stages["spark_app"] == stages["python_worker"] == 0
+        # The bench's pipeline_tasks_busy: the tasks' seconds on rows, within the job's seconds on one core.
+        assert 0 < marks["tasks_encoding_s"] <= marks["tasks_busy_s"] <= marks["embed_job_s"]
 
         hold.touch()  # keeps the next run in flight after its first commit, however fast the machine
         busy = launch("svc_busy", model=fast_model)

@@ -266,6 +266,9 @@ def _record_marks(registry: Registry, run_id: str, marks: dict[str, float], scan
     commits = [r["first_commit"] for r in embedded if r.get("first_commit")]
     if commits:
         marks["first_commit"] = min(commits)
+    if embedded:  # how much of the embedding job's core-seconds its tasks spent on rows
+        marks["tasks_busy_s"] = sum(r["seconds"] for r in embedded)
+        marks["tasks_encoding_s"] = sum(r["encoding_s"] for r in embedded)
     registry.set_timings(run_id, {k: v if k.endswith("_s") else v - launched for k, v in marks.items()})
 
 
@@ -329,6 +332,7 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
                 sc.setJobDescription(f"embed {title}")
                 embedded = sc.parallelize(work, len(work)).mapPartitions(embed_partitions(task)).collect()
                 _raise_task_error(embedded)
+                marks["embed_job_s"] = time.monotonic() - t0
                 busy = sum(r["seconds"] for r in embedded)
                 log.info("run %s: %d tasks busy %.1f s in all (%.0f %% of it encoding), %.1f s the longest, "
                          "over %.1f s on %d cores", run_id, len(embedded), busy,
