@@ -129,3 +129,15 @@ def test_bench_roofline_and_time_shares_follow_the_encoders_own_products(encoder
         assert gemm_gflops(enc, rows=64, windows=1, seconds=0.05) > 0
         line, linear_s = time_shares(enc, TRICKY[:20])
         assert linear_s > 0 and "linear layers" in line
+
+
+def test_bench_runs_the_other_engines_on_our_tokens_and_batches(encoder):
+    """The bench's OpenVINO and ONNX Runtime figures encode the same model to the same vectors as ours (the
+    TRICKY texts: empty, truncated, padded batches), and OpenVINO's usage reporting never loads."""
+    from jobs.doors.bench import other_engines
+
+    results = other_engines(encoder, TRICKY, rounds=1)
+    assert set(results) == {"openvino_fp32", "onnxruntime_fp32"}
+    for rate, ratio, cosine in results.values():
+        assert rate > 0 and ratio > 0 and cosine >= 0.9999
+    assert sys.modules.get("openvino_telemetry") is None

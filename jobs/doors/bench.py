@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 import numpy as np
 
@@ -111,6 +112,91 @@ def time_shares(enc, texts: list[str]) -> tuple[str, float]:
     parts = ", ".join(f"{g} {100 * v / whole:.0f}%" for g, v in sorted(totals.items(), key=lambda kv: -kv[1]))
     line = f"{parts} of operator time; tokenizing {100 * tokenize_s / encode_s:.0f}% of an encode call"
     return line, totals.get(LINEAR, 0.0) / 1e6
+
+
+def _padded_batches(enc, texts: list[str], batch_size: int = 32):
+    """Our encoder's own batching, for another engine: (rows, ids, attention mask) per batch of texts sorted
+    longest first."""
+    ids = enc.model.token_ids(texts)
+    order = np.argsort([-len(x) for x in ids], kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = np.zeros((len(rows), len(ids[rows[0]])), dtype=np.int64)
+        mask = np.zeros_like(batch)
+        for r, i in enumerate(rows):
+            batch[r, :len(ids[i])] = ids[i]
+            mask[r, :len(ids[i])] = 1
+        yield rows, batch, mask
+
+
+def other_engines(enc, texts: list[str], rounds: int) -> dict[str, tuple[float, float, float]]:
+    """The same model on the same tokens and batches in two other CPU inference engines, each round timed
+    right after ours: OpenVINO (its own fused attention and norm kernels, at our precision) and ONNX Runtime
+    (fp32: it has no bf16 products on x86). Per engine: median texts/s, median ratio to ours, min cosine."""
+    import torch
+    from transformers import AutoModel
+    from transformers.utils import logging as transformers_logging
+
+    from jobs.embed.encoder import model_path
+
+    transformers_logging.set_verbosity_error()  # its tracer reads the training loss, which this model lacks
+
+    # OpenVINO's converter reports usage to Intel when its telemetry package imports; without it, a stub.
+    sys.modules.setdefault("openvino_telemetry", None)
+    import onnxruntime
+    import openvino
+
+    class Pooled(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * weights).sum(1) / weights.sum(1)
+
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model = AutoModel.from_pretrained(model_path(enc.model_name), attn_implementation="eager")
+    pooled = Pooled(model.eval())
+    example = torch.ones(2, 8, dtype=torch.int64)
+    dynamic = {0: "batch", 1: "tokens"}
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    with torch.no_grad(), warnings.catch_warnings(), tempfile.TemporaryDirectory() as tmp:
+        warnings.simplefilter("ignore")  # the tracers' notes on Python values in the model's code
+        ov_model = openvino.convert_model(pooled, example_input={"input_ids": example, "attention_mask": example})
+        torch.onnx.export(pooled, (example, example), f"{tmp}/model.onnx", input_names=["input_ids", "attention_mask"],
+                          dynamic_axes={"input_ids": dynamic, "attention_mask": dynamic}, dynamo=False)
+        ort_session = onnxruntime.InferenceSession(f"{tmp}/model.onnx", options, providers=["CPUExecutionProvider"])
+    ov_request = openvino.Core().compile_model(ov_model, "CPU", {
+        "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "bf16" if enc.precision.dtype == "bf16" else "f32"}).create_infer_request()
+    runs = {f"openvino_{enc.precision.dtype}": lambda ids, mask: next(iter(ov_request.infer(
+                {"input_ids": ids, "attention_mask": mask}).values())),
+            "onnxruntime_fp32": lambda ids, mask: ort_session.run(None, {"input_ids": ids,
+                                                                          "attention_mask": mask})[0]}
+
+    def encode_with(run, batch_texts: list[str]) -> np.ndarray:
+        out = np.empty((len(batch_texts), enc.dim), dtype=np.float32)
+        for rows, ids, mask in _padded_batches(enc, batch_texts):
+            out[rows] = run(ids, mask)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    ours = enc.encode(texts)
+    results = {}
+    for name, run in runs.items():
+        encode_with(run, texts[:64])
+        speeds, ratios = [], []
+        for _ in range(rounds):
+            mine = measure(enc.encode, texts, 1)[0]
+            theirs, vecs = measure(lambda t, run=run: encode_with(run, t), texts, 1)
+            speeds.append(theirs)
+            ratios.append(theirs / mine)
+        results[name] = (float(np.median(speeds)), float(np.median(ratios)), float((vecs * ours).sum(1).min()))
+    return results
 
 
 def encode_rate_child(n: int, start_at: float, ceiling: bool = False) -> None:
@@ -412,6 +498,13 @@ def main(argv: list[str] | None = None) -> int:
         linear_gflops = enc.model.flops(texts[:256], attention=False) / linear_s / 1e9
         print(f"linear_layers/gemm_ceiling = {linear_gflops / gemm:.2f}  # the linear layers alone, timed by the "
               f"profiler: what is left to gain is in the other shares")
+        on_cpu = enc.precision.device == "cpu"  # the other engines run on the CPU only
+        engines = other_engines(enc, texts[:256] if args.quick else texts, rounds) if on_cpu else {}
+        for name, (rate, ratio, cosine) in engines.items():
+            print(f"{name}_texts_per_s = {rate:.1f}  # the same model, tokens and batches; min cosine to ours "
+                  f"{cosine:.5f}")
+            print(f"{name.split('_')[0]}/default = {ratio:.2f}  # median of {rounds} rounds, each timing ours "
+                  "and then it")
 
     one, two, task_ratio = parallel_rates(128 if args.quick else n_encode // 2)
     print(f"encode_1p_1t_texts_per_s = {one:.1f}  # one process, one torch thread (a Spark task's setting)")
@@ -539,6 +632,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"pipeline_wall_s = {wall:.1f}  # launch to succeeded")
     print(f"pipeline_rows_per_s = {pipe_speed:.1f}  # embedding phase, SQLite -> Spark local -> SQLite")
     print(f"pipeline/raw_fp32 = {pipe_speed / raw_speed:.2f}")
+    marks = json.loads(run.timings or "{}")
+    print(f"pipeline_tasks_busy = {marks['tasks_busy_s'] / (os.cpu_count() * marks['embed_job_s']):.2f}  # of the "
+          f"embedding job's {os.cpu_count()} x {marks['embed_job_s']:.1f} core-seconds, its tasks' share (reading, "
+          f"encoding {marks['tasks_encoding_s'] / marks['tasks_busy_s']:.0%} of it, writing); the rest is Spark "
+          "between tasks")
     print(f"pipeline_bound/raw = {two / default_speed:.2f}  # encode_2p_1t against the in-process encoder: the "
           "most one single-threaded task per core can reach")
     print(f"pipeline/raw = {pipe_speed / default_speed:.2f}")
