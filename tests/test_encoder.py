@@ -141,3 +141,13 @@ def test_bench_runs_the_other_engines_on_our_tokens_and_batches(encoder):
     for rate, ratio, cosine in results.values():
         assert rate > 0 and ratio > 0 and cosine >= 0.9999
     assert sys.modules.get("openvino_telemetry") is None
+
+
+def test_bench_peak_memory_is_the_searching_process_own_not_its_parents():
+    """search_peak_rss_mb once read getrusage's ru_maxrss, which Linux carries across exec from the spawning
+    process: a child of a 300 MB parent reported 300 MB."""
+    held = np.ones(300 * 2**20 // 8)  # the parent's 300 MB, resident
+    child = subprocess.run([sys.executable, "-c", "from jobs.doors.bench import own_peak_rss_mb; "
+                                                  "print(own_peak_rss_mb())"],
+                           capture_output=True, text=True, check=True)
+    assert held.sum() > 0 and 5 < float(child.stdout) < 150

@@ -114,21 +114,6 @@ def time_shares(enc, texts: list[str]) -> tuple[str, float]:
     return line, totals.get(LINEAR, 0.0) / 1e6
 
 
-def _padded_batches(enc, texts: list[str], batch_size: int = 32):
-    """Our encoder's own batching, for another engine: (rows, ids, attention mask) per batch of texts sorted
-    longest first."""
-    ids = enc.model.token_ids(texts)
-    order = np.argsort([-len(x) for x in ids], kind="stable")
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        batch = np.zeros((len(rows), len(ids[rows[0]])), dtype=np.int64)
-        mask = np.zeros_like(batch)
-        for r, i in enumerate(rows):
-            batch[r, :len(ids[i])] = ids[i]
-            mask[r, :len(ids[i])] = 1
-        yield rows, batch, mask
-
-
 def other_engines(enc, texts: list[str], rounds: int) -> dict[str, tuple[float, float, float]]:
     """The same model on the same tokens and batches in two other CPU inference engines, each round timed
     right after ours: OpenVINO (its own fused attention and norm kernels, at our precision) and ONNX Runtime
@@ -181,8 +166,8 @@ def other_engines(enc, texts: list[str], rounds: int) -> dict[str, tuple[float, 
 
     def encode_with(run, batch_texts: list[str]) -> np.ndarray:
         out = np.empty((len(batch_texts), enc.dim), dtype=np.float32)
-        for rows, ids, mask in _padded_batches(enc, batch_texts):
-            out[rows] = run(ids, mask)
+        for rows, ids, lengths in enc.model.batches(batch_texts, 32):
+            out[rows] = run(ids, (np.arange(ids.shape[1]) < np.array(lengths)[:, None]).astype(np.int64))
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
     ours = enc.encode(texts)
@@ -341,11 +326,16 @@ def write_search_table(url: str, n: int, centers: np.ndarray) -> None:
                                           content_hash="h", embedded_at=now) for i, v in enumerate(vecs)])
 
 
+def own_peak_rss_mb() -> float:
+    """This process's peak resident memory since it started its program (VmHWM). Not getrusage's ru_maxrss:
+    Linux carries that across exec from the process that spawned this one, so it read the bench's own peak."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+
 def search_child(url: str, queries_file: str) -> None:
     """In a process of its own (its peak RSS is the figure): build the product's index from the table, time
     top-10 for each query, and measure recall@10 against an exact pass over the same table."""
-    import resource
-
     from jobs.embed import search
     from jobs.store import db
 
@@ -380,7 +370,7 @@ def search_child(url: str, queries_file: str) -> None:
                       "recall": float(recall), "build_s": build_s, "index_mb": index.nbytes / 2**20,
                       "kind": "faiss IVF-SQ8" if index.ann is not None else "exact",
                       "scan_p50": float(np.median(scan)),
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                      "peak_rss_mb": own_peak_rss_mb()}))
 
 
 def bench_search(home: str, n: int, queries: int, centers: np.ndarray) -> dict[str, float]:
@@ -637,6 +627,9 @@ def main(argv: list[str] | None = None) -> int:
           f"embedding job's {os.cpu_count()} x {marks['embed_job_s']:.1f} core-seconds, its tasks' share (reading, "
           f"encoding {marks['tasks_encoding_s'] / marks['tasks_busy_s']:.0%} of it, writing); the rest is Spark "
           "between tasks")
+    busy_rate = run.rows_done / (marks["tasks_busy_s"] / os.cpu_count())
+    print(f"pipeline_busy_rate/encode_2p_1t = {busy_rate / two:.2f}  # the tasks' rows/s while busy against two lone "
+          "single-threaded processes: what Spark's JVM and driver, and the run's reads and writes, take from them")
     print(f"pipeline_bound/raw = {two / default_speed:.2f}  # encode_2p_1t against the in-process encoder: the "
           "most one single-threaded task per core can reach")
     print(f"pipeline/raw = {pipe_speed / default_speed:.2f}")
