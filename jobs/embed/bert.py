@@ -10,7 +10,7 @@ cosine >= 0.99999 (tests/test_encoder.py).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -194,20 +194,26 @@ class BertSentenceEncoder:
         those of the linear layers alone when attention is False."""
         return forward_flops(map(len, self.token_ids(texts)), self.dim, self.layers, self.intermediate, attention)
 
+    def batches(self, texts: list[str], batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[int]]]:
+        """(positions in texts, zero-padded token ids, token counts) per batch, longest texts first: batches of
+        similar length pad little."""
+        ids = self.token_ids(texts)
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            lengths = [len(ids[i]) for i in rows]
+            batch = np.zeros((len(rows), lengths[0]), dtype=np.int64)
+            for r, i in enumerate(rows):
+                batch[r, :lengths[r]] = ids[i]
+            yield rows, batch, lengths
+
     def encode(self, texts: list[str], batch_size: int = 32, normalize: bool = True) -> np.ndarray:
         """float32 mean-pooled vectors in input order, unit-length unless normalize is False; batches of
         similar token length keep padding low."""
-        ids = self.token_ids(texts)
-        order = np.argsort([-len(x) for x in ids], kind="stable")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                rows = order[start:start + batch_size]
-                width = len(ids[rows[0]])
-                batch = np.zeros((len(rows), width), dtype=np.int64)
-                for r, i in enumerate(rows):
-                    batch[r, :len(ids[i])] = ids[i]
-                lengths = [len(ids[i]) for i in rows]  # longest first
+            for rows, batch, lengths in self.batches(texts, batch_size):
+                width = batch.shape[1]
                 mask = None if lengths[-1] == width else (
                     torch.arange(width, device=self.device) < torch.tensor(lengths, device=self.device)[:, None])
                 pooled = self.model(torch.from_numpy(batch).to(self.device), mask)
