@@ -334,11 +334,14 @@ def own_peak_rss_mb() -> float:
 
 
 def search_child(url: str, queries_file: str) -> None:
-    """In a process of its own (its peak RSS is the figure): build the product's index from the table, time
-    top-10 for each query, and measure recall@10 against an exact pass over the same table."""
+    """In a process of its own (its peak RSS is the figure): load the model as a searching process does, build
+    the product's index from the table, time top-10 for each query, and measure recall@10 against an exact
+    pass over the same table."""
     from jobs.embed import search
+    from jobs.embed.encoder import get_encoder
     from jobs.store import db
 
+    get_encoder("all-MiniLM-L6-v2").encode(["waterproof hiking boots"])  # a searching process holds its model
     qs = np.load(queries_file)
     engine = db.engine_for(url)
     target = db.reflect(engine, "search_emb")
@@ -513,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"search_{tag}_p50_ms = {s['p50']:.2f}  # top-10, query encoding excluded (query_encode_ms)")
     print(f"search_{tag}_p99_ms = {s['p99']:.2f}")
     print(f"search_{tag}_recall10 = {s['recall']:.3f}  # against exact search on the same 200 queries")
-    print(f"search_peak_rss_mb = {s['peak_rss_mb']:.0f}  # the searching process: index, torch imported, exact pass")
+    print(f"search_peak_rss_mb = {s['peak_rss_mb']:.0f}  # the searching process's own: model, index, exact pass")
     print(f"search_scan_p50_ms = {s['scan_p50']:.0f}  # baseline: streaming scan per query")
     print(f"search_scan/index = {s['scan_p50'] / s['p50']:.0f}")
     print(f"query_encode_ms = {query_ms:.1f}")
