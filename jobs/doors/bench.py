@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"linear_layers/gemm_ceiling = {linear_gflops / gemm:.2f}  # the linear layers alone, timed by the "
               f"profiler: what is left to gain is in the other shares")
         on_cpu = enc.precision.device == "cpu"  # the other engines run on the CPU only
-        engines = other_engines(enc, texts[:256] if args.quick else texts, rounds) if on_cpu else {}
+        engines = other_engines(enc, texts[:128] if args.quick else texts, rounds) if on_cpu else {}
         for name, (rate, ratio, cosine) in engines.items():
             print(f"{name}_texts_per_s = {rate:.1f}  # the same model, tokens and batches; min cosine to ours "
                   f"{cosine:.5f}")
@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"search_scan/index = {s['scan_p50'] / s['p50']:.0f}")
     print(f"query_encode_ms = {query_ms:.1f}")
 
-    watch_s = 8 if args.quick else 60
+    watch_s = 5 if args.quick else 60
     watch, watch_auto = dashboard_watch_cpu_pct(watch_s), dashboard_watch_cpu_pct(watch_s, watcher="auto")
     print(f"dashboard_watch_cpu_pct = {watch:.1f}  # Streamlit server, one browser on the Cluster page for "
           f"{watch_s} s, no run; the product's .streamlit/config.toml")
