@@ -6,7 +6,7 @@ import streamlit as st
 from dashboard import services, widgets
 from jobs import lifecycle
 from jobs.core.errors import EmbedDeckError
-from jobs.core.spec import DEFAULT_MODEL, RunSpec
+from jobs.core.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, RunSpec
 from jobs.store import db
 
 st.title("Launch an embedding run")
@@ -27,7 +27,7 @@ text_column = c2.selectbox("Text column", cols, index=cols.index(text_guess))
 target = st.text_input("Target table (created when missing)", value=f"{source}_embeddings")
 c3, c4, c5 = st.columns(3)
 model = c3.text_input("Model (name or local directory)", value=DEFAULT_MODEL)
-batch_size = c4.number_input("Batch size", 1, 4096, 32)
+batch_size = c4.number_input("Batch size (rows at most)", 1, 4096, DEFAULT_BATCH_SIZE)
 mode = c5.selectbox("Mode", ["incremental", "full"])
 master = st.text_input("Spark master", value=lifecycle.resolve_master())
 

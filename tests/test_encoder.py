@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jobs.core.spec import DEFAULT_BATCH_SIZE
 from jobs.embed import bert
 from jobs.embed.encoder import Encoder, model_path
 from tests.conftest import reference_vectors
@@ -29,7 +30,7 @@ def test_default_model_runs_on_the_plain_torch_encoder(encoder):
     assert (encoder.dim, encoder.max_tokens) == (384, 256)
 
 
-@pytest.mark.parametrize("batch_size", [1, 7, 64])
+@pytest.mark.parametrize("batch_size", [1, 7, 64, DEFAULT_BATCH_SIZE])
 def test_vectors_match_sentence_transformers_in_input_order(encoder, reference_model, batch_size):
     got = encoder.encode(TRICKY, batch_size=batch_size)
     want = reference_vectors(reference_model, TRICKY)
@@ -51,6 +52,26 @@ def test_bf16_vectors_stay_within_budget_of_sentence_transformers(bf16_encoder, 
     got = bf16_encoder.encode(TRICKY, batch_size=batch_size)
     assert (got * reference_vectors(reference_model, TRICKY)).sum(1).min() >= 0.9999
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [7, DEFAULT_BATCH_SIZE])
+def test_cpu_batches_hold_at_most_batch_size_rows_and_the_token_budget(encoder, batch_size):
+    """Every text once, longest first; a batch stops at batch_size rows or at the padded-token budget, whichever
+    comes first, so short texts share big batches and the 256-token text shares a small one."""
+    budget = encoder.model.batch_tokens
+    assert budget == bert.CPU_BATCH_TOKENS
+    batches = list(encoder.model.batches(TRICKY, batch_size))
+    assert sorted(np.concatenate([rows for rows, _, _ in batches]).tolist()) == list(range(len(TRICKY)))
+    widths = [ids.shape[1] for _, ids, _ in batches]
+    assert widths == sorted(widths, reverse=True) and widths[0] == 256
+    for rows, ids, lengths in batches:
+        assert len(rows) == ids.shape[0] == len(lengths) <= batch_size
+        assert ids.size <= budget
+        assert lengths[0] == ids.shape[1] and all((ids[r, n:] == 0).all() for r, n in enumerate(lengths))
+    sizes = [len(rows) for rows, _, _ in batches]
+    assert sizes[0] == min(batch_size, budget // 256)
+    if batch_size == DEFAULT_BATCH_SIZE:
+        assert max(sizes) > 32  # short texts: more rows than the old fixed batch of 32
 
 
 def test_token_counts_match_the_reference_tokenizer_after_truncation(encoder, reference_model):
@@ -151,3 +172,4 @@ def test_bench_peak_memory_is_the_searching_process_own_not_its_parents():
                                                   "print(own_peak_rss_mb())"],
                            capture_output=True, text=True, check=True)
     assert held.sum() > 0 and 5 < float(child.stdout) < 150
+

@@ -49,6 +49,7 @@ def default_partitions(cores: int, span: int) -> int:
 
 
 COMMIT_ROWS = 256  # rows per transaction: each worker's progress shows every few seconds
+FIRST_COMMIT_ROWS = 32  # a task's first commit: this many of its shortest rows, encoded in a fraction of a second
 
 
 def commit_slices(n: int, first_batch: int = 0, commit_rows: int = COMMIT_ROWS) -> list[slice]:

@@ -9,6 +9,9 @@ from jobs.core.errors import BadRequest
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 MODES = ("incremental", "full")
+# Rows per forward pass at most. On CPU the encoder also caps a batch's padded tokens, so short texts fill
+# a batch of up to this many rows and long ones split (jobs/embed/bert.py, CPU_BATCH_TOKENS).
+DEFAULT_BATCH_SIZE = 128
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,7 @@ class RunSpec:
     text_column: str
     target: str
     model: str = DEFAULT_MODEL
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     chunk_rows: int = 1024  # rows read per query and sorted by length together (less padding)
     partitions: int | None = None
     mode: str = "incremental"

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobs.core.spec import DEFAULT_MODEL
+from jobs.core.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
 
 
 class ApiError(BaseModel):
@@ -30,7 +30,7 @@ class RunRequest(BaseModel):
     target: str = Field(min_length=1, max_length=400)
     model: str = Field(DEFAULT_MODEL, min_length=1, max_length=400)
     # Ranges and choices are RunSpec's to check (one place, a 400 naming the field), not repeated here.
-    batch_size: int = 32
+    batch_size: int = DEFAULT_BATCH_SIZE
     partitions: int | None = None
     mode: str = "incremental"
     limit_rows: int | None = None

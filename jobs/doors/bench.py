@@ -17,6 +17,8 @@ import warnings
 
 import numpy as np
 
+from jobs.core.spec import DEFAULT_BATCH_SIZE
+
 
 def measure(fn, texts: list[str], rounds: int) -> tuple[float, np.ndarray]:
     """Median texts/s over rounds (after a warm-up on a slice), and the vectors of the last round."""
@@ -69,14 +71,16 @@ def gemm_gflops(enc, rows: int, windows: int = 9, seconds: float = 0.4) -> float
     return best
 
 
-def paired_ceiling(enc, texts: list[str], rounds: int, rows: int) -> tuple[float, float, float]:
-    """Texts/s of the encoder and the GEMM ceiling, each round timing one after the other so that both see
-    the same moment of a noisy machine: medians of texts/s, of GFLOP/s and of the per-round ratio."""
+def paired_ceiling(enc, texts: list[str], rounds: int) -> tuple[float, float, float]:
+    """Texts/s of the encoder and the GEMM ceiling at its batches' mean padded tokens, each round timing one
+    after the other so that both see the same moment of a noisy machine: medians of texts/s, of GFLOP/s and
+    of the per-round ratio."""
     flops_per_text = enc.model.flops(texts) / len(texts)
+    rows = round(np.mean([ids.size for _, ids, _ in enc.model.batches(texts, DEFAULT_BATCH_SIZE)]))
     speeds, gemms = [], []
     for _ in range(rounds):
         t0 = time.perf_counter()
-        enc.encode(texts, batch_size=32)
+        enc.encode(texts)
         speeds.append(len(texts) / (time.perf_counter() - t0))
         gemms.append(gemm_gflops(enc, rows, windows=3))
     ratios = [s * flops_per_text / 1e9 / g for s, g in zip(speeds, gemms)]
@@ -102,7 +106,7 @@ def time_shares(enc, texts: list[str]) -> tuple[str, float]:
     tokenize_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode(), enc.autocast():
-        enc.model.encode(texts, 32, True)
+        enc.model.encode(texts, DEFAULT_BATCH_SIZE, True)
     encode_s = time.perf_counter() - t0
     totals: dict[str, float] = {}
     for event in prof.key_averages():
@@ -166,7 +170,7 @@ def other_engines(enc, texts: list[str], rounds: int) -> dict[str, tuple[float, 
 
     def encode_with(run, batch_texts: list[str]) -> np.ndarray:
         out = np.empty((len(batch_texts), enc.dim), dtype=np.float32)
-        for rows, ids, lengths in enc.model.batches(batch_texts, 32):
+        for rows, ids, lengths in enc.model.batches(batch_texts, DEFAULT_BATCH_SIZE):
             out[rows] = run(ids, (np.arange(ids.shape[1]) < np.array(lengths)[:, None]).astype(np.int64))
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
@@ -199,7 +203,7 @@ def encode_rate_child(n: int, start_at: float, ceiling: bool = False) -> None:
     t0 = time.perf_counter()
     enc.encode(texts)
     rate = n / (time.perf_counter() - t0)
-    ratio = paired_ceiling(enc, texts, 2, rows=round(32 * enc.count_tokens(texts) / n))[2] if ceiling else 0.0
+    ratio = paired_ceiling(enc, texts, 2)[2] if ceiling else 0.0
     print(rate, ratio)
 
 
@@ -464,10 +468,12 @@ def main(argv: list[str] | None = None) -> int:
     raw = SentenceTransformer(model_path("all-MiniLM-L6-v2"), device="cpu")
     raw_speed, raw_vecs = measure(lambda t: raw.encode(t, batch_size=64, normalize_embeddings=True), texts, rounds)
     enc = get_encoder("all-MiniLM-L6-v2")
-    default_speed, default_vecs = measure(lambda t: enc.encode(t, batch_size=32), texts, rounds)
+    default_speed, default_vecs = measure(enc.encode, texts, rounds)
     print(f"raw_fp32_bs64_texts_per_s = {raw_speed:.1f}")
+    budget = getattr(enc.model, "batch_tokens", None)
     print(f"default_texts_per_s = {default_speed:.1f}  # {enc.precision.device} {enc.precision.dtype}: "
-          f"{enc.precision.reason}")
+          f"{enc.precision.reason}; batches of at most {DEFAULT_BATCH_SIZE} rows"
+          + (f" and {budget} padded tokens" if budget else ""))
     print(f"default/fp32 = {default_speed / raw_speed:.2f}")
     print(f"min_cosine = {(raw_vecs * default_vecs).sum(1).min():.5f}")
     if isinstance(enc.model, BertSentenceEncoder):
@@ -475,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         flops_per_text = enc.model.flops(texts) / len(texts)
         mean_tokens = enc.count_tokens(texts) / len(texts)
         paired_rounds = 2 if args.quick else 5
-        speed, gemm, ratio = paired_ceiling(enc, texts, paired_rounds, rows=round(32 * mean_tokens))
+        speed, gemm, ratio = paired_ceiling(enc, texts, paired_rounds)
         print(f"gemm_gflops = {gemm:.1f}  # {enc.precision.dtype} matrix products at the model's layer shapes, "
               f"operands already {enc.precision.dtype}")
         print(f"default_gflops = {speed * flops_per_text / 1e9:.1f}  # {flops_per_text / 1e9:.2f} GFLOP "

@@ -14,7 +14,7 @@ from jobs import lifecycle
 from jobs.core.errors import EmbedDeckError
 from jobs.core.progress import eta_seconds, format_duration
 from jobs.core.settings import Settings
-from jobs.core.spec import DEFAULT_MODEL, RunSpec
+from jobs.core.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, RunSpec
 from jobs.store import connections, db
 from jobs.store.registry import CANCELLED, SUCCEEDED, Registry, Run
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "$EMBEDDECK_SPARK_MASTER, else the run service's master "
                                                      "when one is up, else local[*])")
     run.add_argument("--mode", default="incremental", choices=["incremental", "full"])
-    run.add_argument("--batch-size", type=int, default=32)
+    run.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     run.add_argument("--chunk-rows", type=int, default=RunSpec.chunk_rows)
     run.add_argument("--partitions", type=int, default=None)
     run.add_argument("--endpoint", default=None,

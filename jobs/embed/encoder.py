@@ -16,7 +16,7 @@ import numpy as np
 
 from jobs.core.errors import BadRequest, Unavailable
 from jobs.core.settings import Settings
-from jobs.core.spec import DEFAULT_MODEL
+from jobs.core.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ class Encoder:
         """Tokens the model reads for these texts, after truncation."""
         return sum(len(ids) for ids in self.model.token_ids(texts))
 
-    def encode(self, texts: list[str], batch_size: int = 32, normalize: bool = True) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE, normalize: bool = True) -> np.ndarray:
         """float32 vectors, one per text, unit-length unless normalize is False; long texts are truncated
         to the model's limit."""
         import torch
@@ -208,7 +208,7 @@ class RemoteEncoder:
                 time.sleep(0.5 * 2**attempt)
         raise Unavailable(f"embedding endpoint {self.name!r} failed after {self.retries + 1} attempts: {reason}")
 
-    def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    def encode(self, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Unit-length vectors, sent in requests of at most MAX_BATCH texts."""
         out = []
         for i in range(0, len(texts), self.MAX_BATCH):

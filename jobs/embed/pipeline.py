@@ -186,7 +186,7 @@ def embed_partitions(task: TaskPlan):
             for chunk in _chunks(spec, tables, lo, hi):
                 todo, _, _ = _classify(spec, chunk)
                 todo.sort(key=lambda row: len(row[1]))
-                first_batch = spec.batch_size if first_commit is None else 0
+                first_batch = min(spec.batch_size, plan.FIRST_COMMIT_ROWS) if first_commit is None else 0
                 for part in (todo[s] for s in plan.commit_slices(len(todo), first_batch)):
                     t1 = time.perf_counter()
                     vecs = encoder.encode([t for _, t, _ in part], batch_size=spec.batch_size)
