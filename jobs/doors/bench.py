@@ -186,10 +186,10 @@ def other_engines(enc, texts: list[str], rounds: int) -> dict[str, tuple[float, 
     return results
 
 
-def encode_rate_child(n: int, start_at: float, ceiling: bool = False) -> None:
-    """One process, one torch thread (as a Spark task runs): texts/s over n demo texts, timed from start_at so
-    that processes started together encode together; with ceiling, then also the encoder's ratio to one
-    core's GEMM ceiling (paired rounds)."""
+def encode_rate_child(n: int, ceiling: bool = False) -> None:
+    """One process, one torch thread (as a Spark task runs): texts/s over n demo texts, timed from a line on
+    stdin once it has said "ready", so that processes started together encode together; with ceiling, then
+    also the encoder's ratio to one core's GEMM ceiling (paired rounds)."""
     import torch
 
     from jobs.embed.encoder import get_encoder
@@ -199,7 +199,8 @@ def encode_rate_child(n: int, start_at: float, ceiling: bool = False) -> None:
     texts = [p["description"] for p in products(n)]
     enc = get_encoder("all-MiniLM-L6-v2")
     enc.encode(texts[:32])
-    time.sleep(max(0.0, start_at - time.time()))
+    print("ready", flush=True)
+    sys.stdin.readline()
     t0 = time.perf_counter()
     enc.encode(texts)
     rate = n / (time.perf_counter() - t0)
@@ -212,10 +213,15 @@ def parallel_rates(n: int) -> tuple[float, float, float]:
     one-core workers can get from this machine's cores at best; and the lone process's default/gemm_ceiling
     on its one core."""
     def run(k: int) -> tuple[float, float]:
-        start_at = time.time() + 7  # after every process has loaded the model (about 4 s here)
         procs = [subprocess.Popen([sys.executable, "-c", f"from jobs.doors.bench import encode_rate_child; "
-                                                         f"encode_rate_child({n}, {start_at}, {k == 1})"],
-                                  stdout=subprocess.PIPE, text=True) for _ in range(k)]
+                                                         f"encode_rate_child({n}, {k == 1})"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(k)]
+        for p in procs:  # every process has loaded the model before any starts timing
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"encoder process exited with {p.wait()} before it was ready")
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
         results = [tuple(map(float, p.communicate()[0].strip().splitlines()[-1].split())) for p in procs]
         return sum(rate for rate, _ in results), results[0][1]
 
