@@ -144,12 +144,14 @@ def test_bench_roofline_and_time_shares_follow_the_encoders_own_products(encoder
     """`make bench` times the products in the encoder's precision and finds the linear layers among the
     profiler's operators on both paths (a renamed operator would leave that group empty and the bench's
     linear_layers/gemm_ceiling line dividing by zero)."""
-    from jobs.doors.bench import gemm_gflops, time_shares
+    from jobs.doors.bench import gemm_gflops, paired_linear, time_shares
 
     for enc in (encoder, bf16_encoder):
         assert gemm_gflops(enc, rows=64, windows=1, seconds=0.05) > 0
         line, linear_s = time_shares(enc, TRICKY[:20])
         assert linear_s > 0 and "linear layers" in line
+        line, ratio = paired_linear(enc, TRICKY[:20], rounds=1)
+        assert ratio > 0 and "linear layers" in line
 
 
 def test_bench_runs_the_other_engines_on_our_tokens_and_batches(encoder):
