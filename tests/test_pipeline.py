@@ -207,7 +207,7 @@ def test_vectors_are_known_by_their_encoder_and_size(spark, sqlite_url, tmp_path
 def test_reused_python_workers_leave_the_imported_modules_out_of_garbage_collection(spark):
     """PySpark's daemon collects garbage in a reused worker after every task. Over the ~220,000 objects that
     torch, the encoder and SQLAlchemy import, that took 0.1 s of a core at each task boundary; frozen before
-    the daemon forks, they are never scanned, and a worker holding the model leaves the collector little."""
+    the daemon forks, they are never scanned, and a worker holding the model leaves the collector a fraction."""
     from jobs.core.spec import DEFAULT_MODEL
 
     def probe(_):
@@ -218,4 +218,5 @@ def test_reused_python_workers_leave_the_imported_modules_out_of_garbage_collect
 
     for frozen, scanned in spark.sparkContext.parallelize([0, 1], 2).mapPartitions(probe).collect():
         assert frozen > 100_000, frozen
-        assert scanned < 20_000, scanned
+        # What the workers imported later (another model's library, a database driver) is still scanned.
+        assert scanned < frozen / 4, (scanned, frozen)
