@@ -194,3 +194,25 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert int(out.stdout.split()[-1]) < 512, out.stdout + out.stderr
+
+
+def test_a_task_commits_its_shortest_rows_first_then_whole_batches_of_at_least_the_commit_rows(encoder,
+                                                                                               reference_model):
+    """What a Spark task commits (jobs/embed/pipeline.py): its 32 shortest rows alone, then one pass of batches
+    over the rest of the chunk, gathered into commits of at least 256 rows; every row once, same vectors."""
+    from jobs.core import plan
+    from jobs.embed.pipeline import commit_groups
+    from jobs.store.demo import products
+
+    texts = sorted((p["description"] for p in products(700)), key=len)
+    groups = list(commit_groups(encoder, texts, DEFAULT_BATCH_SIZE, first_commit=True))
+    sizes = [len(positions) for positions, _ in groups]
+    assert sizes[0] == plan.FIRST_COMMIT_ROWS and set(groups[0][0]) == set(range(plan.FIRST_COMMIT_ROWS))
+    assert all(size >= plan.COMMIT_ROWS for size in sizes[1:-1]) and sum(sizes) == len(texts) and len(groups) >= 3
+    positions = np.concatenate([p for p, _ in groups])
+    assert sorted(positions) == list(range(len(texts)))
+    got = np.empty((len(texts), 384), dtype=np.float32)
+    got[positions] = np.concatenate([v for _, v in groups])
+    assert (got * reference_vectors(reference_model, texts)).sum(1).min() >= 0.99999
+    later = list(commit_groups(encoder, texts[:300], DEFAULT_BATCH_SIZE, first_commit=False))
+    assert len(later[0][0]) >= plan.COMMIT_ROWS  # no small first commit after the task's first

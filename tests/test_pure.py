@@ -141,19 +141,28 @@ def test_start_breakdown_cold_and_warm():
     assert progress.start_breakdown({}) == dict.fromkeys(warm, 0.0)  # a run that never started
 
 
-@pytest.mark.parametrize("n,first,want", [
-    (0, 32, []),
-    (10, 32, [(0, 10)]),
-    (600, 32, [(0, 32), (32, 288), (288, 544), (544, 600)]),
-    (600, 0, [(0, 256), (256, 512), (512, 600)]),
-    (256, 0, [(0, 256)]),
+@pytest.mark.parametrize("n,batch_size,first_commit,want", [
+    (0, 128, True, []),
+    (10, 128, True, [(0, 10, 10)]),
+    (600, 128, True, [(0, 32, 32), (32, 600, 256)]),
+    (600, 8, True, [(0, 8, 8), (8, 600, 256)]),  # a first commit is never more than one batch
+    (600, 128, False, [(0, 600, 256)]),
 ])
-def test_commit_slices_cover_the_chunk_once_first_batch_alone(n, first, want):
-    from jobs.core.plan import commit_slices
+def test_a_tasks_first_commit_is_its_shortest_rows_alone_then_one_pass_over_the_rest(n, batch_size, first_commit,
+                                                                                     want):
+    from jobs.core.plan import encode_spans
 
-    got = commit_slices(n, first)
-    assert [(s.start, s.stop) for s in got] == want
-    assert sum(s.stop - s.start for s in got) == n
+    got = encode_spans(n, batch_size, first_commit)
+    assert [(span.start, span.stop, at_least) for span, at_least in got] == want
+
+
+def test_batches_are_gathered_into_commits_of_at_least_the_commit_rows_in_order():
+    from jobs.core.plan import gather
+
+    sizes = [70, 70, 70, 70, 70, 30, 200, 10]
+    groups = list(gather(iter(sizes), lambda rows: rows, 256))
+    assert groups == [[70, 70, 70, 70], [70, 30, 200], [10]]
+    assert list(gather(iter([]), len, 256)) == []
 
 
 def test_masters_are_compared_by_where_they_are_not_by_spelling():

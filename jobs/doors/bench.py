@@ -103,15 +103,14 @@ SHARE_OF = {LINEAR: ("addmm", "aten::mm", "aten::linear", "linear_pointwise"),
 def time_shares(enc, texts: list[str]) -> tuple[str, float]:
     """Where the encoder's time goes, from torch's profiler (self time per operator, grouped), with the
     tokenizer's share of the whole encode call; and the seconds the linear layers took."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     t0 = time.perf_counter()
     enc.model.token_ids(texts)
     tokenize_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU]) as prof, torch.inference_mode(), enc.autocast():
-        enc.model.encode(texts, DEFAULT_BATCH_SIZE, True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        enc.encode(texts)
     encode_s = time.perf_counter() - t0
     totals: dict[str, float] = {}
     for event in prof.key_averages():

@@ -219,15 +219,13 @@ class BertSentenceEncoder:
             yield rows, batch, lengths
             start += len(rows)
 
-    def encode(self, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE, normalize: bool = True) -> np.ndarray:
-        """float32 mean-pooled vectors in input order, unit-length unless normalize is False."""
-        out = np.empty((len(texts), self.dim), dtype=np.float32)
-        with torch.inference_mode():
-            for rows, batch, lengths in self.batches(texts, batch_size):
-                width = batch.shape[1]
-                mask = None if lengths[-1] == width else (
-                    torch.arange(width, device=self.device) < torch.tensor(lengths, device=self.device)[:, None])
-                pooled = self.model(torch.from_numpy(batch).to(self.device), mask)
-                pooled = pooled.float()
-                out[rows] = (F.normalize(pooled, dim=-1) if normalize else pooled).cpu().numpy()
-        return out
+    def encode_batches(self, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE,
+                       normalize: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions in texts, float32 mean-pooled vectors) batch by batch, unit-length unless normalize is
+        False; the caller holds torch's inference mode around each step."""
+        for rows, batch, lengths in self.batches(texts, batch_size):
+            width = batch.shape[1]
+            mask = None if lengths[-1] == width else (
+                torch.arange(width, device=self.device) < torch.tensor(lengths, device=self.device)[:, None])
+            pooled = self.model(torch.from_numpy(batch).to(self.device), mask).float()
+            yield rows, (F.normalize(pooled, dim=-1) if normalize else pooled).cpu().numpy()

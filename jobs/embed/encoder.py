@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -120,11 +121,11 @@ class _SentenceTransformerModel:
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         return self.st.tokenizer(texts, truncation=True, max_length=self.max_tokens)["input_ids"]
 
-    def encode(self, texts: list[str], batch_size: int, normalize: bool = True) -> np.ndarray:
-        # sentence-transformers sorts the texts by length inside the call, so a chunk is the
-        # batch window that keeps padding small.
-        return self.st.encode(texts, batch_size=batch_size, convert_to_numpy=True,
-                              normalize_embeddings=normalize, show_progress_bar=False)
+    def encode_batches(self, texts: list[str], batch_size: int,
+                       normalize: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        # sentence-transformers sorts the texts by length inside the call: the whole list is one step.
+        yield np.arange(len(texts)), self.st.encode(texts, batch_size=batch_size, convert_to_numpy=True,
+                                                    normalize_embeddings=normalize, show_progress_bar=False)
 
 
 def _load_model(path: str, device: str):
@@ -172,16 +173,31 @@ class Encoder:
         """Tokens the model reads for these texts, after truncation."""
         return sum(len(ids) for ids in self.model.token_ids(texts))
 
-    def encode(self, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE, normalize: bool = True) -> np.ndarray:
-        """float32 vectors, one per text, unit-length unless normalize is False; long texts are truncated
-        to the model's limit."""
+    def encode_batches(self, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE,
+                       normalize: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions in texts, float32 vectors) as the model finishes each batch, so that a caller can store
+        them while the rest encode; unit-length unless normalize is False, long texts truncated to the
+        model's limit."""
         import torch
 
         if not texts:
-            return np.empty((0, self.dim), dtype=np.float32)
-        with torch.inference_mode(), self.autocast():
-            out = self.model.encode(texts, batch_size, normalize)
-        return np.asarray(out, dtype=np.float32)
+            return
+        steps = self.model.encode_batches(texts, batch_size, normalize)
+        while True:
+            # Entered around each step, not held across a yield: the caller's own work runs outside them.
+            with torch.inference_mode(), self.autocast():
+                step = next(steps, None)
+            if step is None:
+                return
+            yield step[0], np.asarray(step[1], dtype=np.float32)
+
+    def encode(self, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE, normalize: bool = True) -> np.ndarray:
+        """float32 vectors, one per text in order, unit-length unless normalize is False; long texts are
+        truncated to the model's limit."""
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for rows, vecs in self.encode_batches(texts, batch_size, normalize):
+            out[rows] = vecs
+        return out
 
 
 class RemoteEncoder:
@@ -229,14 +245,23 @@ class RemoteEncoder:
                 time.sleep(0.5 * 2**attempt)
         raise Unavailable(f"embedding endpoint {self.name!r} failed after {self.retries + 1} attempts: {reason}")
 
+    def encode_batches(self, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions in texts, unit-length float32 vectors) request by request, at most MAX_BATCH texts each."""
+        for start in range(0, len(texts), self.MAX_BATCH):
+            sent = texts[start:start + self.MAX_BATCH]
+            got = self._post(sent)
+            if len(got) != len(sent):
+                raise Unavailable(f"embedding endpoint {self.name!r} answered {len(got)} embeddings for "
+                                  f"{len(sent)} texts")
+            arr = np.asarray(got, dtype=np.float32)
+            norms = np.linalg.norm(arr, axis=1, keepdims=True)
+            yield np.arange(start, start + len(arr)), arr / np.where(norms == 0, 1, norms)
+
     def encode(self, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
         """Unit-length vectors, sent in requests of at most MAX_BATCH texts."""
-        out = []
-        for i in range(0, len(texts), self.MAX_BATCH):
-            out += self._post(texts[i:i + self.MAX_BATCH])
-        arr = np.asarray(out, dtype=np.float32).reshape(len(texts), -1) if texts else np.empty((0, self.dim))
-        norms = np.linalg.norm(arr, axis=1, keepdims=True)
-        return (arr / np.where(norms == 0, 1, norms)).astype(np.float32)
+        parts = [vecs for _, vecs in self.encode_batches(texts, batch_size)]
+        return np.concatenate(parts) if parts else np.empty((0, self.dim), dtype=np.float32)
 
 
 # Encoders held per process, least recently used dropped first: each local model costs ~100-400 MB, and

@@ -16,6 +16,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
+
 from jobs.core import plan
 from jobs.core.errors import BadRequest, EmbedDeckError, from_kind
 from jobs.core.progress import rate
@@ -86,6 +88,16 @@ def _classify(spec: RunSpec, rows: list) -> tuple[list[tuple[int, str, str]], in
         else:
             current += 1
     return todo, empty, current
+
+
+def commit_groups(encoder, texts: list[str], batch_size: int, first_commit: bool
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(positions in texts, vectors) to commit together, encoded as plan.encode_spans says."""
+    for span, at_least in plan.encode_spans(len(texts), batch_size, first_commit):
+        steps = encoder.encode_batches(texts[span], batch_size)
+        for group in plan.gather(steps, lambda step: len(step[0]), at_least):
+            yield (np.concatenate([rows for rows, _ in group]) + span.start,
+                   np.concatenate([vecs for _, vecs in group]))
 
 
 def _worker_encoder(model: str, endpoint: str | None = None, api_key: str | None = None, name: str | None = None):
@@ -185,19 +197,22 @@ def embed_partitions(task: TaskPlan):
             t0, embedded, first_commit, encoding = time.perf_counter(), 0, None, 0.0
             for chunk in _chunks(spec, tables, lo, hi):
                 todo, _, _ = _classify(spec, chunk)
-                todo.sort(key=lambda row: len(row[1]))
-                first_batch = min(spec.batch_size, plan.FIRST_COMMIT_ROWS) if first_commit is None else 0
-                for part in (todo[s] for s in plan.commit_slices(len(todo), first_batch)):
+                todo.sort(key=lambda row: len(row[1]))  # shortest first: the first commit's rows
+                groups = commit_groups(encoder, [text for _, text, _ in todo], spec.batch_size, first_commit is None)
+                while True:
                     t1 = time.perf_counter()
-                    vecs = encoder.encode([t for _, t, _ in part], batch_size=spec.batch_size)
+                    group = next(groups, None)
                     encoding += time.perf_counter() - t1
+                    if group is None:
+                        break
+                    positions, vecs = group
                     if vecs.shape[1] != task.dim:  # a remote endpoint may change its answer mid-run
                         raise BadRequest(f"{spec.model_identity} returned {vecs.shape[1]}-dimension vectors; "
                                          f"target {spec.target!r} holds {task.dim}")
                     now = db.utcnow()
-                    rows = [{"source_id": i, "embedding": db.encode_for(tables.target, v),
-                             "model": spec.model_identity, "content_hash": h, "embedded_at": now}
-                            for (i, _, h), v in zip(part, vecs)]
+                    rows = [{"source_id": todo[p][0], "embedding": db.encode_for(tables.target, v),
+                             "model": spec.model_identity, "content_hash": todo[p][2], "embedded_at": now}
+                            for p, v in zip(positions, vecs)]
                     with engine.begin() as conn:
                         db.upsert(conn, tables.target, rows)
                     if first_commit is None and hold:
