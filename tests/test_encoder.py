@@ -218,3 +218,43 @@ def test_a_task_commits_its_shortest_rows_first_then_whole_batches_of_at_least_t
     assert (got * reference_vectors(reference_model, texts)).sum(1).min() >= 0.99999
     later = list(commit_groups(encoder, texts[:300], DEFAULT_BATCH_SIZE, first_commit=False))
     assert len(later[0][0]) >= plan.COMMIT_ROWS  # no small first commit after the task's first
+
+
+def test_a_remote_endpoint_that_answers_fewer_embeddings_than_texts_is_named_not_misread():
+    """A real HTTP endpoint that drops texts: the probe and a later request each fail with what happened, instead
+    of an IndexError or vectors shifted onto the wrong rows."""
+    import http.server
+    import json
+    import threading
+
+    from jobs.core.errors import Unavailable
+    from jobs.embed.encoder import RemoteEncoder
+
+    at_most = [2]
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            texts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["input"]
+            body = json.dumps({"data": [{"index": i, "embedding": [1.0, 0.0, 0.5]}
+                                        for i in range(min(len(texts), at_most[0]))]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        enc = RemoteEncoder(url, "tiny", name="dropper")
+        assert enc.dim == 3 and enc.encode(["a", "b"]).shape == (2, 3)
+        with pytest.raises(Unavailable, match="'dropper' answered 2 embeddings for 5 texts"):
+            enc.encode(list("abcde"))
+        at_most[0] = 0
+        with pytest.raises(Unavailable, match="'dropper' answered 0 embeddings for 1 texts"):
+            RemoteEncoder(url, "tiny", name="dropper")
+    finally:
+        server.shutdown()

@@ -220,7 +220,7 @@ class RemoteEncoder:
         self.session = requests.Session()
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
-        self.dim = len(self._post(["dimension probe"])[0])
+        self.dim = next(self.encode_batches(["dimension probe"]))[1].shape[1]
 
     def _post(self, texts: list[str]) -> list[list[float]]:
         import requests
