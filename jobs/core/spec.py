@@ -25,7 +25,7 @@ class RunSpec:
     target: str
     model: str = DEFAULT_MODEL
     batch_size: int = DEFAULT_BATCH_SIZE
-    chunk_rows: int = 1024  # rows read per query and sorted by length together (less padding)
+    chunk_rows: int = 2048  # rows read per query and sorted by length together (less padding)
     partitions: int | None = None
     mode: str = "incremental"
     master: str = "local[*]"
