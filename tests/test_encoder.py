@@ -108,6 +108,34 @@ def test_loading_the_default_model_imports_neither_transformers_nor_sentence_tra
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_a_long_list_is_tokenized_over_torchs_threads_and_keeps_its_order(encoder, monkeypatch):
+    import torch
+
+    model, texts = encoder.model, TRICKY * 3
+    monkeypatch.setattr(bert, "TOKENIZE_PART_TEXTS", len(texts) + 1)
+    want = model.token_ids(texts)
+    calls = []
+
+    class CountingTokenizer:
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def encode_batch(self, batch):
+            calls.append(len(batch))
+            return self.tokenizer.encode_batch(batch)
+
+    monkeypatch.setattr(model, "tokenizer", CountingTokenizer(model.tokenizer))
+    monkeypatch.setattr(bert, "TOKENIZE_PART_TEXTS", 50)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        got = model.token_ids(texts)
+    finally:
+        torch.set_num_threads(threads)
+    assert got == want
+    assert len(calls) == 3 and sum(calls) == len(texts)
+
+
 @pytest.mark.parametrize("texts", [["x"], ["a fairly ordinary product description"], TRICKY[:12]])
 def test_flop_count_matches_torchs_counter_for_the_linear_layers(encoder, texts):
     import torch
