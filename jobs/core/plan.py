@@ -49,9 +49,8 @@ MIN_RANGE_ROWS = 1000
 def default_partitions(cores: int, span: int) -> int:
     """Key ranges for a run over `span` ids: one per core (two at least), and up to 4 per core, so a slow range
     does not hold a big run back, while each keeps MIN_RANGE_ROWS; always a whole number per core, so that no
-    last range runs alone. A 200-row run in 8
-    ranges spent 0.7 s planning them on 2 cores and committed its first vector after 1.1-1.2 s; in 2 ranges,
-    0.2 s and 0.5-0.6 s (the run service, warm)."""
+    last range runs alone. A 200-row run in 8 ranges spent 0.7 s planning them on 2 cores and committed its
+    first vector after 1.1-1.2 s; in 2 ranges, 0.2 s and 0.5-0.6 s (the run service, warm)."""
     per_core = min(4, span // (MIN_RANGE_ROWS * cores))
     return max(2, cores * max(1, per_core))
 
