@@ -68,6 +68,12 @@ class Container:
                 self.proc.wait(10)
         subprocess.run(["buildah", "rm", self.name], capture_output=True)
 
+    def tail(self, path: str, lines: int = 40) -> str:
+        """The last lines of a file inside the running container (a failure's evidence, read before stop)."""
+        out = subprocess.run(["buildah", "run", "--isolation", "chroot", self.name, "--", "tail", "-n", str(lines),
+                              path], capture_output=True, text=True, timeout=60)
+        return out.stdout + out.stderr
+
 
 def in_image(image: str, command: str) -> str:
     """A command's output inside an image, as the image's user."""
@@ -150,7 +156,7 @@ def main() -> int:
     master_port, webui_port, api_port = free_port(), free_port(), free_port()
     master = f"spark://127.0.0.1:{master_port}"
     containers: list[Container] = []
-    keda = None
+    keda, controller, last_seen = None, None, {}
     try:
         with postgres.server() as db_url:
             seed_demo(db_url, n=ROWS)
@@ -175,6 +181,8 @@ def main() -> int:
                 replica = Container(WORKER, f"e2e-worker-{i}-{os.getpid()}", {
                     **common, "APP_MODE": "worker", "SPARK_MASTER_URL": master, "HOSTNAME": f"e2e-worker-{i}",
                     "SPARK_WORKER_CORES": "1", "SPARK_WORKER_MEMORY": "2g",
+                    # On the share, so that the executors' own logs outlive the replica for a failure's report.
+                    "SPARK_WORKER_DIR": f"/data/spark-work/{i}",
                     "SPARK_WORKER_WEBUI_PORT": str(free_port())}, {share: "/data"}, logs / f"worker-{i}.log")
                 containers.append(replica)
                 return replica
@@ -197,7 +205,7 @@ def main() -> int:
             t0 = time.monotonic()
 
             def finished():
-                run = requests.get(f"{api}/runs/{run_id}", headers=auth, timeout=5).json()
+                run = last_seen["run"] = requests.get(f"{api}/runs/{run_id}", headers=auth, timeout=5).json()
                 return run if run["state"] in ("succeeded", "failed", "cancelled") else None
 
             run = wait_until(finished, timeout=900, every=2, what=f"run {run_id}")
@@ -219,9 +227,16 @@ def main() -> int:
             print(f"e2e: {run['rows_done']}/{ROWS} rows embedded through the images; workers {moves}")
             return 0
     except BaseException:
-        for log in sorted(logs.glob("*.log")):
-            print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]),
-                  file=sys.stderr)
+        if "run" in last_seen:
+            run = last_seen["run"]
+            print("last run record: " + json.dumps({k: run.get(k) for k in ("state", "phase", "rows_done",
+                                                                             "rows_total", "error")}), file=sys.stderr)
+        for log in sorted(logs.glob("*.log")) + sorted(share.glob("spark-work/*/app-*/*/std*")):
+            print(f"--- {log.relative_to(scratch)} (last lines)\n"
+                  + "\n".join(log.read_text(errors="replace").splitlines()[-25:]), file=sys.stderr)
+        if controller is not None and controller in containers:
+            print("--- the controller's run service log (last lines)\n"
+                  + controller.tail("/home/embeddeck/state/runner.log", 80), file=sys.stderr)
         if keda and keda.errors:
             print("scaler errors: " + json.dumps(keda.errors[-5:]), file=sys.stderr)
         raise
