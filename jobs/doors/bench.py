@@ -594,21 +594,25 @@ def main(argv: list[str] | None = None) -> int:
             mem_spec = RunSpec(db_url=big_url, source="products", id_column="id", text_column="title",
                                target=f"mem_{n}", master=master, limit_rows=n, launched_by="bench")
             rss[n], driver_rss[n] = peak_rss_mb(mem_spec, registry)
-        # The same run on one one-core worker, then on two.
-        scale_rates = {}
-        for workers in (1, 2):
-            scaled_at = time.time()
-            cluster_cli("scale", str(workers))
-            # The run service has exactly these executors (a removed one is gone), each holding the model.
-            deadline = time.perf_counter() + 120
-            while time.perf_counter() < deadline and (
-                    service_executors() != workers
-                    or (workers == 2 and (run_service.info() or {}).get("warmed_at", 0) < scaled_at)):
-                time.sleep(0.2)
+        # The same run on one one-core worker, then twice on two, then on one again: each count's rate is the
+        # mean of two runs, in an order that cancels a steady drift of the machine's speed.
+        scale_rates: dict[int, list[float]] = {}
+        for step, workers in enumerate((1, 2, 2, 1)):
+            if service_executors() != workers:
+                scaled_at = time.time()
+                cluster_cli("scale", str(workers))
+                # The run service has exactly these executors (a removed one is gone), each holding the model.
+                deadline = time.perf_counter() + 120
+                while time.perf_counter() < deadline and (
+                        service_executors() != workers
+                        or (workers == 2 and (run_service.info() or {}).get("warmed_at", 0) < scaled_at)):
+                    time.sleep(0.2)
             scale_spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description",
-                                 target=f"scale_{workers}w", master=master, limit_rows=n_scale, launched_by="bench")
+                                 target=f"scale_{step}_{workers}w", master=master, limit_rows=n_scale,
+                                 launched_by="bench")
             scaled, _, _ = timed_run(scale_spec, registry)
-            scale_rates[workers] = scaled.rows_done / (scaled.ended_at - scaled.started_at).total_seconds()
+            scale_rates.setdefault(workers, []).append(
+                scaled.rows_done / (scaled.ended_at - scaled.started_at).total_seconds())
         # As `make run` leaves it: zero workers and the autoscaler on; a launch wakes it.
         cluster_cli("scale", "0")
         autoscaler = subprocess.Popen([sys.executable, "-m", "cluster", "autoscale", "--min", "0", "--max", "2"],
@@ -638,9 +642,12 @@ def main(argv: list[str] | None = None) -> int:
     print("autoscaled_start_decisions = " + "; ".join(
         f"{(e['at'] - launched).total_seconds():+.1f} s: {e['from_workers']} -> {e['to_workers']} ({e['reason']})"
         for e in decisions))
-    print(f"scale_1w_rows_per_s = {scale_rates[1]:.1f}  # {n_scale} rows, one one-core worker, run service")
-    print(f"scale_2w_rows_per_s = {scale_rates[2]:.1f}  # the same run on two")
-    print(f"scale_2w/1w = {scale_rates[2] / scale_rates[1]:.2f}  # against parallel_2p/1p = {two / one:.2f}, "
+    one_w, two_w = (float(np.mean(scale_rates[w])) for w in (1, 2))
+    print(f"scale_1w_rows_per_s = {one_w:.1f}  # {n_scale} rows, one one-core worker, run service: mean of the "
+          f"first and last of four runs ({', '.join(f'{r:.1f}' for r in scale_rates[1])})")
+    print(f"scale_2w_rows_per_s = {two_w:.1f}  # the same run on two: the two runs between "
+          f"({', '.join(f'{r:.1f}' for r in scale_rates[2])})")
+    print(f"scale_2w/1w = {two_w / one_w:.2f}  # against parallel_2p/1p = {two / one:.2f}, "
           "the machine's own")
     print(f"worker_rss_{small / 1000:g}k_mb = {rss[small]:.0f}  # peak of one Spark Python worker during the run, "
           "product titles")
