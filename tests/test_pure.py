@@ -230,8 +230,9 @@ def test_stopping_a_group_also_stops_what_its_leader_started_while_shutting_down
     assert not psutil.pid_exists(late) or psutil.Process(late).status() == psutil.STATUS_ZOMBIE
 
 
-@pytest.mark.parametrize(("cores", "span", "want"), [(2, 200, 2), (2, 1999, 2), (2, 4000, 4), (2, 5000, 4),
-                                                     (2, 7999, 6), (2, 10**6, 8), (1, 10, 2), (1, 2500, 2),
-                                                     (8, 100, 8), (8, 20_000, 16), (8, 10**5, 32)])
-def test_ranges_follow_the_rows_up_to_four_per_core_and_a_whole_number_per_core(cores, span, want):
+@pytest.mark.parametrize(("cores", "span", "want"), [(2, 200, 2), (2, 1999, 2), (2, 2000, 4), (2, 3000, 4),
+                                                     (2, 5000, 4), (2, 7999, 6), (2, 10**6, 8), (1, 10, 2),
+                                                     (1, 2500, 2), (1, 4000, 4), (8, 100, 8), (8, 20_000, 16),
+                                                     (8, 10**5, 32)])
+def test_ranges_follow_the_rows_two_per_core_for_balance_up_to_four_and_a_whole_number_per_core(cores, span, want):
     assert plan.default_partitions(cores, span) == want

@@ -40,19 +40,21 @@ def needs_vector(text: str | None, text_hash: str | None, stored_hash: str | Non
     return stored_hash is None or stored_hash != text_hash or stored_model != model
 
 
+MIN_RANGE_ROWS = 500  # below this a range costs more to plan and schedule than it evens out
 # A task sorts each chunk it reads by length before batching, so a range is also a sort window: a task's
-# 593-row range padded 6.4 % of its tokens, a 1,024-row one 4 %. The 5,000-row pipeline in 4 ranges read in one
-# chunk each ran 1.03x the rows/s of 8 ranges (356 against 345, four alternations).
-MIN_RANGE_ROWS = 1000
+# 593-row range padded 6.4 % of its tokens, a 1,250-row one 3.3 %. The 5,000-row pipeline in 4 ranges read in
+# one chunk each ran 1.03x the rows/s of 8 ranges (356 against 345, four alternations).
+SORT_WINDOW_ROWS = 1000
 
 
 def default_partitions(cores: int, span: int) -> int:
-    """Key ranges for a run over `span` ids: one per core (two at least), and up to 4 per core, so a slow range
-    does not hold a big run back, while each keeps MIN_RANGE_ROWS; always a whole number per core, so that no
-    last range runs alone. A 200-row run in 8 ranges spent 0.7 s planning them on 2 cores and committed its
+    """Key ranges for a run over `span` ids, always a whole number per core so that no last range runs alone:
+    two per core where each keeps MIN_RANGE_ROWS, so a slow worker's share moves to the others (one range
+    per core read 1.78-1.80 on two workers against one in full benches), and up to 4 per core while each
+    keeps SORT_WINDOW_ROWS. A 200-row run in 8 ranges spent 0.7 s planning them on 2 cores and committed its
     first vector after 1.1-1.2 s; in 2 ranges, 0.2 s and 0.5-0.6 s (the run service, warm)."""
-    per_core = min(4, span // (MIN_RANGE_ROWS * cores))
-    return max(2, cores * max(1, per_core))
+    balanced = 2 if span >= 2 * cores * MIN_RANGE_ROWS else 1
+    return max(2, cores * max(balanced, min(4, span // (cores * SORT_WINDOW_ROWS))))
 
 
 COMMIT_ROWS = 256  # rows per transaction: each worker's progress shows every few seconds
