@@ -181,3 +181,27 @@ def check_table(url: str, reference_model, n: int, target: str, model: str = "al
     expected = reference_vectors(reference_model, [normalize_text(r.description) for r in sample])
     got = np.stack([np.frombuffer(r.embedding, "<f4") for r in sample])
     assert (got * expected).sum(1).min() >= 0.9999
+
+
+def embeddings_endpoint(answer):
+    """A real OpenAI-compatible embeddings endpoint on 127.0.0.1 whose vectors for a request's texts are
+    answer(texts); returns its base URL and server (shut it down when done)."""
+    import http.server
+    import json
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            texts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["input"]
+            body = json.dumps({"data": [{"index": i, "embedding": v} for i, v in enumerate(answer(texts))]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}/v1", server

@@ -12,7 +12,7 @@ import pytest
 from jobs.core.spec import DEFAULT_BATCH_SIZE
 from jobs.embed import bert
 from jobs.embed.encoder import Encoder, model_path
-from tests.conftest import reference_vectors
+from tests.conftest import embeddings_endpoint, reference_vectors
 
 TRICKY = ["Hello world", "  padded with spaces  ", "x", "", "[PAD] [CLS] [SEP] [MASK] written out",
           "Ünïcödé, 東京, emoji 🙂 and tabs\tinside", "word " * 600,  # truncated at 256 tokens
@@ -251,31 +251,11 @@ def test_a_task_commits_its_shortest_rows_first_then_whole_batches_of_at_least_t
 def test_a_remote_endpoint_that_answers_fewer_embeddings_than_texts_is_named_not_misread():
     """A real HTTP endpoint that drops texts: the probe and a later request each fail with what happened, instead
     of an IndexError or vectors shifted onto the wrong rows."""
-    import http.server
-    import json
-    import threading
-
     from jobs.core.errors import Unavailable
     from jobs.embed.encoder import RemoteEncoder
 
     at_most = [2]
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            texts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["input"]
-            body = json.dumps({"data": [{"index": i, "embedding": [1.0, 0.0, 0.5]}
-                                        for i in range(min(len(texts), at_most[0]))]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    url, server = embeddings_endpoint(lambda texts: [[1.0, 0.0, 0.5]] * min(len(texts), at_most[0]))
     try:
         enc = RemoteEncoder(url, "tiny", name="dropper")
         assert enc.dim == 3 and enc.encode(["a", "b"]).shape == (2, 3)

@@ -10,7 +10,7 @@ from jobs.embed import pipeline
 from jobs.store import db
 from jobs.store.demo import products
 from jobs.store.registry import Registry
-from tests.conftest import reference_vectors
+from tests.conftest import embeddings_endpoint, reference_vectors
 
 pytestmark = pytest.mark.spark
 
@@ -157,26 +157,7 @@ def test_no_secret_travels_in_a_task_closure(spark, pg_url, monkeypatch):
 
 def three_dimension_endpoint():
     """An OpenAI-compatible endpoint whose vectors have 3 dimensions; returns its base URL and server."""
-    import http.server
-    import json
-    import threading
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            texts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["input"]
-            body = json.dumps({"data": [{"index": i, "embedding": [1.0, float(len(t) % 7), 0.5]}
-                                        for i, t in enumerate(texts)]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}/v1", server
+    return embeddings_endpoint(lambda texts: [[1.0, float(len(t) % 7), 0.5] for t in texts])
 
 
 def test_vectors_are_known_by_their_encoder_and_size(spark, sqlite_url, tmp_path, monkeypatch):
