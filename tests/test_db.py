@@ -11,6 +11,7 @@ from sqlalchemy.schema import CreateTable
 
 from jobs.core.errors import BadRequest, Unavailable
 from jobs.core.spec import RunSpec
+from jobs.core.texts import MAX_TEXT_CHARS, normalize_text
 from jobs.embed import search
 from jobs.store import db
 
@@ -79,7 +80,7 @@ def test_hostile_names_are_quoted_never_executed(sqlite_url, name):
     target = db.ensure_target(engine, s, tables, 384)
     with engine.connect() as conn:
         rows = conn.execute(db.chunk_query(tables.source, tables.id_col, tables.text_col, target,
-                                           0, 10, None, 5)).all()
+                                           0, 10, None, 5, engine.dialect.name)).all()
     assert [tuple(r) for r in rows] == [(1, "b", None, None)]
     assert set(db.list_tables(engine)) >= {"docs", name, f"{name} emb"}
 
@@ -129,6 +130,43 @@ def compile_mssql(stmt):
     return str(stmt.compile(dialect=mssql_pyodbc.dialect(paramstyle="qmark")))
 
 
+# Past the cut, in each unit a database may count in: characters, astral characters (2 UTF-16 units, 4
+# UTF-8 bytes), bytes of 2-byte characters, bytes that are not UTF-8; and values that are not text.
+LONG_VALUES = {1: "x" * 200_000, 2: "\U0001f642é" * 70_000, 3: None, 4: "short", 5: "  \x00 ", 6: 12345,
+               7: "é".encode() * 100_000, 8: b"\xff\xfe" * 100_000 + "\U0001f642".encode() * 10}
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_chunk_reads_long_texts_cut_in_the_database_to_what_the_model_can_see(dialect, sqlite_url, request):
+    """Each row arrives short enough to bound a task's memory, and normalises to the same text (so the same
+    hash) as the whole value would."""
+    url = sqlite_url if dialect == "sqlite" else request.getfixturevalue("pg_url")
+    engine = db.engine_for(url)
+    # SQLite stores each value as it comes; PostgreSQL holds text (without NUL) and bytes in columns of their
+    # own type.
+    typed = {sa.Text: [1, 2, 3, 4], sa.LargeBinary: [7, 8]} if dialect == "postgresql" else {sa.Text: list(LONG_VALUES)}
+    for n, (col_type, ids) in enumerate(typed.items()):
+        source = sa.Table(f"long_{n}", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
+                          sa.Column("body", col_type))
+        source.drop(engine, checkfirst=True)
+        source.create(engine)
+        with engine.begin() as conn:
+            conn.execute(source.insert(), [{"id": i, "body": LONG_VALUES[i]} for i in ids])
+        target = db.target_table(f"long_{n}_emb", sa.Integer(), db.vector_type_for(dialect, 4))
+        target.metadata.drop_all(engine)
+        target.metadata.create_all(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(db.chunk_query(source, source.c.id, source.c.body, target, 0, 10, None, 10,
+                                               dialect)).all()
+        assert [r.id for r in rows] == ids
+        for r in rows:
+            assert normalize_text(r.text) == normalize_text(LONG_VALUES[r.id]), r.id
+            if isinstance(r.text, str):
+                assert len(r.text) <= MAX_TEXT_CHARS
+            elif r.text is not None and not isinstance(r.text, int):
+                assert len(bytes(r.text)) <= 4 * MAX_TEXT_CHARS
+
+
 def test_mssql_target_ddl_varbinary_and_vector():
     ddl = str(CreateTable(db.target_table("emb", sa.BigInteger(), db.vector_type_for("mssql", 384)))
               .compile(dialect=mssql.dialect()))
@@ -170,12 +208,15 @@ def test_mssql_range_read_and_search_statements():
     src = sa.Table("Product Descriptions", sa.MetaData(), sa.Column("ProductID", sa.Integer),
                    sa.Column("Text", sa.UnicodeText), schema="dbo")
     target = db.target_table("emb", sa.Integer(), db.vector_type_for("mssql", 384))
-    sql = compile_mssql(db.chunk_query(src, src.c.ProductID, src.c.Text, target, 1, 1000, 17, 256))
+    sql = compile_mssql(db.chunk_query(src, src.c.ProductID, src.c.Text, target, 1, 1000, 17, 256, "mssql"))
     assert sql.startswith("SELECT TOP __[POSTCOMPILE_param_1] dbo.[Product Descriptions].[ProductID] AS id")
     assert "LEFT OUTER JOIN emb ON emb.source_id = dbo.[Product Descriptions].[ProductID]" in sql
     assert ("WHERE dbo.[Product Descriptions].[ProductID] >= ? AND dbo.[Product Descriptions].[ProductID] <= ? "
             "AND dbo.[Product Descriptions].[ProductID] > ?") in sql
     assert sql.endswith("ORDER BY dbo.[Product Descriptions].[ProductID]")
+    # The text is cut in the server, one UTF-16 unit short where the cut would split a surrogate pair.
+    cut = "substring(dbo.[Product Descriptions].[Text], ?, ?)"
+    assert (f"CASE WHEN (unicode({cut}) BETWEEN ? AND ?) THEN {cut} ELSE {cut} END AS text") in sql
     s = compile_mssql(search.mssql_search_statement(target, 384, 10))
     assert s == ("SELECT TOP (10) source_id AS source_id, VECTOR_DISTANCE('cosine', embedding, "
                  "CAST(? AS VECTOR(384))) AS distance FROM emb ORDER BY distance")

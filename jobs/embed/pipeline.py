@@ -47,7 +47,7 @@ def _chunks(spec: RunSpec, tables: db.Tables, lo: int, hi: int) -> Iterator[list
     after = None
     while True:
         q = db.chunk_query(tables.source, tables.id_col, tables.text_col, tables.target,
-                           lo, hi, after, spec.chunk_rows)
+                           lo, hi, after, spec.chunk_rows, engine.dialect.name)
         with engine.connect() as conn:
             rows = conn.execute(q).all()
         if not rows:
