@@ -338,14 +338,13 @@ def nth_id(engine: Engine, source: sa.Table, id_col: sa.Column, n: int) -> int |
 
 
 def text_prefix(text_col: sa.Column, dialect_name: str) -> sa.ColumnElement:
-    """The column cut in the database to a prefix that still holds its first MAX_TEXT_CHARS characters, so
-    a chunk of 1 MB documents does not travel and sit in a task whole (2,048 rows of 700 KB took 1.3 GB).
-
-    Cutting there to exactly MAX_TEXT_CHARS would change what normalize_text keeps, and so the stored
-    hashes, wherever the database counts in other units than Python's code points: bytes (BLOB, bytea,
-    varbinary: 4 per character at most) and, in SQL Server's non-SC collations, UTF-16 units (2 at most),
-    where a cut inside a surrogate pair would also fail pyodbc's strict UTF-16 decoding, so such a cut
-    stops one unit short. Columns of other types (numbers, JSON) are read as they are."""
+    """The column cut in the database to a prefix that still holds its first MAX_TEXT_CHARS characters;
+    columns of other types than text and bytes (numbers, JSON) as they are."""
+    # Why in the database: a chunk of 2,048 rows of 700 KB texts took 1.3 GB in a task, cut there 131 MB.
+    # Why not at exactly MAX_TEXT_CHARS everywhere: normalize_text, and so the stored hash, must see the same
+    # characters as before, and some databases count in other units than Python's code points: bytes (BLOB,
+    # bytea, varbinary: at most 4 a character) and, in SQL Server's non-SC collations, UTF-16 units (at most 2),
+    # where a cut inside a surrogate pair would also fail pyodbc's strict UTF-16 decoding: stop one unit short.
     chars, units, octets = MAX_TEXT_CHARS, 2 * MAX_TEXT_CHARS, 4 * MAX_TEXT_CHARS
     if dialect_name == "sqlite":  # typed per value, whatever the column declares
         kind = sa.func.typeof(text_col)
