@@ -167,6 +167,16 @@ def test_a_chunk_reads_long_texts_cut_in_the_database_to_what_the_model_can_see(
                 assert len(bytes(r.text)) <= 4 * MAX_TEXT_CHARS
 
 
+def test_search_hits_carry_the_text_as_runs_embed_it(sqlite_url):
+    """Decoded, normalised and cut like a run's text: never bytes (which the CLI's JSON cannot hold), never
+    a whole 1 MB document per hit."""
+    make_source(sqlite_url, rows=list(LONG_VALUES.items()))
+    origin = {"source": "docs", "id_column": "id", "text_column": "body"}
+    got = search.fetch_texts(db.engine_for(sqlite_url), origin, list(LONG_VALUES))
+    assert got == {i: normalize_text(v) for i, v in LONG_VALUES.items()}
+    assert got[1] == "x" * MAX_TEXT_CHARS and got[3] is None and "\ufffd" in got[8]
+
+
 def test_mssql_target_ddl_varbinary_and_vector():
     ddl = str(CreateTable(db.target_table("emb", sa.BigInteger(), db.vector_type_for("mssql", 384)))
               .compile(dialect=mssql.dialect()))

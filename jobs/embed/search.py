@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from jobs.core import vectors
 from jobs.core.errors import BadRequest
 from jobs.core.settings import Settings
+from jobs.core.texts import normalize_text
 from jobs.embed.encoder import get_encoder
 from jobs.store import db, endpoints
 
@@ -252,14 +253,16 @@ def mssql_search_statement(target: sa.Table, dim: int, k: int) -> sa.TextClause:
     )
 
 
-def fetch_texts(engine: sa.Engine, origin: dict | None, ids: list[int]) -> dict[int, str]:
-    """Source text of the given ids, when the target's source is known."""
+def fetch_texts(engine: sa.Engine, origin: dict | None, ids: list[int]) -> dict[int, str | None]:
+    """Source text of the given ids as runs embed it (normalised, cut, bytes decoded), when the target's source
+    is known: k hits of 1 MB documents must not make a 1 GB answer."""
     if not origin or not ids:
         return {}
     source = db.reflect(engine, origin["source"], "source")
     id_col, text_col = source.c[origin["id_column"]], source.c[origin["text_column"]]
+    read = sa.select(id_col, db.text_prefix(text_col, engine.dialect.name)).where(id_col.in_(ids))
     with engine.connect() as conn:
-        return {int(i): t for i, t in conn.execute(sa.select(id_col, text_col).where(id_col.in_(ids)))}
+        return {int(i): normalize_text(t) for i, t in conn.execute(read)}
 
 
 def query_encoder(identity: str):
