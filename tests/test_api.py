@@ -1,5 +1,6 @@
 """The trigger API against a real uvicorn server on 127.0.0.1."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,9 +11,10 @@ import pytest
 import requests
 import sqlalchemy as sa
 
+from jobs.core.errors import BadRequest
 from jobs.core.processes import free_port
 from jobs.core.spec import RunSpec
-from jobs.embed import pipeline
+from jobs.embed import pipeline, search
 from jobs.store import db
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
@@ -426,3 +428,45 @@ def test_a_small_embeddings_request_is_not_starved_by_a_big_one(server):
     finished["small"] = time.monotonic()
     thread.join()
     assert finished["small"] < finished["big"]
+
+
+def test_search_over_http_is_the_clis_search(server, fast_model):
+    """POST /search answers what `python -m jobs search --json` prints for the same target and query (one
+    search function behind both), and bad requests get the one error shape, naming what is wrong."""
+    base, url, _ = server
+    r = requests.post(f"{base}/runs", json=run_body("search_emb", model=fast_model), headers=auth(), timeout=30)
+    assert r.status_code == 202, r.text
+    run_id = r.json()["run_id"]
+    wait_until(lambda: get_run(base, run_id)["state"] == "succeeded", timeout=240, every=1)
+
+    query = {"target": "search_emb", "query": "waterproof hiking boots", "k": 5}
+    r = requests.post(f"{base}/search", json=query, headers=auth(), timeout=60)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == fast_model and body["stored_models"] == [fast_model] and body["warnings"] == []
+    cli = subprocess.run([sys.executable, "-m", "jobs", "search", "--db", url, "--target", "search_emb", "-k", "5",
+                          "--json", query["query"]], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    printed = json.loads(cli.stdout)
+    assert [h["id"] for h in body["hits"]] == [h["id"] for h in printed] and len(printed) == 5
+    assert [h["text"] for h in body["hits"]] == [h["text"] for h in printed]
+    assert np.allclose([h["score"] for h in body["hits"]], [h["score"] for h in printed], atol=1e-5)
+    with db.engine_for(url).connect() as conn:
+        texts = dict(conn.execute(sa.text("SELECT id, description FROM products")).all())
+    assert all(h["text"] == texts[h["id"]] for h in body["hits"])
+
+    for bad, says in [({"target": "nope"}, "target table 'nope' does not exist"),
+                      ({"k": 0}, "k must be between 1 and 1000"),
+                      ({"model": "gpt-9"}, "model 'gpt-9' is neither"),
+                      ({"connection": "elsewhere"}, "connection 'elsewhere' is not configured")]:
+        r = requests.post(f"{base}/search", json={**query, **bad}, headers=auth(), timeout=60)
+        assert r.status_code == 400 and says in r.json()["error"]["message"], r.text
+    r = requests.post(f"{base}/search", json={**query, "db_url": url}, headers=auth(), timeout=30)
+    assert r.status_code == 422  # a URL is never taken from the caller
+    assert requests.post(f"{base}/search", json=query, timeout=30).status_code == 401
+
+    def refuse(model):
+        raise BadRequest(f"model {model!r} is not served here")
+
+    with pytest.raises(BadRequest, match="not served here"):  # the door's policy, asked before the model loads
+        search.search(url, "search_emb", query["query"], check_model=refuse)

@@ -1,4 +1,5 @@
-"""Trigger-mode HTTP API (FastAPI): runs, OpenAI/Ollama/TEI-style embeddings, the autoscale metric, health.
+"""Trigger-mode HTTP API (FastAPI): runs, search, OpenAI/Ollama/TEI-style embeddings, the autoscale metric,
+health.
 
 Every route but /healthz needs the bearer token (or an `api-key` header, as SQL Server 2025's
 CREATE EXTERNAL MODEL sends it). Errors share one shape, {"error": {"code", "message"}}, and EmbedDeck's
@@ -36,10 +37,14 @@ from jobs.doors.api_models import (
     OllamaEmbedResponse,
     RunAccepted,
     RunRequest,
+    SearchHit,
+    SearchRequest,
+    SearchResponse,
     TeiEmbedRequest,
     TextOrTokens,
     Usage,
 )
+from jobs.embed import search
 from jobs.embed.encoder import get_encoder, model_dim, model_path
 from jobs.store import connections, endpoints, scaling, worker_readings
 from jobs.store.registry import Registry
@@ -143,6 +148,16 @@ def health_router() -> APIRouter:
     return router
 
 
+def db_url_for(connection: str | None) -> str:
+    """The database a request names: a configured connection, else the default one; never a URL from the caller."""
+    if connection is None:
+        return Settings().db_url
+    configured = connections.configured()
+    if connection not in configured:
+        raise BadRequest(f"connection {connection!r} is not configured (known: {', '.join(configured)})")
+    return configured[connection]
+
+
 def runs_router(registry: Registry) -> APIRouter:
     """Start, follow and cancel runs through the lifecycle."""
     router = APIRouter()
@@ -153,14 +168,11 @@ def runs_router(registry: Registry) -> APIRouter:
     @router.post("/runs", status_code=202, response_model=RunAccepted, responses={400: {"model": ErrorBody}})
     def post_run(req: RunRequest) -> RunAccepted:
         """Validate and start a run; returns at once with its id."""
-        configured = connections.configured()
-        if req.connection is not None and req.connection not in configured:
-            raise BadRequest(f"connection {req.connection!r} is not configured (known: {', '.join(configured)})")
+        db_url = db_url_for(req.connection)
         if req.endpoint is not None:
             endpoints.resolve(req.endpoint, allow_url=False)
         else:
             check_model_allowed(req.model)
-        db_url = configured[req.connection] if req.connection else Settings().db_url
         spec = RunSpec(db_url=db_url, source=req.source, id_column=req.id_column, text_column=req.text_column,
                        target=req.target, model=req.model, batch_size=req.batch_size, partitions=req.partitions,
                        mode=req.mode, master=lifecycle.resolve_master(), limit_rows=req.limit_rows,
@@ -200,6 +212,21 @@ def runs_router(registry: Registry) -> APIRouter:
         if workers is not None:
             scaling.set_manual(workers, registry)
         return accepted(lifecycle.record(spec, registry))
+
+    return router
+
+
+def search_router() -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/search", response_model=SearchResponse, responses={400: {"model": ErrorBody}})
+    def search_target(req: SearchRequest) -> SearchResponse:
+        """Top-k rows of a target most similar to the query: the search the dashboard and the CLI run."""
+        result = search.search(db_url_for(req.connection), req.target, req.query, k=req.k, model=req.model,
+                               check_model=check_model_allowed)
+        return SearchResponse(model=result.model, stored_models=result.stored_models,
+                              hits=[SearchHit(id=h.id, score=h.score, text=h.text) for h in result.hits],
+                              encode_ms=result.encode_ms, search_ms=result.search_ms, warnings=result.warnings)
 
     return router
 
@@ -314,6 +341,7 @@ def create_app(token: str, registry: Registry | None = None, autoscale_token: st
     app.include_router(health_router())
     app.include_router(runs_router(registry))
     app.include_router(scaling_router(registry))
+    app.include_router(search_router())
     app.include_router(embeddings_router())
     app.add_middleware(RequestGuard, token=token, autoscale_token=autoscale_token)
     return app

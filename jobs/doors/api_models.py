@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobs.core.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL
+from jobs.core.texts import MAX_TEXT_CHARS
 
 
 class ApiError(BaseModel):
@@ -36,6 +37,32 @@ class RunRequest(BaseModel):
     limit_rows: int | None = None
     endpoint: str | None = Field(None, max_length=200, description="a configured remote endpoint's name; "
                                                                    "URLs are never accepted")
+
+
+class SearchRequest(BaseModel):
+    """Top-k over a target's stored vectors; the database is a configured name, as for runs."""
+
+    model_config = ConfigDict(extra="forbid")
+    connection: str | None = Field(None, description="configured connection name; default: the default database")
+    target: str = Field(min_length=1, max_length=400)
+    query: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    k: int = Field(10, description="1 to 1000")  # search's to check, with a 400 naming it
+    model: str | None = Field(None, max_length=400, description="the query's model; default: the stored vectors'")
+
+
+class SearchHit(BaseModel):
+    id: int
+    score: float
+    text: str | None = Field(description="the source text as runs embed it (normalised, at most 65,536 characters)")
+
+
+class SearchResponse(BaseModel):
+    model: str
+    stored_models: list[str]
+    hits: list[SearchHit]
+    encode_ms: float
+    search_ms: float
+    warnings: list[str]
 
 
 class RunAccepted(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -274,8 +275,10 @@ def query_encoder(identity: str):
     return get_encoder(model, endpoint=endpoint.url, api_key=endpoint.api_key, name=endpoint.name)
 
 
-def search(db_url: str, target_name: str, query: str, k: int = 10, model: str | None = None) -> SearchResult:
-    """Embed query with the target's model and return the k most similar rows with their text."""
+def search(db_url: str, target_name: str, query: str, k: int = 10, model: str | None = None,
+           check_model: Callable[[str], None] | None = None) -> SearchResult:
+    """Embed query with the target's model and return the k most similar rows with their text; check_model,
+    where given, may refuse a local model before it is loaded (a door's policy)."""
     if not query or not query.strip():
         raise BadRequest("query text is empty")
     if not 1 <= k <= 1000:
@@ -292,6 +295,8 @@ def search(db_url: str, target_name: str, query: str, k: int = 10, model: str | 
                         f"{', '.join(stored)}: scores are not meaningful")
     elif len(stored) > 1:
         warnings.append(f"target holds vectors of several models ({', '.join(stored)})")
+    if check_model is not None and "@" not in use_model:  # a remote one is a configured endpoint already
+        check_model(use_model)
     t0 = time.perf_counter()
     qvec = query_encoder(use_model).encode([query])[0]
     t1 = time.perf_counter()
