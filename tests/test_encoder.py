@@ -168,6 +168,18 @@ def test_every_spelling_of_one_model_shares_one_encoder_and_the_cache_is_bounded
     assert enc.get_encoder(str(tmp_path / f"copy{enc.CACHE_SIZE + 1}")) is copies[-1]  # the newest stays
 
 
+def test_threads_asking_for_one_model_at_once_share_one_load(monkeypatch):
+    """The API's and the dashboard's threads: without the cache's lock each one loaded its own copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from jobs.embed import encoder as enc
+
+    monkeypatch.setattr(enc, "_CACHE", type(enc._CACHE)())
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: enc.get_encoder("all-MiniLM-L6-v2"), range(4)))
+    assert len({id(e) for e in got}) == 1 and len(enc._CACHE) == 1
+
+
 def test_bench_roofline_and_time_shares_follow_the_encoders_own_products(encoder, bf16_encoder):
     """`make bench` times the products in the encoder's precision and finds the linear layers among the
     profiler's operators on both paths (a renamed operator would leave that group empty and the bench's

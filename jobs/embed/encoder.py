@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -268,6 +269,7 @@ class RemoteEncoder:
 # seven spellings of one path once loaded it seven times.
 CACHE_SIZE = 3
 _CACHE: OrderedDict[tuple, Encoder | RemoteEncoder] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
 
 
 def get_encoder(model: str, precision: str | None = None, endpoint: str | None = None,
@@ -275,14 +277,17 @@ def get_encoder(model: str, precision: str | None = None, endpoint: str | None =
     """The process-wide encoder for model (local, or at endpoint): built once, reused by every task. Keyed by
     the model's resolved directory, so every spelling of one model shares one copy."""
     key = (model, endpoint) if endpoint else (model_path(model), precision)
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
-    encoder = RemoteEncoder(endpoint, model, api_key, name) if endpoint else Encoder(model, precision)
-    _CACHE[key] = encoder
-    while len(_CACHE) > CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return encoder
+    # The API's and the dashboard's threads ask at once: one loads while the others wait for its copy, and no
+    # eviction runs between another's lookup and its move_to_end.
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key]
+        encoder = RemoteEncoder(endpoint, model, api_key, name) if endpoint else Encoder(model, precision)
+        _CACHE[key] = encoder
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+        return encoder
 
 
 def model_dim(model: str) -> int:
