@@ -269,6 +269,33 @@ def test_vector_index_follows_inserts_updates_and_deletes(sqlite_url):
     assert len(index.ids) == 40 and min(got[1]) >= 40
 
 
+def test_threads_searching_one_target_at_once_load_it_once_and_agree(sqlite_url):
+    """The API's and the dashboard's threads: each once saw an empty index and loaded the table for itself."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = db.engine_for(sqlite_url)
+    target = db.target_table("shared_emb", sa.Integer(), sa.LargeBinary())
+    target.metadata.create_all(engine)
+    rng = np.random.default_rng(3)
+    with engine.begin() as conn:
+        db.upsert(conn, target, [dict(source_id=i, embedding=db.encode_for(target, rng.standard_normal(16)),
+                                      model="m", content_hash="h", embedded_at=dt.datetime(2026, 1, 1))
+                                 for i in range(20_000)])
+    loads = []
+
+    @sa.event.listens_for(engine, "before_cursor_execute")
+    def count_loads(conn, cursor, statement, *_):
+        if "SELECT shared_emb.source_id, shared_emb.embedding, shared_emb.embedded_at" in statement:
+            loads.append(statement)
+
+    q = rng.standard_normal(16).astype(np.float32)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda _: search.index_for(sqlite_url, engine, target, 16).top_k(q, 5), range(8)))
+    want = search.scan_top_k(engine, target, q / np.linalg.norm(q), 5)
+    assert all(list(ids) == list(want[1]) for _, ids in got)
+    assert len(loads) == 1, loads
+
+
 def test_vector_index_over_its_cap_holds_nothing(sqlite_url, monkeypatch):
     engine = db.engine_for(sqlite_url)
     target = db.target_table("cap_emb", sa.Integer(), sa.LargeBinary())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -94,8 +95,14 @@ class VectorIndex:
 
     def __init__(self, engine: sa.Engine, target: sa.Table, dim: int):
         self.engine, self.target, self.dim = engine, target, dim
+        # Held across a refresh and its search: the API's and the dashboard's threads search one target at once,
+        # and a refresh swaps what the search reads (each thread once loaded the whole table for itself).
+        self.lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
         self.ids = np.empty(0, np.int64)
-        self.matrix = np.empty((0, dim), np.float32)
+        self.matrix = np.empty((0, self.dim), np.float32)
         self.position: dict[int, int] = {}
         self.ann = None  # the approximate index, once the target outgrows exact search
         self.count, self.watermark, self.counted_at = 0, None, -np.inf
@@ -174,7 +181,7 @@ class VectorIndex:
             self.watermark = latest if self.watermark is None or latest > self.watermark else self.watermark
 
     def _rebuild(self, count: int) -> None:
-        self.__init__(self.engine, self.target, self.dim)
+        self._reset()
         if count > Settings().integer("EMBEDDECK_SEARCH_EXACT_ROWS"):
             self._train_ann(count)
         self._load(None)
@@ -189,7 +196,7 @@ class VectorIndex:
         self.counted_at = now
         exact_wanted = count <= Settings().integer("EMBEDDECK_SEARCH_EXACT_ROWS")
         if count > cache_limit_rows(self.dim, not exact_wanted):
-            self.__init__(self.engine, self.target, self.dim)
+            self._reset()
             return False
         if count == self.count and latest == self.watermark:
             return True
@@ -205,19 +212,21 @@ class VectorIndex:
 
     def top_k(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Best k (scores, ids), or None when the target is too large to hold: stream it instead."""
-        if not self.refresh():
-            return None
-        q = (query / (np.linalg.norm(query) or 1.0)).astype(np.float32)
-        if self.ann is not None:
-            scores, ids = self.ann.search(q[None, :], k)
-            keep = ids[0] >= 0
-            return scores[0][keep], ids[0][keep]
-        return top_k(self.matrix @ q, self.ids, k)
+        with self.lock:
+            if not self.refresh():
+                return None
+            q = (query / (np.linalg.norm(query) or 1.0)).astype(np.float32)
+            if self.ann is not None:
+                scores, ids = self.ann.search(q[None, :], k)
+                keep = ids[0] >= 0
+                return scores[0][keep], ids[0][keep]
+            return top_k(self.matrix @ q, self.ids, k)
 
 
 # Indexes held in this process, least recently used first; together they stay within the cache budget
 # (one target once could hold 1 GiB, and every target searched kept its own).
 _INDEXES: OrderedDict[tuple[str, str], VectorIndex] = OrderedDict()
+_INDEXES_LOCK = threading.Lock()
 
 
 def cache_limit_rows(dim: int, approximate: bool = False) -> int:
@@ -229,17 +238,19 @@ def cache_limit_rows(dim: int, approximate: bool = False) -> int:
 def index_for(db_url: str, engine: sa.Engine, target: sa.Table, dim: int) -> VectorIndex:
     """The process's index of a target, made on first use."""
     key = (db_url, str(target))
-    if key not in _INDEXES or _INDEXES[key].dim != dim:
-        _INDEXES[key] = VectorIndex(engine, target, dim)
-    _INDEXES.move_to_end(key)
-    return _INDEXES[key]
+    with _INDEXES_LOCK:
+        if key not in _INDEXES or _INDEXES[key].dim != dim:
+            _INDEXES[key] = VectorIndex(engine, target, dim)
+        _INDEXES.move_to_end(key)
+        return _INDEXES[key]
 
 
 def trim_indexes() -> None:
     """Drop the least recently used indexes until all of them fit the cache budget together."""
     budget = Settings().number("EMBEDDECK_SEARCH_CACHE_MB") * 2**20
-    while len(_INDEXES) > 1 and sum(ix.nbytes for ix in _INDEXES.values()) > budget:
-        _INDEXES.popitem(last=False)
+    with _INDEXES_LOCK:
+        while len(_INDEXES) > 1 and sum(ix.nbytes for ix in _INDEXES.values()) > budget:
+            _INDEXES.popitem(last=False)
 
 
 def mssql_search_statement(target: sa.Table, dim: int, k: int) -> sa.TextClause:
