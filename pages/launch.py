@@ -38,7 +38,7 @@ try:
     pending = db.count_unembedded(engine, checked, model)
     st.caption(f"{pending:,} rows still need a vector of {model} (new rows or another model; "
                "changed texts are found when the run plans).")
-    st.dataframe(pd.DataFrame(db.preview(engine, table, [table.c[id_column], table.c[text_column]])),
+    st.dataframe(pd.DataFrame(db.preview(engine, table, table.c[id_column], table.c[text_column])),
                  hide_index=True, width="stretch")
     valid = True
 except EmbedDeckError as exc:

@@ -167,7 +167,7 @@ def test_a_chunk_reads_long_texts_cut_in_the_database_to_what_the_model_can_see(
                 assert len(bytes(r.text)) <= 4 * MAX_TEXT_CHARS
 
 
-def test_search_hits_carry_the_text_as_runs_embed_it(sqlite_url):
+def test_search_hits_and_the_preview_carry_the_text_as_runs_embed_it(sqlite_url):
     """Decoded, normalised and cut like a run's text: never bytes (which the CLI's JSON cannot hold), never
     a whole 1 MB document per hit."""
     make_source(sqlite_url, rows=list(LONG_VALUES.items()))
@@ -175,6 +175,9 @@ def test_search_hits_carry_the_text_as_runs_embed_it(sqlite_url):
     got = search.fetch_texts(db.engine_for(sqlite_url), origin, list(LONG_VALUES))
     assert got == {i: normalize_text(v) for i, v in LONG_VALUES.items()}
     assert got[1] == "x" * MAX_TEXT_CHARS and got[3] is None and "\ufffd" in got[8]
+    source = db.reflect(db.engine_for(sqlite_url), "docs")  # the launch page's preview shows them so too
+    shown = db.preview(db.engine_for(sqlite_url), source, source.c.id, source.c.body, n=len(LONG_VALUES))
+    assert shown == [{"id": i, "body": t} for i, t in got.items()]
 
 
 def test_mssql_target_ddl_varbinary_and_vector():

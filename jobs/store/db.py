@@ -21,7 +21,7 @@ from sqlalchemy.types import UserDefinedType
 from jobs.core import vectors
 from jobs.core.errors import BadRequest, EmbedDeckError, Unavailable
 from jobs.core.spec import RunSpec
-from jobs.core.texts import MAX_TEXT_CHARS
+from jobs.core.texts import MAX_TEXT_CHARS, normalize_text
 
 TARGET_COLUMNS = ("source_id", "embedding", "model", "content_hash", "embedded_at")
 
@@ -480,7 +480,8 @@ def count_unembedded(engine: Engine, tables: Tables, model: str) -> int:
         return int(conn.execute(q).scalar_one())
 
 
-def preview(engine: Engine, table: sa.Table, columns: list[sa.Column], n: int = 5) -> list[dict]:
-    """First n rows of the chosen columns."""
+def preview(engine: Engine, table: sa.Table, id_col: sa.Column, text_col: sa.Column, n: int = 5) -> list[dict]:
+    """First n rows' ids and texts, the texts as a run will embed them (cut in the read, normalised)."""
+    q = sa.select(id_col, text_prefix(text_col, engine.dialect.name)).select_from(table).limit(n)
     with engine.connect() as conn:
-        return [dict(r) for r in conn.execute(sa.select(*columns).select_from(table).limit(n)).mappings()]
+        return [{id_col.name: i, text_col.name: normalize_text(t)} for i, t in conn.execute(q)]
