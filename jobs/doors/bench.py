@@ -9,6 +9,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -419,10 +420,6 @@ def bench_search(home: str, n: int, queries: int, centers: np.ndarray) -> dict[s
 def dashboard_watch_cpu_pct(seconds: float, watcher: str | None = None) -> float:
     """Percent of one core the Streamlit server uses while one headless Chromium sits on the Cluster page (its
     live view reruns every 3 s) and no run is active. watcher overrides the product's fileWatcherType."""
-    import shutil
-    import subprocess
-    import sys
-
     import psutil
     import requests
     from playwright.sync_api import sync_playwright
@@ -465,14 +462,23 @@ def dashboard_watch_cpu_pct(seconds: float, watcher: str | None = None) -> float
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`make bench`: every figure, in a home of its own that goes when the bench ends, passed or failed (its
+    databases, a million vectors among them, and Spark's work took 2.2 GB a run, and 43 runs filled a disk)."""
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rows, same code (< 3 minutes)")
     args = parser.parse_args(argv)
-    n_encode, n_pipeline, rounds, n_search, n_scale = ((512, 1000, 1, 120_000, 400) if args.quick
-                                                        else (2000, 5000, 3, 1_000_000, 3000))
-
     home = tempfile.mkdtemp(prefix="embeddeck-bench-")
     os.environ["EMBEDDECK_HOME"] = home
+    try:
+        return run_all(args, home)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def run_all(args: argparse.Namespace, home: str) -> int:
+    """The figures in order, pipeline/raw last."""
+    n_encode, n_pipeline, rounds, n_search, n_scale = ((512, 1000, 1, 120_000, 400) if args.quick
+                                                        else (2000, 5000, 3, 1_000_000, 3000))
     from sentence_transformers import SentenceTransformer
 
     from jobs.core.processes import free_port
