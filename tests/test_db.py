@@ -133,7 +133,7 @@ def compile_mssql(stmt):
 # Past the cut, in each unit a database may count in: characters, astral characters (2 UTF-16 units, 4
 # UTF-8 bytes), bytes of 2-byte characters, bytes that are not UTF-8; and values that are not text.
 LONG_VALUES = {1: "x" * 200_000, 2: "\U0001f642é" * 70_000, 3: None, 4: "short", 5: "  \x00 ", 6: 12345,
-               7: "é".encode() * 100_000, 8: b"\xff\xfe" * 100_000 + "\U0001f642".encode() * 10}
+               7: "é".encode() * 100_000, 8: b"\xff\xfe" * 100_000 + "\U0001f642".encode() * 10, 9: "b"}
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
@@ -144,7 +144,8 @@ def test_a_chunk_reads_long_texts_cut_in_the_database_to_what_the_model_can_see(
     engine = db.engine_for(url)
     # SQLite stores each value as it comes; PostgreSQL holds text (without NUL) and bytes in columns of their
     # own type.
-    typed = {sa.Text: [1, 2, 3, 4], sa.LargeBinary: [7, 8]} if dialect == "postgresql" else {sa.Text: list(LONG_VALUES)}
+    typed = {sa.Text: [1, 2, 3, 4], sa.LargeBinary: [7, 8], sa.Enum("a", "b", name="long_kind"): [9]} \
+        if dialect == "postgresql" else {sa.Text: list(LONG_VALUES)}
     for n, (col_type, ids) in enumerate(typed.items()):
         source = sa.Table(f"long_{n}", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
                           sa.Column("body", col_type))
