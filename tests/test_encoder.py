@@ -180,6 +180,31 @@ def test_threads_asking_for_one_model_at_once_share_one_load(monkeypatch):
     assert len({id(e) for e in got}) == 1 and len(enc._CACHE) == 1
 
 
+def test_a_stalled_remote_endpoint_holds_no_one_asking_for_another_model():
+    """A remote encoder probes its endpoint when it is made; meanwhile a loaded model is handed out at once."""
+    import threading
+    import time
+
+    from jobs.embed import encoder as enc
+
+    local = enc.get_encoder("all-MiniLM-L6-v2")
+    release = threading.Event()
+    url, server = embeddings_endpoint(lambda texts: release.wait(10) and [[1.0, 0.0]] * len(texts))
+    try:
+        probe = threading.Thread(target=enc.get_encoder, args=("stalled",), kwargs={"endpoint": url})
+        probe.start()
+        time.sleep(0.5)  # the probe's request is in flight: the endpoint answers when released
+        t0 = time.monotonic()
+        assert enc.get_encoder("all-MiniLM-L6-v2") is local
+        waited = time.monotonic() - t0
+        release.set()
+        probe.join(60)
+        assert waited < 5, waited
+    finally:
+        release.set()
+        server.shutdown()
+
+
 def test_bench_roofline_and_time_shares_follow_the_encoders_own_products(encoder, bf16_encoder):
     """`make bench` times the products in the encoder's precision and finds the linear layers among the
     profiler's operators on both paths (a renamed operator would leave that group empty and the bench's

@@ -270,6 +270,7 @@ class RemoteEncoder:
 CACHE_SIZE = 3
 _CACHE: OrderedDict[tuple, Encoder | RemoteEncoder] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
+_LOADING: dict[tuple, threading.Lock] = {}
 
 
 def get_encoder(model: str, precision: str | None = None, endpoint: str | None = None,
@@ -277,16 +278,28 @@ def get_encoder(model: str, precision: str | None = None, endpoint: str | None =
     """The process-wide encoder for model (local, or at endpoint): built once, reused by every task. Keyed by
     the model's resolved directory, so every spelling of one model shares one copy."""
     key = (model, endpoint) if endpoint else (model_path(model), precision)
-    # The API's and the dashboard's threads ask at once: one loads while the others wait for its copy, and no
-    # eviction runs between another's lookup and its move_to_end.
+    # The API's and the dashboard's threads ask at once. Threads asking for one model wait for one load of it;
+    # the others are not held meanwhile (a remote endpoint's probe may stall for a minute).
     with _CACHE_LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key]
-        encoder = RemoteEncoder(endpoint, model, api_key, name) if endpoint else Encoder(model, precision)
-        _CACHE[key] = encoder
-        while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        loading = _LOADING.setdefault(key, threading.Lock())
+    with loading:
+        with _CACHE_LOCK:
+            if key in _CACHE:  # loaded by the thread this one waited for
+                return _CACHE[key]
+        try:
+            encoder = RemoteEncoder(endpoint, model, api_key, name) if endpoint else Encoder(model, precision)
+        except BaseException:
+            with _CACHE_LOCK:
+                _LOADING.pop(key, None)
+            raise
+        with _CACHE_LOCK:  # in one step, so that no thread finds the key neither loading nor loaded
+            _LOADING.pop(key, None)
+            _CACHE[key] = encoder
+            while len(_CACHE) > CACHE_SIZE:
+                _CACHE.popitem(last=False)
         return encoder
 
 
