@@ -352,8 +352,9 @@ def text_prefix(text_col: sa.Column, dialect_name: str) -> sa.ColumnElement:
                        (kind == "blob", sa.func.substr(text_col, 1, octets)), else_=text_col)
     if isinstance(text_col.type, sa.LargeBinary):
         return sa.func.substring(text_col, 1, octets)
-    # Numbers, JSON and enums (PostgreSQL has no substring of an enum) are read as they are.
-    if not isinstance(text_col.type, sa.String) or isinstance(text_col.type, sa.Enum):
+    # Numbers, JSON, enums (PostgreSQL has no substring of an enum) and char(n) are read as they are: a char(n)
+    # value is short by its type, and PostgreSQL's substring would drop its blank padding, changing the hash.
+    if not isinstance(text_col.type, sa.String) or isinstance(text_col.type, (sa.Enum, sa.CHAR, sa.NCHAR)):
         return text_col
     if dialect_name == "mssql":
         split_pair = sa.func.unicode(sa.func.substring(text_col, units, 1)).between(0xD800, 0xDBFF)
