@@ -72,8 +72,9 @@ def record(spec: RunSpec, registry: Registry) -> str:
                              phase=WAITING if full else "queued")
     if full:
         _keep_url(run_id, spec.db_url)
-    else:
-        _hand_over(run_id, spec.db_url, spec.master, registry)
+    elif not _hand_over(run_id, spec.db_url, spec.master, registry):
+        registry.set_phase(run_id, WAITING)  # dispatched by the next reader once the service takes runs
+        _keep_url(run_id, spec.db_url)
     return run_id
 
 
@@ -86,11 +87,18 @@ def _started(active: list[Run]) -> int:
     return sum(1 for r in active if r.phase != WAITING)
 
 
-def _hand_over(run_id: str, db_url: str, master: str, registry: Registry) -> None:
+def _hand_over(run_id: str, db_url: str, master: str, registry: Registry) -> bool:
+    """Start the run in the run service, else in a driver of its own; False (not started) while the service of
+    master is still starting: the run's own application would ask for the cores the service is about to take,
+    and wait for them for ever (an e2e run once waited 900 s so)."""
     # The real URL (it may hold a password) goes to the driver only: over the service's 0600 socket,
     # or through the environment of the run's own driver process.
-    if not run_service.submit(run_id, db_url, master):
-        start_driver(run_id, db_url, master, registry)
+    if run_service.submit(run_id, db_url, master):
+        return True
+    if run_service.starting(master):
+        return False
+    start_driver(run_id, db_url, master, registry)
+    return True
 
 
 def _waiting_url_path(run_id: str) -> Path:
@@ -115,7 +123,9 @@ def dispatch(registry: Registry) -> list[str]:
             registry.finish(run.run_id, FAILED, error="the run waited for a slot, but its connection is gone")
             continue
         registry.set_phase(run.run_id, "queued")
-        _hand_over(run.run_id, db_url, run.master, registry)
+        if not _hand_over(run.run_id, db_url, run.master, registry):
+            registry.set_phase(run.run_id, WAITING)  # the run service is still starting: the next reader tries
+            break
         path.unlink(missing_ok=True)
         started.append(run.run_id)
     return started

@@ -272,6 +272,50 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
     assert not psutil.pid_exists(service["pid"]) and not psutil.pid_exists(service["pgid"])  # nothing left running
 
 
+def test_a_run_launched_while_the_run_service_starts_waits_for_it_instead_of_starving(tmp_path, fast_model):
+    """The controller image starts the service in the background. A run posted meanwhile once took a
+    spark-submit of its own; the service, registered first, then took every core that workers brought, and
+    the run waited for cores for ever (an e2e run, 900 s). Now it waits for the service and runs there."""
+    import json
+
+    from jobs import lifecycle
+    from jobs.core.spec import RunSpec
+    from jobs.spark import run_service
+    from jobs.store.registry import WAITING
+
+    env = dict(os.environ, EMBEDDECK_MASTER_PORT=str(free_port()), EMBEDDECK_MASTER_WEBUI_PORT=str(free_port()))
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "cluster", *args], env=env, capture_output=True, text=True,
+                             timeout=180)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    url = f"sqlite:///{tmp_path / 'svc.sqlite'}"
+    seed_demo(url, n=60)
+    registry = Registry()
+    starter = None
+    try:
+        cli("up", "--workers", "0", "--no-runner")
+        master = json.loads(cli("status", "--json"))["master"]["url"]
+        starter = subprocess.Popen([sys.executable, "-c", "import sys; from jobs.spark import run_service; "
+                                    "run_service.start(sys.argv[1])", master], env=env)
+        wait_until(lambda: run_service.starting(master), timeout=60, every=0.02)
+        run_id = lifecycle.launch(RunSpec(db_url=url, source="products", id_column="id", text_column="description",
+                                          target="starting_emb", model=fast_model, master=master, launched_by="test"),
+                                  registry)
+        assert registry.get(run_id).phase == WAITING and registry.get(run_id).driver_pid is None
+        cli("scale", "1")
+        done = lifecycle.wait(run_id, registry, timeout_s=240)
+        assert done.state == "succeeded" and done.rows_done == 60, (done.state, done.error)
+        assert done.driver_pid == run_service.info()["pid"]  # the service ran it
+        assert starter.wait(60) == 0 and not run_service.starting(master)
+    finally:
+        if starter is not None and starter.poll() is None:
+            starter.kill()
+        cli("down")
+
+
 def test_autoscale_endpoint_and_local_loop_take_the_same_step(tmp_path, monkeypatch):
     """GET /autoscale (what KEDA reads on ACA) and the local loop answer alike for the same state: autoscale
     on with nothing to do, the operator's manual count (autoscale off), and a backlog."""

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from jobs.core.errors import Unavailable
-from jobs.core.processes import free_port, is_alive, read_json, stop_group, write_json
+from jobs.core.processes import free_port, is_alive, read_json, start_time, stop_group, write_json
 from jobs.core.settings import Settings
 from jobs.core.spec import DEFAULT_MODEL, RunSpec
 from jobs.embed.pipeline import execute, spark_error_message, warm_partitions
@@ -40,6 +40,17 @@ SCRIPT = Path(__file__).resolve()
 def _paths() -> tuple[Path, Path]:
     home = Settings().home
     return home / "runner.sock", home / "runner.json"
+
+
+def _starting_path() -> Path:
+    return Settings().home / "runner.starting.json"
+
+
+def starting(master: str) -> bool:
+    """Whether a start of the service of master is under way (its starter still waits for it to take runs)."""
+    data = read_json(_starting_path())
+    return (isinstance(data, dict) and is_alive(data.get("pid"), data.get("pid_started"))
+            and same_master(data.get("master", ""), master))
 
 
 def info() -> dict | None:
@@ -78,19 +89,25 @@ def start(master: str, timeout_s: float = 120.0) -> dict:
             return current
         stop()
     _paths()[1].unlink(missing_ok=True)
-    log_path = Settings().home / "runner.log"
-    proc = start_app(command(SCRIPT, master, free_port(), {"spark.scheduler.mode": "FAIR"}), log_path,
-                     spark_env(secrets_too=True))
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        current = info()
-        if current is not None:
-            return current
-        if proc.poll() is not None:
-            break
-        time.sleep(0.3)
-    stop_group(proc.pid, proc.pid)
-    raise Unavailable(f"the run service did not start within {timeout_s:.0f} s; see {log_path}")
+    # Runs launched meanwhile wait for the service (lifecycle): a run in a spark-submit of its own would ask
+    # the master for the cores the service is about to take, and wait for them for ever.
+    write_json(_starting_path(), {"pid": os.getpid(), "pid_started": start_time(os.getpid()), "master": master})
+    try:
+        log_path = Settings().home / "runner.log"
+        proc = start_app(command(SCRIPT, master, free_port(), {"spark.scheduler.mode": "FAIR"}), log_path,
+                         spark_env(secrets_too=True))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            current = info()
+            if current is not None:
+                return current
+            if proc.poll() is not None:
+                break
+            time.sleep(0.3)
+        stop_group(proc.pid, proc.pid)
+        raise Unavailable(f"the run service did not start within {timeout_s:.0f} s; see {log_path}")
+    finally:
+        _starting_path().unlink(missing_ok=True)
 
 
 def stop() -> None:

@@ -19,7 +19,7 @@ from jobs.store.db import engine_for, utcnow
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
-WAITING = "waiting"  # the phase of a queued run held back by the cap on active runs
+WAITING = "waiting"  # the phase of a queued run held back by the cap on active runs, or until the run service is up
 # A driver on another host that has not written a heartbeat for this long is taken for dead.
 HEARTBEAT_TIMEOUT_S = 60
 
@@ -293,7 +293,7 @@ def driver_gone_reason(run: Run, host: str, now: dt.datetime) -> str | None:
     """Why the run's driver is known to be dead, or None while it may be alive."""
     if run.driver_pid is None:
         if run.phase == WAITING:
-            return None  # waits for a free slot, by design (lifecycle.dispatch starts it)
+            return None  # waits for a free slot or the run service, by design (lifecycle.dispatch starts it)
         if (now - run.created_at).total_seconds() > HEARTBEAT_TIMEOUT_S:
             return "the run was never started by a driver process"
         return None
