@@ -38,7 +38,8 @@ try:
     pending = db.count_unembedded(engine, checked, model)
     st.caption(f"{pending:,} rows still need a vector of {model} (new rows or another model; "
                "changed texts are found when the run plans).")
-    st.dataframe(pd.DataFrame(db.preview(engine, table, table.c[id_column], table.c[text_column])),
+    shown = db.texts(engine, table, table.c[id_column], table.c[text_column], limit=5)  # as a run embeds them
+    st.dataframe(pd.DataFrame({id_column: list(shown), text_column: list(shown.values())}),
                  hide_index=True, width="stretch")
     valid = True
 except EmbedDeckError as exc:

@@ -44,6 +44,9 @@ def test_launch_run_search_flow(demo):
     assert [sb.value for sb in at.selectbox[2:4]] == ["id", "description"]
     assert any(f"{ROWS:,} rows still need a vector" in c.value for c in at.caption)
     assert not at.error
+    preview = at.dataframe[0].value  # the first rows as a run will embed them
+    assert list(preview.columns) == ["id", "description"] and len(preview) == 5
+    assert all(isinstance(t, str) and t.strip() for t in preview["description"])
     at.button[0].click().run()
     assert not at.exception, at.exception
     registry = Registry()

@@ -14,7 +14,6 @@ import sqlalchemy as sa
 from jobs.core import vectors
 from jobs.core.errors import BadRequest
 from jobs.core.settings import Settings
-from jobs.core.texts import normalize_text
 from jobs.embed.encoder import get_encoder
 from jobs.store import db, endpoints
 
@@ -271,10 +270,7 @@ def fetch_texts(engine: sa.Engine, origin: dict | None, ids: list[int]) -> dict[
     if not origin or not ids:
         return {}
     source = db.reflect(engine, origin["source"], "source")
-    id_col, text_col = source.c[origin["id_column"]], source.c[origin["text_column"]]
-    read = sa.select(id_col, db.text_prefix(text_col, engine.dialect.name)).where(id_col.in_(ids))
-    with engine.connect() as conn:
-        return {int(i): normalize_text(t) for i, t in conn.execute(read)}
+    return db.texts(engine, source, source.c[origin["id_column"]], source.c[origin["text_column"]], ids=ids)
 
 
 def query_encoder(identity: str):

@@ -482,8 +482,13 @@ def count_unembedded(engine: Engine, tables: Tables, model: str) -> int:
         return int(conn.execute(q).scalar_one())
 
 
-def preview(engine: Engine, table: sa.Table, id_col: sa.Column, text_col: sa.Column, n: int = 5) -> list[dict]:
-    """First n rows' ids and texts, the texts as a run will embed them (cut in the read, normalised)."""
-    q = sa.select(id_col, text_prefix(text_col, engine.dialect.name)).select_from(table).limit(n)
+def texts(engine: Engine, table: sa.Table, id_col: sa.Column, text_col: sa.Column, ids: list[int] | None = None,
+          limit: int | None = None) -> dict[int, str | None]:
+    """Texts by id as a run embeds them (cut in the read, normalised): of the given ids, or the first `limit`."""
+    q = sa.select(id_col, text_prefix(text_col, engine.dialect.name)).select_from(table)
+    if ids is not None:
+        q = q.where(id_col.in_(ids))
+    if limit is not None:
+        q = q.limit(limit)
     with engine.connect() as conn:
-        return [{id_col.name: i, text_col.name: normalize_text(t)} for i, t in conn.execute(q)]
+        return {int(i): normalize_text(t) for i, t in conn.execute(q)}
