@@ -81,6 +81,20 @@ def submit(run_id: str, db_url: str, master: str) -> bool:
     return json.loads(reply or b"{}").get("ok") is True
 
 
+def _wait_for_master(master: str, deadline: float) -> None:
+    """Return once master accepts connections; Unavailable past deadline. An application that dials a master
+    not yet listening is retried by Spark's standalone client only 20 s later: the controller image starts
+    its master and this service together, and its first run waited those 20 s (e2e)."""
+    while True:
+        try:
+            check_master(master, timeout_s=1.0)
+            return
+        except Unavailable:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def start(master: str, timeout_s: float = 120.0) -> dict:
     """Start the service application against a spark:// master and wait until it takes runs."""
     current = info()
@@ -93,10 +107,11 @@ def start(master: str, timeout_s: float = 120.0) -> dict:
     # the master for the cores the service is about to take, and wait for them for ever.
     write_json(_starting_path(), {"pid": os.getpid(), "pid_started": start_time(os.getpid()), "master": master})
     try:
+        deadline = time.monotonic() + timeout_s
+        _wait_for_master(master, deadline)
         log_path = Settings().home / "runner.log"
         proc = start_app(command(SCRIPT, master, free_port(), {"spark.scheduler.mode": "FAIR"}), log_path,
                          spark_env(secrets_too=True))
-        deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             current = info()
             if current is not None:
