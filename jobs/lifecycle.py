@@ -116,13 +116,20 @@ def dispatch(registry: Registry) -> list[str]:
     for run in registry.waiting():
         if _started(registry.list(limit=1000, active_only=True)) >= _max_active():
             break
+        # Readers dispatch concurrently (the API's settle loop and its requests, the dashboard): one takes the
+        # run, and then recounts, since another may have taken a different run for the same slot. Before, a
+        # second reader handed an e2e run over again, was refused by the service and gave it a driver of its own.
+        if not registry.take_waiting(run.run_id):
+            continue
+        if _started(registry.list(limit=1000, active_only=True)) > _max_active():
+            registry.set_phase(run.run_id, WAITING)
+            break
         path = _waiting_url_path(run.run_id)
         try:
             db_url = path.read_text()
         except OSError:
             registry.finish(run.run_id, FAILED, error="the run waited for a slot, but its connection is gone")
             continue
-        registry.set_phase(run.run_id, "queued")
         if not _hand_over(run.run_id, db_url, run.master, registry):
             registry.set_phase(run.run_id, WAITING)  # the run service is still starting: the next reader tries
             break

@@ -207,6 +207,14 @@ class Registry:
         return sorted((r for r in self.list(limit=1000, active_only=True) if r.phase == WAITING),
                       key=lambda r: r.created_at)
 
+    def take_waiting(self, run_id: str) -> bool:
+        """Move a waiting run back to queued for one reader to start, atomically; False when another took it."""
+        stmt = (runs_table.update().where(runs_table.c.run_id == run_id, runs_table.c.state == QUEUED,
+                                          runs_table.c.phase == WAITING)
+                .values(phase=QUEUED, heartbeat_at=utcnow()))
+        with self.engine.begin() as conn:
+            return conn.execute(stmt).rowcount == 1
+
     def claim(self, run_id: str, pid: int, log_path: str, ui_url: str | None = None) -> bool:
         """Take a queued run that no driver has yet, atomically; False when it is not such a run."""
         stmt = (runs_table.update().where(runs_table.c.run_id == run_id, runs_table.c.state == QUEUED,
