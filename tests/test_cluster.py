@@ -272,11 +272,44 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
     assert not psutil.pid_exists(service["pid"]) and not psutil.pid_exists(service["pgid"])  # nothing left running
 
 
-def test_a_run_launched_while_the_run_service_starts_waits_for_it_instead_of_starving(tmp_path, fast_model):
+def test_the_run_service_waits_for_its_master_before_it_dials_it():
+    """The controller image starts its master and the run service together. Spark's standalone client retries
+    a master that was not yet listening only 20 s later, and the e2e's first run waited those 20 s. Now the
+    service launches nothing until the master answers, and then registers at the first try."""
+    from jobs.core.settings import Settings
+    from jobs.spark import run_service
+
+    port = free_port()
+    env = dict(os.environ, EMBEDDECK_MASTER_PORT=str(port), EMBEDDECK_MASTER_WEBUI_PORT=str(free_port()))
+    master = f"spark://127.0.0.1:{port}"
+    log_path = Settings().home / "runner.log"
+    log_path.unlink(missing_ok=True)
+    starter = subprocess.Popen([sys.executable, "-c", "import sys; from jobs.spark import run_service; "
+                                "run_service.start(sys.argv[1])", master], env=env)
+    try:
+        wait_until(lambda: run_service.starting(master), timeout=60, every=0.02)
+        time.sleep(2)  # long enough for a spark-submit to be under way, were one launched
+        assert not psutil.Process(starter.pid).children(recursive=True) and not log_path.exists()
+        subprocess.run([sys.executable, "-m", "cluster", "up", "--workers", "0", "--no-runner"], env=env,
+                       check=True, capture_output=True, timeout=180)
+        assert starter.wait(120) == 0 and run_service.info() is not None
+        assert "Failed to connect to master" not in log_path.read_text()
+    finally:
+        if starter.poll() is None:  # a failed check: its spark-submit, if any, runs in a session of its own
+            for child in psutil.Process(starter.pid).children(recursive=True):
+                child.kill()
+            starter.kill()
+        subprocess.run([sys.executable, "-m", "cluster", "down"], env=env, capture_output=True, timeout=180)
+
+
+def test_a_run_launched_while_the_run_service_starts_waits_for_it_and_runs_there_once(tmp_path, fast_model):
     """The controller image starts the service in the background. A run posted meanwhile once took a
     spark-submit of its own; the service, registered first, then took every core that workers brought, and
-    the run waited for cores for ever (an e2e run, 900 s). Now it waits for the service and runs there."""
+    the run waited for cores for ever (an e2e run, 900 s). Now it waits for the service and runs there. Then
+    readers that dispatch it at once (the API's settle loop and its requests) start it once: a second one
+    used to be refused by the service and give the run a driver of its own besides (seen in the e2e)."""
     import json
+    import threading
 
     from jobs import lifecycle
     from jobs.core.spec import RunSpec
@@ -305,11 +338,27 @@ def test_a_run_launched_while_the_run_service_starts_waits_for_it_instead_of_sta
                                           target="starting_emb", model=fast_model, master=master, launched_by="test"),
                                   registry)
         assert registry.get(run_id).phase == WAITING and registry.get(run_id).driver_pid is None
+        assert starter.wait(120) == 0 and not run_service.starting(master)
+        readers = 8
+        barrier, started = threading.Barrier(readers), []
+
+        def reader():
+            barrier.wait()
+            started.extend(lifecycle.dispatch(Registry()))
+
+        threads = [threading.Thread(target=reader) for _ in range(readers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert started == [run_id]
+        assert registry.get(run_id).driver_pid == run_service.info()["pid"]
+        apps = [a["name"] for a in json.loads(cli("status", "--json"))["master"]["active_apps"]]
+        assert apps == ["embeddeck-runner"], apps  # no application of the run's own
         cli("scale", "1")
         done = lifecycle.wait(run_id, registry, timeout_s=240)
         assert done.state == "succeeded" and done.rows_done == 60, (done.state, done.error)
         assert done.driver_pid == run_service.info()["pid"]  # the service ran it
-        assert starter.wait(60) == 0 and not run_service.starting(master)
     finally:
         if starter is not None and starter.poll() is None:
             starter.kill()
