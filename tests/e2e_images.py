@@ -31,6 +31,7 @@ import requests
 
 from jobs.core.autoscale import ScalingSettings
 from jobs.core.processes import free_port
+from jobs.core.progress import start_breakdown
 from jobs.store import scaling
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
@@ -98,6 +99,7 @@ class KedaMetricsApi:
         self.start_replica, self.stop_replica = start_replica, stop_replica
         self.replicas: list[Container] = []
         self.counts = [0]
+        self.moved_at = [time.monotonic()]  # when each count in counts was reached
         self.last_active = 0.0
         self.stopping = threading.Event()
         self.errors: list[str] = []
@@ -123,6 +125,7 @@ class KedaMetricsApi:
                     self.stop_replica(self.replicas.pop())
                 if self.counts[-1] != len(self.replicas):
                     self.counts.append(len(self.replicas))
+                    self.moved_at.append(time.monotonic())
             except Exception as exc:  # a poll that fails is retried, as KEDA does
                 self.errors.append(repr(exc))
             self.stopping.wait(POLL_S)
@@ -212,6 +215,14 @@ def main() -> int:
             assert run["state"] == "succeeded", run
             print(f"run {run_id}: {run['rows_done']}/{ROWS} rows in {time.monotonic() - t0:.0f}s "
                   f"from the POST; worker counts so far {keda.counts}")
+            # Where the start went, for a slow one's report: scaler moves since the POST, then the run's own stages.
+            print("scaler: " + ", ".join(f"{n} at {at - t0:+.1f} s" for n, at in zip(keda.counts, keda.moved_at)
+                                         if at >= t0))
+            apps = requests.get(f"http://127.0.0.1:{webui_port}/json/", timeout=5).json()
+            names = [a["name"] for a in apps.get("activeapps", []) + apps.get("completedapps", [])]
+            assert names == ["embeddeck-runner"], f"the run service alone must have run it: {names}"
+            stages = start_breakdown(json.loads(registry.get(run_id).timings or "{}"))
+            print("start stages: " + " + ".join(f"{name} {s:.1f}" for name, s in stages.items()))
             wait_until(lambda: keda.counts[-1] == 0 and len(keda.counts) > 2, timeout=180, every=1,
                        what="workers back to 0")
             keda.stopping.set()
