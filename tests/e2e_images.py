@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
+import psutil
 import requests
 
 from jobs.core.autoscale import ScalingSettings
@@ -60,6 +61,14 @@ class Container:
                                      stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def stop(self) -> None:
+        """Stop the entrypoint's group, then whatever else runs in this container's root: chroot isolation has
+        no PID namespace, and the run service and a run's driver start sessions of their own (a driver once
+        outlived its container)."""
+        inside = []
+        if self.proc.poll() is None:  # read before the stop: buildah unmounts the root when its run ends
+            roots = {root for p in psutil.Process(self.proc.pid).children(recursive=True)
+                     if (root := _root_of(p.pid)) not in (None, "/")}
+            inside = [p for p in psutil.process_iter() if _root_of(p.pid) in roots]
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -67,6 +76,11 @@ class Container:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+        strays = [p for p in inside if p.is_running()]
+        for p in strays:
+            p.terminate()
+        for p in psutil.wait_procs(strays, timeout=10)[1]:
+            p.kill()
         subprocess.run(["buildah", "rm", self.name], capture_output=True)
 
     def tail(self, path: str, lines: int = 40) -> str:
@@ -74,6 +88,13 @@ class Container:
         out = subprocess.run(["buildah", "run", "--isolation", "chroot", self.name, "--", "tail", "-n", str(lines),
                               path], capture_output=True, text=True, timeout=60)
         return out.stdout + out.stderr
+
+
+def _root_of(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/root")
+    except OSError:  # gone, or not ours to read
+        return None
 
 
 def in_image(image: str, command: str) -> str:
