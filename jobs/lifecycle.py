@@ -70,7 +70,8 @@ def record(spec: RunSpec, registry: Registry) -> str:
     run_id = registry.create(spec.with_db_url(redacted).to_json(), spec.launched_by, spec.source, spec.target,
                              spec.model, spec.master, target_key=f"{redacted}|{spec.target}",
                              phase=WAITING if full else "queued")
-    if full:
+    if full or _started_ahead(run_id, registry) >= _max_active():
+        registry.set_phase(run_id, WAITING)
         _keep_url(run_id, spec.db_url)
     elif not _hand_over(run_id, spec.db_url, spec.master, registry):
         registry.set_phase(run_id, WAITING)  # dispatched by the next reader once the service takes runs
@@ -85,6 +86,14 @@ def _max_active() -> int:
 def _started(active: list[Run]) -> int:
     """How many of the active runs hold a slot (all but those waiting for one)."""
     return sum(1 for r in active if r.phase != WAITING)
+
+
+def _started_ahead(run_id: str, registry: Registry) -> int:
+    """Started runs created before this one. Launches race (a burst of POSTs): each counted the others as not
+    yet there, and all started; now of runs launched at once only those within the cap start."""
+    active = registry.list(limit=1000, active_only=True)
+    me = next(r for r in active if r.run_id == run_id)
+    return sum(1 for r in active if r.phase != WAITING and (r.created_at, r.run_id) < (me.created_at, me.run_id))
 
 
 def _hand_over(run_id: str, db_url: str, master: str, registry: Registry) -> bool:

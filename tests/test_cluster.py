@@ -302,12 +302,14 @@ def test_the_run_service_waits_for_its_master_before_it_dials_it():
         subprocess.run([sys.executable, "-m", "cluster", "down"], env=env, capture_output=True, timeout=180)
 
 
-def test_a_run_launched_while_the_run_service_starts_waits_for_it_and_runs_there_once(tmp_path, fast_model):
+def test_runs_launched_and_dispatched_at_once_start_once_and_within_the_cap(tmp_path, fast_model, monkeypatch):
     """The controller image starts the service in the background. A run posted meanwhile once took a
     spark-submit of its own; the service, registered first, then took every core that workers brought, and
     the run waited for cores for ever (an e2e run, 900 s). Now it waits for the service and runs there. Then
     readers that dispatch it at once (the API's settle loop and its requests) start it once: a second one
-    used to be refused by the service and give the run a driver of its own besides (seen in the e2e)."""
+    used to be refused by the service and give the run a driver of its own besides (seen in the e2e). And a
+    burst of launches starts no more runs than EMBEDDECK_MAX_ACTIVE_RUNS: each used to count only the runs
+    started before the burst."""
     import json
     import threading
 
@@ -355,10 +357,32 @@ def test_a_run_launched_while_the_run_service_starts_waits_for_it_and_runs_there
         assert registry.get(run_id).driver_pid == run_service.info()["pid"]
         apps = [a["name"] for a in json.loads(cli("status", "--json"))["master"]["active_apps"]]
         assert apps == ["embeddeck-runner"], apps  # no application of the run's own
+
+        monkeypatch.setenv("EMBEDDECK_MAX_ACTIVE_RUNS", "2")  # one slot left beside the run above
+        launches = 6
+        barrier, burst = threading.Barrier(launches), []
+
+        def launcher(i):  # record(): launch() less its validation, whose time would spread the burst out
+            barrier.wait()
+            burst.append(lifecycle.record(RunSpec(db_url=url, source="products", id_column="id",
+                                                  text_column="description", target=f"burst_{i}_emb",
+                                                  model=fast_model, master=master, launched_by="test"), Registry()))
+
+        threads = [threading.Thread(target=launcher, args=(i,)) for i in range(launches)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        started_now = [i for i in burst if registry.get(i).phase != WAITING]
+        assert len(burst) == launches and len(started_now) == 1, [registry.get(i).phase for i in burst]
+        for i in set(burst) - set(started_now):
+            lifecycle.cancel(i, registry)
+        assert {lifecycle.get(i, registry).state for i in set(burst) - set(started_now)} == {"cancelled"}
         cli("scale", "1")
-        done = lifecycle.wait(run_id, registry, timeout_s=240)
-        assert done.state == "succeeded" and done.rows_done == 60, (done.state, done.error)
-        assert done.driver_pid == run_service.info()["pid"]  # the service ran it
+        for i in (run_id, *started_now):
+            done = lifecycle.wait(i, registry, timeout_s=240)
+            assert done.state == "succeeded" and done.rows_done == 60, (done.state, done.error)
+            assert done.driver_pid == run_service.info()["pid"]  # the service ran it
     finally:
         if starter is not None and starter.poll() is None:
             starter.kill()
