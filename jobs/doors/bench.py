@@ -600,11 +600,12 @@ def run_all(args: argparse.Namespace, home: str) -> int:
             mem_spec = RunSpec(db_url=big_url, source="products", id_column="id", text_column="title",
                                target=f"mem_{n}", master=master, limit_rows=n, launched_by="bench")
             rss[n], driver_rss[n] = peak_rss_mb(mem_spec, registry)
-        # The same run on one one-core worker, then twice on two, then on one again: each count's rate is the
-        # mean of two runs, in an order that cancels a steady drift of the machine's speed (once each in QUICK,
-        # which must stay under 3 minutes).
+        # The same run on one one-core worker, then twice on two, then on one again, all twice: each count's rate
+        # is the mean of four runs, in an order that cancels a steady drift of the machine's speed (once each in
+        # QUICK, which must stay under 3 minutes). Two runs each read 1.77 once, as one two-worker run met a slow
+        # minute of this shared machine (287.7 against 318.6 rows/s).
         scale_rates: dict[int, list[float]] = {}
-        for step, workers in enumerate((1, 2) if args.quick else (1, 2, 2, 1)):
+        for step, workers in enumerate((1, 2) if args.quick else (1, 2, 2, 1) * 2):
             if service_executors() != workers:
                 scaled_at = time.time()
                 cluster_cli("scale", str(workers))
@@ -651,7 +652,7 @@ def run_all(args: argparse.Namespace, home: str) -> int:
         for e in decisions))
     one_w, two_w = (float(np.mean(scale_rates[w])) for w in (1, 2))
     print(f"scale_1w_rows_per_s = {one_w:.1f}  # {n_scale} rows, one one-core worker, run service: the mean of "
-          f"{', '.join(f'{r:.1f}' for r in scale_rates[1])} (a full bench runs 1, 2, 2, 1 workers in turn)")
+          f"{', '.join(f'{r:.1f}' for r in scale_rates[1])} (a full bench runs 1, 2, 2, 1 workers in turn, twice)")
     print(f"scale_2w_rows_per_s = {two_w:.1f}  # the same run on two: the mean of "
           f"{', '.join(f'{r:.1f}' for r in scale_rates[2])}")
     print(f"scale_2w/1w = {two_w / one_w:.2f}  # against parallel_2p/1p = {two / one:.2f}, "
