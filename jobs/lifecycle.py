@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from jobs.core.errors import BadRequest, EmbedDeckError, NotFound
+from jobs.core.errors import BadRequest, Conflict, EmbedDeckError, NotFound
 from jobs.core.processes import stop_group, write_private
 from jobs.core.settings import Settings
 from jobs.core.spec import RunSpec
@@ -20,7 +20,7 @@ from jobs.embed.encoder import model_path
 from jobs.spark import run_service
 from jobs.spark.submit import check_master, start_driver
 from jobs.store import connections, db
-from jobs.store.registry import CANCELLED, FAILED, WAITING, Registry, Run
+from jobs.store.registry import CANCELLED, FAILED, WAITING, Registry, Run, new_run_id
 
 # A driver that has not acted on a cancel within this time is stopped (its process group killed).
 CANCEL_GRACE_S = 20.0
@@ -63,19 +63,19 @@ def health(timeout_s: float = 3.0) -> dict[str, str]:
 
 
 def record(spec: RunSpec, registry: Registry) -> str:
-    """Record a validated spec as a queued run (URL redacted) and start it, or let it wait for a slot when
-    EMBEDDECK_MAX_ACTIVE_RUNS runs are active; returns its id. Conflict when its target has an active run."""
+    """Record a validated spec as a waiting run (URL redacted) and start it, unless EMBEDDECK_MAX_ACTIVE_RUNS runs
+    are started or the run service is still starting; returns its id. Conflict when its target has an active run."""
     redacted = db.redact_url(spec.db_url)
-    full = _started(registry.list(limit=1000, active_only=True)) >= _max_active()
-    run_id = registry.create(spec.with_db_url(redacted).to_json(), spec.launched_by, spec.source, spec.target,
-                             spec.model, spec.master, target_key=f"{redacted}|{spec.target}",
-                             phase=WAITING if full else "queued")
-    if full or _started_ahead(run_id, registry) >= _max_active():
-        registry.set_phase(run_id, WAITING)
-        _keep_url(run_id, spec.db_url)
-    elif not _hand_over(run_id, spec.db_url, spec.master, registry):
-        registry.set_phase(run_id, WAITING)  # dispatched by the next reader once the service takes runs
-        _keep_url(run_id, spec.db_url)
+    run_id = new_run_id()
+    _keep_url(run_id, spec.db_url)  # first: once recorded, any reader may start the run, and reads the URL here
+    try:
+        registry.create(spec.with_db_url(redacted).to_json(), spec.launched_by, spec.source, spec.target,
+                        spec.model, spec.master, target_key=f"{redacted}|{spec.target}", phase=WAITING,
+                        run_id=run_id)
+    except Conflict:
+        _waiting_url_path(run_id).unlink(missing_ok=True)
+        raise
+    _start_waiting(run_id, spec.master, registry)
     return run_id
 
 
@@ -83,17 +83,25 @@ def _max_active() -> int:
     return max(1, Settings().integer("EMBEDDECK_MAX_ACTIVE_RUNS"))
 
 
-def _started(active: list[Run]) -> int:
-    """How many of the active runs hold a slot (all but those waiting for one)."""
-    return sum(1 for r in active if r.phase != WAITING)
-
-
-def _started_ahead(run_id: str, registry: Registry) -> int:
-    """Started runs created before this one. Launches race (a burst of POSTs): each counted the others as not
-    yet there, and all started; now of runs launched at once only those within the cap start."""
-    active = registry.list(limit=1000, active_only=True)
-    me = next(r for r in active if r.run_id == run_id)
-    return sum(1 for r in active if r.phase != WAITING and (r.created_at, r.run_id) < (me.created_at, me.run_id))
+def _start_waiting(run_id: str, master: str, registry: Registry) -> bool:
+    """Start a waiting run if this caller takes it within the cap; False when the cap is full, another reader
+    took it, or the run service is still starting (it waits on)."""
+    # The launcher and every reader (the API's settle loop and its requests, the dashboard) race for waiting
+    # runs: the registry decides under one lock. Before, each counted the started runs on its own, so a burst of
+    # launches all started, and a second reader handed an e2e run over again and gave it a driver of its own.
+    if not registry.take_waiting(run_id, _max_active()):
+        return False
+    path = _waiting_url_path(run_id)
+    try:
+        db_url = path.read_text()
+    except OSError:
+        registry.finish(run_id, FAILED, error="the run waited for a slot, but its connection is gone")
+        return False
+    if not _hand_over(run_id, db_url, master, registry):
+        registry.set_phase(run_id, WAITING)  # the run service is still starting: the next reader tries
+        return False
+    path.unlink(missing_ok=True)
+    return True
 
 
 def _hand_over(run_id: str, db_url: str, master: str, registry: Registry) -> bool:
@@ -115,36 +123,13 @@ def _waiting_url_path(run_id: str) -> Path:
 
 
 def _keep_url(run_id: str, db_url: str) -> None:
-    """A waiting run's real URL, owner-only, until dispatch hands it to the run's driver."""
+    """A waiting run's real URL, owner-only, until it is handed to the run's driver."""
     write_private(_waiting_url_path(run_id), db_url)
 
 
 def dispatch(registry: Registry) -> list[str]:
-    """Start waiting runs, oldest first, while fewer than the cap are active; returns the ids started."""
-    started = []
-    for run in registry.waiting():
-        if _started(registry.list(limit=1000, active_only=True)) >= _max_active():
-            break
-        # Readers dispatch concurrently (the API's settle loop and its requests, the dashboard): one takes the
-        # run, and then recounts, since another may have taken a different run for the same slot. Before, a
-        # second reader handed an e2e run over again, was refused by the service and gave it a driver of its own.
-        if not registry.take_waiting(run.run_id):
-            continue
-        if _started(registry.list(limit=1000, active_only=True)) > _max_active():
-            registry.set_phase(run.run_id, WAITING)
-            break
-        path = _waiting_url_path(run.run_id)
-        try:
-            db_url = path.read_text()
-        except OSError:
-            registry.finish(run.run_id, FAILED, error="the run waited for a slot, but its connection is gone")
-            continue
-        if not _hand_over(run.run_id, db_url, run.master, registry):
-            registry.set_phase(run.run_id, WAITING)  # the run service is still starting: the next reader tries
-            break
-        path.unlink(missing_ok=True)
-        started.append(run.run_id)
-    return started
+    """Start waiting runs, oldest first, while fewer than the cap are started; returns the ids started."""
+    return [run.run_id for run in registry.waiting() if _start_waiting(run.run_id, run.master, registry)]
 
 
 def launch(spec: RunSpec, registry: Registry | None = None) -> str:

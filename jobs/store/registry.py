@@ -59,6 +59,14 @@ runs_table = sa.Table(
 _ACTIVE = runs_table.c.state.in_((QUEUED, RUNNING))
 one_active_run_per_target = sa.Index("one_active_run_per_target", runs_table.c.target_key, unique=True,
                                      sqlite_where=_ACTIVE, postgresql_where=_ACTIVE, mssql_where=_ACTIVE)
+# One row whose update serializes the decision to start a run, across processes and hosts: it takes the
+# database's write lock (SQLite) or the row's lock (PostgreSQL, SQL Server) until the transaction ends.
+slots_table = sa.Table(
+    "run_slots", metadata,
+    sa.Column("name", sa.String(40), primary_key=True),
+    sa.Column("decisions", sa.Integer, nullable=False),
+)
+SLOTS_ROW = "start"
 progress_table = sa.Table(
     "run_progress", metadata,
     sa.Column("run_id", sa.String(40), nullable=False, index=True),
@@ -140,6 +148,14 @@ class Registry:
         metadata.create_all(self.engine, checkfirst=True)
         self._add_new_columns()
         one_active_run_per_target.create(self.engine, checkfirst=True)
+        with self.engine.connect() as conn:
+            have_row = conn.execute(sa.select(slots_table.c.name).where(slots_table.c.name == SLOTS_ROW)).first()
+        if have_row is None:
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(slots_table.insert().values(name=SLOTS_ROW, decisions=0))
+            except sa.exc.IntegrityError:  # another process made it first
+                pass
         self._file_id = self._identity()
 
     def _identity(self) -> tuple[int, int] | None:
@@ -173,10 +189,10 @@ class Registry:
                     conn.execute(sa.text(f'ALTER TABLE runs ADD COLUMN "{column.name}" {kind}'))
 
     def create(self, spec_json: str, launched_by: str, source: str, target: str, model: str,
-               master: str, target_key: str | None = None, phase: str = "queued") -> str:
+               master: str, target_key: str | None = None, phase: str = "queued", run_id: str | None = None) -> str:
         """Record a queued run and return its id; Conflict when target_key already has an active run."""
         self._fresh()
-        run_id = new_run_id()
+        run_id = run_id or new_run_id()
         try:
             with self.engine.begin() as conn:
                 conn.execute(runs_table.insert().values(
@@ -207,13 +223,20 @@ class Registry:
         return sorted((r for r in self.list(limit=1000, active_only=True) if r.phase == WAITING),
                       key=lambda r: r.created_at)
 
-    def take_waiting(self, run_id: str) -> bool:
-        """Move a waiting run back to queued for one reader to start, atomically; False when another took it."""
-        stmt = (runs_table.update().where(runs_table.c.run_id == run_id, runs_table.c.state == QUEUED,
+    def take_waiting(self, run_id: str, cap: int) -> bool:
+        """Move a waiting run to queued for its caller to start, if fewer than cap runs are started; one decision
+        at a time, whoever asks. False when the cap is full or another caller took the run."""
+        phase = runs_table.c.phase
+        started = sa.select(sa.func.count()).select_from(runs_table).where(
+            runs_table.c.state.not_in(FINAL_STATES), sa.or_(phase.is_(None), phase != WAITING))
+        take = (runs_table.update().where(runs_table.c.run_id == run_id, runs_table.c.state == QUEUED,
                                           runs_table.c.phase == WAITING)
                 .values(phase=QUEUED, heartbeat_at=utcnow()))
+        self._fresh()
         with self.engine.begin() as conn:
-            return conn.execute(stmt).rowcount == 1
+            conn.execute(slots_table.update().where(slots_table.c.name == SLOTS_ROW)
+                         .values(decisions=slots_table.c.decisions + 1))  # the lock, held to the commit
+            return conn.execute(started).scalar_one() < cap and conn.execute(take).rowcount == 1
 
     def claim(self, run_id: str, pid: int, log_path: str, ui_url: str | None = None) -> bool:
         """Take a queued run that no driver has yet, atomically; False when it is not such a run."""
