@@ -400,3 +400,42 @@ def test_a_large_target_is_searched_through_the_approximate_index_kept_current(s
         conn.execute(target.delete().where(target.c.source_id < 2800))
     got = index.top_k(probe, 3)  # 201 rows left: back under the line, searched exactly
     assert index.ann is None and len(index.ids) == 201 and 5 not in got[1] and min(got[1]) >= 2800
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_waiting_runs_are_taken_once_and_within_the_cap_by_callers_at_once(dialect, tmp_path, request):
+    """Launchers and readers race to start waiting runs, from several processes or hosts: the registry lets each
+    run be taken once, and no more than the cap in all (one decision at a time, under its run_slots row)."""
+    import threading
+    import uuid
+
+    from jobs.store.registry import WAITING, Registry
+
+    if dialect == "sqlite":
+        url = f"sqlite:///{tmp_path / 'slots.sqlite'}"
+    else:  # a database of its own: the cap counts every active run in the registry
+        server = sa.engine.make_url(request.getfixturevalue("pg_url"))
+        name = f"slots_{uuid.uuid4().hex[:8]}"
+        with db.engine_for(server.render_as_string(hide_password=False)).connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text(f"CREATE DATABASE {name}"))
+        url = server.set(database=name).render_as_string(hide_password=False)
+    registry = Registry(url)
+    ids = [registry.create("{}", "test", "s", f"t{i}", "m", "local[1]", target_key=f"k{i}", phase=WAITING)
+           for i in range(6)]
+    callers, cap, taken = 12, 3, []
+    barrier = threading.Barrier(callers)
+
+    def caller(i):
+        mine = Registry(url)  # a connection pool of its own, as another process has
+        barrier.wait()
+        for run_id in ids[i % 6:] + ids[:i % 6]:
+            if mine.take_waiting(run_id, cap):
+                taken.append(run_id)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(taken) == cap and len(set(taken)) == cap, taken
+    assert sorted(r.run_id for r in registry.list(active_only=True) if r.phase != WAITING) == sorted(taken)
