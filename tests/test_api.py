@@ -399,6 +399,25 @@ def test_one_active_run_per_target_and_a_cap_on_runs_at_once(server, fast_model)
         wait_until(lambda r=run_id: get_run(base, r)["state"] == "succeeded", timeout=240, every=1)
 
 
+def test_readers_leave_a_run_waiting_on_another_host_to_that_host(tmp_path):
+    """On ACA the dashboard's and the API's apps share one registry, and a waiting run's URL stays in the home of
+    the app that launched it. The API's settle loop took the dashboard's waiting runs and failed them ("its
+    connection is gone"); now each host's readers start only the runs it launched."""
+    from jobs import lifecycle
+    from jobs.store import registry as runs
+
+    registry = Registry(f"sqlite:///{tmp_path / 'shared.sqlite'}")
+    theirs = registry.create("{}", "dashboard", "products", "t_theirs", "m", "spark://controller:7077",
+                             target_key="k_theirs", phase=runs.WAITING)
+    with registry.engine.begin() as conn:  # as the dashboard's replica wrote it
+        conn.execute(runs.runs_table.update().where(runs.runs_table.c.run_id == theirs)
+                     .values(driver_host="embeddeck-dashboard--rev1-abc"))
+    assert lifecycle.dispatch(registry) == []
+    lifecycle.refresh(registry)
+    run = registry.get(theirs)
+    assert (run.state, run.phase, run.error) == ("queued", runs.WAITING, None)
+
+
 def test_a_small_embeddings_request_is_not_starved_by_a_big_one(server):
     """One maximum-size request held the model for 38 s while a one-input request waited: the model is now
     taken in slices, so a small request sent just after a big one finishes first."""

@@ -199,7 +199,7 @@ class Registry:
                     run_id=run_id, state=QUEUED, cancel_requested=False, spec_json=spec_json,
                     launched_by=launched_by, source=source, target=target, model=model, master=master,
                     created_at=utcnow(), rows_done=0, rows_skipped=0, rows_per_s=0.0, phase=phase,
-                    target_key=target_key))
+                    target_key=target_key, driver_host=socket.gethostname()))  # its driver runs where it launched
         except sa.exc.IntegrityError:
             active = [r.run_id for r in self.list(active_only=True) if r.target_key == target_key]
             raise Conflict(f"target {target!r} already has an active run ({', '.join(active) or 'just started'}); "
@@ -219,9 +219,12 @@ class Registry:
                      driver_started=start_time(pid), log_path=log_path, ui_url=ui_url)
 
     def waiting(self) -> list[Run]:
-        """Queued runs held back by the cap, oldest first."""
-        return sorted((r for r in self.list(limit=1000, active_only=True) if r.phase == WAITING),
-                      key=lambda r: r.created_at)
+        """Queued runs held back, oldest first, launched on this host: only its home holds their URL. On ACA the
+        dashboard's and the API's apps share one registry, and a reader of the one took the other's waiting runs
+        and failed them for want of their connection."""
+        here = socket.gethostname()
+        return sorted((r for r in self.list(limit=1000, active_only=True)
+                       if r.phase == WAITING and r.driver_host in (None, here)), key=lambda r: r.created_at)
 
     def take_waiting(self, run_id: str, cap: int) -> bool:
         """Move a waiting run to queued for its caller to start, if fewer than cap runs are started; one decision
