@@ -7,13 +7,14 @@ caller waits anyway (the CLI, the API's cancel route); the dashboard never does.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
 from jobs.core.errors import BadRequest, Conflict, EmbedDeckError, NotFound
-from jobs.core.processes import stop_group, write_private
+from jobs.core.processes import is_alive, stop_group, write_private
 from jobs.core.settings import Settings
 from jobs.core.spec import RunSpec
 from jobs.embed.encoder import model_path
@@ -151,7 +152,7 @@ def refresh(registry: Registry) -> None:
     """Settle what only a reader can notice: drivers that died, drivers that ignored a cancel, and waiting runs
     whose slot came free."""
     registry.reconcile()
-    now = db.utcnow()
+    now, here = db.utcnow(), socket.gethostname()
     waiting = False
     for run in registry.list(limit=1000, active_only=True):
         if run.phase == WAITING and run.cancel_requested:  # never started: nothing to stop
@@ -160,12 +161,24 @@ def refresh(registry: Registry) -> None:
             continue
         waiting = waiting or run.phase == WAITING
         overdue = run.cancel_requested_at and (now - run.cancel_requested_at).total_seconds() > CANCEL_GRACE_S
-        if overdue:
-            if run.driver_pid and not run_service.serves(run):  # never the run service
-                stop_group(run.driver_pid, run.driver_pid, grace_s=5.0)
+        # A driver on another host is its own host's to stop (or the heartbeat check's to declare dead): its pid
+        # here could be any process of ours.
+        if overdue and run.driver_host in (None, here):
+            if run.driver_pid and not run_service.serves(run) and is_alive(run.driver_pid, run.driver_started):
+                stop_group(run.driver_pid, run.driver_pid, grace_s=5.0)  # never the run service
             registry.finish(run.run_id, CANCELLED, error="cancelled by request (the driver did not stop in time)")
     if waiting:
         dispatch(registry)
+    _forget_urls(registry)
+
+
+def _forget_urls(registry: Registry) -> None:
+    """Remove the kept URLs of runs that ended without being handed over (cancelled while waiting, perhaps by
+    another host's reader): a password must not outlive its run on disk."""
+    for path in (Settings().home / "secrets").glob("waiting-*.url"):
+        run = registry.get(path.name.removeprefix("waiting-").removesuffix(".url"))
+        if run is not None and not run.active:  # a missing run may be one being recorded right now
+            path.unlink(missing_ok=True)
 
 
 def cancel(run_id: str, registry: Registry | None = None) -> str:

@@ -399,23 +399,55 @@ def test_one_active_run_per_target_and_a_cap_on_runs_at_once(server, fast_model)
         wait_until(lambda r=run_id: get_run(base, r)["state"] == "succeeded", timeout=240, every=1)
 
 
-def test_readers_leave_a_run_waiting_on_another_host_to_that_host(tmp_path):
+def test_readers_settle_only_their_own_hosts_runs_and_forget_ended_runs_urls(tmp_path, monkeypatch):
     """On ACA the dashboard's and the API's apps share one registry, and a waiting run's URL stays in the home of
     the app that launched it. The API's settle loop took the dashboard's waiting runs and failed them ("its
-    connection is gone"); now each host's readers start only the runs it launched."""
+    connection is gone"), and stopped the pid of another host's driver whose cancel was overdue, here, whatever
+    process had it. Now each host settles its own runs, and a URL kept for a run that ended waiting (cancelled
+    by another host's reader) is removed by the next reader of the host that kept it."""
+    import datetime as dt
+
+    import psutil
+
     from jobs import lifecycle
+    from jobs.core.settings import Settings
+    from jobs.core.spec import RunSpec
     from jobs.store import registry as runs
 
     registry = Registry(f"sqlite:///{tmp_path / 'shared.sqlite'}")
+    table = runs.runs_table
+    elsewhere = "embeddeck-dashboard--rev1-abc"
     theirs = registry.create("{}", "dashboard", "products", "t_theirs", "m", "spark://controller:7077",
                              target_key="k_theirs", phase=runs.WAITING)
-    with registry.engine.begin() as conn:  # as the dashboard's replica wrote it
-        conn.execute(runs.runs_table.update().where(runs.runs_table.c.run_id == theirs)
-                     .values(driver_host="embeddeck-dashboard--rev1-abc"))
-    assert lifecycle.dispatch(registry) == []
+    # One of our processes that leads its group, as our drivers and run service do, with the pid their driver has.
+    bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    driving = registry.create("{}", "dashboard", "products", "t_driving", "m", "spark://controller:7077",
+                              target_key="k_driving")
+    now = db.utcnow()
+    with registry.engine.begin() as conn:  # as the dashboard's replica wrote them
+        conn.execute(table.update().where(table.c.run_id == theirs).values(driver_host=elsewhere))
+        conn.execute(table.update().where(table.c.run_id == driving).values(
+            driver_host=elsewhere, driver_pid=bystander.pid, driver_started=psutil.Process(bystander.pid).create_time(),
+            heartbeat_at=now, cancel_requested=True, cancel_requested_at=now - dt.timedelta(hours=1)))
+    try:
+        assert lifecycle.dispatch(registry) == []
+        lifecycle.refresh(registry)
+        assert (registry.get(theirs).state, registry.get(theirs).phase, registry.get(theirs).error) == (
+            "queued", runs.WAITING, None)
+        assert bystander.poll() is None and registry.get(driving).active
+    finally:
+        bystander.kill()
+
+    # Ours, waiting for a slot (the cap full), then cancelled by a reader on another host.
+    monkeypatch.setenv("EMBEDDECK_MAX_ACTIVE_RUNS", "1")
+    ours = lifecycle.record(RunSpec(db_url=f"sqlite:///{tmp_path / 'src.sqlite'}", source="products", id_column="id",
+                                    text_column="description", target="t_ours", master="local[1]",
+                                    launched_by="test"), registry)
+    kept = Settings().home / "secrets" / f"waiting-{ours}.url"
+    assert registry.get(ours).phase == runs.WAITING and kept.exists()
+    registry.finish(ours, runs.CANCELLED, error="cancelled by request before it started")
     lifecycle.refresh(registry)
-    run = registry.get(theirs)
-    assert (run.state, run.phase, run.error) == ("queued", runs.WAITING, None)
+    assert not kept.exists()
 
 
 def test_a_small_embeddings_request_is_not_starved_by_a_big_one(server):
