@@ -401,8 +401,8 @@ def test_one_active_run_per_target_and_a_cap_on_runs_at_once(server, fast_model)
 
 def test_readers_settle_only_their_own_hosts_runs_and_forget_ended_runs_urls(tmp_path, monkeypatch):
     """On ACA the dashboard's and the API's apps share one registry, and a waiting run's URL stays in the home of
-    the app that launched it. The API's settle loop took the dashboard's waiting runs and failed them ("its
-    connection is gone"), and stopped the pid of another host's driver whose cancel was overdue, here, whatever
+    the app that launched it. The API's settle loop would take the dashboard's waiting runs and fail them ("its
+    connection is gone"), and stop the pid of another host's driver whose cancel was overdue, here, whatever
     process had it. Now each host settles its own runs, and a URL kept for a run that ended waiting (cancelled
     by another host's reader) is removed by the next reader of the host that kept it."""
     import datetime as dt

@@ -220,8 +220,8 @@ class Registry:
 
     def waiting(self) -> list[Run]:
         """Queued runs held back, oldest first, launched on this host: only its home holds their URL. On ACA the
-        dashboard's and the API's apps share one registry, and a reader of the one took the other's waiting runs
-        and failed them for want of their connection."""
+        dashboard's and the API's apps share one registry, and a reader of the one would take the other's waiting
+        runs and fail them for want of their connection."""
         here = socket.gethostname()
         return sorted((r for r in self.list(limit=1000, active_only=True)
                        if r.phase == WAITING and r.driver_host in (None, here)), key=lambda r: r.created_at)
