@@ -154,7 +154,8 @@ def refresh(registry: Registry) -> None:
     registry.reconcile()
     now, here = db.utcnow(), socket.gethostname()
     waiting = False
-    for run in registry.list(limit=1000, active_only=True):
+    active = registry.list(limit=1000, active_only=True)
+    for run in active:
         if run.phase == WAITING and run.cancel_requested:  # never started: nothing to stop
             registry.finish(run.run_id, CANCELLED, error="cancelled by request before it started")
             _waiting_url_path(run.run_id).unlink(missing_ok=True)
@@ -169,14 +170,17 @@ def refresh(registry: Registry) -> None:
             registry.finish(run.run_id, CANCELLED, error="cancelled by request (the driver did not stop in time)")
     if waiting:
         dispatch(registry)
-    _forget_urls(registry)
+    _forget_urls(registry, {run.run_id for run in active})
 
 
-def _forget_urls(registry: Registry) -> None:
+def _forget_urls(registry: Registry, active_ids: set[str]) -> None:
     """Remove the kept URLs of runs that ended without being handed over (cancelled while waiting, perhaps by
     another host's reader): a password must not outlive its run on disk."""
     for path in (Settings().home / "secrets").glob("waiting-*.url"):
-        run = registry.get(path.name.removeprefix("waiting-").removesuffix(".url"))
+        run_id = path.name.removeprefix("waiting-").removesuffix(".url")
+        if run_id in active_ids:  # read just now: no query per waiting run at every refresh
+            continue
+        run = registry.get(run_id)
         if run is not None and not run.active:  # a missing run may be one being recorded right now
             path.unlink(missing_ok=True)
 
