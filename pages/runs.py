@@ -6,6 +6,7 @@ import streamlit as st
 from dashboard import charts, services, views
 from jobs import lifecycle
 from jobs.core.errors import EmbedDeckError
+from jobs.core.progress import format_duration
 from jobs.store import scaling
 
 st.title("Runs")
@@ -40,7 +41,9 @@ def live(run_id: str) -> None:
     m[0].metric("Rows done", f"{run.rows_done:,}")
     m[1].metric("Rows/s", f"{run.rows_per_s:.1f}")
     m[2].metric("Skipped", f"{run.rows_skipped:,}")
-    m[3].metric("Master", run.master or "—")
+    # A master URL is too long for a metric's large type (it showed "spark://127.…"): it goes in the caption.
+    m[3].metric("Duration", format_duration(run.duration_s()))
+    st.caption(f"Master: {run.master or '—'}")
     if run.started_at is not None:
         st.caption(f"Cost: {scaling.cost(registry, run, services.backend().pricing()).label()}")
     samples = registry.samples(run_id)

@@ -9,7 +9,8 @@ from jobs.core.autoscale import Inputs, decide
     # backlog with unknown throughput: go to max
     (Inputs(5000, 0, 0.0, current=0, max_workers=4), 4, "throughput unknown"),
     # queued run without a plan yet counts as backlog
-    (Inputs(0, 1, 0.0, current=0, max_workers=3), 3, "scale to max"),
+    (Inputs(0, 1, 0.0, current=0, max_workers=3), 3, "1 run not planned yet, throughput unknown: scale to max"),
+    (Inputs(500, 2, 0.0, current=0, max_workers=3), 3, "backlog of 500 rows and 2 runs not planned yet,"),
     # measured throughput sizes the cluster: 60000 rows / (50 rows/s * 600 s) = 2
     (Inputs(60000, 0, 50.0, current=0, max_workers=8), 2, "needs 2"),
     # bounded by max

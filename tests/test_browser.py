@@ -76,6 +76,8 @@ def test_pages_run_and_search_in_chromium(dashboard_url, browser, home):
     page.get_by_text("Launch an embedding run").wait_for(timeout=60_000)
     page.get_by_text("rows still need a vector").wait_for(timeout=60_000)
     no_exception(page)
+    # The product's .streamlit/config.toml: no Streamlit developer menu or "Deploy" button, even on localhost.
+    assert page.locator('[data-testid="stAppDeployButton"]').count() == 0
     shot(page, "launch")
 
     target = page.get_by_label("Target table (created when missing)")
@@ -97,6 +99,8 @@ def test_pages_run_and_search_in_chromium(dashboard_url, browser, home):
         hold.unlink()
     page.locator("h3", has_text="· succeeded").wait_for(timeout=300_000)
     no_exception(page)
+    # The master's URL whole, in a caption: as a metric's large value it was cut to "spark://127.…".
+    page.get_by_text("Master: local[").or_(page.get_by_text("Master: spark://")).first.wait_for(timeout=30_000)
     shot(page, "runs")
 
     page.goto(f"{dashboard_url}/cluster")

@@ -51,17 +51,25 @@ class Decision:
     source: str = "autoscaler"  # or "manual": the operator's count while autoscale is off
 
 
+def _describe_backlog(pending_rows: int, queued_runs: int) -> str:
+    # A queued run's rows are counted only once it plans: "a backlog of 0 rows" read as nothing to do.
+    parts = [f"backlog of {pending_rows} rows"] if pending_rows else []
+    if queued_runs:
+        parts.append(f"{queued_runs} run{'' if queued_runs == 1 else 's'} not planned yet")
+    return " and ".join(parts)
+
+
 def decide(i: Inputs) -> Decision:
     """Scale out for a backlog, never in while work is pending, back to min after idling."""
     lo, hi = max(0, i.min_workers), max(i.min_workers, i.max_workers)
-    backlog = i.pending_rows > 0 or i.queued_runs > 0
-    if backlog:
+    if i.pending_rows > 0 or i.queued_runs > 0:
+        backlog = _describe_backlog(i.pending_rows, i.queued_runs)
         if i.rows_per_s_per_worker <= 0:
             need = hi
-            why = f"backlog of {i.pending_rows} rows, throughput unknown: scale to max"
+            why = f"{backlog}, throughput unknown: scale to max"
         else:
             need = math.ceil(i.pending_rows / (i.rows_per_s_per_worker * i.drain_target_s))
-            why = (f"backlog of {i.pending_rows} rows at {i.rows_per_s_per_worker:.0f} rows/s per worker "
+            why = (f"{backlog} at {i.rows_per_s_per_worker:.0f} rows/s per worker "
                    f"needs {need} to drain in {i.drain_target_s / 60:.0f} min")
         # Flapping guard: while work is pending, only grow; shrinking kills busy executors.
         desired = min(hi, max(lo, 1, need, i.current))
