@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import streamlit as st
 
 from cluster import backends
 from cluster.backend import Backend
 from cluster.controller import Controller
+from jobs import lifecycle
 from jobs.store import connections
 from jobs.store.registry import Registry
 
@@ -30,3 +33,13 @@ def controller() -> Controller:
 def configured_connections() -> dict[str, str]:
     """The connections of the secrets file (the one Streamlit reads too) and the environment."""
     return connections.configured()
+
+
+@st.cache_resource(on_release=lambda stop: stop.set())
+def settling() -> threading.Event:
+    """This server's settle loop, started once; its stop event (clearing the cache stops it). A run launched here
+    and left waiting for a slot starts when one frees, whether or not a page is open."""
+    stop = threading.Event()
+    threading.Thread(target=lifecycle.settle_forever, args=(registry(), stop), daemon=True,
+                     name="embeddeck-settle").start()
+    return stop

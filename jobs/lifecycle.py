@@ -7,7 +7,9 @@ caller waits anyway (the CLI, the API's cancel route); the dashboard never does.
 
 from __future__ import annotations
 
+import logging
 import socket
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -22,6 +24,8 @@ from jobs.spark import run_service
 from jobs.spark.submit import check_master, start_driver
 from jobs.store import connections, db
 from jobs.store.registry import CANCELLED, FAILED, WAITING, Registry, Run, new_run_id
+
+log = logging.getLogger("embeddeck.lifecycle")
 
 # A driver that has not acted on a cancel within this time is stopped (its process group killed).
 CANCEL_GRACE_S = 20.0
@@ -171,6 +175,19 @@ def refresh(registry: Registry) -> None:
     if waiting:
         dispatch(registry)
     _forget_urls(registry, {run.run_id for run in active})
+
+
+def settle_forever(registry: Registry, stop: threading.Event, every_s: float = 2.0) -> None:
+    """Refresh every every_s seconds until stop is set. The API and the dashboard server each run this loop: a
+    waiting run's URL lives only on the host that launched it, so that host must start it when a slot frees,
+    whether or not a request comes or a page is open."""
+    while True:
+        try:
+            refresh(registry)
+        except Exception as exc:  # the next round tries again; the door that runs the loop is unaffected
+            log.warning("settling runs failed: %s", exc)
+        if stop.wait(every_s):
+            return
 
 
 def _forget_urls(registry: Registry, active_ids: set[str]) -> None:

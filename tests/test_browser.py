@@ -4,6 +4,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from jobs.core.processes import free_port
 from jobs.core.settings import Settings
 from jobs.store.demo import seed_demo
+from jobs.store.registry import Registry
 from tests.conftest import ARTIFACTS, responds, wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.spark]
@@ -18,24 +21,33 @@ REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-@pytest.fixture(scope="module")
-def dashboard_url(home):
+@contextmanager
+def serving_dashboard(home: Path, **env: str) -> Iterator[str]:
+    """A real `streamlit run` of the dashboard on its own port, its runs held by home/browser-hold while it exists."""
     if not os.path.exists(CHROMIUM):
         pytest.fail("Debian's chromium is not installed; run `make setup`")
-    seed_demo(Settings().db_url, n=200)
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"),
                              "--server.address", "127.0.0.1", "--server.port", str(port),
                              "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO),
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), EMBEDDECK_HOME=str(home),
                                                EMBEDDECK_FAULT_HOLD_FILE=str(home / "browser-hold"),
-                                               EMBEDDECK_DASHBOARD_AUTH="proxy"),
+                                               EMBEDDECK_DASHBOARD_AUTH="proxy", **env),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    wait_until(lambda: responds(f"{url}/_stcore/health"), timeout=60, what="the dashboard server")
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    try:
+        wait_until(lambda: responds(f"{url}/_stcore/health"), timeout=60, what="the dashboard server")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def dashboard_url(home):
+    seed_demo(Settings().db_url, n=200)
+    with serving_dashboard(home) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +131,42 @@ def test_pages_run_and_search_in_chromium(dashboard_url, browser, home):
     assert "boot" in rows.first.inner_text().lower()
     no_exception(page)
     shot(page, "search")
+
+
+def launch_in_browser(page, url: str, target: str) -> None:
+    page.goto(url)
+    box = page.get_by_label("Target table (created when missing)")
+    box.wait_for(timeout=60_000)
+    box.fill(target)
+    box.press("Enter")
+    page.get_by_text("rows still need a vector").wait_for(timeout=60_000)
+    page.get_by_role("button", name="Launch run").click()
+    page.get_by_role("heading", name="Runs", exact=True).wait_for(timeout=60_000)
+
+
+def test_a_run_waiting_for_a_slot_starts_when_one_frees_with_no_page_open(browser, tmp_path, monkeypatch):
+    """The server settles its own runs: with one run at a time, the second launch waits; its slot frees after
+    every page has closed, and it starts and succeeds. Before, it waited until someone opened the Runs page."""
+    monkeypatch.setenv("EMBEDDECK_HOME", str(tmp_path))  # this test's own registry and database
+    seed_demo(Settings().db_url, n=60)
+    hold = tmp_path / "browser-hold"
+    hold.touch()
+    with serving_dashboard(tmp_path, EMBEDDECK_MAX_ACTIVE_RUNS="1") as url:
+        context = browser.new_context(viewport={"width": 1400, "height": 1000}, extra_http_headers=SIGNED_IN)
+        page = context.new_page()
+        launch_in_browser(page, url, "first_embeddings")
+        page.locator("h3", has_text="· running").wait_for(timeout=300_000)
+        launch_in_browser(page, url, "second_embeddings")
+        context.close()  # no page open from here on
+        registry = Registry()  # read only: a lifecycle call here would start the waiting run itself
+        wait_until(lambda: len(registry.list()) == 2, timeout=30, what="the second run recorded")
+        first, second = sorted(registry.list(), key=lambda r: r.created_at)
+        assert (first.target, second.target, second.phase) == ("first_embeddings", "second_embeddings", "waiting")
+        hold.unlink()
+        wait_until(lambda: not registry.get(second.run_id).active, timeout=300, every=1,
+                   what="the waiting run to start and end with no page open")
+        assert registry.get(first.run_id).state == "succeeded", registry.get(first.run_id).error
+        assert registry.get(second.run_id).state == "succeeded", registry.get(second.run_id).error
 
 
 def test_cluster_page_on_the_aca_backend_in_chromium(browser, tmp_path):

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from dashboard import views
@@ -22,6 +23,14 @@ def page(name: str) -> AppTest:
     at.switch_page(f"pages/{name}.py").run()
     assert not at.exception, at.exception
     return at
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pages_leave_no_settle_loop():
+    """The pages start the dashboard's settle loop in this process (services.settling); clearing the cache stops
+    it, so that later tests own their waiting runs."""
+    yield
+    st.cache_resource.clear()
 
 
 @pytest.fixture(scope="module")

@@ -347,16 +347,6 @@ def create_app(token: str, registry: Registry | None = None, autoscale_token: st
     return app
 
 
-def settle_forever(registry: Registry, every_s: float = 2.0) -> None:
-    """While the API serves: start waiting runs as slots free up, settle dead drivers and overdue cancels."""
-    while True:
-        try:
-            lifecycle.refresh(registry)
-        except Exception as exc:  # the next round tries again; the API itself is unaffected
-            log.warning("settling runs failed: %s", exc)
-        time.sleep(every_s)
-
-
 def serve(host: str = "127.0.0.1", port: int = 8888) -> int:
     """Run the API with uvicorn; refuses to start without a token rather than run open."""
     import uvicorn
@@ -367,7 +357,8 @@ def serve(host: str = "127.0.0.1", port: int = 8888) -> int:
               file=sys.stderr)
         return 2
     registry = Registry()
-    threading.Thread(target=settle_forever, args=(registry,), daemon=True).start()
+    threading.Thread(target=lifecycle.settle_forever, args=(registry, threading.Event()), daemon=True,
+                     name="embeddeck-settle").start()
     # Bounded: connections at once, idle keep-alive, the size of an unfinished header block.
     app = create_app(token, registry, Settings().raw("EMBEDDECK_AUTOSCALE_TOKEN"))
     uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=256, timeout_keep_alive=5,
