@@ -148,3 +148,21 @@ def test_db_takes_a_configured_connection_name(demo_url, tmp_path, monkeypatch):
     monkeypatch.setenv("EMBEDDECK_SECRETS_FILE", str(secrets))
     out = cli("search", "--db", "demo", "--target", "nope", "boots")
     assert out.returncode == 2 and "target table 'nope' does not exist (tables: products" in out.stderr
+
+
+def test_a_detached_run_beyond_the_cap_says_it_waits_and_starts_at_the_next_status(demo_url, tmp_path, monkeypatch,
+                                                                                  fast_model):
+    """A detached run held back by the cap printed nothing but its id, although only a reader on this host can
+    start it; it now says so, and the next `status` here starts it once the slot is free."""
+    monkeypatch.setenv("EMBEDDECK_HOME", str(tmp_path / "home"))  # this test's own registry
+    monkeypatch.setenv("EMBEDDECK_MAX_ACTIVE_RUNS", "1")
+    registry = Registry()
+    busy = registry.create("{}", "test", "products", "busy_emb", "m", "local[1]", target_key="busy")
+    out = cli(*run_args(demo_url, "waiting_emb", "--master", "local[1]", "--model", fast_model, "--detach"))
+    assert out.returncode == 0, out.stderr
+    run_id = out.stdout.strip()
+    assert registry.get(run_id).phase == "waiting"
+    assert f"run {run_id} waits for a slot" in out.stderr and "the next `status`" in out.stderr
+    registry.finish(busy, "cancelled", error="test")
+    assert cli_status(run_id)["phase"] != "waiting"
+    assert wait_status(run_id, ended, 300)["state"] == "succeeded"

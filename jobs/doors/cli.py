@@ -16,7 +16,7 @@ from jobs.core.progress import eta_seconds, format_duration
 from jobs.core.settings import Settings
 from jobs.core.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, RunSpec
 from jobs.store import connections, db
-from jobs.store.registry import CANCELLED, SUCCEEDED, Registry, Run
+from jobs.store.registry import CANCELLED, SUCCEEDED, WAITING, Registry, Run
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
 
@@ -118,10 +118,16 @@ def cmd_run(args) -> int:
                    master=lifecycle.resolve_master(args.master), launched_by="cli")
     registry = Registry()
     run_id = lifecycle.launch(spec, registry)
+    # Its URL stays on this host, so only a reader here starts it: one that detaches must know which.
+    waits = registry.get(run_id).phase == WAITING
     if args.detach:
         print(run_id)
+        if waits:
+            print(f"run {run_id} waits for a slot (EMBEDDECK_MAX_ACTIVE_RUNS runs are active); it starts when one "
+                  "frees if the dashboard or the API serves on this host, else at the next `status` or `list` "
+                  "here", file=sys.stderr)
         return EXIT_OK
-    print(f"run {run_id} started", file=sys.stderr)
+    print(f"run {run_id} {'waits for a slot' if waits else 'started'}", file=sys.stderr)
     run = follow(registry, run_id)
     print(progress_line(run))
     if run.error:
