@@ -38,7 +38,8 @@ def configured_connections() -> dict[str, str]:
 @st.cache_resource(on_release=lambda stop: stop.set())
 def settling() -> threading.Event:
     """This server's settle loop, started once; its stop event (clearing the cache stops it). A run launched here
-    and left waiting for a slot starts when one frees, whether or not a page is open."""
+    and left waiting for a slot starts when one frees, whether or not a page is open, also where no local
+    autoscaler ticks (the dashboard's app on ACA)."""
     stop = threading.Event()
     threading.Thread(target=lifecycle.settle_forever, args=(registry(), stop), daemon=True,
                      name="embeddeck-settle").start()

@@ -146,7 +146,8 @@ def launch_in_browser(page, url: str, target: str) -> None:
 
 def test_a_run_waiting_for_a_slot_starts_when_one_frees_with_no_page_open(browser, tmp_path, monkeypatch):
     """The server settles its own runs: with one run at a time, the second launch waits; its slot frees after
-    every page has closed, and it starts and succeeds. Before, it waited until someone opened the Runs page."""
+    every page has closed, and it starts and succeeds. With no local autoscaler beside the server (the
+    dashboard's app on ACA), it used to wait until someone opened the Runs page."""
     monkeypatch.setenv("EMBEDDECK_HOME", str(tmp_path))  # this test's own registry and database
     seed_demo(Settings().db_url, n=60)
     hold = tmp_path / "browser-hold"

@@ -124,8 +124,8 @@ def cmd_run(args) -> int:
         print(run_id)
         if waits:
             print(f"run {run_id} waits for a slot (EMBEDDECK_MAX_ACTIVE_RUNS runs are active); it starts when one "
-                  "frees if the dashboard or the API serves on this host, else at the next `status` or `list` "
-                  "here", file=sys.stderr)
+                  "frees if the dashboard, the API or the autoscaler runs on this host, else at the next `status` or "
+                  "`list` here", file=sys.stderr)
         return EXIT_OK
     print(f"run {run_id} {'waits for a slot' if waits else 'started'}", file=sys.stderr)
     run = follow(registry, run_id)
