@@ -1,12 +1,13 @@
 """Every page through Streamlit's AppTest against the real core (embedded SQLite, real Spark runs)."""
 
+import datetime as dt
 from pathlib import Path
 
 import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
-from dashboard import views
+from dashboard import charts, views
 from jobs.core.settings import Settings
 from jobs.store import connections, db
 from jobs.store.demo import seed_demo
@@ -209,3 +210,13 @@ def test_make_run_entry_point_starts_and_stops_everything(tmp_path):
             left.append(info)
     assert not left, (left, out[-3000:])
     assert not (tmp_path / "runner.json").exists()
+
+
+def test_the_workers_line_breaks_where_the_controller_was_not_sampling():
+    """Drawn through, a cluster stopped overnight at 2 workers and started again at 0 showed 2 workers all night."""
+    t0 = dt.datetime(2026, 11, 29, 6, 0)
+    samples = [{"at": t0 + dt.timedelta(seconds=s), "workers": w, "desired": w}
+               for s, w in [(0, 2), (5, 2), (86_400, 0), (86_405, 2)]]
+    workers, desired = charts.workers_figure(samples, []).data
+    assert list(workers.y) == list(desired.y) == [2, 2, None, 0, 2]
+    assert workers.x[2] == workers.x[1]  # the break sits at the last sample before the silence
