@@ -5,7 +5,7 @@ import streamlit as st
 
 from dashboard import widgets
 from jobs.core.errors import EmbedDeckError
-from jobs.embed.search import search
+from jobs.embed.search import search, timings_line
 from jobs.store import db
 
 st.title("Similarity search")
@@ -27,8 +27,7 @@ if go:
     else:
         for w in result.warnings:
             st.warning(w)
-        st.caption(f"model {result.model} · query encoding {result.encode_ms:.0f} ms · "
-                   f"search {result.search_ms:.0f} ms")
+        st.caption(f"model {result.model} · {timings_line(result)}")
         # A static table: k is small, and the rows stay readable text (copyable, visible to browser tests).
         st.table(pd.DataFrame([{"score": round(h.score, 4), "id": h.id, "text": h.text} for h in result.hits],
                               index=range(1, len(result.hits) + 1)))

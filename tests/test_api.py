@@ -495,10 +495,16 @@ def test_search_over_http_is_the_clis_search(server, fast_model):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == fast_model and body["stored_models"] == [fast_model] and body["warnings"] == []
+    again = requests.post(f"{base}/search", json=query, headers=auth(), timeout=60).json()
+    assert again["load_ms"] < 1  # the server loaded the model once, for its first query: encode_ms excludes that
     cli = subprocess.run([sys.executable, "-m", "jobs", "search", "--db", url, "--target", "search_emb", "-k", "5",
                           "--json", query["query"]], capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0, cli.stderr
     printed = json.loads(cli.stdout)
+    shown = subprocess.run([sys.executable, "-m", "jobs", "search", "--db", url, "--target", "search_emb", "-k", "5",
+                            query["query"]], capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and len(shown.stdout.splitlines()) == 5, shown.stderr
+    assert "model loaded in" in shown.stderr and "query encoding" in shown.stderr  # a process's first query
     assert [h["id"] for h in body["hits"]] == [h["id"] for h in printed] and len(printed) == 5
     assert [h["text"] for h in body["hits"]] == [h["text"] for h in printed]
     assert np.allclose([h["score"] for h in body["hits"]], [h["score"] for h in printed], atol=1e-5)

@@ -226,7 +226,8 @@ def search_router() -> APIRouter:
                                check_model=check_model_allowed)
         return SearchResponse(model=result.model, stored_models=result.stored_models,
                               hits=[SearchHit(id=h.id, score=h.score, text=h.text) for h in result.hits],
-                              encode_ms=result.encode_ms, search_ms=result.search_ms, warnings=result.warnings)
+                              encode_ms=result.encode_ms, search_ms=result.search_ms, warnings=result.warnings,
+                              load_ms=result.load_ms)
 
     return router
 

@@ -63,6 +63,7 @@ class SearchResponse(BaseModel):
     encode_ms: float
     search_ms: float
     warnings: list[str]
+    load_ms: float = Field(description="loading the model, which the server's first query with it pays; 0 after")
 
 
 class RunAccepted(BaseModel):

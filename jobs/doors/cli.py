@@ -165,7 +165,7 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_search(args) -> int:
-    from jobs.embed.search import search
+    from jobs.embed.search import search, timings_line
 
     result = search(database(args.db), args.target, args.query, k=args.k, model=args.model)
     for warning in result.warnings:
@@ -175,8 +175,7 @@ def cmd_search(args) -> int:
     else:
         for rank, hit in enumerate(result.hits, 1):
             print(f"{rank:>3}. {hit.score:.4f}  [{hit.id}]  {(hit.text or '')[:100]}")
-        print(f"model {result.model}; encode {result.encode_ms:.0f} ms, search {result.search_ms:.0f} ms",
-              file=sys.stderr)
+        print(f"model {result.model} · {timings_line(result)}", file=sys.stderr)
     return EXIT_OK
 
 
