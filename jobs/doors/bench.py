@@ -202,47 +202,59 @@ def other_engines(enc, texts: list[str], rounds: int) -> dict[str, tuple[float, 
     return results
 
 
-def encode_rate_child(n: int, ceiling: bool = False) -> None:
-    """One process, one torch thread (as a Spark task runs): texts/s over n demo texts, timed from a line on
-    stdin once it has said "ready", so that processes started together encode together; with ceiling, then
-    also the encoder's ratio to one core's GEMM ceiling (paired rounds)."""
+def encode_rate_child(n: int, ceiling: bool = False, part: int = 0, parts: int = 1) -> None:
+    """One process, one torch thread (as a Spark task runs): texts/s over the first n demo texts, or every
+    parts-th of them from part on, timed from a line on stdin once it has said "ready", so that processes started
+    together encode together; with ceiling, then also the encoder's ratio to one core's GEMM ceiling (paired
+    rounds). Prints the rate, that ratio and the texts encoded."""
     import torch
 
     from jobs.embed.encoder import get_encoder
     from jobs.store.demo import products
 
     torch.set_num_threads(1)
-    texts = [p["description"] for p in products(n)]
+    texts = [p["description"] for p in products(n) if p["description"] is not None][part::parts]
     enc = get_encoder("all-MiniLM-L6-v2")
     enc.encode(texts[:32])
     print("ready", flush=True)
     sys.stdin.readline()
     t0 = time.perf_counter()
     enc.encode(texts)
-    rate = n / (time.perf_counter() - t0)
+    rate = len(texts) / (time.perf_counter() - t0)
     ratio = paired_ceiling(enc, texts, 2)[2] if ceiling else 0.0
-    print(rate, ratio)
+    print(rate, ratio, len(texts))
+
+
+def side_by_side(n: int, processes: int, split: bool = False, ceiling: bool = False) -> list[tuple[float, ...]]:
+    """(texts/s, ceiling ratio, texts) of single-threaded encoder processes started together on the first n demo
+    texts: each on all of them, or (split) on every processes-th one, as one task per core shares a run's rows."""
+    procs = [subprocess.Popen([sys.executable, "-c", "from jobs.doors.bench import encode_rate_child; "
+                               f"encode_rate_child({n}, {ceiling and i == 0}, {i if split else 0}, "
+                               f"{processes if split else 1})"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i in range(processes)]
+    for p in procs:  # every process has loaded the model before any starts timing
+        if p.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"encoder process exited with {p.wait()} before it was ready")
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    return [tuple(map(float, p.communicate()[0].strip().splitlines()[-1].split())) for p in procs]
 
 
 def parallel_rates(n: int) -> tuple[float, float, float]:
     """Texts/s of one single-threaded encoder process alone, and of two side by side (summed): what two
     one-core workers can get from this machine's cores at best; and the lone process's default/gemm_ceiling
     on its one core."""
-    def run(k: int) -> tuple[float, float]:
-        procs = [subprocess.Popen([sys.executable, "-c", f"from jobs.doors.bench import encode_rate_child; "
-                                                         f"encode_rate_child({n}, {k == 1})"],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(k)]
-        for p in procs:  # every process has loaded the model before any starts timing
-            if p.stdout.readline().strip() != "ready":
-                raise RuntimeError(f"encoder process exited with {p.wait()} before it was ready")
-        for p in procs:
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        results = [tuple(map(float, p.communicate()[0].strip().splitlines()[-1].split())) for p in procs]
-        return sum(rate for rate, _ in results), results[0][1]
+    (one, ratio, _), = side_by_side(n, 1, ceiling=True)
+    return one, sum(rate for rate, _, _ in side_by_side(n, 2)), ratio
 
-    (one, ratio), (two, _) = run(1), run(2)
-    return one, two, ratio
+
+def split_rate(n: int) -> float:
+    """Texts/s of one single-threaded process per core on the first n demo texts (a run's rows), every cores-th
+    text each: all the texts over the slowest one's time. What the pipeline's tasks would reach with nothing of
+    Spark around them, on the same texts."""
+    done = side_by_side(n, os.cpu_count() or 1, split=True)
+    return sum(count for _, _, count in done) / max(count / rate for rate, _, count in done)
 
 
 def service_executors() -> int:
@@ -565,10 +577,15 @@ def run_all(args: argparse.Namespace, home: str) -> int:
     # The pipeline's baseline: the in-process encoder on the pipeline's own texts, timed right before and right
     # after it, so that both see the same moment of a machine whose speed drifts over the bench's minutes.
     pipeline_texts = [p["description"] for p in products(n_pipeline) if p["description"] is not None]
+    # And one single-threaded process per core on the same texts, nothing of Spark around them, also right before
+    # and after: the pipeline's factors below are then all measured on its own texts (on the first 2,000 texts,
+    # the in-process encoder read 0.96 of its rate on these in one run, which the factors did not show).
     before, _ = measure(enc.encode, pipeline_texts, 1)
+    split_before = split_rate(n_pipeline)
     run, wall, first = timed_run(spec, registry)
+    split_after = split_rate(n_pipeline)
     after, _ = measure(enc.encode, pipeline_texts, 1)
-    same_rows_speed = (before + after) / 2
+    same_rows_speed, split_speed = (before + after) / 2, (split_before + split_after) / 2
     if run.state != "succeeded":
         print(f"pipeline failed: {run.error}")
         return 1
@@ -677,10 +694,12 @@ def run_all(args: argparse.Namespace, home: str) -> int:
           f"encoding {marks['tasks_encoding_s'] / marks['tasks_busy_s']:.0%} of it, writing); the rest is Spark "
           "between tasks")
     busy_rate = run.rows_done / (marks["tasks_busy_s"] / os.cpu_count())
-    print(f"pipeline_busy_rate/encode_2p_1t = {busy_rate / two:.2f}  # the tasks' rows/s while busy against two lone "
-          "single-threaded processes: what Spark's JVM and driver, and the run's reads and writes, take from them")
-    print(f"pipeline_bound/raw = {two / default_speed:.2f}  # encode_2p_1t against the in-process encoder: the "
-          "most one single-threaded task per core can reach")
+    print(f"encode_split_1t_texts_per_s = {split_speed:.1f}  # one single-threaded process per core on the "
+          f"pipeline's texts, every other one each: {split_before:.1f} right before the run, {split_after:.1f} after")
+    print(f"pipeline_busy_rate/encode_split_1t = {busy_rate / split_speed:.2f}  # the tasks' rows/s while busy "
+          "against those processes: what Spark's JVM and driver, and the run's reads and writes, take from them")
+    print(f"pipeline_bound/raw = {split_speed / same_rows_speed:.2f}  # those processes against the in-process "
+          "encoder on the same texts: the most one single-threaded task per core can reach")
     print(f"pipeline/default = {pipe_speed / default_speed:.2f}  # against default_texts_per_s, timed minutes "
           "earlier on the first texts")
     print(f"raw_same_rows_texts_per_s = {same_rows_speed:.1f}  # the in-process encoder on the pipeline's "
