@@ -203,31 +203,37 @@ def other_engines(enc, texts: list[str], rounds: int) -> dict[str, tuple[float, 
 
 
 def encode_rate_child(n: int, ceiling: bool = False, part: int = 0, parts: int = 1) -> None:
-    """One process, one torch thread (as a Spark task runs): texts/s over the first n demo texts, or every
-    parts-th of them from part on, timed from a line on stdin once it has said "ready", so that processes started
-    together encode together; with ceiling, then also the encoder's ratio to one core's GEMM ceiling (paired
-    rounds). Prints the rate, that ratio and the texts encoded."""
+    """One process, one torch thread (as a Spark task runs): texts/s over the first n demo texts, or (parts > 1)
+    over its share of the key ranges a run over them plans on parts cores, each range encoded apart as a task
+    does; timed from a line on stdin once it has said "ready", so that processes started together encode
+    together; with ceiling, then also the encoder's ratio to one core's GEMM ceiling (paired rounds). Prints the
+    rate, that ratio and the texts encoded."""
     import torch
 
+    from jobs.core import plan
     from jobs.embed.encoder import get_encoder
     from jobs.store.demo import products
 
     torch.set_num_threads(1)
-    texts = [p["description"] for p in products(n) if p["description"] is not None][part::parts]
+    texts = [p["description"] for p in products(n) if p["description"] is not None]
+    ranges = plan.split_range(0, len(texts) - 1, plan.default_partitions(parts, len(texts)))
+    windows = [texts[r.lo:r.hi + 1] for r in ranges][part::parts] if parts > 1 else [texts]
     enc = get_encoder("all-MiniLM-L6-v2")
     enc.encode(texts[:32])
     print("ready", flush=True)
     sys.stdin.readline()
     t0 = time.perf_counter()
-    enc.encode(texts)
-    rate = len(texts) / (time.perf_counter() - t0)
+    for window in windows:
+        enc.encode(window)
+    done = sum(map(len, windows))
+    rate = done / (time.perf_counter() - t0)
     ratio = paired_ceiling(enc, texts, 2)[2] if ceiling else 0.0
-    print(rate, ratio, len(texts))
+    print(rate, ratio, done)
 
 
 def side_by_side(n: int, processes: int, split: bool = False, ceiling: bool = False) -> list[tuple[float, ...]]:
     """(texts/s, ceiling ratio, texts) of single-threaded encoder processes started together on the first n demo
-    texts: each on all of them, or (split) on every processes-th one, as one task per core shares a run's rows."""
+    texts: each on all of them, or (split) on its share of a run's key ranges, as one task per core takes them."""
     procs = [subprocess.Popen([sys.executable, "-c", "from jobs.doors.bench import encode_rate_child; "
                                f"encode_rate_child({n}, {ceiling and i == 0}, {i if split else 0}, "
                                f"{processes if split else 1})"],
@@ -250,9 +256,9 @@ def parallel_rates(n: int) -> tuple[float, float, float]:
 
 
 def split_rate(n: int) -> float:
-    """Texts/s of one single-threaded process per core on the first n demo texts (a run's rows), every cores-th
-    text each: all the texts over the slowest one's time. What the pipeline's tasks would reach with nothing of
-    Spark around them, on the same texts."""
+    """Texts/s of one single-threaded process per core on the first n demo texts (a run's rows), each encoding its
+    share of the run's key ranges one range at a time: all the texts over the slowest one's time. What the
+    pipeline's tasks would reach with nothing of Spark around them, on the same texts in the same windows."""
     done = side_by_side(n, os.cpu_count() or 1, split=True)
     return sum(count for _, _, count in done) / max(count / rate for rate, _, count in done)
 
@@ -577,9 +583,10 @@ def run_all(args: argparse.Namespace, home: str) -> int:
     # The pipeline's baseline: the in-process encoder on the pipeline's own texts, timed right before and right
     # after it, so that both see the same moment of a machine whose speed drifts over the bench's minutes.
     pipeline_texts = [p["description"] for p in products(n_pipeline) if p["description"] is not None]
-    # And one single-threaded process per core on the same texts, nothing of Spark around them, also right before
-    # and after: the pipeline's factors below are then all measured on its own texts (on the first 2,000 texts,
-    # the in-process encoder read 0.96 of its rate on these in one run, which the factors did not show).
+    # And one single-threaded process per core on the same texts in the same key ranges, nothing of Spark around
+    # them, also right before and after: the pipeline's factors below are then all measured on its own texts (on
+    # the first 2,000 texts, the in-process encoder read 0.96 of its rate on these in one run, which the factors
+    # did not show), and Spark's share is told apart from the ranges' (a task sorts only its range by length).
     before, _ = measure(enc.encode, pipeline_texts, 1)
     split_before = split_rate(n_pipeline)
     run, wall, first = timed_run(spec, registry)
@@ -695,11 +702,13 @@ def run_all(args: argparse.Namespace, home: str) -> int:
           "between tasks")
     busy_rate = run.rows_done / (marks["tasks_busy_s"] / os.cpu_count())
     print(f"encode_split_1t_texts_per_s = {split_speed:.1f}  # one single-threaded process per core on the "
-          f"pipeline's texts, every other one each: {split_before:.1f} right before the run, {split_after:.1f} after")
+          f"pipeline's texts, each its share of the run's key ranges, one at a time: {split_before:.1f} right "
+          f"before the run, {split_after:.1f} after")
     print(f"pipeline_busy_rate/encode_split_1t = {busy_rate / split_speed:.2f}  # the tasks' rows/s while busy "
           "against those processes: what Spark's JVM and driver, and the run's reads and writes, take from them")
     print(f"pipeline_bound/raw = {split_speed / same_rows_speed:.2f}  # those processes against the in-process "
-          "encoder on the same texts: the most one single-threaded task per core can reach")
+          "encoder on the same texts (which sorts them all at once): the most one single-threaded task per core "
+          "on these ranges can reach")
     print(f"pipeline/default = {pipe_speed / default_speed:.2f}  # against default_texts_per_s, timed minutes "
           "earlier on the first texts")
     print(f"raw_same_rows_texts_per_s = {same_rows_speed:.1f}  # the in-process encoder on the pipeline's "
