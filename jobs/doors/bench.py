@@ -216,8 +216,10 @@ def encode_rate_child(n: int, ceiling: bool = False, part: int = 0, parts: int =
 
     torch.set_num_threads(1)
     texts = [p["description"] for p in products(n) if p["description"] is not None]
-    ranges = plan.split_range(0, len(texts) - 1, plan.default_partitions(parts, len(texts)))
-    windows = [texts[r.lo:r.hi + 1] for r in ranges][part::parts] if parts > 1 else [texts]
+    windows = [texts]
+    if parts > 1:
+        ranges = plan.split_range(0, len(texts) - 1, plan.default_partitions(parts, len(texts)))
+        windows = [texts[r.lo:r.hi + 1] for r in ranges][part::parts]
     enc = get_encoder("all-MiniLM-L6-v2")
     enc.encode(texts[:32])
     print("ready", flush=True)
