@@ -220,3 +220,22 @@ def test_the_workers_line_breaks_where_the_controller_was_not_sampling():
     workers, desired = charts.workers_figure(samples, []).data
     assert list(workers.y) == list(desired.y) == [2, 2, None, 0, 2]
     assert workers.x[2] == workers.x[1]  # the break sits at the last sample before the silence
+
+
+def test_the_server_settings_are_the_products_as_streamlit_reads_them(monkeypatch):
+    """.streamlit/config.toml, parsed by Streamlit from the checkout as `make run` starts it: no file watcher and no
+    full garbage collection per rerun (each took about half of the server's CPU on an idle Cluster page)."""
+    from streamlit import config
+
+    monkeypatch.chdir(REPO)
+    for name in ("STREAMLIT_SERVER_FILE_WATCHER_TYPE", "STREAMLIT_RUNNER_POST_SCRIPT_GC",
+                 "STREAMLIT_CLIENT_TOOLBAR_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        config.get_config_options(force_reparse=True)
+        assert config.get_option("server.fileWatcherType") == "none"
+        assert config.get_option("runner.postScriptGC") is False
+        assert config.get_option("client.toolbarMode") == "viewer"
+    finally:
+        monkeypatch.undo()
+        config.get_config_options(force_reparse=True)
