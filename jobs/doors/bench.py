@@ -602,12 +602,6 @@ def run_all(args: argparse.Namespace, home: str) -> int:
     print(f"cold_start_stages = {stages_line(run)}")
 
     small, large = (200, 2000) if args.quick else (5000, 50_000)
-    if not args.quick:
-        # The scale run lasts about as long on one worker whatever the CPU (3,000 rows took 16 s on the AVX-512
-        # EPYC): on the AMX Xeon, twice as fast a core, 3,000 rows took 4.3-4.8 s on two workers, of which
-        # Spark's fixed cost per run (task launch 0.13 s, 0.05-0.09 s between tasks, the last task's tail) was
-        # 6 %, and the figure measured that cost more than scaling.
-        n_scale = max(n_scale, round(16 * one / 500) * 500)
     big_url = f"sqlite:///{home}/memory.sqlite"
     seed_demo(big_url, n=large)
     rss, driver_rss = {}, {}
@@ -648,7 +642,7 @@ def run_all(args: argparse.Namespace, home: str) -> int:
                         service_executors() != workers
                         or (workers == 2 and (run_service.info() or {}).get("warmed_at", 0) < scaled_at)):
                     time.sleep(0.2)
-            scale_spec = RunSpec(db_url=big_url, source="products", id_column="id", text_column="description",
+            scale_spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description",
                                  target=f"scale_{step}_{workers}w", master=master, limit_rows=n_scale,
                                  launched_by="bench")
             scaled, _, _ = timed_run(scale_spec, registry)
