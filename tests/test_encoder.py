@@ -74,6 +74,16 @@ def test_cpu_batches_hold_at_most_batch_size_rows_and_the_token_budget(encoder, 
         assert max(sizes) > 32  # short texts: more rows than the old fixed batch of 32
 
 
+def test_packed_products_meet_few_shapes_and_waste_little():
+    """A query keeps a handful of rows (a 256-row product made it 2.5x slower), a full batch at most 255 unused."""
+    assert [bert.packed_rows(t) for t in (1, 2, 3, 12, 200, 256, 257, 2900, 3072)] == [
+        1, 2, 4, 16, 256, 256, 512, 3072, 3072]
+    rows = [bert.packed_rows(t) for t in range(1, bert.CPU_BATCH_TOKENS + 1)]
+    # Powers of two below the step, then its multiples: 1, 2, ..., 128, 256, 512, ..., 3,072.
+    assert len(set(rows)) == 8 + bert.CPU_BATCH_TOKENS // bert.PACKED_ROW_STEP
+    assert all(t <= r < max(2 * t, t + bert.PACKED_ROW_STEP) for t, r in enumerate(rows, 1))
+
+
 def test_token_counts_match_the_reference_tokenizer_after_truncation(encoder, reference_model):
     want = [len(ids) for ids in reference_model.tokenizer(TRICKY, truncation=True, max_length=256)["input_ids"]]
     assert encoder.count_tokens(TRICKY) == sum(want)

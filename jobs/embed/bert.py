@@ -72,6 +72,14 @@ def forward_flops(token_counts: Iterable[int], hidden: int, layers: int, interme
     return sum(per_token * n + attention * layers * 4 * n * n * hidden for n in token_counts)
 
 
+def packed_rows(tokens: int) -> int:
+    """Rows of the products for a batch of this many tokens on the packed path: the next power of two up to
+    PACKED_ROW_STEP, the next multiple of it beyond, so that a process meets at most a few dozen shapes."""
+    if tokens <= PACKED_ROW_STEP:
+        return 1 << max(0, tokens - 1).bit_length()
+    return -(-tokens // PACKED_ROW_STEP) * PACKED_ROW_STEP
+
+
 def bf16_packing_supported() -> bool:
     """Whether this torch and CPU run oneDNN bf16 products on packed weights."""
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -137,7 +145,7 @@ class _Bert:
         tokens = b * n
         # The hidden states are one matrix of `rows` rows, the last rows - tokens of them unused, so that the
         # products meet few shapes on the packed path (see PACKED_ROW_STEP).
-        rows = -(-tokens // PACKED_ROW_STEP) * PACKED_ROW_STEP if self.packed else tokens
+        rows = packed_rows(tokens) if self.packed else tokens
         x = torch.empty(rows, h, device=ids.device, dtype=w["word"].dtype)
         x[tokens:] = 0
         x[:tokens] = (F.embedding(ids, w["word"]) + w["position"][:n] + w["token_type"][0]).view(tokens, h)
