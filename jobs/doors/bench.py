@@ -633,14 +633,17 @@ def run_all(args: argparse.Namespace, home: str) -> int:
         # minute of this shared machine (287.7 against 318.6 rows/s).
         scale_rates: dict[int, list[float]] = {}
         for step, workers in enumerate((2, 1) if args.quick else (1, 2, 2, 1) * 2):
-            if service_executors() != workers:
+            have = service_executors()
+            if have != workers:
+                print(f"# scale step {step}: the service listed {have} executors, {workers} wanted", file=sys.stderr)
                 scaled_at = time.time()
                 cluster_cli("scale", str(workers))
-                # The run service has exactly these executors (a removed one is gone), each holding the model.
+                # The run service has exactly these executors (a removed one is gone), each holding the model. Only
+                # executors the scale added get a warm-up; where the UI gave no count (-1), none is waited for.
                 deadline = time.perf_counter() + 120
                 while time.perf_counter() < deadline and (
                         service_executors() != workers
-                        or (workers == 2 and (run_service.info() or {}).get("warmed_at", 0) < scaled_at)):
+                        or (workers > have >= 0 and (run_service.info() or {}).get("warmed_at", 0) < scaled_at)):
                     time.sleep(0.2)
             scale_spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description",
                                  target=f"scale_{step}_{workers}w", master=master, limit_rows=n_scale,
