@@ -265,19 +265,23 @@ def split_rate(n: int) -> float:
     return sum(count for _, _, count in done) / max(count / rate for rate, _, count in done)
 
 
-def service_executors() -> int:
-    """Active executors of the run service, as its Spark UI lists them."""
+def service_executors(tries: int = 5) -> int:
+    """Active executors of the run service, as its Spark UI lists them; -1 where the UI did not answer any of
+    tries asks (right after a run it once missed a 2 s timeout, and the bench took the -1 for a count)."""
     import requests
 
     from jobs.spark import run_service
 
     ui = (run_service.info() or {}).get("ui_url")
-    try:
-        app = requests.get(f"{ui}/api/v1/applications", timeout=2).json()[0]["id"]
-        listed = requests.get(f"{ui}/api/v1/applications/{app}/executors", timeout=2).json()
-    except (requests.RequestException, ValueError, IndexError, KeyError):
-        return -1
-    return sum(1 for e in listed if e["id"] != "driver" and e.get("isActive"))
+    for _ in range(tries):
+        try:
+            app = requests.get(f"{ui}/api/v1/applications", timeout=2).json()[0]["id"]
+            listed = requests.get(f"{ui}/api/v1/applications/{app}/executors", timeout=2).json()
+        except (requests.RequestException, ValueError, IndexError, KeyError):
+            time.sleep(0.5)
+            continue
+        return sum(1 for e in listed if e["id"] != "driver" and e.get("isActive"))
+    return -1
 
 
 def timed_run(spec, registry):
