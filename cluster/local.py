@@ -16,7 +16,7 @@ from cluster import spark_rest
 from cluster.backend import Worker, configured_pricing
 from jobs.core.cost import Pricing
 from jobs.core.errors import BadRequest, Unavailable
-from jobs.core.processes import free_port, is_alive, read_json, start_time, stop_group, write_json
+from jobs.core.processes import free_port, is_alive, read_json, start_time, stop_groups, write_json
 from jobs.core.settings import REPO, Settings
 from jobs.spark import jvm
 from jobs.store import worker_readings
@@ -34,10 +34,6 @@ class Proc:
 
     def alive(self) -> bool:
         return is_alive(self.pid, self.started)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.alive():
-            stop_group(self.pid, self.pid, grace_s=timeout)
 
 
 class LocalCluster:
@@ -145,12 +141,7 @@ class LocalCluster:
             proc = self._load(name)
             if proc is None or not proc.alive():
                 self._save(name, None)
-        names = self._worker_names()
-        for name in names[n:][::-1]:
-            proc = self._load(name)
-            if proc:
-                proc.stop()
-            self._save(name, None)
+        self._stop(self._worker_names()[n:])
         used = {int(x.split("-")[1]) for x in self._worker_names()}
         index = 0
         while len(self._worker_names()) < n:
@@ -213,12 +204,11 @@ class LocalCluster:
 
     def down(self) -> None:
         """Stop every worker and the master."""
-        for name in self._worker_names():
-            proc = self._load(name)
-            if proc:
-                proc.stop()
+        self._stop([*self._worker_names(), "master"])
+
+    def _stop(self, names: list[str]) -> None:
+        """Stop these daemons together and forget them."""
+        procs = {name: proc for name in names if (proc := self._load(name)) and proc.alive()}
+        stop_groups({proc.pid: proc.pid for proc in procs.values()})
+        for name in names:
             self._save(name, None)
-        proc = self._load("master")
-        if proc:
-            proc.stop()
-        self._save("master", None)

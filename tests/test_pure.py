@@ -230,6 +230,33 @@ def test_stopping_a_group_also_stops_what_its_leader_started_while_shutting_down
     assert not psutil.pid_exists(late) or psutil.Process(late).status() == psutil.STATUS_ZOMBIE
 
 
+def test_groups_stopped_together_take_the_slowest_ones_time_and_leave_nothing(tmp_path):
+    """`cluster down` stops the master and every worker, each about 2 s to exit on SIGTERM: together, not one
+    after another. Each leader here takes 1 s to exit and starts a late child on its way out."""
+    import subprocess
+    import time
+
+    import psutil
+
+    from jobs.core.processes import stop_groups
+
+    leaders = []
+    for i in range(3):
+        script = f"trap 'sleep 60 & echo $! > {tmp_path}/late{i}.pid; sleep 1; exit 0' TERM; sleep 100 & wait"
+        leaders.append(subprocess.Popen(["bash", "-c", script], start_new_session=True))
+    deadline = time.monotonic() + 10
+    while not all(psutil.Process(p.pid).children() for p in leaders) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    stop_groups({p.pid: p.pid for p in leaders}, grace_s=5)
+    took = time.monotonic() - t0
+    for i, leader in enumerate(leaders):
+        leader.wait(5)
+        late = int((tmp_path / f"late{i}.pid").read_text())
+        assert not psutil.pid_exists(late) or psutil.Process(late).status() == psutil.STATUS_ZOMBIE
+    assert took < 2.5, f"three groups of 1 s each took {took:.1f} s: stopped one after another"
+
+
 @pytest.mark.parametrize(("cores", "span", "want"), [(2, 200, 2), (2, 1999, 2), (2, 2000, 4), (2, 3000, 4),
                                                      (2, 5000, 4), (2, 7999, 6), (2, 10**6, 8), (1, 10, 2),
                                                      (1, 2500, 2), (1, 4000, 4), (8, 100, 8), (8, 20_000, 16),
