@@ -15,10 +15,23 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterable
 
 import numpy as np
 
 from jobs.core.spec import DEFAULT_BATCH_SIZE
+
+
+def laps():
+    """A function that prints, to stderr, the seconds since its last call under a label: where the bench's minutes
+    go (QUICK must stay under three)."""
+    last = [time.perf_counter()]
+
+    def lap(label: str) -> None:
+        now = time.perf_counter()
+        print(f"# {label}: {now - last[0]:.1f} s", file=sys.stderr, flush=True)
+        last[0] = now
+    return lap
 
 
 def measure(fn, texts: list[str], rounds: int) -> tuple[float, np.ndarray]:
@@ -202,12 +215,11 @@ def other_engines(enc, texts: list[str], rounds: int) -> dict[str, tuple[float, 
     return results
 
 
-def encode_rate_child(n: int, ceiling: bool = False, part: int = 0, parts: int = 1) -> None:
-    """One process, one torch thread (as a Spark task runs): texts/s over the first n demo texts, or (parts > 1)
-    over its share of the key ranges a run over them plans on parts cores, each range encoded apart as a task
-    does; timed from a line on stdin once it has said "ready", so that processes started together encode
-    together; with ceiling, then also the encoder's ratio to one core's GEMM ceiling (paired rounds). Prints the
-    rate, that ratio and the texts encoded."""
+def encoder_child(n: int, part: int = 0, parts: int = 1) -> None:
+    """One process, one torch thread (as a Spark task runs) on the first n demo texts, or (parts > 1) on its share
+    of the key ranges a run over them plans on parts cores, each range encoded apart as a task does. Says "ready"
+    once its model is loaded, then answers each line on stdin: "rate" with its texts/s and texts encoded,
+    "ceiling" with its default/gemm_ceiling on its one core (paired rounds)."""
     import torch
 
     from jobs.core import plan
@@ -223,46 +235,76 @@ def encode_rate_child(n: int, ceiling: bool = False, part: int = 0, parts: int =
     enc = get_encoder("all-MiniLM-L6-v2")
     enc.encode(texts[:32])
     print("ready", flush=True)
-    sys.stdin.readline()
-    t0 = time.perf_counter()
-    for window in windows:
-        enc.encode(window)
-    done = sum(map(len, windows))
-    rate = done / (time.perf_counter() - t0)
-    ratio = paired_ceiling(enc, texts, 2)[2] if ceiling else 0.0
-    print(rate, ratio, done)
+    for line in sys.stdin:
+        if line.strip() == "ceiling":
+            print(paired_ceiling(enc, texts, 2)[2], flush=True)
+            continue
+        t0 = time.perf_counter()
+        for window in windows:
+            enc.encode(window)
+        done = sum(map(len, windows))
+        print(done / (time.perf_counter() - t0), done, flush=True)
 
 
-def side_by_side(n: int, processes: int, split: bool = False, ceiling: bool = False) -> list[tuple[float, ...]]:
-    """(texts/s, ceiling ratio, texts) of single-threaded encoder processes started together on the first n demo
-    texts: each on all of them, or (split) on its share of a run's key ranges, as one task per core takes them."""
-    procs = [subprocess.Popen([sys.executable, "-c", "from jobs.doors.bench import encode_rate_child; "
-                               f"encode_rate_child({n}, {ceiling and i == 0}, {i if split else 0}, "
-                               f"{processes if split else 1})"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i in range(processes)]
-    for p in procs:  # every process has loaded the model before any starts timing
-        if p.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"encoder process exited with {p.wait()} before it was ready")
-    for p in procs:
-        p.stdin.write("go\n")
-        p.stdin.flush()
-    return [tuple(map(float, p.communicate()[0].strip().splitlines()[-1].split())) for p in procs]
+class EncoderProcesses:
+    """Single-threaded encoder processes on the first n demo texts (each on all of them, or with split on its
+    share of a run's key ranges, as one task per core takes them), loaded once and then timed on demand, those
+    asked together starting together. Loading took 3-4 s a process, and the bench loaded five of them twice."""
+
+    def __init__(self, n: int, count: int, split: bool = False):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "from jobs.doors.bench import encoder_child; "
+                                        f"encoder_child({n}, {i if split else 0}, {count if split else 1})"],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                      for i in range(count)]
+        for p in self.procs:
+            if p.stdout.readline().strip() != "ready":
+                self.close()
+                raise RuntimeError(f"encoder process exited with {p.poll()} before it was ready")
+
+    def ask(self, command: str, which: Iterable[int] | None = None) -> list[list[float]]:
+        """Send command ("rate" or "ceiling") to these processes (all by default) at once; their answers."""
+        chosen = [self.procs[i] for i in (range(len(self.procs)) if which is None else which)]
+        for p in chosen:
+            p.stdin.write(command + "\n")
+            p.stdin.flush()
+        answers = []
+        for p in chosen:
+            line = p.stdout.readline()
+            if not line:
+                raise RuntimeError(f"encoder process exited with {p.wait()} during {command!r}")
+            answers.append([float(x) for x in line.split()])
+        return answers
+
+    def close(self) -> None:
+        """End of input: each process exits."""
+        for p in self.procs:
+            p.stdin.close()
+        for p in self.procs:
+            p.wait(30)
+
+    def __enter__(self) -> EncoderProcesses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def parallel_rates(n: int) -> tuple[float, float, float]:
     """Texts/s of one single-threaded encoder process alone, and of two side by side (summed): what two
     one-core workers can get from this machine's cores at best; and the lone process's default/gemm_ceiling
     on its one core."""
-    (one, ratio, _), = side_by_side(n, 1, ceiling=True)
-    return one, sum(rate for rate, _, _ in side_by_side(n, 2)), ratio
+    with EncoderProcesses(n, 2) as procs:
+        (one, _), = procs.ask("rate", [0])
+        (ratio,), = procs.ask("ceiling", [0])
+        return one, sum(rate for rate, _ in procs.ask("rate")), ratio
 
 
-def split_rate(n: int) -> float:
-    """Texts/s of one single-threaded process per core on the first n demo texts (a run's rows), each encoding its
-    share of the run's key ranges one range at a time: all the texts over the slowest one's time. What the
-    pipeline's tasks would reach with nothing of Spark around them, on the same texts in the same windows."""
-    done = side_by_side(n, os.cpu_count() or 1, split=True)
-    return sum(count for _, _, count in done) / max(count / rate for rate, _, count in done)
+def split_rate(procs: EncoderProcesses) -> float:
+    """Texts/s of split encoder processes, one per core, each encoding its share of a run's key ranges one range at
+    a time: all the texts over the slowest one's time. What the pipeline's tasks would reach with nothing of Spark
+    around them, on the same texts in the same windows."""
+    done = procs.ask("rate")
+    return sum(count for _, count in done) / max(count / rate for rate, count in done)
 
 
 def service_executors(tries: int = 5) -> int:
@@ -441,9 +483,10 @@ def bench_search(home: str, n: int, queries: int, centers: np.ndarray) -> dict[s
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "write_s": write_s}
 
 
-def dashboard_watch_cpu_pct(seconds: float, watcher: str | None = None) -> float:
-    """Percent of one core the Streamlit server uses while one headless Chromium sits on the Cluster page (its
-    live view reruns every 3 s) and no run is active. watcher overrides the product's fileWatcherType."""
+def dashboard_watch_cpu_pct(seconds: float, watchers: tuple[str | None, ...] = (None,)) -> list[float]:
+    """Percent of one core each Streamlit server uses while one headless Chromium sits on its Cluster page (its
+    live view reruns every 3 s) and no run is active: one server per watcher (None: the product's
+    fileWatcherType), all started together and then watched one at a time (the others have no session)."""
     import psutil
     import requests
     from playwright.sync_api import sync_playwright
@@ -451,38 +494,47 @@ def dashboard_watch_cpu_pct(seconds: float, watcher: str | None = None) -> float
     from jobs.core.processes import free_port
     from jobs.core.settings import REPO
 
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    if watcher:
-        env["STREAMLIT_SERVER_FILE_WATCHER_TYPE"] = watcher
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address",
-                               "127.0.0.1", "--server.port", str(port)], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    servers = []
+    for watcher in watchers:
+        port = free_port()
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        if watcher:
+            env["STREAMLIT_SERVER_FILE_WATCHER_TYPE"] = watcher
+        servers.append((port, subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
+             "--server.port", str(port)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/_stcore/health", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.3)
+        for port, _ in servers:
+            while time.monotonic() < deadline:
+                try:
+                    if requests.get(f"http://127.0.0.1:{port}/_stcore/health", timeout=1).ok:
+                        break
+                except requests.RequestException:
+                    time.sleep(0.3)
+        used = []
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=[
                 "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-            page = browser.new_page()
-            page.goto(f"http://127.0.0.1:{port}/cluster")
-            page.get_by_text("Workers over time").wait_for(timeout=60_000)
-            proc = psutil.Process(server.pid)
-            before, t0 = proc.cpu_times(), time.monotonic()
-            time.sleep(seconds)
-            after = proc.cpu_times()
+            for port, server in servers:
+                page = browser.new_page()
+                page.goto(f"http://127.0.0.1:{port}/cluster")
+                page.get_by_text("Workers over time").wait_for(timeout=60_000)
+                proc = psutil.Process(server.pid)
+                before, t0 = proc.cpu_times(), time.monotonic()
+                time.sleep(seconds)
+                after = proc.cpu_times()
+                used.append(100 * ((after.user + after.system) - (before.user + before.system))
+                            / (time.monotonic() - t0))
+                page.close()
             browser.close()
-        used = (after.user + after.system) - (before.user + before.system)
-        return 100 * used / (time.monotonic() - t0)
+        return used
     finally:
-        server.terminate()
-        server.wait(10)
+        for _, server in servers:
+            server.terminate()
+        for _, server in servers:
+            server.wait(10)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -501,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_all(args: argparse.Namespace, home: str) -> int:
     """The figures in order, pipeline/raw last."""
+    lap = laps()
     n_encode, n_pipeline, rounds, n_search, n_scale = ((512, 1000, 1, 120_000, 400) if args.quick
                                                         else (2000, 5000, 3, 1_000_000, 3000))
     from sentence_transformers import SentenceTransformer
@@ -515,6 +568,7 @@ def run_all(args: argparse.Namespace, home: str) -> int:
     from jobs.store.registry import Registry
 
     texts = [p["description"] for p in products(n_encode)]
+    lap("imports")
     print(f"machine = {os.cpu_count()} cpus; texts = {len(texts)} demo descriptions; rounds = {rounds}")
     raw = SentenceTransformer(model_path("all-MiniLM-L6-v2"), device="cpu")
     raw_speed, raw_vecs = measure(lambda t: raw.encode(t, batch_size=64, normalize_embeddings=True), texts, rounds)
@@ -527,6 +581,7 @@ def run_all(args: argparse.Namespace, home: str) -> int:
           + (f" and {budget} padded tokens" if budget else ""))
     print(f"default/fp32 = {default_speed / raw_speed:.2f}")
     print(f"min_cosine = {(raw_vecs * default_vecs).sum(1).min():.5f}")
+    lap("raw and default")
     if isinstance(enc.model, BertSentenceEncoder):
         # The roofline: how far any implementation at this precision could go on this machine.
         flops_per_text = enc.model.flops(texts) / len(texts)
@@ -553,11 +608,14 @@ def run_all(args: argparse.Namespace, home: str) -> int:
             print(f"{name.split('_')[0]}/default = {to_ours:.2f}  # median of {rounds} rounds, each timing ours "
                   "and then it")
 
+        lap("roofline, shares, other engines")
+
     one, two, task_ratio = parallel_rates(128 if args.quick else n_encode // 2)
     print(f"encode_1p_1t_texts_per_s = {one:.1f}  # one process, one torch thread (a Spark task's setting)")
     print(f"task/gemm_ceiling_1t = {task_ratio:.2f}  # that process against one core's GEMM ceiling, paired rounds")
     print(f"encode_2p_1t_texts_per_s = {two:.1f}  # two such processes side by side, summed")
     print(f"parallel_2p/1p = {two / one:.2f}  # the most two one-core workers can gain over one on this machine")
+    lap("single-threaded processes")
 
     t0 = time.perf_counter()
     enc.encode(["waterproof hiking boots"])
@@ -574,12 +632,14 @@ def run_all(args: argparse.Namespace, home: str) -> int:
     print(f"search_scan_p50_ms = {s['scan_p50']:.0f}  # baseline: streaming scan per query")
     print(f"search_scan/index = {s['scan_p50'] / s['p50']:.0f}")
     print(f"query_encode_ms = {query_ms:.1f}")
+    lap("search")
 
     watch_s = 5 if args.quick else 60
-    watch, watch_auto = dashboard_watch_cpu_pct(watch_s), dashboard_watch_cpu_pct(watch_s, watcher="auto")
+    watch, watch_auto = dashboard_watch_cpu_pct(watch_s, (None, "auto"))
     print(f"dashboard_watch_cpu_pct = {watch:.1f}  # Streamlit server, one browser on the Cluster page for "
           f"{watch_s} s, no run; the product's .streamlit/config.toml")
     print(f"dashboard_watch_cpu_pct_file_watcher = {watch_auto:.1f}  # baseline: Streamlit's default file watcher")
+    lap("dashboard")
 
     url = f"sqlite:///{home}/bench.sqlite"
     seed_demo(url, n=n_pipeline)
@@ -593,17 +653,19 @@ def run_all(args: argparse.Namespace, home: str) -> int:
     # them, also right before and after: the pipeline's factors below are then all measured on its own texts (on
     # the first 2,000 texts, the in-process encoder read 0.96 of its rate on these in one run, which the factors
     # did not show), and Spark's share is told apart from the ranges' (a task sorts only its range by length).
-    before, _ = measure(enc.encode, pipeline_texts, 1)
-    split_before = split_rate(n_pipeline)
-    run, wall, first = timed_run(spec, registry)
-    split_after = split_rate(n_pipeline)
-    after, _ = measure(enc.encode, pipeline_texts, 1)
+    with EncoderProcesses(n_pipeline, os.cpu_count() or 1, split=True) as split:  # idle during the run
+        before, _ = measure(enc.encode, pipeline_texts, 1)
+        split_before = split_rate(split)
+        run, wall, first = timed_run(spec, registry)
+        split_after = split_rate(split)
+        after, _ = measure(enc.encode, pipeline_texts, 1)
     same_rows_speed, split_speed = (before + after) / 2, (split_before + split_after) / 2
     if run.state != "succeeded":
         print(f"pipeline failed: {run.error}")
         return 1
     print(f"cold_start_s = {first:.1f}  # launch to first vector committed, a spark-submit of its own")
     print(f"cold_start_stages = {stages_line(run)}")
+    lap("pipeline, with its baselines")
 
     small, large = (200, 2000) if args.quick else (5000, 50_000)
     big_url = f"sqlite:///{home}/memory.sqlite"
@@ -620,6 +682,7 @@ def run_all(args: argparse.Namespace, home: str) -> int:
         while "warm_s" not in (run_service.info() or {}) and time.perf_counter() - t0 < 180:
             time.sleep(0.2)  # the service loads the model in its workers before any run asks
         service_ready = time.perf_counter() - t0
+        lap("standing cluster up, run service warm")
         warm_spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description",
                             target="bench_warm_emb", master=master, limit_rows=200, launched_by="bench")
         warm_run, _, warm_first = timed_run(warm_spec, registry)
@@ -630,6 +693,7 @@ def run_all(args: argparse.Namespace, home: str) -> int:
             mem_spec = RunSpec(db_url=big_url, source="products", id_column="id", text_column="title",
                                target=f"mem_{n}", master=master, limit_rows=n, launched_by="bench")
             rss[n], driver_rss[n] = peak_rss_mb(mem_spec, registry)
+        lap("warm start and memory runs")
         # The same run on one one-core worker, then twice on two, then on one again, all twice: each count's rate
         # is the mean of four runs, in an order that cancels a steady drift of the machine's speed (once each in
         # QUICK, which must stay under 3 minutes: two first, on the workers the service warmed at its start, which
@@ -655,15 +719,23 @@ def run_all(args: argparse.Namespace, home: str) -> int:
             scaled, _, _ = timed_run(scale_spec, registry)
             scale_rates.setdefault(workers, []).append(
                 scaled.rows_done / (scaled.ended_at - scaled.started_at).total_seconds())
+            lap(f"scale step {step}, {workers} workers")
         # As `make run` leaves it: zero workers and the autoscaler on; a launch wakes it.
         cluster_cli("scale", "0")
+        history, started = scaling.ScaleHistory(registry), db.utcnow()
         autoscaler = subprocess.Popen([sys.executable, "-m", "cluster", "autoscale", "--min", "0", "--max", "2"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            time.sleep(6)  # past its first tick: the launch must wake it, not meet its start
-            status = subprocess.run([sys.executable, "-m", "cluster", "status", "--json"], capture_output=True,
-                                    text=True, check=True)
-            workers_at_launch = json.loads(status.stdout)["master"]["alive_workers"]
+            # The launch must wake the loop between its ticks, not meet its start: wait for its first tick's
+            # sample (the count of workers then), and a second more for it to note the newest run and sleep.
+            deadline, ticks = time.perf_counter() + 60, []
+            while not ticks and time.perf_counter() < deadline:
+                time.sleep(0.2)
+                ticks = [s for s in history.samples(5) if s["at"] >= started]
+            if not ticks:
+                raise RuntimeError("the autoscaler recorded no tick within 60 s")
+            time.sleep(1)
+            workers_at_launch = ticks[0]["workers"]
             auto_spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description",
                                 target="bench_auto_emb", master=master, limit_rows=200, launched_by="bench")
             launched = db.utcnow()
@@ -673,8 +745,10 @@ def run_all(args: argparse.Namespace, home: str) -> int:
         finally:
             autoscaler.terminate()
             autoscaler.wait(10)
+        lap("autoscaled start")
     finally:
         cluster_cli("down")
+    lap("standing cluster down")
     print(f"service_warm_up_s = {service_ready:.1f}  # run service start until its workers hold the model")
     print(f"warm_start_s = {warm_first:.1f}  # the service's first run, launch to first vector committed")
     print(f"warm_start_stages = {stages_line(warm_run)}")
