@@ -4,7 +4,7 @@ import pandas as pd
 import streamlit as st
 
 from cluster import spark_rest
-from dashboard import charts, services, views
+from dashboard import charts, services, views, widgets
 from jobs.core.errors import EmbedDeckError
 from jobs.spark import run_service
 from jobs.store import scaling, worker_readings
@@ -14,7 +14,10 @@ backend = services.backend()
 controller = services.controller()
 
 
-@st.fragment(run_every=3)
+LIVE_EVERY_S = 3.0
+
+
+@st.fragment(run_every=widgets.live_every("cluster", LIVE_EVERY_S))
 def overview() -> None:
     state = backend.master_state()
     if not state.reachable:
@@ -48,7 +51,8 @@ def overview() -> None:
     service = run_service.info()
     st.caption(f"Run service up: runs start warm on its executors ([its Spark UI]({service['ui_url']}))."
                if service else "Run service not running: each run starts a Spark application of its own.")
-    apps = views.runs_by_app(services.registry().list(50))
+    runs = services.registry().list(50)
+    apps = views.runs_by_app(runs)
     if not apps:
         st.caption("No run is active.")
     for ui_url, run_ids in apps.items():
@@ -66,6 +70,11 @@ def overview() -> None:
         st.dataframe(pd.DataFrame(stats.stages), hide_index=True, width="stretch")
         st.markdown(f"[Spark UI of {label}]({ui_url})")
     st.markdown(f"[Spark master UI]({backend.master_webui})")
+    wanted = controller.history.last_desired()
+    moving = any(r.active for r in runs) or (wanted is not None and wanted != state.alive_workers)
+    st.caption(f"This view updates every {LIVE_EVERY_S:g} s while a run is active or workers are scaling, "
+               f"every {widgets.IDLE_EVERY_S:g} s otherwise.")
+    widgets.keep_pace("cluster", LIVE_EVERY_S, moving)
 
 
 overview()

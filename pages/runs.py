@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, services, views
+from dashboard import charts, services, views, widgets
 from jobs import lifecycle
 from jobs.core.errors import EmbedDeckError
 from jobs.core.progress import format_duration
@@ -31,7 +31,10 @@ def rerun(run) -> None:
     st.rerun(scope="app")
 
 
-@st.fragment(run_every=2)
+LIVE_EVERY_S = 2.0
+
+
+@st.fragment(run_every=widgets.live_every("runs", LIVE_EVERY_S))
 def live(run_id: str) -> None:
     run = lifecycle.get(run_id, registry)
     frac, caption = views.run_progress(run)
@@ -62,7 +65,9 @@ def live(run_id: str) -> None:
     elif st.button("Rerun"):
         rerun(run)
     st.subheader("All runs")
-    st.dataframe(pd.DataFrame([views.run_row(r) for r in registry.list()]), hide_index=True, width="stretch")
+    runs = registry.list()
+    st.dataframe(pd.DataFrame([views.run_row(r) for r in runs]), hide_index=True, width="stretch")
+    widgets.keep_pace("runs", LIVE_EVERY_S, any(r.active for r in runs))
 
 
 live(run_id)

@@ -105,6 +105,9 @@ def test_cancel_click_returns_at_once_and_the_run_settles(demo, fast_model, hold
     wait_until(lambda: registry.get(run_id).rows_done > 0, timeout=180)
     at = page("runs")
     at.selectbox[0].select(run_id).run()
+    # A run in flight: both live views tick at their live pace (2 s and 3 s), and at the idle one once it ends.
+    assert at.session_state["runs_every_s"] == 2.0
+    assert page("cluster").session_state["cluster_every_s"] == 3.0
     cancel = next(b for b in at.button if b.label == "Cancel run")
     t0 = time.perf_counter()
     cancel.click().run()
@@ -113,6 +116,7 @@ def test_cancel_click_returns_at_once_and_the_run_settles(demo, fast_model, hold
     assert registry.get(run_id).cancel_requested
     final = lifecycle.wait(run_id, registry, timeout_s=60)
     assert final.state == "cancelled" and 0 < final.rows_done < ROWS
+    assert page("runs").session_state["runs_every_s"] == page("cluster").session_state["cluster_every_s"] == 15.0
 
 
 def test_proxy_mode_shows_nothing_without_the_user_header(monkeypatch):
@@ -126,6 +130,7 @@ def test_cluster_page_with_master_down():
     at = page("cluster")
     assert any("Spark master is down" in w.value for w in at.warning)
     assert at.metric[0].value == "down"
+    assert at.session_state["cluster_every_s"] == 15.0  # nothing moves: the idle pace
 
 
 def test_run_views_are_pure():
