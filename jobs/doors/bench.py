@@ -16,6 +16,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
@@ -483,10 +484,17 @@ def bench_search(home: str, n: int, queries: int, centers: np.ndarray) -> dict[s
     return {**json.loads(out.stdout.strip().splitlines()[-1]), "write_s": write_s}
 
 
-def dashboard_watch_cpu_pct(seconds: float, watchers: tuple[str | None, ...] = (None,)) -> list[float]:
-    """Percent of one core each Streamlit server uses while one headless Chromium sits on its Cluster page (its
-    live view reruns every 3 s) and no run is active: one server per watcher (None: the product's
-    fileWatcherType), all started together and then watched one at a time (the others have no session)."""
+FLOOR_PAGE = """import streamlit as st
+
+st.write("Workers over time")
+"""
+
+
+def dashboard_watch_cpu_pct(seconds: float, home: str) -> dict[str, float]:
+    """Percent of one core a Streamlit server uses while one headless Chromium sits on a page: the product's
+    Cluster page as its .streamlit/config.toml serves it (live view, no run active); the same with Streamlit's
+    default file watcher; and Streamlit's own floor, a one-line page with the product's config. The servers start
+    together and are watched one at a time (the others have no session)."""
     import psutil
     import requests
     from playwright.sync_api import sync_playwright
@@ -494,46 +502,51 @@ def dashboard_watch_cpu_pct(seconds: float, watchers: tuple[str | None, ...] = (
     from jobs.core.processes import free_port
     from jobs.core.settings import REPO
 
-    servers = []
-    for watcher in watchers:
+    floor = Path(home) / "floor-page"
+    (floor / ".streamlit").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / ".streamlit" / "config.toml", floor / ".streamlit" / "config.toml")
+    (floor / "app.py").write_text(FLOOR_PAGE)
+    pages = {"product": (REPO, "cluster", {}), "file_watcher": (REPO, "cluster", {"STREAMLIT_SERVER_FILE_WATCHER_TYPE":
+                                                                                 "auto"}),
+             "floor": (floor, "", {})}
+    servers = {}
+    for name, (cwd, _, extra) in pages.items():
         port = free_port()
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        if watcher:
-            env["STREAMLIT_SERVER_FILE_WATCHER_TYPE"] = watcher
-        servers.append((port, subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
-             "--server.port", str(port)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        servers[name] = port, subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
+             "--server.port", str(port)], cwd=cwd, env=dict(os.environ, PYTHONPATH=str(REPO), **extra),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
-        for port, _ in servers:
+        for port, _ in servers.values():
             while time.monotonic() < deadline:
                 try:
                     if requests.get(f"http://127.0.0.1:{port}/_stcore/health", timeout=1).ok:
                         break
                 except requests.RequestException:
                     time.sleep(0.3)
-        used = []
+        used = {}
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=shutil.which("chromium") or "/usr/bin/chromium", args=[
                 "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                 "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-            for port, server in servers:
+            for name, (port, server) in servers.items():
                 page = browser.new_page()
-                page.goto(f"http://127.0.0.1:{port}/cluster")
-                page.get_by_text("Workers over time").wait_for(timeout=60_000)
+                page.goto(f"http://127.0.0.1:{port}/{pages[name][1]}")
+                page.get_by_text("Workers over time").first.wait_for(timeout=60_000)
                 proc = psutil.Process(server.pid)
                 before, t0 = proc.cpu_times(), time.monotonic()
                 time.sleep(seconds)
                 after = proc.cpu_times()
-                used.append(100 * ((after.user + after.system) - (before.user + before.system))
-                            / (time.monotonic() - t0))
+                used[name] = 100 * ((after.user + after.system) - (before.user + before.system)) / (
+                    time.monotonic() - t0)
                 page.close()
             browser.close()
         return used
     finally:
-        for _, server in servers:
+        for _, server in servers.values():
             server.terminate()
-        for _, server in servers:
+        for _, server in servers.values():
             server.wait(10)
 
 
@@ -634,13 +647,6 @@ def run_all(args: argparse.Namespace, home: str) -> int:
     print(f"query_encode_ms = {query_ms:.1f}")
     lap("search")
 
-    watch_s = 5 if args.quick else 60
-    watch, watch_auto = dashboard_watch_cpu_pct(watch_s, (None, "auto"))
-    print(f"dashboard_watch_cpu_pct = {watch:.1f}  # Streamlit server, one browser on the Cluster page for "
-          f"{watch_s} s, no run; the product's .streamlit/config.toml")
-    print(f"dashboard_watch_cpu_pct_file_watcher = {watch_auto:.1f}  # baseline: Streamlit's default file watcher")
-    lap("dashboard")
-
     url = f"sqlite:///{home}/bench.sqlite"
     seed_demo(url, n=n_pipeline)
     registry = Registry()
@@ -668,6 +674,7 @@ def run_all(args: argparse.Namespace, home: str) -> int:
     lap("pipeline, with its baselines")
 
     small, large = (200, 2000) if args.quick else (5000, 50_000)
+    watch_s = 5 if args.quick else 60
     big_url = f"sqlite:///{home}/memory.sqlite"
     seed_demo(big_url, n=large)
     rss, driver_rss = {}, {}
@@ -742,10 +749,14 @@ def run_all(args: argparse.Namespace, home: str) -> int:
             auto_run, _, auto_first = timed_run(auto_spec, registry)
             decisions = [e for e in scaling.ScaleHistory(registry).events()
                          if e["at"] >= launched - dt.timedelta(seconds=8)]
+            lap("autoscaled start")
+            # Watching, as `make run` leaves things after a run: the master and the run service up, the autoscaler
+            # on and sampling, its workers idle until it scales them away.
+            watch = dashboard_watch_cpu_pct(watch_s, home)
+            lap("dashboard")
         finally:
             autoscaler.terminate()
             autoscaler.wait(10)
-        lap("autoscaled start")
     finally:
         cluster_cli("down")
     lap("standing cluster down")
@@ -758,6 +769,12 @@ def run_all(args: argparse.Namespace, home: str) -> int:
     print("autoscaled_start_decisions = " + "; ".join(
         f"{(e['at'] - launched).total_seconds():+.1f} s: {e['from_workers']} -> {e['to_workers']} ({e['reason']})"
         for e in decisions))
+    print(f"dashboard_watch_cpu_pct = {watch['product']:.1f}  # Streamlit server, one browser on the Cluster page "
+          f"for {watch_s} s right after a run, autoscaler on; the product's .streamlit/config.toml")
+    print(f"dashboard_watch_cpu_pct_file_watcher = {watch['file_watcher']:.1f}  # baseline: Streamlit's default "
+          "file watcher")
+    print(f"dashboard_watch_cpu_pct_floor = {watch['floor']:.1f}  # baseline: Streamlit's own server on a one-line "
+          "page, the same config: what any page costs here")
     one_w, two_w = (float(np.mean(scale_rates[w])) for w in (1, 2))
     print(f"scale_1w_rows_per_s = {one_w:.1f}  # {n_scale} rows, one one-core worker, run service: the mean of "
           f"{', '.join(f'{r:.1f}' for r in scale_rates[1])} (a full bench runs 1, 2, 2, 1 workers in turn, twice)")
