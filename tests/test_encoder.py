@@ -251,6 +251,36 @@ def test_bench_peak_memory_is_the_searching_process_own_not_its_parents():
     assert held.sum() > 0 and 5 < float(child.stdout) < 150
 
 
+def test_bench_encoder_processes_load_once_and_each_encodes_its_share_of_the_ranges_every_time_asked():
+    """The bench's single-threaded processes are loaded once and timed on demand (before and after the pipeline
+    run): split, each encodes the key ranges one task per core takes, together all the run's texts, and asked
+    again it encodes them again; its ceiling answer is a ratio; at the end of input each exits cleanly."""
+    from jobs.core import plan
+    from jobs.doors.bench import EncoderProcesses, split_rate
+    from jobs.store.demo import products
+
+    n = 300
+    texts = [p["description"] for p in products(n) if p["description"] is not None]
+    ranges = plan.split_range(0, len(texts) - 1, plan.default_partitions(2, len(texts)))
+    shares = [sum(r.hi - r.lo + 1 for r in ranges[i::2]) for i in range(2)]
+    with EncoderProcesses(n, 2, split=True) as split:
+        for _ in range(2):
+            answers = split.ask("rate")
+            assert [count for _, count in answers] == shares and sum(shares) == len(texts)
+            assert all(rate > 0 for rate, _ in answers)
+        assert 0 < split.ask("ceiling", [1])[0][0] < 2
+        assert split_rate(split) > 0
+    assert [p.returncode for p in split.procs] == [0, 0]
+
+
+def test_bench_asks_the_run_service_for_executors_and_says_when_it_cannot():
+    """The scale step acts on the count the run service's Spark UI gives, and only on one it gave: with no
+    service (no UI to ask), -1 after the asks, never 0 or a stale count."""
+    from jobs.doors.bench import service_executors
+
+    assert service_executors(tries=2) == -1
+
+
 def test_a_repeated_encode_reuses_freed_memory_instead_of_faulting_it_in_again():
     """glibc's malloc gave each batch's activations back to the OS, so every batch mapped and zeroed them afresh
     (in bf16 about 200 page faults a text, in fp32 10-45, every encode); the encoder's process keeps them for
