@@ -93,8 +93,7 @@ def run_verb(args: argparse.Namespace) -> int:
             for w in info["workers"]:
                 print(f"  {w['name']}: {w['state']} {w['detail']}")
     elif args.verb == "down":
-        run_service.stop()
-        backend.down()
+        backends.stop_all(backend)
         print("cluster stopped")
     elif args.verb == "autoscale":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -37,8 +37,7 @@ def main() -> int:
             child.terminate()
         for child in children:
             child.wait(10)
-        run_service.stop()
-        cluster.down()
+        backends.stop_all(cluster)
 
 
 if __name__ == "__main__":

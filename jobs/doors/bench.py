@@ -678,7 +678,7 @@ def run_all(args: argparse.Namespace, home: str) -> int:
     lap("pipeline, with its baselines")
 
     small, large = (200, 2000) if args.quick else (5000, 50_000)
-    watch_s = 5 if args.quick else 60
+    watch_s = 3 if args.quick else 60
     big_url = f"sqlite:///{home}/memory.sqlite"
     seed_demo(big_url, n=large)
     rss, driver_rss = {}, {}
