@@ -158,6 +158,7 @@ class Encoder:
                               and pack_bf16())
         self.dim = self.model.dim
         self.max_tokens = self.model.max_tokens
+        self.ready_at = time.perf_counter()  # a caller that asked for it before this waited for its load
         log.info("model %s on %s %s (%s, %s)", model, self.precision.device, self.precision.dtype,
                  self.precision.reason, type(self.model).__name__)
 
@@ -222,6 +223,7 @@ class RemoteEncoder:
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
         self.dim = next(self.encode_batches(["dimension probe"]))[1].shape[1]
+        self.ready_at = time.perf_counter()
 
     def _post(self, texts: list[str]) -> list[list[float]]:
         import requests
