@@ -273,10 +273,12 @@ def test_bench_encoder_processes_load_once_and_each_encodes_its_share_of_the_ran
     assert [p.returncode for p in split.procs] == [0, 0]
 
 
-def test_bench_asks_the_run_service_for_executors_and_says_when_it_cannot():
+def test_bench_asks_the_run_service_for_executors_and_says_when_it_cannot(tmp_path, monkeypatch):
     """The scale step acts on the count the run service's Spark UI gives, and only on one it gave: with no
     service (no UI to ask), -1 after the asks, never 0 or a stale count."""
     from jobs.doors.bench import service_executors
+
+    monkeypatch.setenv("EMBEDDECK_HOME", str(tmp_path))  # a home where no run service ever ran
 
     assert service_executors(tries=2) == -1
 

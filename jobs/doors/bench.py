@@ -250,7 +250,7 @@ def encoder_child(n: int, part: int = 0, parts: int = 1) -> None:
 class EncoderProcesses:
     """Single-threaded encoder processes on the first n demo texts (each on all of them, or with split on its
     share of a run's key ranges, as one task per core takes them), loaded once and then timed on demand, those
-    asked together starting together. Loading took 3-4 s a process, and the bench loaded five of them twice."""
+    asked together starting together. Loading takes 3-4 s a process: the bench loaded seven, now four."""
 
     def __init__(self, n: int, count: int, split: bool = False):
         self.procs = [subprocess.Popen([sys.executable, "-c", "from jobs.doors.bench import encoder_child; "
@@ -506,8 +506,8 @@ def dashboard_watch_cpu_pct(seconds: float, home: str) -> dict[str, float]:
     (floor / ".streamlit").mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / ".streamlit" / "config.toml", floor / ".streamlit" / "config.toml")
     (floor / "app.py").write_text(FLOOR_PAGE)
-    pages = {"product": (REPO, "cluster", {}), "file_watcher": (REPO, "cluster", {"STREAMLIT_SERVER_FILE_WATCHER_TYPE":
-                                                                                 "auto"}),
+    pages = {"product": (REPO, "cluster", {}),
+             "file_watcher": (REPO, "cluster", {"STREAMLIT_SERVER_FILE_WATCHER_TYPE": "auto"}),
              "floor": (floor, "", {})}
     servers = {}
     for name, (cwd, _, extra) in pages.items():
@@ -751,8 +751,7 @@ def run_all(args: argparse.Namespace, home: str) -> int:
                                 target="bench_auto_emb", master=master, limit_rows=200, launched_by="bench")
             launched = db.utcnow()
             auto_run, _, auto_first = timed_run(auto_spec, registry)
-            decisions = [e for e in scaling.ScaleHistory(registry).events()
-                         if e["at"] >= launched - dt.timedelta(seconds=8)]
+            decisions = [e for e in history.events() if e["at"] >= launched - dt.timedelta(seconds=8)]
             lap("autoscaled start")
             # Watching, as `make run` leaves things after a run: the master and the run service up, the autoscaler
             # on and sampling, its workers idle until it scales them away.
