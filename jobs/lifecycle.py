@@ -133,8 +133,13 @@ def _keep_url(run_id: str, db_url: str) -> None:
 
 
 def dispatch(registry: Registry) -> list[str]:
-    """Start waiting runs, oldest first, while fewer than the cap are started; returns the ids started."""
-    return [run.run_id for run in registry.waiting() if _start_waiting(run.run_id, run.master, registry)]
+    """Start this host's waiting runs, oldest first, while fewer than the cap are started, and vouch for the rest
+    (their URLs are kept here), so no other host takes them for stranded; returns the ids started."""
+    started, left = [], []
+    for run in registry.waiting():
+        (started if _start_waiting(run.run_id, run.master, registry) else left).append(run.run_id)
+    registry.vouch([run_id for run_id in left if _waiting_url_path(run_id).exists()])
+    return started
 
 
 def launch(spec: RunSpec, registry: Registry | None = None) -> str:

@@ -399,12 +399,13 @@ def test_one_active_run_per_target_and_a_cap_on_runs_at_once(server, fast_model)
         wait_until(lambda r=run_id: get_run(base, r)["state"] == "succeeded", timeout=240, every=1)
 
 
-def test_readers_settle_only_their_own_hosts_runs_and_forget_ended_runs_urls(tmp_path, monkeypatch):
+def test_readers_settle_only_their_own_hosts_runs_fail_gone_hosts_waiting_runs_and_forget_urls(tmp_path, monkeypatch):
     """On ACA the dashboard's and the API's apps share one registry, and a waiting run's URL stays in the home of
     the app that launched it. The API's settle loop would take the dashboard's waiting runs and fail them ("its
     connection is gone"), and stop the pid of another host's driver whose cancel was overdue, here, whatever
     process had it. Now each host settles its own runs, and a URL kept for a run that ended waiting (cancelled
-    by another host's reader) is removed by the next reader of the host that kept it."""
+    by another host's reader) is removed by the next reader of the host that kept it. A waiting run whose host
+    stopped vouching for it (a replica gone) is failed by any reader, with why; it had stayed waiting for ever."""
     import datetime as dt
 
     import psutil
@@ -438,13 +439,29 @@ def test_readers_settle_only_their_own_hosts_runs_and_forget_ended_runs_urls(tmp
     finally:
         bystander.kill()
 
-    # Ours, waiting for a slot (the cap full), then cancelled by a reader on another host.
+    # Their replica gone: nobody there vouches for its waiting run any more, and only it kept the run's URL.
+    long_ago = db.utcnow() - dt.timedelta(seconds=runs.HEARTBEAT_TIMEOUT_S + 5)
+    with registry.engine.begin() as conn:
+        conn.execute(table.update().where(table.c.run_id == theirs).values(created_at=long_ago, heartbeat_at=long_ago))
+    lifecycle.refresh(registry)
+    stranded = registry.get(theirs)
+    assert stranded.state == runs.FAILED and elsewhere in stranded.error and "launch it again" in stranded.error
+
+    # Ours, waiting for a slot (the cap full): this host's readers vouch for it, so another host's leave it be.
     monkeypatch.setenv("EMBEDDECK_MAX_ACTIVE_RUNS", "1")
     ours = lifecycle.record(RunSpec(db_url=f"sqlite:///{tmp_path / 'src.sqlite'}", source="products", id_column="id",
                                     text_column="description", target="t_ours", master="local[1]",
                                     launched_by="test"), registry)
     kept = Settings().home / "secrets" / f"waiting-{ours}.url"
     assert registry.get(ours).phase == runs.WAITING and kept.exists()
+    with registry.engine.begin() as conn:
+        conn.execute(table.update().where(table.c.run_id == ours).values(created_at=long_ago, heartbeat_at=long_ago))
+    assert runs.driver_gone_reason(registry.get(ours), elsewhere, db.utcnow()) is not None  # as if nobody vouched
+    lifecycle.refresh(registry)
+    vouched = registry.get(ours)
+    assert vouched.phase == runs.WAITING and vouched.heartbeat_at > long_ago
+    assert runs.driver_gone_reason(vouched, elsewhere, db.utcnow()) is None
+    # Then cancelled by a reader on another host.
     registry.finish(ours, runs.CANCELLED, error="cancelled by request before it started")
     lifecycle.refresh(registry)
     assert not kept.exists()

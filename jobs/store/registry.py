@@ -20,8 +20,11 @@ from jobs.store.db import engine_for, utcnow
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
 WAITING = "waiting"  # the phase of a queued run held back by the cap on active runs, or until the run service is up
-# A driver on another host that has not written a heartbeat for this long is taken for dead.
+# A driver on another host that has not written a heartbeat for this long is taken for dead; so is the host of a
+# waiting run that no reader there has vouched for in this long (its URL is kept only there).
 HEARTBEAT_TIMEOUT_S = 60
+# How often a host's readers renew their waiting runs' heartbeat: a write at most this often, well inside the timeout.
+VOUCH_EVERY_S = 10
 
 metadata = sa.MetaData()
 runs_table = sa.Table(
@@ -226,6 +229,20 @@ class Registry:
         return sorted((r for r in self.list(limit=1000, active_only=True)
                        if r.phase == WAITING and r.driver_host in (None, here)), key=lambda r: r.created_at)
 
+    def vouch(self, run_ids: list[str]) -> None:
+        """Renew the heartbeat of these waiting runs (a reader of the host that keeps their URL is alive), at most
+        every VOUCH_EVERY_S: other hosts' readers fail a waiting run whose host has stopped vouching."""
+        if not run_ids:
+            return
+        now = utcnow()
+        beat = runs_table.c.heartbeat_at
+        stmt = (runs_table.update()
+                .where(runs_table.c.run_id.in_(run_ids), runs_table.c.state == QUEUED, runs_table.c.phase == WAITING,
+                       sa.or_(beat.is_(None), beat < now - dt.timedelta(seconds=VOUCH_EVERY_S)))
+                .values(heartbeat_at=now))
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
     def take_waiting(self, run_id: str, cap: int) -> bool:
         """Move a waiting run to queued for its caller to start, if fewer than cap runs are started; one decision
         at a time, whoever asks. False when the cap is full or another caller took the run."""
@@ -327,7 +344,13 @@ def driver_gone_reason(run: Run, host: str, now: dt.datetime) -> str | None:
     """Why the run's driver is known to be dead, or None while it may be alive."""
     if run.driver_pid is None:
         if run.phase == WAITING:
-            return None  # waits for a free slot or the run service, by design (lifecycle.dispatch starts it)
+            # It waits for a free slot or the run service, by design (lifecycle.dispatch starts it), on the host that
+            # keeps its URL. Only another host's run can be stranded: an ACA replica that launched it and is gone.
+            beat = run.heartbeat_at or run.created_at
+            if run.driver_host in (None, host) or (now - beat).total_seconds() <= HEARTBEAT_TIMEOUT_S:
+                return None
+            return (f"it waited to start, and {run.driver_host}, the host that launched it and alone keeps its "
+                    f"connection, has not been seen for {HEARTBEAT_TIMEOUT_S}s (gone?); launch it again")
         if (now - run.created_at).total_seconds() > HEARTBEAT_TIMEOUT_S:
             return "the run was never started by a driver process"
         return None
