@@ -257,6 +257,25 @@ def test_groups_stopped_together_take_the_slowest_ones_time_and_leave_nothing(tm
     assert took < 2.5, f"three groups of 1 s each took {took:.1f} s: stopped one after another"
 
 
+def test_a_process_start_time_is_read_to_the_clock_tick():
+    """A run's start-up stages count from when its driver and Python workers started. psutil's create_time
+    counts from the boot time's whole second, so it read up to 1 s early and moved that second from one stage to
+    its neighbour (a VM here: 0.96 s)."""
+    import subprocess
+    import time
+
+    from jobs.core.processes import started_at
+
+    before = time.time()
+    child = subprocess.Popen(["sleep", "5"])
+    after = time.time()
+    try:
+        assert before - 0.02 <= started_at(child.pid) <= after + 0.02  # /proc counts in 10 ms ticks
+    finally:
+        child.kill()
+        child.wait()
+
+
 @pytest.mark.parametrize(("cores", "span", "want"), [(2, 200, 2), (2, 1999, 2), (2, 2000, 4), (2, 3000, 4),
                                                      (2, 5000, 4), (2, 7999, 6), (2, 10**6, 8), (1, 10, 2),
                                                      (1, 2500, 2), (1, 4000, 4), (8, 100, 8), (8, 20_000, 16),

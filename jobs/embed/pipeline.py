@@ -20,6 +20,7 @@ import numpy as np
 
 from jobs.core import plan
 from jobs.core.errors import BadRequest, EmbedDeckError, from_kind
+from jobs.core.processes import started_at
 from jobs.core.progress import rate
 from jobs.core.settings import HOLD_FILE_VAR, Settings
 from jobs.core.spec import RunSpec
@@ -162,9 +163,7 @@ def scan_partitions(task: TaskPlan):
         tables = _tables(spec)
         # Python workers are reused by the embedding job: loading the model here overlaps the
         # import and load (seconds) with planning instead of stalling the first chunk.
-        import psutil
-
-        marks = {"worker_started": psutil.Process().create_time()}  # forked from the executor's daemon
+        marks = {"worker_started": started_at()}  # forked from the executor's daemon
         t0 = time.perf_counter()
         _worker_encoder(spec.model, task.endpoint_url, api_key, spec.endpoint)
         marks["model_ready"] = time.time()

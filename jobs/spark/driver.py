@@ -11,9 +11,9 @@ import logging
 import sys
 import time
 
-import psutil
 from pyspark import SparkContext
 
+from jobs.core.processes import started_at
 from jobs.core.settings import Settings
 from jobs.core.spec import RunSpec
 from jobs.embed.pipeline import execute, spark_error_message
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {opts.run_id} is not in the registry", file=sys.stderr)
         return 2
     spec = RunSpec.from_json(run.spec_json).with_db_url(Settings().raw("EMBEDDECK_RUN_DB_URL") or "")
-    marks = {"driver_started": psutil.Process().create_time()}
+    marks = {"driver_started": started_at()}
     # A bare SparkContext: the job uses no Spark SQL, whose session start costs seconds per run.
     sc = SparkContext(conf=app_conf(f"embeddeck-{opts.run_id}"))
     marks["app_ready"] = time.time()
