@@ -82,6 +82,8 @@ def test_detached_run_reports_progress_and_succeeds(demo_url, reference_model, h
     listed = json.loads(cli("list", "--json").stdout)
     assert run_id in [r["run_id"] for r in listed]
     check_table(demo_url, reference_model, ROWS, "products_emb")
+    # The driver imported the installed pyspark, compiled once, not Spark's zip, compiled from source at each start.
+    assert "pyspark imports from" in open(final["log_path"]).read()
 
 
 # The next two act on a run in flight: the hold file keeps it there after its first commits, and the

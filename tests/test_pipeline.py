@@ -201,3 +201,19 @@ def test_reused_python_workers_leave_the_imported_modules_out_of_garbage_collect
         assert frozen > 100_000, frozen
         # What the workers imported later (another model's library, a database driver) is still scanned.
         assert scanned < frozen / 4, (scanned, frozen)
+
+
+def test_python_workers_import_no_pyspark_from_sparks_zips(spark):
+    """Spark puts its pyspark and py4j zips first on the workers' path: the daemon compiled pyspark from source
+    at each executor start, and each worker forked from it re-read both zips at its own start, once per package
+    imported from them (PySpark calls importlib.invalidate_caches()). The daemon imports the installed ones."""
+
+    def probe(_):
+        import sys
+
+        import pyspark.worker
+
+        yield pyspark.worker.__file__, [p for p in sys.path if p.endswith(".zip") and ("pyspark" in p or "py4j" in p)]
+
+    for worker_module, zips in spark.sparkContext.parallelize([0, 1], 2).mapPartitions(probe).collect():
+        assert ".zip" not in worker_module and not zips, (worker_module, zips)

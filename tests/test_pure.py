@@ -282,3 +282,29 @@ def test_a_process_start_time_is_read_to_the_clock_tick():
                                                      (8, 10**5, 32)])
 def test_ranges_follow_the_rows_two_per_core_for_balance_up_to_four_and_a_whole_number_per_core(cores, span, want):
     assert plan.default_partitions(cores, span) == want
+
+
+def test_spark_processes_import_the_installed_pyspark_where_it_is_the_zips_version(tmp_path, monkeypatch):
+    """Spark puts its pyspark and py4j zips first on its Python processes' path; Python compiled zipped pyspark
+    from source at every driver, daemon and worker start (0.4-0.8 s each here). The installed packages of the same
+    version are used instead, and a zip whose version differs from the installed one is kept."""
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    import pyspark
+
+    from jobs.spark.python_path import use_installed_pyspark
+
+    lib = Path(pyspark.__file__).parent / "python" / "lib"
+    zips = [str(z) for z in sorted(lib.glob("*.zip"))]
+    assert {Path(z).name.split("-")[0] for z in zips} == {"pyspark.zip", "py4j"}
+    other = tmp_path / "other" / "pyspark.zip"
+    other.parent.mkdir()
+    with zipfile.ZipFile(other, "w") as archive:
+        archive.writestr("pyspark/version.py", '__version__ = "0.0.1"\n')
+    monkeypatch.setattr(sys, "path", [*zips, *sys.path])
+    sys.path_importer_cache[zips[0]] = None  # as if something had been looked up in it
+    assert use_installed_pyspark() == zips and not set(zips) & set(sys.path) and zips[0] not in sys.path_importer_cache
+    monkeypatch.setattr(sys, "path", [str(other), *sys.path])
+    assert use_installed_pyspark() == [] and sys.path[0] == str(other)

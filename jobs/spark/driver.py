@@ -11,12 +11,11 @@ import logging
 import sys
 import time
 
-from pyspark import SparkContext
-
 from jobs.core.processes import started_at
 from jobs.core.settings import Settings
 from jobs.core.spec import RunSpec
 from jobs.embed.pipeline import execute, spark_error_message
+from jobs.spark.python_path import use_installed_pyspark
 from jobs.spark.submit import app_conf
 from jobs.store.registry import FAILED, SUCCEEDED, Registry
 
@@ -34,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     spec = RunSpec.from_json(run.spec_json).with_db_url(Settings().raw("EMBEDDECK_RUN_DB_URL") or "")
     marks = {"driver_started": started_at()}
+    use_installed_pyspark()
+    from pyspark import SparkContext
+
     # A bare SparkContext: the job uses no Spark SQL, whose session start costs seconds per run.
     sc = SparkContext(conf=app_conf(f"embeddeck-{opts.run_id}"))
     marks["app_ready"] = time.time()

@@ -24,6 +24,7 @@ from jobs.core.settings import Settings
 from jobs.core.spec import DEFAULT_MODEL, RunSpec
 from jobs.embed.pipeline import execute, spark_error_message, warm_partitions
 from jobs.spark.jvm import spark_env
+from jobs.spark.python_path import use_installed_pyspark
 from jobs.spark.submit import app_conf, check_master, command, same_master
 from jobs.spark.submit import start as start_app
 from jobs.store.registry import FAILED, Registry
@@ -220,9 +221,11 @@ def main() -> int:
     import threading
 
     import psutil
-    from pyspark import InheritableThread, SparkContext
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    use_installed_pyspark()
+    from pyspark import InheritableThread, SparkContext
+
     sc = SparkContext(conf=app_conf("embeddeck-runner"))
     registry = Registry()
     sock_path, state_path = _paths()
