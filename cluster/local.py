@@ -79,7 +79,8 @@ class LocalCluster:
         # No secret of EmbedDeck's in a daemon's environment: executors (anyone's code) inherit it.
         env = jvm.spark_env() | {"SPARK_NO_DAEMONIZE": "1",
                                  "SPARK_DAEMON_JAVA_OPTS": f"{jvm.java_options()} {jvm.AUTH_OPTIONS}",
-                                 "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false"}
+                                 "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false",
+                                 "SPARK_WORKER_OPTS": "-Dspark.worker.cleanup.enabled=true"}
         log = self.dir / "logs" / f"{name}.log"
         with open(log, "ab") as out:
             p = subprocess.Popen([jvm.spark_class(), *args], stdout=out, stderr=subprocess.STDOUT,
@@ -151,9 +152,12 @@ class LocalCluster:
             webui = self.webui_port + 1 + index
             name, port = f"worker-{index}", free_port()
             # A fixed RPC port tells this worker apart from a dead predecessor the master still lists.
+            # Executors' directories and logs in our home, not in the pyspark package (Spark's default, never
+            # cleaned); the worker removes a stopped application's after spark.worker.cleanup.appDataTtl (7 days).
             proc = self._spawn(name, ["org.apache.spark.deploy.worker.Worker", self.master_url(),
                                       "--host", "127.0.0.1", "--port", str(port), "--cores", str(self.worker_cores),
-                                      "--memory", self.worker_memory, "--webui-port", str(webui)], port, webui)
+                                      "--memory", self.worker_memory, "--webui-port", str(webui),
+                                      "--work-dir", str(self.dir / "work")], port, webui)
             self._start_publisher(name, proc.pid)
         self._wait_registered(n, timeout)
         return self.workers()

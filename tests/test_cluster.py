@@ -190,6 +190,8 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
         assert not run_service.submit(first_id, pg_url, master) and not run_service.submit(first_id, pg_url, master)
         assert first.state == "succeeded", first.error
         assert first.driver_pid == service["pid"]
+        # The executor's directory and log are in our home, not in the pyspark package, where nothing cleans them.
+        assert list((Settings().home / "cluster" / "work").glob("app-*/*/stderr"))
         first_marks = json.loads(first.timings)
         assert first_marks["worker_started"] < 0 and first_marks["model_load_s"] < 0.05  # warmed, not loaded
         check_table(pg_url, reference_model, 120, "svc_emb")
