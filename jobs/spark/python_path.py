@@ -31,11 +31,11 @@ def use_installed_pyspark() -> list[str]:
     """Drop Spark's pyspark and py4j zips from sys.path where the installed package has the same version.py, and
     return the entries dropped; call it before pyspark is first imported."""
     dropped = []
+    elsewhere = [p for p in sys.path if _zipped_package(p) is None]
     for entry in list(sys.path):
         package = _zipped_package(entry)
         if package is None:
             continue
-        elsewhere = [p for p in sys.path if _zipped_package(p) is None]
         spec = importlib.machinery.PathFinder.find_spec(package, elsewhere)
         if spec is None or spec.origin is None:
             continue
