@@ -365,6 +365,13 @@ def stages_line(run) -> str:
     return " + ".join(f"{name} {seconds:.1f}" for name, seconds in stages.items())
 
 
+def python_worker(cmdline: str, ppid: int) -> bool:
+    """Whether a process is a Spark Python worker: forked from our daemon, unlike the daemon itself."""
+    import psutil
+
+    return "jobs.spark.daemon" in cmdline and "jobs.spark.daemon" in " ".join(psutil.Process(ppid).cmdline())
+
+
 def peak_rss_mb(spec, registry) -> tuple[float, float]:
     """Run spec; peak RSS of any one Spark Python worker (not the daemon), and of the run service's driver."""
     import threading
@@ -380,8 +387,7 @@ def peak_rss_mb(spec, registry) -> tuple[float, float]:
                     cmd = " ".join(p.info["cmdline"] or [])
                     if "jobs/spark/run_service.py" in cmd and "python" in p.name():
                         driver[0] = max(driver[0], p.memory_info().rss / 2**20)
-                    parent = psutil.Process(p.info["ppid"])
-                    if "jobs.spark.daemon" in cmd and "jobs.spark.daemon" in " ".join(parent.cmdline()):
+                    if python_worker(cmd, p.info["ppid"]):
                         worker[0] = max(worker[0], p.memory_info().rss / 2**20)
                 except psutil.Error:
                     pass
@@ -395,6 +401,46 @@ def peak_rss_mb(spec, registry) -> tuple[float, float]:
     if run.state != "succeeded":
         raise RuntimeError(f"memory run failed: {run.error}")
     return worker[0], driver[0]
+
+
+CPU_ROLES = ("Python workers", "executor JVMs", "driver", "master and worker JVMs")
+
+
+def cpu_by_role() -> dict[str, float]:
+    """CPU seconds used so far by the live processes of each role in a standing cluster, and the machine's
+    busy seconds (`machine`): snapshots taken around a run say where its CPU went. Processes of no role are
+    left out; the rest of the machine's time is theirs (the bench itself, the kernel, exited processes)."""
+    import psutil
+
+    used = dict.fromkeys(CPU_ROLES, 0.0)
+    for p in psutil.process_iter(["cmdline", "ppid", "cpu_times"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            times = p.info["cpu_times"]
+            if python_worker(cmd, p.info["ppid"]):
+                role = "Python workers"
+            elif "CoarseGrainedExecutorBackend" in cmd:
+                role = "executor JVMs"
+            elif "SparkSubmit" in cmd or "jobs/spark/run_service.py" in cmd:
+                role = "driver"
+            elif "deploy.master.Master" in cmd or "deploy.worker.Worker" in cmd:
+                role = "master and worker JVMs"
+            else:
+                continue
+            used[role] += times.user + times.system
+        except (psutil.Error, TypeError):
+            pass
+    machine = psutil.cpu_times()  # guest time is already in user; steal is the host's
+    used["machine"] = machine.user + machine.nice + machine.system + machine.irq + machine.softirq
+    return used
+
+
+def cpu_line(used: dict[str, float], wall: float) -> str:
+    """Where the CPU of some runs went, as shares of the machine's busy seconds, and how busy its cores were."""
+    shares = ", ".join(f"{role} {100 * used[role] / used['machine']:.0f} %" for role in CPU_ROLES)
+    rest = 100 * (used["machine"] - sum(used[role] for role in CPU_ROLES)) / used["machine"]
+    busy = 100 * used["machine"] / (wall * (os.cpu_count() or 1))
+    return f"{shares}, the rest (the bench itself, the kernel) {rest:.0f} %; the cpus {busy:.0f} % busy"
 
 
 def write_search_table(url: str, n: int, centers: np.ndarray) -> None:
@@ -711,6 +757,7 @@ def run_all(args: argparse.Namespace, home: str) -> int:
         # saves a scale-up and its warm-up). Two runs each read 1.77 once, as one two-worker run met a slow
         # minute of this shared machine (287.7 against 318.6 rows/s).
         scale_rates: dict[int, list[float]] = {}
+        scale_cpu: dict[int, dict[str, float]] = {}  # workers: CPU seconds by role over their runs, and wall
         for step, workers in enumerate((2, 1) if args.quick else (1, 2, 2, 1) * 2):
             have = service_executors()
             if have != workers:
@@ -727,7 +774,12 @@ def run_all(args: argparse.Namespace, home: str) -> int:
             scale_spec = RunSpec(db_url=url, source="products", id_column="id", text_column="description",
                                  target=f"scale_{step}_{workers}w", master=master, limit_rows=n_scale,
                                  launched_by="bench")
+            cpu_start, run_start = cpu_by_role(), time.perf_counter()
             scaled, _, _ = timed_run(scale_spec, registry)
+            spent = scale_cpu.setdefault(workers, {"wall": 0.0})
+            spent["wall"] += time.perf_counter() - run_start
+            for role, seconds in cpu_by_role().items():
+                spent[role] = spent.get(role, 0.0) + seconds - cpu_start[role]
             scale_rates.setdefault(workers, []).append(
                 scaled.rows_done / (scaled.ended_at - scaled.started_at).total_seconds())
             lap(f"scale step {step}, {workers} workers")
@@ -785,6 +837,13 @@ def run_all(args: argparse.Namespace, home: str) -> int:
           f"{', '.join(f'{r:.1f}' for r in scale_rates[2])}")
     print(f"scale_2w/1w = {two_w / one_w:.2f}  # against parallel_2p/1p = {two / one:.2f}, "
           "the machine's own")
+    for workers in (1, 2):  # from launch to the end of each run: planning, the embedding job, the driver's polling
+        print(f"scale_cpu_{workers}w = {cpu_line(scale_cpu[workers], scale_cpu[workers]['wall'])}")
+    worker_share = scale_cpu[2]["Python workers"] / scale_cpu[2]["machine"]
+    print(f"scale_2w_worker_share = {worker_share:.2f}  # the Python workers' share of the busy CPU in the two-worker "
+          f"runs; the cluster's own processes took the rest, from the workers where every cpu was busy (beside one "
+          f"worker they use an idle cpu): busy throughout, two workers run 2 x {worker_share:.2f} = "
+          f"{2 * worker_share:.2f} times as fast as one")
     print(f"worker_rss_{small / 1000:g}k_mb = {rss[small]:.0f}  # peak of one Spark Python worker during the run, "
           "product titles")
     print(f"worker_rss_{large / 1000:g}k_mb = {rss[large]:.0f}  # the same workers, after the smaller run")
