@@ -776,8 +776,10 @@ def run_all(args: argparse.Namespace, home: str) -> int:
                                  launched_by="bench")
             cpu_start, run_start = cpu_by_role(), time.perf_counter()
             scaled, _, _ = timed_run(scale_spec, registry)
-            spent = scale_cpu.setdefault(workers, {"wall": 0.0})
+            spent = scale_cpu.setdefault(workers, {"wall": 0.0, "rows": 0.0, "run_s": 0.0})
             spent["wall"] += time.perf_counter() - run_start
+            spent["rows"] += scaled.rows_done
+            spent["run_s"] += (scaled.ended_at - scaled.started_at).total_seconds()  # the rates' own window
             for role, seconds in cpu_by_role().items():
                 spent[role] = spent.get(role, 0.0) + seconds - cpu_start[role]
             scale_rates.setdefault(workers, []).append(
@@ -839,11 +841,18 @@ def run_all(args: argparse.Namespace, home: str) -> int:
           "the machine's own")
     for workers in (1, 2):  # from launch to the end of each run: planning, the embedding job, the driver's polling
         print(f"scale_cpu_{workers}w = {cpu_line(scale_cpu[workers], scale_cpu[workers]['wall'])}")
-    worker_share = scale_cpu[2]["Python workers"] / scale_cpu[2]["machine"]
-    print(f"scale_2w_worker_share = {worker_share:.2f}  # the Python workers' share of the busy CPU in the two-worker "
-          f"runs; the cluster's own processes took the rest, from the workers where every cpu was busy (beside one "
-          f"worker they use an idle cpu): busy throughout, two workers run 2 x {worker_share:.2f} = "
-          f"{2 * worker_share:.2f} times as fast as one")
+    # rows/s = the cores the workers got x the rows each of their CPU seconds encoded, so the ratio splits into
+    # what the cluster's own processes left the workers and how fast each was (their CPU in planning, before a
+    # rate's window opens, counts in both counts alike).
+    cores, ms_per_row = ({w: scale_cpu[w]["Python workers"] / scale_cpu[w]["run_s"] for w in (1, 2)},
+                         {w: 1000 * scale_cpu[w]["Python workers"] / scale_cpu[w]["rows"] for w in (1, 2)})
+    print(f"scale_2w_worker_share = {scale_cpu[2]['Python workers'] / scale_cpu[2]['machine']:.2f}  # the Python "
+          "workers' share of the busy CPU in the two-worker runs: with every cpu a worker's, the cluster's own "
+          "processes take the rest from them (beside one worker they use an idle cpu)")
+    print(f"scale_2w/1w_parts = cores {cores[2]:.2f} / {cores[1]:.2f} = {cores[2] / cores[1]:.2f} x CPU per row "
+          f"{ms_per_row[1]:.2f} / {ms_per_row[2]:.2f} ms = {ms_per_row[1] / ms_per_row[2]:.2f}  # the cores the Python "
+          "workers used on average over the runs' rows/s windows, two against one, times the CPU a row took them, "
+          "one against two")
     print(f"worker_rss_{small / 1000:g}k_mb = {rss[small]:.0f}  # peak of one Spark Python worker during the run, "
           "product titles")
     print(f"worker_rss_{large / 1000:g}k_mb = {rss[large]:.0f}  # the same workers, after the smaller run")
