@@ -415,8 +415,9 @@ def cpu_by_role() -> dict[str, float]:
     used = dict.fromkeys(CPU_ROLES, 0.0)
     for p in psutil.process_iter(["cmdline", "ppid", "cpu_times"]):
         try:
-            cmd = " ".join(p.info["cmdline"] or [])
-            times = p.info["cpu_times"]
+            cmd, times = " ".join(p.info["cmdline"] or []), p.info["cpu_times"]
+            if times is None:  # not ours to read
+                continue
             if python_worker(cmd, p.info["ppid"]):
                 role = "Python workers"
             elif "CoarseGrainedExecutorBackend" in cmd:
@@ -428,7 +429,7 @@ def cpu_by_role() -> dict[str, float]:
             else:
                 continue
             used[role] += times.user + times.system
-        except (psutil.Error, TypeError):
+        except psutil.Error:
             pass
     machine = psutil.cpu_times()  # guest time is already in user; steal is the host's
     used["machine"] = machine.user + machine.nice + machine.system + machine.irq + machine.softirq
@@ -757,7 +758,7 @@ def run_all(args: argparse.Namespace, home: str) -> int:
         # saves a scale-up and its warm-up). Two runs each read 1.77 once, as one two-worker run met a slow
         # minute of this shared machine (287.7 against 318.6 rows/s).
         scale_rates: dict[int, list[float]] = {}
-        scale_cpu: dict[int, dict[str, float]] = {}  # workers: CPU seconds by role over their runs, and wall
+        scale_cpu: dict[int, dict[str, float]] = {}  # workers: CPU seconds by role, wall, rows, rate windows
         for step, workers in enumerate((2, 1) if args.quick else (1, 2, 2, 1) * 2):
             have = service_executors()
             if have != workers:
@@ -776,14 +777,14 @@ def run_all(args: argparse.Namespace, home: str) -> int:
                                  launched_by="bench")
             cpu_start, run_start = cpu_by_role(), time.perf_counter()
             scaled, _, _ = timed_run(scale_spec, registry)
+            window = (scaled.ended_at - scaled.started_at).total_seconds()  # the rate's own
             spent = scale_cpu.setdefault(workers, {"wall": 0.0, "rows": 0.0, "run_s": 0.0})
             spent["wall"] += time.perf_counter() - run_start
             spent["rows"] += scaled.rows_done
-            spent["run_s"] += (scaled.ended_at - scaled.started_at).total_seconds()  # the rates' own window
+            spent["run_s"] += window
             for role, seconds in cpu_by_role().items():
                 spent[role] = spent.get(role, 0.0) + seconds - cpu_start[role]
-            scale_rates.setdefault(workers, []).append(
-                scaled.rows_done / (scaled.ended_at - scaled.started_at).total_seconds())
+            scale_rates.setdefault(workers, []).append(scaled.rows_done / window)
             lap(f"scale step {step}, {workers} workers")
         # As `make run` leaves it: zero workers and the autoscaler on; a launch wakes it.
         cluster_cli("scale", "0")
