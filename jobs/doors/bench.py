@@ -436,11 +436,12 @@ def cpu_by_role() -> dict[str, float]:
     return used
 
 
-def cpu_line(used: dict[str, float], wall: float) -> str:
-    """Where the CPU of some runs went, as shares of the machine's busy seconds, and how busy its cores were."""
+def cpu_line(used: dict[str, float]) -> str:
+    """Where the CPU of some runs went, as shares of the machine's busy seconds, and how busy its cores were
+    over their `wall` seconds."""
     shares = ", ".join(f"{role} {100 * used[role] / used['machine']:.0f} %" for role in CPU_ROLES)
     rest = 100 * (used["machine"] - sum(used[role] for role in CPU_ROLES)) / used["machine"]
-    busy = 100 * used["machine"] / (wall * (os.cpu_count() or 1))
+    busy = 100 * used["machine"] / (used["wall"] * (os.cpu_count() or 1))
     return f"{shares}, the rest (the bench itself, the kernel) {rest:.0f} %; the cpus {busy:.0f} % busy"
 
 
@@ -841,7 +842,7 @@ def run_all(args: argparse.Namespace, home: str) -> int:
     print(f"scale_2w/1w = {two_w / one_w:.2f}  # against parallel_2p/1p = {two / one:.2f}, "
           "the machine's own")
     for workers in (1, 2):  # from launch to the end of each run: planning, the embedding job, the driver's polling
-        print(f"scale_cpu_{workers}w = {cpu_line(scale_cpu[workers], scale_cpu[workers]['wall'])}")
+        print(f"scale_cpu_{workers}w = {cpu_line(scale_cpu[workers])}")
     # rows/s = the cores the workers got x the rows each of their CPU seconds encoded, so the ratio splits into
     # what the cluster's own processes left the workers and how fast each was (their CPU in planning, before a
     # rate's window opens, counts in both counts alike).
