@@ -125,6 +125,31 @@ def test_upsert_is_idempotent_on_sqlite_and_postgres(sqlite_url, pg_url):
         assert np.array_equal(np.frombuffer(got[0].embedding, "<f4"), v + 1)
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_run_starting_while_another_creates_the_same_tables_goes_on(dialect, sqlite_url, request):
+    """Two runs started at once on one database: the other made embeddeck_targets between this one's check and
+    its CREATE, which failed the run with "table embeddeck_targets already exists". The other run is a second
+    engine, acting from inside SQLAlchemy's own before_create event."""
+    url = sqlite_url if dialect == "sqlite" else request.getfixturevalue("pg_url")
+    engine, other, made = db.engine_for(url), sa.create_engine(url), []
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP TABLE IF EXISTS {db.targets_table.name}"))
+
+    def other_run_wins(table, connection, **_):
+        if not made:
+            db.targets_table.to_metadata(sa.MetaData()).create(other)
+            made.append(table.name)
+
+    sa.event.listen(db.targets_table, "before_create", other_run_wins)
+    try:
+        db.record_target(engine, spec_for(url, target="raced_emb"))
+    finally:
+        sa.event.remove(db.targets_table, "before_create", other_run_wins)
+        other.dispose()
+    assert made == [db.targets_table.name]
+    assert db.target_origin(engine, "raced_emb")["source"] == "docs"
+
+
 def compile_mssql(stmt):
     """What pyodbc receives: qmark parameters (as a pyodbc engine compiles them), dialect quoting."""
     return str(stmt.compile(dialect=mssql_pyodbc.dialect(paramstyle="qmark")))

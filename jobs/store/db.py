@@ -122,6 +122,22 @@ def engine_for(url: str) -> Engine:
     return engine
 
 
+def create_missing(engine: Engine, schema: sa.MetaData | sa.Index) -> None:
+    """Create the tables (or the index) that do not exist yet. Another process may create one between the check
+    and the CREATE (two runs starting on one database at once: one failed with "table embeddeck_targets already
+    exists"); the second check then finds it, and any other error is raised by the second attempt."""
+    for attempt in (1, 2):
+        try:
+            if isinstance(schema, sa.MetaData):
+                schema.create_all(engine, checkfirst=True)
+            else:
+                schema.create(engine, checkfirst=True)
+            return
+        except sa.exc.DatabaseError:
+            if attempt == 2:
+                raise
+
+
 def connection_error_message(exc: Exception, url: str) -> str:
     """One line naming what failed, without the password."""
     first = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
@@ -315,7 +331,7 @@ def ensure_target(engine: Engine, spec: RunSpec, tables: Tables, dim: int) -> sa
     if not isinstance(id_type, sa.Integer):
         id_type = sa.BigInteger()
     table = target_table(name, id_type, vector_type_for(engine.dialect.name, dim, has_native_vectors(engine)), schema)
-    table.metadata.create_all(engine, checkfirst=True)
+    create_missing(engine, table.metadata)
     tables.target = table
     return table
 
@@ -450,7 +466,7 @@ targets_table = sa.Table(
 
 def record_target(engine: Engine, spec: RunSpec) -> None:
     """Remember which source and columns a target was embedded from (search shows that text)."""
-    targets_table.metadata.create_all(engine, checkfirst=True)
+    create_missing(engine, targets_table.metadata)
     values = {"source": spec.source, "id_column": spec.id_column, "text_column": spec.text_column,
               "model": spec.model_identity, "updated_at": utcnow()}
     with engine.begin() as conn:

@@ -105,7 +105,7 @@ def seed_demo(url: str | None = None, n: int = DEMO_ROWS, table: str = DEMO_TABL
         sa.Column("price", sa.Float, nullable=False),
         sa.Column("description", sa.Text),
     )
-    meta.create_all(engine, checkfirst=True)
+    db.create_missing(engine, meta)
     with engine.begin() as conn:
         count = conn.execute(sa.select(sa.func.count()).select_from(products_table)).scalar_one()
         if count == 0:

@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from jobs.core.errors import Conflict
 from jobs.core.processes import is_alive, start_time
 from jobs.core.settings import Settings
-from jobs.store.db import engine_for, utcnow
+from jobs.store.db import create_missing, engine_for, utcnow
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
@@ -148,9 +148,9 @@ class Registry:
 
     def _ensure_schema(self) -> None:
         self._beside: set[sa.MetaData] = set()  # other modules' tables made in this database file (see ensure)
-        metadata.create_all(self.engine, checkfirst=True)
+        create_missing(self.engine, metadata)
         self._add_new_columns()
-        one_active_run_per_target.create(self.engine, checkfirst=True)
+        create_missing(self.engine, one_active_run_per_target)
         with self.engine.connect() as conn:
             have_row = conn.execute(sa.select(slots_table.c.name).where(slots_table.c.name == SLOTS_ROW)).first()
         if have_row is None:
@@ -179,7 +179,7 @@ class Registry:
         """Make another module's tables beside the runs, once per database file (not at every call)."""
         self._fresh()
         if tables not in self._beside:
-            tables.create_all(self.engine, checkfirst=True)
+            create_missing(self.engine, tables)
             self._beside.add(tables)
 
     def _add_new_columns(self) -> None:
