@@ -64,11 +64,14 @@ class LocalCluster:
         except TypeError:
             return None
 
-    def _save(self, name: str, proc: Proc | None) -> None:
-        if proc is None:
-            self._path(name).unlink(missing_ok=True)
-        else:
-            write_json(self._path(name), asdict(proc))
+    def _save(self, name: str, proc: Proc) -> None:
+        write_json(self._path(name), asdict(proc))
+
+    def _forget(self, name: str) -> None:
+        """Forget a daemon that has stopped, with what it and its executors left in its scratch (a killed
+        executor leaves the broadcasts of the runs it served, their secrets among them)."""
+        self._path(name).unlink(missing_ok=True)
+        jvm.clear_scratch(self.home, name)
 
     def _worker_names(self) -> list[str]:
         return sorted((p.stem for p in self.dir.glob("worker-*.json")), key=lambda s: int(s.split("-")[1]))
@@ -76,9 +79,12 @@ class LocalCluster:
     # processes ---------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str], port: int, webui_port: int) -> Proc:
         jvm.ensure_auth_secret()  # before spark_env, which passes it to the daemon
+        jvm.clear_scratch(self.home, name)  # a predecessor of this name that died with the machine
+        # Executors' block directories live under their worker's scratch (Spark's local dirs follow java.io.tmpdir).
+        options = jvm.java_options(jvm.scratch_dir(self.home, name))
         # No secret of EmbedDeck's in a daemon's environment: executors (anyone's code) inherit it.
         env = jvm.spark_env() | {"SPARK_NO_DAEMONIZE": "1",
-                                 "SPARK_DAEMON_JAVA_OPTS": f"{jvm.java_options()} {jvm.AUTH_OPTIONS}",
+                                 "SPARK_DAEMON_JAVA_OPTS": f"{options} {jvm.AUTH_OPTIONS}",
                                  "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false",
                                  "SPARK_WORKER_OPTS": "-Dspark.worker.cleanup.enabled=true"}
         log = self.dir / "logs" / f"{name}.log"
@@ -141,7 +147,7 @@ class LocalCluster:
         for name in names:  # forget workers that died on their own
             proc = self._load(name)
             if proc is None or not proc.alive():
-                self._save(name, None)
+                self._forget(name)
         self._stop(self._worker_names()[n:])
         used = {int(x.split("-")[1]) for x in self._worker_names()}
         index = 0
@@ -215,4 +221,4 @@ class LocalCluster:
         procs = {name: proc for name in names if (proc := self._load(name)) and proc.alive()}
         stop_groups({proc.pid: proc.pid for proc in procs.values()})
         for name in names:
-            self._save(name, None)
+            self._forget(name)

@@ -8,6 +8,7 @@ caller waits anyway (the CLI, the API's cancel route); the dashboard never does.
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import threading
 import time
@@ -21,7 +22,7 @@ from jobs.core.settings import Settings
 from jobs.core.spec import RunSpec
 from jobs.embed.encoder import model_path
 from jobs.spark import run_service
-from jobs.spark.submit import check_master, start_driver
+from jobs.spark.submit import check_master, driver_scratch_owner, start_driver
 from jobs.store import connections, db
 from jobs.store.registry import CANCELLED, FAILED, WAITING, Registry, Run, new_run_id
 
@@ -179,7 +180,7 @@ def refresh(registry: Registry) -> None:
             registry.finish(run.run_id, CANCELLED, error="cancelled by request (the driver did not stop in time)")
     if waiting:
         dispatch(registry)
-    _forget_urls(registry, {run.run_id for run in active})
+    _forget_run_files(registry, {run.run_id for run in active})
 
 
 def settle_forever(registry: Registry, stop: threading.Event, every_s: float = 2.0) -> None:
@@ -195,15 +196,26 @@ def settle_forever(registry: Registry, stop: threading.Event, every_s: float = 2
             return
 
 
-def _forget_urls(registry: Registry, active_ids: set[str]) -> None:
-    """Remove the kept URLs of runs that ended without being handed over (cancelled while waiting, perhaps by
-    another host's reader): a password must not outlive its run on disk."""
-    for path in (Settings().home / "secrets").glob("waiting-*.url"):
-        run_id = path.name.removeprefix("waiting-").removesuffix(".url")
-        if run_id in active_ids:  # read just now: no query per waiting run at every refresh
+def _forget_run_files(registry: Registry, active_ids: set[str]) -> None:
+    """Remove what ended runs left on this host's disk: the kept URL of a run that ended without being handed over
+    (cancelled while waiting, perhaps by another host's reader), and the scratch of a run's own driver that did not
+    clean up after itself (killed), which holds the run's broadcast secrets. A password must not outlive its run."""
+    home = Settings().home
+    left = [(path, path.name.removeprefix("waiting-").removesuffix(".url"))
+            for path in (home / "secrets").glob("waiting-*.url")]
+    left += [(path, path.name.removeprefix(driver_scratch_owner(""))) for path in (home / "tmp").glob(
+        driver_scratch_owner("*"))]
+    for path, run_id in left:
+        if run_id in active_ids:  # read just now: no query per file at every refresh
             continue
         run = registry.get(run_id)
-        if run is not None and not run.active:  # a missing run may be one being recorded right now
+        # A missing run may be one being recorded right now, or another registry's; a driver that is still
+        # exiting removes its own scratch.
+        if run is None or run.active or is_alive(run.driver_pid, run.driver_started):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
             path.unlink(missing_ok=True)
 
 

@@ -23,6 +23,15 @@ os.environ["EMBEDDECK_MAX_ACTIVE_RUNS"] = "8"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """The suite's home goes when it passes (every server it started has stopped by now); a failed run keeps it
+    for its logs."""
+    if exitstatus == 0:
+        shutil.rmtree(_HOME, ignore_errors=True)
+    else:
+        print(f"\nthe suite's EmbedDeck home is kept for its logs: {_HOME}")
+
+
 def pytest_collection_modifyitems(items):
     """Tests that use the PostgreSQL server belong to the integration tier, whatever their file."""
     for item in items:
@@ -42,13 +51,13 @@ def spark():
 
     from pyspark.sql import SparkSession
 
-    from jobs.spark.jvm import spark_env
+    from jobs.spark.jvm import scratch_dir, spark_env
     from jobs.spark.submit import spark_conf
 
     os.environ.update({k: v for k, v in spark_env().items() if k in (
         "PYSPARK_PYTHON", "PYSPARK_DRIVER_PYTHON", "PYTHONPATH", "SPARK_LOCAL_IP")})
     builder = SparkSession.builder.appName("embeddeck-tests")
-    for key, value in spark_conf("local[2]").items():
+    for key, value in spark_conf("local[2]", scratch_dir(_HOME, "tests")).items():
         builder = builder.config(key, value)
     session = builder.config("spark.ui.enabled", "false").getOrCreate()
     assert sys.executable
@@ -147,6 +156,33 @@ def wait_until(predicate, timeout: float = 60.0, every: float = 0.5, what: str =
             return value
         time.sleep(every)
     raise AssertionError(f"{what} not met within {timeout}s")
+
+
+def files_holding(text: str, root: Path, since: float = 0.0, skip: tuple[Path, ...] = ()) -> list[Path]:
+    """Files under root, in its entries changed since `since` (epoch seconds) but not under skip, whose bytes
+    contain text: where a secret (or a run's database URL) was written. grep reads them in a process of its own:
+    a process that opens and closes an SQLite file it holds open loses its locks on it (POSIX), and the suite's
+    registry was corrupted so."""
+    import subprocess
+
+    def skipped(path: Path) -> bool:
+        return any(path == s or s in path.parents for s in skip)
+
+    entries = []
+    for entry in root.iterdir() if root.is_dir() else ():
+        try:
+            if entry.lstat().st_mtime >= since and not skipped(entry):
+                entries.append(str(entry))
+        except OSError:
+            continue  # removed meanwhile
+    if not entries:
+        return []
+    out = subprocess.run(["grep", "-rlF", "--", text, *entries], capture_output=True, text=True)
+    # Files that vanished meanwhile, or another user's, are no error here.
+    errors = [line for line in out.stderr.splitlines() if not line.endswith(("No such file or directory",
+                                                                             "Permission denied"))]
+    assert not errors, errors
+    return [Path(line) for line in out.stdout.splitlines() if not skipped(Path(line))]
 
 
 def responds(url: str, **kwargs) -> bool:

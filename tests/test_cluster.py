@@ -3,7 +3,9 @@
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -18,7 +20,7 @@ from jobs.store import scaling, worker_readings
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
 from jobs.store.scaling import save_settings
-from tests.conftest import check_table, wait_until
+from tests.conftest import check_table, files_holding, wait_until
 
 pytestmark = pytest.mark.spark
 ROWS = 400
@@ -73,10 +75,12 @@ def test_unreachable_spark_gives_state_not_exception():
 
 
 def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp_path, fast_model, fast_reference,
-                                                                   hold_file):
+                                                                   hold_file, home):
     """A run submitted to a master with 0 workers gets 2 from the controller; one is SIGKILLed while both
     hold a task (the hold file keeps them there, the tiny model encodes far faster than any real one);
-    Spark retries its tasks, every row is embedded exactly once; idleness then brings the cluster to 0."""
+    Spark retries its tasks, every row is embedded exactly once; idleness then brings the cluster to 0, and
+    nothing of the run's is left on disk outside the run's table."""
+    since = time.time() - 1
     url = f"sqlite:///{tmp_path / 'auto.sqlite'}"
     seed_demo(url, n=ROWS)
     cluster.up(workers=0)
@@ -107,6 +111,8 @@ def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp
     stats_seen = wait_until(both_executors_hold_a_task, timeout=240, every=1)
     held = controller.registry.get(run_id)
     assert held.state == "running" and 0 < held.rows_done < ROWS
+    # Each executor holds the run's broadcast (its database URL) under its worker's scratch, not in /tmp.
+    assert files_holding(url, tmp_path / "tmp" / "worker-1")
     os.killpg(cluster.worker_pids()["worker-1"], 9)
     hold_file.unlink()
     wait_until(lambda: (controller.tick(), not controller.registry.get(run_id).active)[1], timeout=300, every=1)
@@ -120,6 +126,9 @@ def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp
     assert f"embed products \u2192 auto_emb ({run_id})" in described
     wait_until(lambda: controller.tick().desired == 0, timeout=30, every=1)
     assert cluster.master_state().alive_workers == 0
+    # What the killed worker's executor left went when the controller replaced it; the rest when workers stopped.
+    assert not [p.name for p in (tmp_path / "tmp").iterdir() if p.name.startswith("worker-")]
+    assert files_holding(url, Path(tempfile.gettempdir()), since, skip=(home, tmp_path)) == []
     events = controller.history.events()
     # After the kill the controller restores 2 workers while the backlog lasts, then scales in to 0.
     moves = [(e["from_workers"], e["to_workers"]) for e in events]
@@ -147,6 +156,7 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
     from jobs.spark import run_service
     from jobs.store.db import redact_url
 
+    since = time.time() - 1
     hold = tmp_path / "hold"
     env = dict(os.environ, EMBEDDECK_MASTER_PORT=str(free_port()), EMBEDDECK_MASTER_WEBUI_PORT=str(free_port()),
                EMBEDDECK_FAULT_HOLD_FILE=str(hold))
@@ -277,6 +287,10 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
     status = json.loads(cli("status", "--json"))
     assert status["master"]["state"] == "down" and status["runner"] is None
     assert not psutil.pid_exists(service["pid"]) and not psutil.pid_exists(service["pgid"])  # nothing left running
+    # Nor on disk: Spark kept the runs' broadcasts (their URLs, password and all) in the scratch of the service and
+    # of the workers' executors, which went with them.
+    assert files_holding(pg_url, Settings().home) == []
+    assert files_holding(pg_url, Path(tempfile.gettempdir()), since, skip=(Settings().home,)) == []
 
 
 def test_the_run_service_waits_for_its_master_before_it_dials_it():
@@ -459,7 +473,9 @@ def test_the_master_refuses_an_application_without_the_cluster_secret(cluster, t
     app = tmp_path / "intruder.py"
     app.write_text(INTRUDER)
     env = {k: v for k, v in spark_env().items() if k != "_SPARK_AUTH_SECRET"}  # all an outsider has
-    proc = subprocess.Popen([spark_submit(), "--master", cluster.master_url(), str(app)], env=env,
+    # Its scratch in the test's directory: it is killed below, and would leave its directories in /tmp.
+    proc = subprocess.Popen([spark_submit(), "--master", cluster.master_url(), "--driver-java-options",
+                             f"-Djava.io.tmpdir={tmp_path}", str(app)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         refused = wait_until(lambda: (out := proc.stdout.readline()) and "SASL" in out and out, timeout=120,

@@ -20,7 +20,10 @@ def test_spark_jvms_start_from_the_archive():
     options = jvm.java_options()
     assert f"-XX:SharedArchiveFile={path}" in options
     assert spark_conf("local[1]")["spark.driver.extraJavaOptions"] == options
-    assert spark_conf("local[1]")["spark.executor.extraJavaOptions"] == options
+    # A driver's scratch is the one it is given; an executor's, its own work directory.
+    assert spark_conf("local[1]", Path("/x/tmp/run-1"))["spark.driver.extraJavaOptions"] == (
+        f"{options} -Djava.io.tmpdir=/x/tmp/run-1")
+    assert spark_conf("local[1]")["spark.executor.extraJavaOptions"] == f"{options} -Djava.io.tmpdir=."
     # -Xshare:on makes the JVM refuse to start when it cannot map the archive (auto would fall back).
     strict = options.replace("-Xshare:auto", "-Xshare:on")
     out = subprocess.run([spark_submit(), "--master", "local[1]", "--conf", "spark.ui.enabled=false",

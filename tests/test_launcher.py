@@ -5,12 +5,15 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
-from tests.conftest import check_table, wait_until
+from tests.conftest import check_table, files_holding, wait_until
 
 pytestmark = pytest.mark.spark
 ROWS = 500
@@ -89,15 +92,22 @@ def test_detached_run_reports_progress_and_succeeds(demo_url, reference_model, h
 # The next two act on a run in flight: the hold file keeps it there after its first commits, and the
 # tiny model encodes far faster than any real machine, so neither depends on how fast this CPU is.
 
-def test_driver_killed_midway_then_rerun_completes(demo_url, fast_model, fast_reference, hold_file):
+def test_driver_killed_midway_then_rerun_completes(demo_url, fast_model, fast_reference, hold_file, home, tmp_path):
+    """The killed driver's Spark scratch, which holds the run's broadcast database URL, was in EmbedDeck's home,
+    not in /tmp, and is gone once the run is seen failed; the rerun embeds every row exactly once."""
+    since = time.time() - 1
     run_id = cli(*run_args(demo_url, "killed_emb", "--master", "local[2]", "--model", fast_model,
                            "--detach")).stdout.strip()
     held = wait_status(run_id, lambda s: s["rows_done"] > 0, 180)
     assert held["state"] == "running" and held["rows_done"] < ROWS
+    scratch = home / "tmp" / f"run-{run_id}"
+    assert files_holding(demo_url, scratch), "the run's broadcast is not in its driver's scratch"
     os.killpg(held["driver_pid"], signal.SIGKILL)
     wait_status(run_id, lambda s: s["state"] == "failed", 30)
     failed = cli_status(run_id)
     assert "exited without reporting" in failed["error"]
+    assert not scratch.exists()
+    assert files_holding(demo_url, Path(tempfile.gettempdir()), since, skip=(home, tmp_path)) == []
     hold_file.unlink()
     rerun = cli(*run_args(demo_url, "killed_emb", "--master", "local[2]", "--model", fast_model))  # blocking mode
     assert rerun.returncode == 0, rerun.stderr

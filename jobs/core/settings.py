@@ -29,7 +29,8 @@ class Var:
 VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_HOME", "var/", "local state: SQLite files, run logs, cluster state and daemon logs "
         "(`cluster/logs`), the local workers' executor directories and logs (`cluster/work`; a stopped "
-        "application's are removed after 7 days), worker readings"),
+        "application's are removed after 7 days), the Spark JVMs' scratch (`tmp`, removed as they stop), "
+        "worker readings"),
     Var("EMBEDDECK_DB_URL", None, "default database (a SQLAlchemy URL) for the CLI, the API and a dashboard "
                                   "connection; unset: the embedded SQLite demo `$EMBEDDECK_HOME/embeddeck.sqlite`",
         secret=True),

@@ -107,12 +107,31 @@ def spark_env(db_url: str | None = None, secrets_too: bool = False) -> dict[str,
     return env
 
 
-def java_options() -> str:
-    """Options for every Spark JVM we start: fast start-up, and the shared archive when it exists."""
+def scratch_dir(home: Path, owner: str) -> Path:
+    """The scratch of one of our JVMs under home ("master", "worker-0", "runner", "run-<id>"), created owner-only.
+    Spark keeps its blocks there, and so a run's broadcast secrets, which a killed JVM would leave in /tmp."""
+    root = home / "tmp"
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = root / owner
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def clear_scratch(home: Path, owner: str) -> None:
+    """Remove what owner's JVM left in its scratch: call it once that JVM has stopped, however it stopped."""
+    shutil.rmtree(home / "tmp" / owner, ignore_errors=True)
+
+
+def java_options(scratch: Path | None = None) -> str:
+    """Options for every Spark JVM we start: fast start-up, the shared archive when it exists, and the JVM's
+    scratch where given (Spark's local directories default to java.io.tmpdir)."""
     path = archive_path()
+    options = FAST_START
     if path is not None and path.is_file():
-        return f"{FAST_START} -Xshare:auto -XX:SharedArchiveFile={path}"
-    return FAST_START
+        options += f" -Xshare:auto -XX:SharedArchiveFile={path}"
+    if scratch is not None:
+        options += f" -Djava.io.tmpdir={scratch}"
+    return options
 
 
 def build_archive(timeout_s: float = 300.0) -> Path | None:

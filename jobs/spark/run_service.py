@@ -23,7 +23,7 @@ from jobs.core.processes import free_port, is_alive, read_json, start_time, stop
 from jobs.core.settings import Settings
 from jobs.core.spec import DEFAULT_MODEL, RunSpec
 from jobs.embed.pipeline import execute, spark_error_message, warm_partitions
-from jobs.spark.jvm import spark_env
+from jobs.spark.jvm import clear_scratch, scratch_dir, spark_env
 from jobs.spark.python_path import use_installed_pyspark
 from jobs.spark.submit import app_conf, check_master, command, same_master
 from jobs.spark.submit import start as start_app
@@ -36,6 +36,7 @@ log = logging.getLogger("embeddeck.run_service")
 CONNECTION_TIMEOUT_S, SUBMIT_TIMEOUT_S = 1.0, 10.0
 WARM_ATTEMPTS = 5
 SCRIPT = Path(__file__).resolve()
+SCRATCH_OWNER = "runner"  # its jvm.scratch_dir
 
 
 def _paths() -> tuple[Path, Path]:
@@ -110,9 +111,11 @@ def start(master: str, timeout_s: float = 120.0) -> dict:
     try:
         deadline = time.monotonic() + timeout_s
         _wait_for_master(master, deadline)
-        log_path = Settings().home / "runner.log"
-        proc = start_app(command(SCRIPT, master, free_port(), {"spark.scheduler.mode": "FAIR"}), log_path,
-                         spark_env(secrets_too=True))
+        home = Settings().home
+        log_path = home / "runner.log"
+        clear_scratch(home, SCRATCH_OWNER)  # what a service that died on its own left
+        proc = start_app(command(SCRIPT, master, free_port(), scratch_dir(home, SCRATCH_OWNER),
+                                 {"spark.scheduler.mode": "FAIR"}), log_path, spark_env(secrets_too=True))
         while time.monotonic() < deadline:
             current = info()
             if current is not None:
@@ -134,6 +137,7 @@ def stop() -> None:
         stop_group(current["pgid"], current["pid"], grace_s=15.0)
     sock_path.unlink(missing_ok=True)
     state_path.unlink(missing_ok=True)
+    clear_scratch(Settings().home, SCRATCH_OWNER)
 
 
 def serves(run) -> bool:

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 from jobs.core.errors import BadRequest, Unavailable
 from jobs.core.processes import free_port
 from jobs.core.settings import HOLD_FILE_VAR, REPO, Settings
-from jobs.spark.jvm import auth_secret, java_options, spark_env, spark_submit
+from jobs.spark.jvm import auth_secret, java_options, scratch_dir, spark_env, spark_submit
 from jobs.store.registry import Registry
 
 DRIVER_SCRIPT = REPO / "jobs" / "spark" / "driver.py"
@@ -49,15 +49,15 @@ def same_master(a: str, b: str) -> bool:
     return canonical(a) == canonical(b)
 
 
-def spark_conf(master: str) -> dict[str, str]:
-    """Spark settings every run uses (fixed driver ports when set, as executors on ACA need them)."""
+def spark_conf(master: str, scratch: Path | None = None) -> dict[str, str]:
+    """Spark settings every run uses (fixed driver ports when set, as executors on ACA need them); scratch: the
+    driver's (jvm.scratch_dir)."""
     settings = Settings()
     fixed = {key: settings.raw(var) for key, var in (("spark.driver.port", "EMBEDDECK_DRIVER_PORT"),
                                                     ("spark.driver.blockManager.port", "EMBEDDECK_BLOCK_MANAGER_PORT"))
              if settings.raw(var)}
     hold = settings.raw(HOLD_FILE_VAR)  # fault injection, only where a test or drill sets it
     fixed |= {f"spark.executorEnv.{HOLD_FILE_VAR}": hold} if hold else {}
-    options = java_options()
     if master.startswith("spark://") and auth_secret():
         # The cluster admits only applications that hold its secret, and its traffic is encrypted.
         fixed |= {"spark.authenticate": "true", "spark.network.crypto.enabled": "true"}
@@ -66,8 +66,10 @@ def spark_conf(master: str) -> dict[str, str]:
         "spark.driver.host": settings.raw("EMBEDDECK_DRIVER_HOST"),
         "spark.driver.bindAddress": settings.raw("EMBEDDECK_DRIVER_BIND"),
         "spark.ui.showConsoleProgress": "false",
-        "spark.driver.extraJavaOptions": options,
-        "spark.executor.extraJavaOptions": options,
+        "spark.driver.extraJavaOptions": java_options(scratch),
+        # An executor starts in its own work directory (<work-dir>/<app>/<executor>), which its worker removes with
+        # the application's data; its block directories are its worker's (under the worker's scratch).
+        "spark.executor.extraJavaOptions": java_options(Path(".")),
         "spark.python.worker.reuse": "true",
         "spark.python.daemon.module": "jobs.spark.daemon",
         "spark.pyspark.python": sys.executable,
@@ -94,11 +96,11 @@ def app_conf(name: str):
     return conf
 
 
-def command(script: Path, master: str, ui_port: int, extra: dict[str, str] | None = None,
+def command(script: Path, master: str, ui_port: int, scratch: Path, extra: dict[str, str] | None = None,
             args: tuple[str, ...] = ()) -> list[str]:
     """The spark-submit command line of one of our applications (a run's driver, the run service)."""
     cmd = [spark_submit(), "--conf", f"spark.ui.port={ui_port}"]
-    for key, value in (spark_conf(master) | (extra or {})).items():
+    for key, value in (spark_conf(master, scratch) | (extra or {})).items():
         cmd += ["--conf", f"{key}={value}"]
     return [*cmd, str(script), *args]
 
@@ -114,11 +116,18 @@ def start(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Pop
     return proc
 
 
+def driver_scratch_owner(run_id: str) -> str:
+    """The jvm.scratch_dir owner of a run's own driver."""
+    return f"run-{run_id}"
+
+
 def start_driver(run_id: str, db_url: str, master: str, registry: Registry) -> int:
     """Start the run's own spark-submit driver; returns its pid (the leader of its process group)."""
     ui_port = free_port()
-    log_path = Settings().home / "runs" / f"{run_id}.log"
-    cmd = command(DRIVER_SCRIPT, master, ui_port, args=("--run-id", run_id))
+    home = Settings().home
+    log_path = home / "runs" / f"{run_id}.log"
+    cmd = command(DRIVER_SCRIPT, master, ui_port, scratch_dir(home, driver_scratch_owner(run_id)),
+                  args=("--run-id", run_id))
     proc = start(cmd, log_path, spark_env(db_url, secrets_too=True) | {"EMBEDDECK_REGISTRY_URL": registry.url})
     registry.set_driver(run_id, proc.pid, str(log_path), f"http://127.0.0.1:{ui_port}")
     return proc.pid
