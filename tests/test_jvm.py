@@ -24,6 +24,10 @@ def test_spark_jvms_start_from_the_archive():
     assert spark_conf("local[1]", Path("/x/tmp/run-1"))["spark.driver.extraJavaOptions"] == (
         f"{options} -Djava.io.tmpdir=/x/tmp/run-1")
     assert spark_conf("local[1]")["spark.executor.extraJavaOptions"] == f"{options} -Djava.io.tmpdir=."
+    # Python workers on Unix sockets where Spark's socket path fits in 107 bytes, else on loopback TCP.
+    assert spark_conf("local[1]", Path("/x/tmp/run-1"))["spark.python.unix.domain.socket.enabled"] == "true"
+    assert spark_conf("local[1]", Path("/x" * 32))["spark.python.unix.domain.socket.enabled"] == "true"  # 64 + 43
+    assert spark_conf("local[1]", Path("/x" * 32 + "y"))["spark.python.unix.domain.socket.enabled"] == "false"
     # -Xshare:on makes the JVM refuse to start when it cannot map the archive (auto would fall back).
     strict = options.replace("-Xshare:auto", "-Xshare:on")
     out = subprocess.run([spark_submit(), "--master", "local[1]", "--conf", "spark.ui.enabled=false",
