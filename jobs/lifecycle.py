@@ -22,7 +22,8 @@ from jobs.core.settings import Settings
 from jobs.core.spec import RunSpec
 from jobs.embed.encoder import model_path
 from jobs.spark import run_service
-from jobs.spark.submit import check_master, driver_scratch_owner, start_driver
+from jobs.spark.jvm import scratch_root
+from jobs.spark.submit import DRIVER_SCRATCH_PREFIX, check_master, start_driver
 from jobs.store import connections, db
 from jobs.store.registry import CANCELLED, FAILED, WAITING, Registry, Run, new_run_id
 
@@ -203,8 +204,8 @@ def _forget_run_files(registry: Registry, active_ids: set[str]) -> None:
     home = Settings().home
     left = [(path, path.name.removeprefix("waiting-").removesuffix(".url"))
             for path in (home / "secrets").glob("waiting-*.url")]
-    left += [(path, path.name.removeprefix(driver_scratch_owner(""))) for path in (home / "tmp").glob(
-        driver_scratch_owner("*"))]
+    left += [(path, path.name.removeprefix(DRIVER_SCRATCH_PREFIX))
+             for path in scratch_root(home).glob(f"{DRIVER_SCRATCH_PREFIX}*")]
     for path, run_id in left:
         if run_id in active_ids:  # read just now: no query per file at every refresh
             continue

@@ -107,19 +107,23 @@ def spark_env(db_url: str | None = None, secrets_too: bool = False) -> dict[str,
     return env
 
 
+def scratch_root(home: Path) -> Path:
+    """Where the scratch of each of our JVMs of this home lives, one directory per owner."""
+    return home / "tmp"
+
+
 def scratch_dir(home: Path, owner: str) -> Path:
     """The scratch of one of our JVMs under home ("master", "worker-0", "runner", "run-<id>"), created owner-only.
     Spark keeps its blocks there, and so a run's broadcast secrets, which a killed JVM would leave in /tmp."""
-    root = home / "tmp"
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = root / owner
+    scratch_root(home).mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = scratch_root(home) / owner
     path.mkdir(mode=0o700, exist_ok=True)
     return path
 
 
 def clear_scratch(home: Path, owner: str) -> None:
     """Remove what owner's JVM left in its scratch: call it once that JVM has stopped, however it stopped."""
-    shutil.rmtree(home / "tmp" / owner, ignore_errors=True)
+    shutil.rmtree(scratch_root(home) / owner, ignore_errors=True)
 
 
 def java_options(scratch: Path | None = None) -> str:

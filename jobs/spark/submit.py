@@ -131,9 +131,7 @@ def start(cmd: list[str], log_path: Path, env: dict[str, str]) -> subprocess.Pop
     return proc
 
 
-def driver_scratch_owner(run_id: str) -> str:
-    """The jvm.scratch_dir owner of a run's own driver."""
-    return f"run-{run_id}"
+DRIVER_SCRATCH_PREFIX = "run-"  # a run's own driver owns the jvm.scratch_dir "run-<run id>"
 
 
 def start_driver(run_id: str, db_url: str, master: str, registry: Registry) -> int:
@@ -141,7 +139,7 @@ def start_driver(run_id: str, db_url: str, master: str, registry: Registry) -> i
     ui_port = free_port()
     home = Settings().home
     log_path = home / "runs" / f"{run_id}.log"
-    cmd = command(DRIVER_SCRIPT, master, ui_port, scratch_dir(home, driver_scratch_owner(run_id)),
+    cmd = command(DRIVER_SCRIPT, master, ui_port, scratch_dir(home, f"{DRIVER_SCRATCH_PREFIX}{run_id}"),
                   args=("--run-id", run_id))
     proc = start(cmd, log_path, spark_env(db_url, secrets_too=True) | {"EMBEDDECK_REGISTRY_URL": registry.url})
     registry.set_driver(run_id, proc.pid, str(log_path), f"http://127.0.0.1:{ui_port}")

@@ -126,16 +126,11 @@ def create_missing(engine: Engine, schema: sa.MetaData | sa.Index) -> None:
     """Create the tables (or the index) that do not exist yet. Another process may create one between the check
     and the CREATE (two runs starting on one database at once: one failed with "table embeddeck_targets already
     exists"); the second check then finds it, and any other error is raised by the second attempt."""
-    for attempt in (1, 2):
-        try:
-            if isinstance(schema, sa.MetaData):
-                schema.create_all(engine, checkfirst=True)
-            else:
-                schema.create(engine, checkfirst=True)
-            return
-        except sa.exc.DatabaseError:
-            if attempt == 2:
-                raise
+    create = schema.create_all if isinstance(schema, sa.MetaData) else schema.create
+    try:
+        create(engine, checkfirst=True)
+    except sa.exc.DatabaseError:
+        create(engine, checkfirst=True)
 
 
 def connection_error_message(exc: Exception, url: str) -> str:
