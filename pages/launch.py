@@ -19,7 +19,8 @@ if not tables:
 source = st.selectbox("Source table", tables, index=tables.index("products") if "products" in tables else 0)
 table = db.reflect(engine, source, "source")
 cols = [c.name for c in table.c]
-int_cols = [c.name for c in table.c if db.is_integer_type(c.type)] or cols
+keys = {c.name for c in table.primary_key.columns}
+int_cols = sorted((c.name for c in table.c if db.is_integer_type(c.type)), key=lambda c: c not in keys) or cols
 text_guess = next((c for c in ("description", "text", "body", "content") if c in cols), cols[-1])
 c1, c2 = st.columns(2)
 id_column = c1.selectbox("Id column (integer key)", int_cols)

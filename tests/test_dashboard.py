@@ -4,6 +4,7 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
@@ -88,6 +89,26 @@ def test_launch_explains_invalid_choices(demo):
     at.text_input[0].set_value("products").run()  # target == source
     assert any("target table must differ" in e.value for e in at.error)
     assert at.button[0].disabled
+
+
+def test_launch_offers_the_tables_key_first_and_previews_only_rows_with_an_id(demo):
+    """The first integer column was the default id even where the key came later; and a NULL id among the first
+    rows crashed the preview (int(None))."""
+    engine = db.engine_for(demo)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE tickets (queue INTEGER, ticket_no INTEGER PRIMARY KEY, body TEXT)"))
+        conn.execute(sa.text("INSERT INTO tickets VALUES (NULL, 1, 'printer jams'), (7, 2, 'vpn drops')"))
+    try:
+        at = page("launch")
+        at.selectbox[1].select("tickets").run()
+        assert [sb.value for sb in at.selectbox[2:4]] == ["ticket_no", "body"]
+        assert at.selectbox[2].options == ["ticket_no", "queue"]
+        at.selectbox[2].select("queue").run()
+        assert not at.exception and not at.error, at.exception or at.error
+        assert at.dataframe[0].value.to_dict("records") == [{"queue": 7, "body": "vpn drops"}]
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP TABLE tickets"))
 
 
 def test_cancel_click_returns_at_once_and_the_run_settles(demo, fast_model, hold_file):

@@ -80,7 +80,7 @@ def test_hostile_names_are_quoted_never_executed(sqlite_url, name):
     target = db.ensure_target(engine, s, tables, 384)
     with engine.connect() as conn:
         rows = conn.execute(db.chunk_query(tables.source, tables.id_col, tables.text_col, target,
-                                           0, 10, None, 5, engine.dialect.name)).all()
+                                           0, 10, 5, engine.dialect.name)).all()
     assert [tuple(r) for r in rows] == [(1, "b", None, None)]
     assert set(db.list_tables(engine)) >= {"docs", name, f"{name} emb"}
 
@@ -182,7 +182,7 @@ def test_a_chunk_reads_long_texts_cut_in_the_database_to_what_the_model_can_see(
         target.metadata.drop_all(engine)
         target.metadata.create_all(engine)
         with engine.connect() as conn:
-            rows = conn.execute(db.chunk_query(source, source.c.id, source.c.body, target, 0, 10, None, 10,
+            rows = conn.execute(db.chunk_query(source, source.c.id, source.c.body, target, 0, 10, 10,
                                                dialect)).all()
             whole = dict(conn.execute(sa.select(source.c.id, source.c.body)).all())
         assert [r.id for r in rows] == ids
@@ -248,11 +248,10 @@ def test_mssql_range_read_and_search_statements():
     src = sa.Table("Product Descriptions", sa.MetaData(), sa.Column("ProductID", sa.Integer),
                    sa.Column("Text", sa.UnicodeText), schema="dbo")
     target = db.target_table("emb", sa.Integer(), db.vector_type_for("mssql", 384))
-    sql = compile_mssql(db.chunk_query(src, src.c.ProductID, src.c.Text, target, 1, 1000, 17, 256, "mssql"))
+    sql = compile_mssql(db.chunk_query(src, src.c.ProductID, src.c.Text, target, 17, 1000, 256, "mssql"))
     assert sql.startswith("SELECT TOP __[POSTCOMPILE_param_1] dbo.[Product Descriptions].[ProductID] AS id")
     assert "LEFT OUTER JOIN emb ON emb.source_id = dbo.[Product Descriptions].[ProductID]" in sql
-    assert ("WHERE dbo.[Product Descriptions].[ProductID] >= ? AND dbo.[Product Descriptions].[ProductID] <= ? "
-            "AND dbo.[Product Descriptions].[ProductID] > ?") in sql
+    assert "WHERE dbo.[Product Descriptions].[ProductID] >= ? AND dbo.[Product Descriptions].[ProductID] <= ? " in sql
     assert sql.endswith("ORDER BY dbo.[Product Descriptions].[ProductID]")
     # The text is cut in the server, one UTF-16 unit short where the cut would split a surrogate pair.
     cut = "substring(dbo.[Product Descriptions].[Text], ?, ?)"

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import sqlalchemy as sa
 
+from jobs.core.errors import BadRequest
 from jobs.core.spec import RunSpec
 from jobs.core.texts import normalize_text
 from jobs.embed import pipeline
@@ -136,6 +137,36 @@ def test_empty_source_succeeds_with_nothing_to_do(spark, sqlite_url):
         conn.execute(sa.text("CREATE TABLE items (item_id INTEGER PRIMARY KEY, descr TEXT)"))
     result = run(spark, sqlite_url)
     assert (result.state, result.rows_done) == ("succeeded", 0)
+
+
+@pytest.mark.parametrize("db_name", ["sqlite", "postgres"])
+def test_an_id_column_that_is_no_key_fails_the_run_naming_it_and_writes_nothing(spark, sqlite_url, pg_url, db_name):
+    """A repeated id made the target flip between its rows' texts on every incremental run (SQLite), and one where
+    a chunk ended between the two rows was skipped; rows with a NULL id were never embedded while the run said
+    all were. Chunks of 4 rows put the repeat of id 8 at a chunk's end (rows 5-8, then 8 again)."""
+    url = sqlite_url if db_name == "sqlite" else pg_url
+    engine = db.engine_for(url)
+    table = sa.Table("loose", sa.MetaData(), sa.Column("item_id", sa.Integer), sa.Column("descr", sa.Text))
+    table.drop(engine, checkfirst=True)
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"item_id": i, "descr": f"a chair, model {i}"} for i in range(1, 13)])
+    for target in ("loose_emb", "loose_more_emb"):
+        sa.Table(target, sa.MetaData()).drop(engine, checkfirst=True)
+    whole = run(spark, url, source="loose", target="loose_emb", chunk_rows=4)
+    assert (whole.state, whole.rows_done) == ("succeeded", 12), whole.error  # each chunk re-reads one row
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"item_id": 8, "descr": "another chair"}])
+    with pytest.raises(BadRequest, match=r"id column 'item_id' of 'loose' is not unique: id 8 is in more than one "
+                                         r"row\. A target keeps one vector per id"):
+        run(spark, url, source="loose", target="loose_more_emb", chunk_rows=4)
+    with engine.begin() as conn:
+        conn.execute(table.delete().where(table.c.descr == "another chair"))
+        conn.execute(table.insert(), [{"item_id": None, "descr": f"no id {i}"} for i in range(3)])
+    with pytest.raises(BadRequest, match="id column 'item_id' of 'loose' is NULL in 3 rows"):
+        run(spark, url, source="loose", target="loose_more_emb")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM loose_more_emb")).scalar() == 0
 
 
 def test_no_secret_travels_in_a_task_closure(spark, pg_url, monkeypatch):

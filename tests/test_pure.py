@@ -115,6 +115,15 @@ def test_needs_vector(text, h, sh, sm, mode, expected):
     assert plan.needs_vector(text, h, sh, sm, "m", mode) is expected
 
 
+@pytest.mark.parametrize("previous, ids, expected", [
+    (None, [1, 2, 5], None), (4, [5, 9], None), (None, [], None),
+    (None, [1, 2, 2, 3], 2), (5, [5, 6], 5),  # the chunk before ended on 5
+    (None, [3, 1], 1),  # out of order: the database sorted otherwise, so the read cannot be trusted either
+])
+def test_a_repeated_id_is_the_first_that_does_not_rise(previous, ids, expected):
+    assert plan.repeated_id(previous, ids) == expected
+
+
 def test_rate_and_eta():
     samples = [(0.0, 0), (10.0, 100), (20.0, 300)]
     assert progress.rate(samples, window_s=15) == pytest.approx(15.0)

@@ -30,6 +30,16 @@ def split_range(lo: int, hi: int, parts: int) -> list[KeyRange]:
     return ranges
 
 
+def repeated_id(previous: int | None, ids: list[int]) -> int | None:
+    """The first id of a chunk read in id order that is not above the one before it (`previous` ends the chunk
+    before), i.e. one that a second row shares; None when every id is its row's own."""
+    for row_id in ids:
+        if previous is not None and row_id <= previous:
+            return row_id
+        previous = row_id
+    return None
+
+
 def needs_vector(text: str | None, text_hash: str | None, stored_hash: str | None,
                  stored_model: str | None, model: str, mode: str) -> bool:
     """Whether a row is embedded in this run: new, changed, another model, or a full run."""

@@ -32,6 +32,7 @@ from jobs.store.registry import CANCELLED, FAILED, SUCCEEDED, Registry
 log = logging.getLogger("embeddeck.pipeline")
 
 PROGRESS_EVERY_S = 2.0
+ONE_ROW_PER_ID = "A target keeps one vector per id: pick a column that is the table's key (a primary key)."
 
 
 def _tables(spec: RunSpec) -> db.Tables:
@@ -43,18 +44,27 @@ def _tables(spec: RunSpec) -> db.Tables:
 
 
 def _chunks(spec: RunSpec, tables: db.Tables, lo: int, hi: int) -> Iterator[list]:
-    """Rows of [lo, hi] with their stored hash and model, chunk by chunk (bounded memory)."""
+    """Rows of [lo, hi] with their stored hash and model, chunk by chunk (bounded memory); BadRequest at an id
+    that two rows share, as a target keeps one vector per id and would flip between their texts run after run."""
     engine = db.engine_for(spec.db_url)
-    after = None
+    last = None
     while True:
+        # Each chunk starts at the last id read, that row again: a second row with that id shows even where a
+        # chunk ends between the two.
+        start, extra = (lo, 0) if last is None else (last, 1)
         q = db.chunk_query(tables.source, tables.id_col, tables.text_col, tables.target,
-                           lo, hi, after, spec.chunk_rows, engine.dialect.name)
+                           start, hi, spec.chunk_rows + extra, engine.dialect.name)
         with engine.connect() as conn:
             rows = conn.execute(q).all()
+        rows = rows[1:] if extra and rows and rows[0][0] == last else rows
         if not rows:
             return
+        repeated = plan.repeated_id(last, [row[0] for row in rows])
+        if repeated is not None:
+            raise BadRequest(f"id column {spec.id_column!r} of {spec.source!r} is not unique: id {repeated} is in "
+                             f"more than one row. {ONE_ROW_PER_ID}")
         yield rows
-        after = rows[-1][0]
+        last = rows[-1][0]
 
 
 @dataclass(frozen=True)
@@ -302,12 +312,14 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
            if endpoint else model_dim(spec.model))
     target = db.ensure_target(engine, spec, tables, dim)
     db.record_target(engine, spec)
-    bounds = db.id_bounds(engine, tables.source, tables.id_col)
-    if bounds is None:
+    lo, hi, without_id = db.id_bounds(engine, tables.source, tables.id_col)
+    if without_id:
+        raise BadRequest(f"id column {spec.id_column!r} of {spec.source!r} is NULL in {without_id} rows. "
+                         f"{ONE_ROW_PER_ID}")
+    if lo is None or hi is None:
         registry.start(run_id, 0, 0)
         registry.finish(run_id, SUCCEEDED, rows_done=0)
         return SUCCEEDED
-    lo, hi, _ = bounds
     if spec.limit_rows:
         hi = db.nth_id(engine, tables.source, tables.id_col, spec.limit_rows) or hi
     parts = spec.partitions or plan.default_partitions(sc.defaultParallelism, hi - lo + 1)

@@ -331,14 +331,13 @@ def ensure_target(engine: Engine, spec: RunSpec, tables: Tables, dim: int) -> sa
     return table
 
 
-def id_bounds(engine: Engine, source: sa.Table, id_col: sa.Column) -> tuple[int, int, int] | None:
-    """(min id, max id, row count) of the source, or None when it is empty."""
+def id_bounds(engine: Engine, source: sa.Table, id_col: sa.Column) -> tuple[int | None, int | None, int]:
+    """(min id, max id, rows without an id) of the source; the bounds are None when no row has an id."""
     with engine.connect() as conn:
-        lo, hi, n = conn.execute(sa.select(sa.func.min(id_col), sa.func.max(id_col), sa.func.count())
-                                 .select_from(source)).one()
-    if n == 0 or lo is None:
-        return None
-    return int(lo), int(hi), int(n)
+        lo, hi, rows, with_id = conn.execute(
+            sa.select(sa.func.min(id_col), sa.func.max(id_col), sa.func.count(), sa.func.count(id_col))
+            .select_from(source)).one()
+    return (None if lo is None else int(lo)), (None if hi is None else int(hi)), int(rows) - int(with_id)
 
 
 def nth_id(engine: Engine, source: sa.Table, id_col: sa.Column, n: int) -> int | None:
@@ -375,15 +374,13 @@ def text_prefix(text_col: sa.Column, dialect_name: str) -> sa.ColumnElement:
 
 
 def chunk_query(source: sa.Table, id_col: sa.Column, text_col: sa.Column, target: sa.Table,
-                lo: int, hi: int, after: int | None, limit: int, dialect_name: str) -> sa.Select:
-    """Next chunk of a key range: source id and text (cut by text_prefix) beside the stored hash and model."""
-    cond = [id_col >= lo, id_col <= hi]
-    if after is not None:
-        cond.append(id_col > after)
+                lo: int, hi: int, limit: int, dialect_name: str) -> sa.Select:
+    """The first `limit` rows of the key range [lo, hi] in id order: source id and text (cut by text_prefix)
+    beside the stored hash and model."""
     j = source.outerjoin(target, target.c.source_id == id_col)
     return (sa.select(id_col.label("id"), text_prefix(text_col, dialect_name).label("text"),
                       target.c.content_hash.label("hash"), target.c.model.label("model"))
-            .select_from(j).where(*cond).order_by(id_col).limit(limit))
+            .select_from(j).where(id_col >= lo, id_col <= hi).order_by(id_col).limit(limit))
 
 
 def upsert_statement(target: sa.Table, dialect_name: str, native_dim: int | None = None):
@@ -496,7 +493,7 @@ def count_unembedded(engine: Engine, tables: Tables, model: str) -> int:
 def texts(engine: Engine, table: sa.Table, id_col: sa.Column, text_col: sa.Column, ids: list[int] | None = None,
           limit: int | None = None) -> dict[int, str | None]:
     """Texts by id as a run embeds them (cut in the read, normalised): of the given ids, or the first `limit`."""
-    q = sa.select(id_col, text_prefix(text_col, engine.dialect.name)).select_from(table)
+    q = sa.select(id_col, text_prefix(text_col, engine.dialect.name)).select_from(table).where(id_col.is_not(None))
     if ids is not None:
         q = q.where(id_col.in_(ids))
     if limit is not None:
