@@ -19,7 +19,7 @@ if not tables:
 source = st.selectbox("Source table", tables, index=tables.index("products") if "products" in tables else 0)
 table = db.reflect(engine, source, "source")
 cols = [c.name for c in table.c]
-keys = {c.name for c in table.primary_key.columns}
+keys = db.key_columns(engine, table)
 int_cols = sorted((c.name for c in table.c if db.is_integer_type(c.type)), key=lambda c: c not in keys) or cols
 text_guess = next((c for c in ("description", "text", "body", "content") if c in cols), cols[-1])
 c1, c2 = st.columns(2)
@@ -42,6 +42,9 @@ try:
     shown = db.texts(engine, table, table.c[id_column], table.c[text_column], limit=5)  # as a run embeds them
     st.dataframe(pd.DataFrame({id_column: list(shown), text_column: list(shown.values())}),
                  hide_index=True, width="stretch")
+    if id_column not in keys:
+        st.warning(f"{id_column!r} is not a key of {source!r} (no primary key or unique constraint on it alone): "
+                   "the run checks that every row has an id of its own and fails in planning if not.")
     valid = True
 except EmbedDeckError as exc:
     st.error(str(exc))

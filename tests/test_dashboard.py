@@ -54,7 +54,7 @@ def test_launch_run_search_flow(demo):
     assert at.selectbox[1].value == "products"
     assert [sb.value for sb in at.selectbox[2:4]] == ["id", "description"]
     assert any(f"{ROWS:,} rows still need a vector" in c.value for c in at.caption)
-    assert not at.error
+    assert not at.error and not at.warning
     preview = at.dataframe[0].value  # the first rows as a run will embed them
     assert list(preview.columns) == ["id", "description"] and len(preview) == 5
     assert all(isinstance(t, str) and t.strip() for t in preview["description"])
@@ -103,8 +103,10 @@ def test_launch_offers_the_tables_key_first_and_previews_only_rows_with_an_id(de
         at.selectbox[1].select("tickets").run()
         assert [sb.value for sb in at.selectbox[2:4]] == ["ticket_no", "body"]
         assert at.selectbox[2].options == ["ticket_no", "queue"]
+        assert not at.warning
         at.selectbox[2].select("queue").run()
         assert not at.exception and not at.error, at.exception or at.error
+        assert "'queue' is not a key of 'tickets'" in at.warning[0].value
         assert at.dataframe[0].value.to_dict("records") == [{"queue": 7, "body": "vpn drops"}]
     finally:
         with engine.begin() as conn:

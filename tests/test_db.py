@@ -126,6 +126,21 @@ def test_upsert_is_idempotent_on_sqlite_and_postgres(sqlite_url, pg_url):
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_key_columns_are_the_ones_the_catalog_declares_unique_alone(dialect, sqlite_url, request):
+    url = sqlite_url if dialect == "sqlite" else request.getfixturevalue("pg_url")
+    engine = db.engine_for(url)
+    with engine.begin() as conn:
+        for name in ("keyed", "pair"):
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
+        conn.execute(sa.text("CREATE TABLE keyed (a INTEGER, b INTEGER PRIMARY KEY, c INTEGER UNIQUE, d INTEGER, "
+                             "e INTEGER, f INTEGER, UNIQUE (e, f))"))
+        conn.execute(sa.text("CREATE UNIQUE INDEX keyed_d ON keyed (d)"))
+        conn.execute(sa.text("CREATE TABLE pair (x INTEGER, y INTEGER, PRIMARY KEY (x, y))"))
+    assert db.key_columns(engine, db.reflect(engine, "keyed")) == ["b", "c", "d"]
+    assert db.key_columns(engine, db.reflect(engine, "pair")) == []
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_a_run_starting_while_another_creates_the_same_tables_goes_on(dialect, sqlite_url, request):
     """Two runs started at once on one database: the other made embeddeck_targets between this one's check and
     its CREATE, which failed the run with "table embeddeck_targets already exists". The other run is a second

@@ -207,6 +207,16 @@ def column(table: sa.Table, name: str, role: str) -> sa.Column:
     return table.c[name]
 
 
+def key_columns(engine: Engine, table: sa.Table) -> list[str]:
+    """Columns that the catalog declares one row each: a one-column primary key, unique constraint or unique
+    index (the primary key first)."""
+    inspector = sa.inspect(engine)
+    declared = [[c.name for c in table.primary_key.columns]]
+    declared += [u["column_names"] for u in inspector.get_unique_constraints(table.name, schema=table.schema)]
+    declared += [i["column_names"] for i in inspector.get_indexes(table.name, schema=table.schema) if i["unique"]]
+    return list(dict.fromkeys(names[0] for names in declared if len(names) == 1))
+
+
 def is_integer_type(col_type: sa.types.TypeEngine) -> bool:
     """Whether key ranges can be planned over a column of this type."""
     return isinstance(col_type, sa.Integer) or (
