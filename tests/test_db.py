@@ -268,6 +268,13 @@ def test_mssql_range_read_and_search_statements():
     assert "LEFT OUTER JOIN emb ON emb.source_id = dbo.[Product Descriptions].[ProductID]" in sql
     assert "WHERE dbo.[Product Descriptions].[ProductID] >= ? AND dbo.[Product Descriptions].[ProductID] <= ? " in sql
     assert sql.endswith("ORDER BY dbo.[Product Descriptions].[ProductID]")
+    # Where the key ranges end: the first rows in id order, numbered (SQL Server takes ORDER BY in a derived table
+    # only with TOP).
+    cuts = " ".join(compile_mssql(db.ids_at_query(src, src.c.ProductID, [0, 499, 999])).split())
+    assert ("FROM (SELECT anon_2.id AS id, row_number() OVER (ORDER BY anon_2.id) - ? AS pos FROM (SELECT TOP "
+            "__[POSTCOMPILE_param_2] dbo.[Product Descriptions].[ProductID] AS id FROM dbo.[Product Descriptions] "
+            "WHERE dbo.[Product Descriptions].[ProductID] IS NOT NULL ORDER BY dbo.[Product Descriptions].[ProductID]"
+            ") AS anon_2) AS anon_1 WHERE anon_1.pos IN (__[POSTCOMPILE_pos_1])") in cuts
     # The text is cut in the server, one UTF-16 unit short where the cut would split a surrogate pair.
     cut = "substring(dbo.[Product Descriptions].[Text], ?, ?)"
     assert (f"CASE WHEN (unicode({cut}) BETWEEN ? AND ?) THEN {cut} ELSE {cut} END AS text") in sql

@@ -1,5 +1,7 @@
 """The Spark job end to end, in-process on a real local[2] SparkSession: SQLite and PostgreSQL."""
 
+import itertools
+
 import numpy as np
 import pytest
 import sqlalchemy as sa
@@ -167,6 +169,40 @@ def test_an_id_column_that_is_no_key_fails_the_run_naming_it_and_writes_nothing(
         run(spark, url, source="loose", target="loose_more_emb")
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM loose_more_emb")).scalar() == 0
+
+
+@pytest.mark.parametrize("db_name", ["sqlite", "postgres"])
+def test_key_ranges_hold_equal_rows_however_the_ids_are_spread(spark, sqlite_url, pg_url, db_name):
+    """Ranges split the id span evenly: one id far beyond the rest put every other row in the first range, so one
+    task did all the work. They now end where the rows divide evenly; a limited run cuts at its last row."""
+    url = sqlite_url if db_name == "sqlite" else pg_url
+    engine = db.engine_for(url)
+    table = sa.Table("spread", sa.MetaData(), sa.Column("item_id", sa.BigInteger, primary_key=True),
+                     sa.Column("descr", sa.Text))
+    table.drop(engine, checkfirst=True)
+    table.create(engine)
+    ids = [*range(-5, 55), 10**12]  # 61 rows
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"item_id": i, "descr": f"a lamp, model {i}"} for i in ids])
+    for target in ("spread_emb", "spread_some_emb"):
+        sa.Table(target, sa.MetaData()).drop(engine, checkfirst=True)
+    tables = db.inspect_run(engine, RunSpec(db_url=url, source="spread", id_column="item_id", text_column="descr",
+                                            target="spread_emb"))
+
+    def rows_per_range(rows, parts):
+        ranges = pipeline.key_ranges(engine, tables, rows, parts)
+        assert ranges[0].lo == -5 and all(a.hi + 1 == b.lo for a, b in itertools.pairwise(ranges))
+        return [sum(r.lo <= i <= r.hi for i in ids) for r in ranges]
+
+    assert rows_per_range(61, 3) == [21, 20, 20]
+    assert rows_per_range(30, 3) == [10, 10, 10]  # a run limited to its first 30 rows
+    assert rows_per_range(61, 100) == [1] * 61
+    whole = run(spark, url, source="spread", target="spread_emb")
+    assert (whole.state, whole.rows_done) == ("succeeded", 61), whole.error
+    some = run(spark, url, source="spread", target="spread_some_emb", limit_rows=30)
+    assert (some.state, some.rows_done) == ("succeeded", 30), some.error
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT max(source_id) FROM spread_some_emb")).scalar() == 24
 
 
 def test_no_secret_travels_in_a_task_closure(spark, pg_url, monkeypatch):

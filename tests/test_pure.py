@@ -99,6 +99,17 @@ def test_split_range_covers_without_overlap(lo, hi, parts):
     assert max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.parametrize(("ends", "want"), [
+    ([1, 4, 10**12], [(1, 4), (5, 10**12)]),
+    ([7, 7], [(7, 7)]),  # one row
+    ([1, 5, 5, 9], [(1, 5), (6, 9)]),  # a repeated id (the run refuses it when it reads the rows) adds no range
+    ([], []),
+])
+def test_ranges_end_at_the_ids_where_the_rows_divide(ends, want):
+    assert [(r.lo, r.hi) for r in plan.ranges_ending_at(ends)] == want
+    assert [r.index for r in plan.ranges_ending_at(ends)] == list(range(len(want)))
+
+
 def test_split_empty_range():
     assert plan.split_range(5, 4, 3) == []
 
@@ -285,12 +296,12 @@ def test_a_process_start_time_is_read_to_the_clock_tick():
         child.wait()
 
 
-@pytest.mark.parametrize(("cores", "span", "want"), [(2, 200, 2), (2, 1999, 2), (2, 2000, 4), (2, 3000, 4),
+@pytest.mark.parametrize(("cores", "rows", "want"), [(2, 200, 2), (2, 1999, 2), (2, 2000, 4), (2, 3000, 4),
                                                      (2, 5000, 4), (2, 7999, 6), (2, 10**6, 8), (1, 10, 2),
                                                      (1, 2500, 2), (1, 4000, 4), (8, 100, 8), (8, 20_000, 16),
                                                      (8, 10**5, 32)])
-def test_ranges_follow_the_rows_two_per_core_for_balance_up_to_four_and_a_whole_number_per_core(cores, span, want):
-    assert plan.default_partitions(cores, span) == want
+def test_ranges_follow_the_rows_two_per_core_for_balance_up_to_four_and_a_whole_number_per_core(cores, rows, want):
+    assert plan.default_partitions(cores, rows) == want
 
 
 def test_spark_processes_import_the_installed_pyspark_where_it_is_the_zips_version(tmp_path, monkeypatch):

@@ -30,6 +30,17 @@ def split_range(lo: int, hi: int, parts: int) -> list[KeyRange]:
     return ranges
 
 
+def ranges_ending_at(ends: list[int]) -> list[KeyRange]:
+    """Contiguous inclusive ranges from ends[0], each ending at one of the later ends (ascending ids: the first
+    row's, then the last of each range's rows); an end that does not rise adds no range."""
+    ranges, start = [], ends[0] if ends else 0
+    for end in ends[1:]:
+        if end >= start:
+            ranges.append(KeyRange(len(ranges), start, end))
+            start = end + 1
+    return ranges
+
+
 def repeated_id(previous: int | None, ids: list[int]) -> int | None:
     """The first id of a chunk read in id order that is not above the one before it (`previous` ends the chunk
     before), i.e. one that a second row shares; None when every id is its row's own."""
@@ -57,14 +68,14 @@ MIN_RANGE_ROWS = 500  # below this a range costs more to plan and schedule than 
 SORT_WINDOW_ROWS = 1000
 
 
-def default_partitions(cores: int, span: int) -> int:
-    """Key ranges for a run over `span` ids, always a whole number per core so that no last range runs alone:
+def default_partitions(cores: int, rows: int) -> int:
+    """Key ranges for a run over `rows` rows, always a whole number per core so that no last range runs alone:
     two per core where each keeps MIN_RANGE_ROWS, so a slow worker's share moves to the others (one range
     per core read 1.78-1.80 on two workers against one in full benches), and up to 4 per core while each
     keeps SORT_WINDOW_ROWS. A 200-row run in 8 ranges spent 0.7 s planning them on 2 cores and committed its
     first vector after 1.1-1.2 s; in 2 ranges, 0.2 s and 0.5-0.6 s (the run service, warm)."""
-    balanced = 2 if span >= 2 * cores * MIN_RANGE_ROWS else 1
-    return max(2, cores * max(balanced, min(4, span // (cores * SORT_WINDOW_ROWS))))
+    balanced = 2 if rows >= 2 * cores * MIN_RANGE_ROWS else 1
+    return max(2, cores * max(balanced, min(4, rows // (cores * SORT_WINDOW_ROWS))))
 
 
 COMMIT_ROWS = 256  # rows per transaction: each worker's progress shows every few seconds

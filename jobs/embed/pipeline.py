@@ -296,6 +296,14 @@ def _record_marks(registry: Registry, run_id: str, marks: dict[str, float], scan
     registry.set_timings(run_id, {k: v if k.endswith("_s") else v - launched for k, v in marks.items()})
 
 
+def key_ranges(engine, tables: db.Tables, rows: int, parts: int) -> list[plan.KeyRange]:
+    """`parts` key ranges over the source's first `rows` rows in id order, cut where the rows divide evenly."""
+    # Not where the ids do: one id far beyond the rest put every other row in the first range, and one task did
+    # all the work (1,100 rows/s on two cores instead of 1,900).
+    cuts = [0] + [r.hi for r in plan.split_range(0, rows - 1, parts)]
+    return plan.ranges_ending_at(db.ids_at(engine, tables.source, tables.id_col, cuts))
+
+
 def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str, float] | None = None) -> str:
     """Run the whole job on an existing SparkContext; returns the final state.
 
@@ -312,18 +320,17 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
            if endpoint else model_dim(spec.model))
     target = db.ensure_target(engine, spec, tables, dim)
     db.record_target(engine, spec)
-    lo, hi, without_id = db.id_bounds(engine, tables.source, tables.id_col)
+    rows, without_id = db.id_counts(engine, tables.source, tables.id_col)
     if without_id:
         raise BadRequest(f"id column {spec.id_column!r} of {spec.source!r} is NULL in {without_id} rows. "
                          f"{ONE_ROW_PER_ID}")
-    if lo is None or hi is None:
+    rows = min(rows, spec.limit_rows or rows)
+    if not rows:
         registry.start(run_id, 0, 0)
         registry.finish(run_id, SUCCEEDED, rows_done=0)
         return SUCCEEDED
-    if spec.limit_rows:
-        hi = db.nth_id(engine, tables.source, tables.id_col, spec.limit_rows) or hi
-    parts = spec.partitions or plan.default_partitions(sc.defaultParallelism, hi - lo + 1)
-    ranges = [(r.index, r.lo, r.hi) for r in plan.split_range(lo, hi, parts)]
+    parts = spec.partitions or plan.default_partitions(sc.defaultParallelism, rows)
+    ranges = [(r.index, r.lo, r.hi) for r in key_ranges(engine, tables, rows, parts)]
     # A broadcast, not a file Spark's file server keeps offering: executors that join the run service later
     # would fetch every file ever added, and a destroyed broadcast is gone from every executor.
     secrets = sc.broadcast({"db_url": spec.db_url, "api_key": endpoint.api_key if endpoint else None})

@@ -341,20 +341,26 @@ def ensure_target(engine: Engine, spec: RunSpec, tables: Tables, dim: int) -> sa
     return table
 
 
-def id_bounds(engine: Engine, source: sa.Table, id_col: sa.Column) -> tuple[int | None, int | None, int]:
-    """(min id, max id, rows without an id) of the source; the bounds are None when no row has an id."""
+def id_counts(engine: Engine, source: sa.Table, id_col: sa.Column) -> tuple[int, int]:
+    """(rows with an id, rows whose id is NULL) of the source."""
     with engine.connect() as conn:
-        lo, hi, rows, with_id = conn.execute(
-            sa.select(sa.func.min(id_col), sa.func.max(id_col), sa.func.count(), sa.func.count(id_col))
-            .select_from(source)).one()
-    return (None if lo is None else int(lo)), (None if hi is None else int(hi)), int(rows) - int(with_id)
+        rows, with_id = conn.execute(sa.select(sa.func.count(), sa.func.count(id_col)).select_from(source)).one()
+    return int(with_id), int(rows) - int(with_id)
 
 
-def nth_id(engine: Engine, source: sa.Table, id_col: sa.Column, n: int) -> int | None:
-    """The n-th smallest id (1-based), bounding a run limited to its first n rows."""
+def ids_at_query(source: sa.Table, id_col: sa.Column, positions: list[int]) -> sa.Select:
+    """(position, id) at these 0-based positions of the source's rows in id order; the scan stops at the last."""
+    first = (sa.select(id_col.label("id")).select_from(source).where(id_col.is_not(None))
+             .order_by(id_col).limit(max(positions) + 1).subquery())
+    numbered = sa.select(first.c.id, (sa.func.row_number().over(order_by=first.c.id) - 1).label("pos")).subquery()
+    return sa.select(numbered.c.pos, numbered.c.id).where(numbered.c.pos.in_(sorted(set(positions))))
+
+
+def ids_at(engine: Engine, source: sa.Table, id_col: sa.Column, positions: list[int]) -> list[int]:
+    """The ids at these positions in id order (ids_at_query), one per position asked that still holds a row."""
     with engine.connect() as conn:
-        value = conn.execute(sa.select(id_col).select_from(source).order_by(id_col).offset(n - 1).limit(1)).scalar()
-    return None if value is None else int(value)
+        found = {int(pos): int(i) for pos, i in conn.execute(ids_at_query(source, id_col, positions))}
+    return [found[p] for p in positions if p in found]  # rows deleted since they were counted have none
 
 
 def text_prefix(text_col: sa.Column, dialect_name: str) -> sa.ColumnElement:
