@@ -33,7 +33,8 @@ def run_progress(run: Run) -> tuple[float, str]:
     eta = eta_seconds(run.rows_total, run.rows_done, run.rows_per_s) if run.state == "running" else None
     phase = run.phase or run.state
     return frac, (f"{phase}: {run.rows_done:,} / {total:,} rows · {run.rows_per_s:.1f} rows/s · "
-                  f"ETA {format_duration(eta)} · {run.rows_skipped:,} skipped")
+                  f"ETA {format_duration(eta)} · {run.rows_skipped:,} skipped"
+                  + (f" · {run.rows_removed:,} vectors removed" if run.rows_removed else ""))
 
 
 def telemetry_rows(readings: list) -> list[dict]:

@@ -157,6 +157,8 @@ def test_cluster_page_with_master_down():
 
 
 def test_run_views_are_pure():
+    import dataclasses
+
     from jobs.store.registry import Run
 
     run = Run(run_id="r-1", state="running", cancel_requested=False, spec_json="{}", launched_by="api",
@@ -165,10 +167,9 @@ def test_run_views_are_pure():
               phase="embedding", error=None, driver_pid=None, driver_host=None, driver_started=None, log_path=None,
               ui_url=None)
     frac, caption = views.run_progress(run)
-    assert frac == 0.25 and "ETA 15s" in caption and "7 skipped" in caption
+    assert frac == 0.25 and "ETA 15s" in caption and "7 skipped" in caption and "removed" not in caption
+    assert views.run_progress(dataclasses.replace(run, rows_removed=3))[1].endswith("7 skipped · 3 vectors removed")
     assert views.run_row(run)["source → target"] == "s → t"
-
-    import dataclasses
 
     service, own = "http://127.0.0.1:4040", "http://127.0.0.1:4041"
     runs = [dataclasses.replace(run, run_id="r-a", ui_url=service), dataclasses.replace(run, run_id="r-b", ui_url=own),

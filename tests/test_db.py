@@ -97,6 +97,25 @@ def test_incompatible_target_says_what_differs(sqlite_url):
     assert "'embedding' is TEXT" in msg and "'source_id' is not the primary key" in msg
 
 
+def test_a_target_holds_the_vectors_of_one_table_by_one_id_column(sqlite_url):
+    """A run from another table into a target mixed two tables' rows under one id, and search showed the new
+    table's text beside the old one's vectors."""
+    engine = db.engine_for(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE docs (id INTEGER PRIMARY KEY, alt_id INTEGER UNIQUE, body TEXT)"))
+    make_source(sqlite_url, name="notes", id_col="id", text_col="body", rows=[(1, "b")])
+    first = spec_for(sqlite_url)
+    db.ensure_target(engine, first, db.inspect_run(engine, first), 384)
+    db.record_target(engine, first)
+    with pytest.raises(BadRequest, match="target table 'docs_emb' holds the vectors of 'docs' by id column 'id', "
+                                         "not of 'notes' by 'id': pick another target"):
+        db.inspect_run(engine, spec_for(sqlite_url, source="notes"))
+    with pytest.raises(BadRequest, match="not of 'docs' by 'alt_id'"):
+        db.inspect_run(engine, spec_for(sqlite_url, id_column="alt_id"))
+    db.inspect_run(engine, spec_for(sqlite_url, source="notes", target="notes_emb"))
+    db.inspect_run(engine, first)  # its own table again, any text column: changed texts are embedded again
+
+
 def test_wrong_password_message_has_no_password(pg_url):
     bad = pg_url.replace("s3cret-pg", "wrong-Pa55word")
     with pytest.raises(Unavailable) as err:

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from jobs.core.errors import BadRequest
 from jobs.core.spec import RunSpec
 from jobs.core.texts import normalize_text
+from jobs.doors.cli import progress_line
 from jobs.embed import pipeline
 from jobs.store import db
 from jobs.store.demo import products
@@ -203,6 +204,31 @@ def test_key_ranges_hold_equal_rows_however_the_ids_are_spread(spark, sqlite_url
     assert (some.state, some.rows_done) == ("succeeded", 30), some.error
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT max(source_id) FROM spread_some_emb")).scalar() == 24
+
+
+@pytest.mark.parametrize("db_name", ["sqlite", "postgres"])
+def test_a_run_removes_the_vectors_of_rows_deleted_or_emptied_in_the_source(spark, sqlite_url, pg_url, db_name):
+    """Search kept finding rows deleted from the source, or whose text was emptied, by their old vectors. A run over
+    the whole table now deletes those vectors and counts them; a limited run leaves rows it did not read alone."""
+    url = sqlite_url if db_name == "sqlite" else pg_url
+    engine = db.engine_for(url)
+    table = load_source(url, "kept", n=30)
+    sa.Table("kept_emb", sa.MetaData()).drop(engine, checkfirst=True)
+    first = run(spark, url, source="kept", target="kept_emb")
+    assert first.state == "succeeded" and not first.rows_removed, first.error
+    ids = [r.source_id for r in stored(url, "kept_emb", "kept")]
+    with engine.begin() as conn:
+        conn.execute(table.delete().where(table.c.item_id.in_([ids[0], ids[-1]])))  # the first and last ids
+        conn.execute(table.update().where(table.c.item_id == ids[5]).values(descr=None))
+        conn.execute(table.update().where(table.c.item_id == ids[6]).values(descr=" \t "))
+    limited = run(spark, url, source="kept", target="kept_emb", limit_rows=3)
+    assert (limited.state, limited.rows_removed) == ("succeeded", 0), limited.error
+    again = run(spark, url, source="kept", target="kept_emb")
+    assert (again.state, again.rows_done, again.rows_removed) == ("succeeded", 0, 4), again.error
+    assert progress_line(again).endswith("skipped 34  removed 4")  # the CLI's line
+    with engine.connect() as conn:
+        left = conn.execute(sa.text("SELECT source_id FROM kept_emb ORDER BY source_id")).scalars().all()
+    assert left == [i for i in ids if i not in (ids[0], ids[-1], ids[5], ids[6])]
 
 
 def test_no_secret_travels_in_a_task_closure(spark, pg_url, monkeypatch):

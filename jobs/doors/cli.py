@@ -88,7 +88,8 @@ def progress_line(run: Run) -> str:
     pct = f"{100 * run.rows_done / total:5.1f}%" if total else "  —  "
     eta = eta_seconds(total, run.rows_done, run.rows_per_s) if run.state == "running" else None
     return (f"{run.run_id} {run.state:<9} {pct} {run.rows_done}/{total if total is not None else '?'} rows"
-            f"  {run.rows_per_s:7.1f} rows/s  ETA {format_duration(eta)}  skipped {run.rows_skipped}")
+            f"  {run.rows_per_s:7.1f} rows/s  ETA {format_duration(eta)}  skipped {run.rows_skipped}"
+            + (f"  removed {run.rows_removed}" if run.rows_removed else ""))
 
 
 def follow(registry: Registry, run_id: str, out=sys.stderr) -> Run:

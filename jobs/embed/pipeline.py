@@ -85,20 +85,23 @@ class TaskPlan:
         return self.spec.with_db_url(secrets["db_url"]), secrets.get("api_key")
 
 
-def _classify(spec: RunSpec, rows: list) -> tuple[list[tuple[int, str, str]], int, int]:
-    """Split a chunk into rows to embed (id, text, hash), empty rows and up-to-date rows."""
-    todo, empty, current = [], 0, 0
+def _classify(spec: RunSpec, rows: list) -> tuple[list[tuple[int, str, str]], list[int], int, int]:
+    """Split a chunk into rows to embed (id, text, hash), the ids of rows whose text is now empty but that still
+    have a vector, and the counts of empty and up-to-date rows."""
+    todo, emptied, empty, current = [], [], 0, 0
     for row_id, raw, stored_hash, stored_model in rows:
         text = normalize_text(raw)
         if text is None:
             empty += 1
+            if stored_hash is not None:
+                emptied.append(row_id)
             continue
         digest = content_hash(text)
         if plan.needs_vector(text, digest, stored_hash, stored_model, spec.model_identity, spec.mode):
             todo.append((row_id, text, digest))
         else:
             current += 1
-    return todo, empty, current
+    return todo, emptied, empty, current
 
 
 def commit_groups(encoder, texts: list[str], batch_size: int, first_commit: bool
@@ -179,12 +182,13 @@ def scan_partitions(task: TaskPlan):
         marks["model_ready"] = time.time()
         marks["model_load_s"] = time.perf_counter() - t0  # ~0 when this worker already holds the model
         for index, lo, hi in ranges:
-            counts = {"index": index, "lo": lo, "hi": hi, "rows": 0, "needed": 0, "empty": 0, "current": 0,
-                      "marks": marks}
+            counts = {"index": index, "lo": lo, "hi": hi, "rows": 0, "needed": 0, "emptied": 0, "empty": 0,
+                      "current": 0, "marks": marks}
             for chunk in _chunks(spec, tables, lo, hi):
-                todo, empty, current = _classify(spec, chunk)
+                todo, emptied, empty, current = _classify(spec, chunk)
                 counts["rows"] += len(chunk)
                 counts["needed"] += len(todo)
+                counts["emptied"] += len(emptied)
                 counts["empty"] += empty
                 counts["current"] += current
             yield counts
@@ -203,9 +207,12 @@ def embed_partitions(task: TaskPlan):
         hold = Settings().raw(HOLD_FILE_VAR)
         encoder = _worker_encoder(spec.model, task.endpoint_url, api_key, spec.endpoint)
         for index, lo, hi in ranges:
-            t0, embedded, first_commit, encoding = time.perf_counter(), 0, None, 0.0
+            t0, embedded, removed, first_commit, encoding = time.perf_counter(), 0, 0, None, 0.0
             for chunk in _chunks(spec, tables, lo, hi):
-                todo, _, _ = _classify(spec, chunk)
+                todo, emptied, _, _ = _classify(spec, chunk)
+                if emptied:
+                    with engine.begin() as conn:
+                        removed += db.delete_vectors(conn, tables.target, emptied)
                 todo.sort(key=lambda row: len(row[1]))  # shortest first: the first commit's rows
                 groups = commit_groups(encoder, [text for _, text, _ in todo], spec.batch_size, first_commit is None)
                 while True:
@@ -228,7 +235,7 @@ def embed_partitions(task: TaskPlan):
                         _hold_while_exists(hold)
                     first_commit = first_commit or time.time()
                     embedded += len(rows)
-            yield {"index": index, "embedded": embedded, "seconds": time.perf_counter() - t0,
+            yield {"index": index, "embedded": embedded, "removed": removed, "seconds": time.perf_counter() - t0,
                    "encoding_s": encoding, "first_commit": first_commit}
 
     return run
@@ -346,7 +353,7 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
         marks["planned"] = time.time()
         total = sum(r["needed"] for r in scanned)
         skipped = sum(r["empty"] + r["current"] for r in scanned)
-        work = [(r["index"], r["lo"], r["hi"]) for r in scanned if r["needed"] > 0]
+        work = [(r["index"], r["lo"], r["hi"]) for r in scanned if r["needed"] or r["emptied"]]
         _record_marks(registry, run_id, marks, scanned, [])
         if registry.get(run_id).cancel_requested:
             registry.finish(run_id, CANCELLED, error="cancelled before embedding started")
@@ -358,13 +365,14 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
 
         watcher = _ProgressWatcher(sc, registry, run_id, spec, target, since)
         watcher.start()
-        t0 = time.monotonic()
+        t0, removed = time.monotonic(), 0
         try:
             if work:
                 registry.set_phase(run_id, "embedding")
                 sc.setJobDescription(f"embed {title}")
                 embedded = sc.parallelize(work, len(work)).mapPartitions(embed_partitions(task)).collect()
                 _raise_task_error(embedded)
+                removed = sum(r["removed"] for r in embedded)
                 marks["embed_job_s"] = time.monotonic() - t0
                 busy = sum(r["seconds"] for r in embedded)
                 log.info("run %s: %d tasks busy %.1f s in all (%.0f %% of it encoding), %.1f s the longest, "
@@ -384,7 +392,10 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
         watcher.join(timeout=5)
         done = watcher.sample()
         elapsed = time.monotonic() - t0
-        registry.finish(run_id, SUCCEEDED, rows_done=done, rows_per_s=done / elapsed if elapsed > 0 else 0.0)
+        if not spec.limit_rows:  # a run over the whole table: the target keeps no vector of a row gone from it
+            removed += db.delete_orphans(engine, tables.source, tables.id_col, target)
+        registry.finish(run_id, SUCCEEDED, rows_done=done, rows_per_s=done / elapsed if elapsed > 0 else 0.0,
+                        rows_removed=removed)
         return SUCCEEDED
     finally:
         secrets.destroy()

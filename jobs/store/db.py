@@ -249,8 +249,18 @@ def inspect_run(engine: Engine, spec: RunSpec) -> Tables:
     if sa.inspect(engine).has_table(name, schema=schema):
         target = sa.Table(name, sa.MetaData(), schema=schema, autoload_with=engine)
         check_target(target, engine)
+        check_origin(engine, spec)
     native = target is not None and isinstance(target.c.embedding.type, MSSQLVector)
     return Tables(source, id_col, text_col, target, native)
+
+
+def check_origin(engine: Engine, spec: RunSpec) -> None:
+    """Refuse a run into a target that holds another table's rows (or the same table's under another id): the ids
+    would mix, and search would show one table's text beside another's vector."""
+    origin = target_origin(engine, spec.target)
+    if origin and (origin["source"], origin["id_column"]) != (spec.source, spec.id_column):
+        raise BadRequest(f"target table {spec.target!r} holds the vectors of {origin['source']!r} by id column "
+                         f"{origin['id_column']!r}, not of {spec.source!r} by {spec.id_column!r}: pick another target")
 
 
 def check_target(target: sa.Table, engine: Engine) -> None:
@@ -441,6 +451,18 @@ def upsert(conn: Connection, target: sa.Table, rows: list[dict]) -> None:
     native = isinstance(target.c.embedding.type, MSSQLVector)
     dim = len(vectors.from_json(rows[0]["embedding"])) if native else None
     conn.execute(upsert_statement(target, conn.dialect.name, dim), rows)
+
+
+def delete_vectors(conn: Connection, target: sa.Table, ids: list[int]) -> int:
+    """Delete the vectors of these source ids; the count deleted."""
+    return conn.execute(target.delete().where(target.c.source_id.in_(ids))).rowcount
+
+
+def delete_orphans(engine: Engine, source: sa.Table, id_col: sa.Column, target: sa.Table) -> int:
+    """Delete the vectors whose source row is gone; the count deleted."""
+    gone = ~sa.exists().where(id_col == target.c.source_id)
+    with engine.begin() as conn:
+        return conn.execute(target.delete().where(gone)).rowcount
 
 
 def utcnow() -> dt.datetime:

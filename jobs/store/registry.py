@@ -46,6 +46,7 @@ runs_table = sa.Table(
     sa.Column("rows_total", sa.Integer),
     sa.Column("rows_done", sa.Integer, nullable=False, default=0),
     sa.Column("rows_skipped", sa.Integer, nullable=False, default=0),
+    sa.Column("rows_removed", sa.Integer),  # vectors of rows gone from the source or emptied, deleted by the run
     sa.Column("rows_per_s", sa.Float, nullable=False, default=0.0),
     sa.Column("phase", sa.String(40)),
     sa.Column("error", sa.Text),
@@ -110,6 +111,7 @@ class Run:
     timings: str | None = None
     cancel_requested_at: dt.datetime | None = None
     target_key: str | None = None
+    rows_removed: int | None = None
 
     @property
     def active(self) -> bool:
