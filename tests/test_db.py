@@ -287,6 +287,9 @@ def test_mssql_range_read_and_search_statements():
     assert "LEFT OUTER JOIN emb ON emb.source_id = dbo.[Product Descriptions].[ProductID]" in sql
     assert "WHERE dbo.[Product Descriptions].[ProductID] >= ? AND dbo.[Product Descriptions].[ProductID] <= ? " in sql
     assert sql.endswith("ORDER BY dbo.[Product Descriptions].[ProductID]")
+    assert " ".join(compile_mssql(db.orphans_delete(src.c.ProductID, target)).split()) == (
+        "DELETE FROM emb WHERE NOT (EXISTS (SELECT * FROM dbo.[Product Descriptions] "
+        "WHERE dbo.[Product Descriptions].[ProductID] = emb.source_id))")
     # Where the key ranges end: the first rows in id order, numbered (SQL Server takes ORDER BY in a derived table
     # only with TOP).
     cuts = " ".join(compile_mssql(db.ids_at_query(src, src.c.ProductID, [0, 499, 999])).split())

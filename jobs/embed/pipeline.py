@@ -393,7 +393,7 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
         done = watcher.sample()
         elapsed = time.monotonic() - t0
         if not spec.limit_rows:  # a run over the whole table: the target keeps no vector of a row gone from it
-            removed += db.delete_orphans(engine, tables.source, tables.id_col, target)
+            removed += db.delete_orphans(engine, tables.id_col, target)
         registry.finish(run_id, SUCCEEDED, rows_done=done, rows_per_s=done / elapsed if elapsed > 0 else 0.0,
                         rows_removed=removed)
         return SUCCEEDED

@@ -458,11 +458,15 @@ def delete_vectors(conn: Connection, target: sa.Table, ids: list[int]) -> int:
     return conn.execute(target.delete().where(target.c.source_id.in_(ids))).rowcount
 
 
-def delete_orphans(engine: Engine, source: sa.Table, id_col: sa.Column, target: sa.Table) -> int:
+def orphans_delete(id_col: sa.Column, target: sa.Table) -> sa.Delete:
+    """The vectors whose source row is gone (id_col is the source's), as one anti-join DELETE."""
+    return target.delete().where(~sa.exists().where(id_col == target.c.source_id))
+
+
+def delete_orphans(engine: Engine, id_col: sa.Column, target: sa.Table) -> int:
     """Delete the vectors whose source row is gone; the count deleted."""
-    gone = ~sa.exists().where(id_col == target.c.source_id)
     with engine.begin() as conn:
-        return conn.execute(target.delete().where(gone)).rowcount
+        return conn.execute(orphans_delete(id_col, target)).rowcount
 
 
 def utcnow() -> dt.datetime:
