@@ -219,9 +219,10 @@ def check_table(url: str, reference_model, n: int, target: str, model: str = "al
     assert (got * expected).sum(1).min() >= 0.9999
 
 
-def embeddings_endpoint(answer):
+def embeddings_endpoint(answer, most_texts: int | None = None, refusal: int = 413):
     """A real OpenAI-compatible embeddings endpoint on 127.0.0.1 whose vectors for a request's texts are
-    answer(texts); returns its base URL and server (shut it down when done)."""
+    answer(texts); returns its base URL and server (shut it down when done). With most_texts, a request with more
+    texts gets HTTP `refusal` and TEI's error body, and its size is kept in server.refused."""
     import http.server
     import json
     import threading
@@ -229,8 +230,15 @@ def embeddings_endpoint(answer):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             texts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["input"]
-            body = json.dumps({"data": [{"index": i, "embedding": v} for i, v in enumerate(answer(texts))]}).encode()
-            self.send_response(200)
+            status = 200
+            if most_texts is not None and len(texts) > most_texts:
+                server.refused.append(len(texts))
+                status, body = refusal, json.dumps({"error": f"batch size {len(texts)} > maximum allowed batch size "
+                                                             f"{most_texts}", "error_type": "Validation"}).encode()
+            else:
+                body = json.dumps({"data": [{"index": i, "embedding": v}
+                                            for i, v in enumerate(answer(texts))]}).encode()
+            self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
@@ -239,5 +247,6 @@ def embeddings_endpoint(answer):
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.refused = []
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}/v1", server

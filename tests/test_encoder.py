@@ -327,6 +327,36 @@ def test_a_task_commits_its_shortest_rows_first_then_whole_batches_of_at_least_t
     assert len(later[0][0]) >= plan.COMMIT_ROWS  # no small first commit after the task's first
 
 
+@pytest.mark.parametrize("refusal", [413, 422, 400])
+def test_a_remote_endpoint_that_refuses_large_requests_gets_them_in_halves(refusal):
+    """An endpoint whose batch limit is below ours (Hugging Face TEI refuses more than 32 inputs by default with 422;
+    NIMs take 16-64) failed the whole run. A refused request is sent again in halves, and later ones no larger;
+    a single text refused is still an error that names the endpoint."""
+    from jobs.core.errors import Unavailable
+    from jobs.embed.encoder import RemoteEncoder
+
+    url, server = embeddings_endpoint(lambda texts: [[1.0, float(len(t)), 0.5] for t in texts], most_texts=40,
+                                      refusal=refusal)
+    try:
+        enc = RemoteEncoder(url, "tiny", name="small-batches")
+        texts = [f"text number {i}" + "!" * (i % 5) for i in range(300)]
+        got = enc.encode(texts)
+        lengths = np.array([len(t) for t in texts], dtype=np.float32)
+        expected = np.stack([np.ones(300), lengths, np.full(300, 0.5)], axis=1)
+        assert np.allclose(got, expected / np.linalg.norm(expected, axis=1, keepdims=True))  # every row its own
+        assert server.refused == [256, 128, 64] and enc.max_batch == 32
+        enc.encode(texts)
+        assert server.refused == [256, 128, 64]  # learned once
+    finally:
+        server.shutdown()
+    url, server = embeddings_endpoint(lambda texts: [[1.0, 0.0]] * len(texts), most_texts=0, refusal=refusal)
+    try:
+        with pytest.raises(Unavailable, match=f"endpoint 'none-at-all' answered HTTP {refusal}"):
+            RemoteEncoder(url, "tiny", name="none-at-all")
+    finally:
+        server.shutdown()
+
+
 def test_a_remote_endpoint_that_answers_fewer_embeddings_than_texts_is_named_not_misread():
     """A real HTTP endpoint that drops texts: the probe and a later request each fail with what happened, instead
     of an IndexError or vectors shifted onto the wrong rows."""

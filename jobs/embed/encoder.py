@@ -202,6 +202,15 @@ class Encoder:
         return out
 
 
+class _Refused(Exception):
+    """The endpoint refused a request of several texts as too large (its batch or token limit)."""
+
+
+# What endpoints answer a request over their limits: 413 (EmbedDeck, SiliconFlow), 422 (Hugging Face TEI's "batch
+# size 66 > maximum allowed batch size 64"), 400 (OpenAI's input limits).
+TOO_LARGE_STATUSES = (400, 413, 422)
+
+
 class RemoteEncoder:
     """An OpenAI-compatible embeddings endpoint (an NVIDIA NIM, another EmbedDeck) used as the model."""
 
@@ -219,6 +228,7 @@ class RemoteEncoder:
             self.url += "/embeddings"
         self.name = name or endpoint
         self.model_name, self.retries, self.timeout_s = model, retries, timeout_s
+        self.max_batch = self.MAX_BATCH  # halved each time the endpoint refuses a request as too large
         self.session = requests.Session()
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
@@ -233,6 +243,8 @@ class RemoteEncoder:
                 resp = self.session.post(self.url, json={"model": self.model_name, "input": texts},
                                          timeout=self.timeout_s)
                 if resp.status_code < 500:
+                    if resp.status_code in TOO_LARGE_STATUSES and len(texts) > 1:
+                        raise _Refused(resp.status_code)
                     # The body is never echoed: it is the remote's, and may hold anything.
                     if not resp.ok:
                         raise Unavailable(f"embedding endpoint {self.name!r} answered HTTP {resp.status_code}")
@@ -250,19 +262,28 @@ class RemoteEncoder:
 
     def encode_batches(self, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE
                        ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(positions in texts, unit-length float32 vectors) request by request, at most MAX_BATCH texts each."""
-        for start in range(0, len(texts), self.MAX_BATCH):
-            sent = texts[start:start + self.MAX_BATCH]
-            got = self._post(sent)
+        """(positions in texts, unit-length float32 vectors) request by request, at most max_batch texts each: a
+        request the endpoint refuses as too large is sent again in halves, and later ones no larger."""
+        start = 0
+        while start < len(texts):
+            sent = texts[start:start + self.max_batch]
+            try:
+                got = self._post(sent)
+            except _Refused as refused:
+                self.max_batch = len(sent) // 2
+                log.info("embedding endpoint %r refused %d texts in one request (HTTP %s): sending %d at most",
+                         self.name, len(sent), refused, self.max_batch)
+                continue
             if len(got) != len(sent):
                 raise Unavailable(f"embedding endpoint {self.name!r} answered {len(got)} embeddings for "
                                   f"{len(sent)} texts")
             arr = np.asarray(got, dtype=np.float32)
             norms = np.linalg.norm(arr, axis=1, keepdims=True)
             yield np.arange(start, start + len(arr)), arr / np.where(norms == 0, 1, norms)
+            start += len(sent)
 
     def encode(self, texts: list[str], batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-        """Unit-length vectors, sent in requests of at most MAX_BATCH texts."""
+        """Unit-length vectors, sent in requests of at most max_batch texts."""
         parts = [vecs for _, vecs in self.encode_batches(texts, batch_size)]
         return np.concatenate(parts) if parts else np.empty((0, self.dim), dtype=np.float32)
 
