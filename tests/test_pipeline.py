@@ -229,6 +229,10 @@ def test_a_run_removes_the_vectors_of_rows_deleted_or_emptied_in_the_source(spar
     with engine.connect() as conn:
         left = conn.execute(sa.text("SELECT source_id FROM kept_emb ORDER BY source_id")).scalars().all()
     assert left == [i for i in ids if i not in (ids[0], ids[-1], ids[5], ids[6])]
+    with engine.begin() as conn:
+        conn.execute(table.delete())
+    emptied = run(spark, url, source="kept", target="kept_emb")
+    assert (emptied.state, emptied.rows_removed) == ("succeeded", len(left)), emptied.error
 
 
 def test_no_secret_travels_in_a_task_closure(spark, pg_url, monkeypatch):

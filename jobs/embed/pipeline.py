@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from sqlalchemy.engine import Engine
 
 from jobs.core import plan
 from jobs.core.errors import BadRequest, EmbedDeckError, from_kind
@@ -303,7 +304,7 @@ def _record_marks(registry: Registry, run_id: str, marks: dict[str, float], scan
     registry.set_timings(run_id, {k: v if k.endswith("_s") else v - launched for k, v in marks.items()})
 
 
-def key_ranges(engine, tables: db.Tables, rows: int, parts: int) -> list[plan.KeyRange]:
+def key_ranges(engine: Engine, tables: db.Tables, rows: int, parts: int) -> list[plan.KeyRange]:
     """`parts` key ranges over the source's first `rows` rows in id order, cut where the rows divide evenly."""
     # Not where the ids do: one id far beyond the rest put every other row in the first range, and one task did
     # all the work (1,100 rows/s on two cores instead of 1,900).
@@ -332,9 +333,9 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
         raise BadRequest(f"id column {spec.id_column!r} of {spec.source!r} is NULL in {without_id} rows. "
                          f"{ONE_ROW_PER_ID}")
     rows = min(rows, spec.limit_rows or rows)
-    if not rows:
+    if not rows:  # an emptied source leaves its target empty too
         registry.start(run_id, 0, 0)
-        registry.finish(run_id, SUCCEEDED, rows_done=0)
+        registry.finish(run_id, SUCCEEDED, rows_done=0, rows_removed=db.delete_orphans(engine, tables.id_col, target))
         return SUCCEEDED
     parts = spec.partitions or plan.default_partitions(sc.defaultParallelism, rows)
     ranges = [(r.index, r.lo, r.hi) for r in key_ranges(engine, tables, rows, parts)]
