@@ -13,6 +13,7 @@ from jobs.core.errors import BadRequest, Unavailable
 from jobs.core.spec import RunSpec
 from jobs.core.texts import MAX_TEXT_CHARS, normalize_text
 from jobs.embed import search
+from jobs.embed.encoder import get_encoder
 from jobs.store import db
 
 
@@ -239,6 +240,32 @@ def test_search_hits_and_the_preview_carry_the_text_as_runs_embed_it(sqlite_url)
     source = db.reflect(db.engine_for(sqlite_url), "docs")  # the launch page's preview shows them so too
     assert db.texts(db.engine_for(sqlite_url), source, source.c.id, source.c.body, limit=3) == \
         {i: got[i] for i in (1, 2, 3)}
+
+
+def test_search_answers_without_text_where_the_source_is_gone_or_altered(sqlite_url):
+    """Search failed outright ("source table 'docs' does not exist") once the table a target was embedded from
+    had been dropped; the stored vectors still answer, and the answer says why it carries no text."""
+    make_source(sqlite_url, rows=[(1, "red boots"), (2, "blue tent")])
+    engine = db.engine_for(sqlite_url)
+    spec = spec_for(sqlite_url)
+    target = db.ensure_target(engine, spec, db.inspect_run(engine, spec), 384)
+    db.record_target(engine, spec)
+    vecs = get_encoder(spec.model).encode(["red boots", "blue tent"])
+    with engine.begin() as conn:
+        db.upsert(conn, target, [{"source_id": i, "embedding": db.encode_for(target, v), "model": spec.model,
+                                  "content_hash": "h", "embedded_at": db.utcnow()} for i, v in zip((1, 2), vecs)])
+    assert [(h.id, h.text) for h in search.search(sqlite_url, "docs_emb", "boots", k=1).hits] == [(1, "red boots")]
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE docs RENAME COLUMN body TO descr"))
+    altered = search.search(sqlite_url, "docs_emb", "boots", k=1)
+    assert [(h.id, h.text) for h in altered.hits] == [(1, None)]
+    assert altered.warnings == ["hits come without text: text column 'body' is not in table 'docs' (columns: id, "
+                                "descr)"]
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE docs"))
+    gone = search.search(sqlite_url, "docs_emb", "tent", k=1)
+    assert [h.id for h in gone.hits] == [2] and gone.warnings[0].startswith(
+        "hits come without text: source table 'docs' does not exist")
 
 
 def test_mssql_target_ddl_varbinary_and_vector():

@@ -271,7 +271,8 @@ def fetch_texts(engine: sa.Engine, origin: dict | None, ids: list[int]) -> dict[
     if not origin or not ids:
         return {}
     source = db.reflect(engine, origin["source"], "source")
-    return db.texts(engine, source, source.c[origin["id_column"]], source.c[origin["text_column"]], ids=ids)
+    id_col, text_col = (db.column(source, origin[role + "_column"], role) for role in ("id", "text"))
+    return db.texts(engine, source, id_col, text_col, ids=ids)
 
 
 def query_encoder(identity: str):
@@ -328,7 +329,11 @@ def search(db_url: str, target_name: str, query: str, k: int = 10, model: str | 
         trim_indexes()
         scores, ids = best if best is not None else scan_top_k(engine, target, qvec, k)
     t2 = time.perf_counter()
-    texts = fetch_texts(engine, origin, [int(i) for i in ids])
+    try:
+        texts = fetch_texts(engine, origin, [int(i) for i in ids])
+    except BadRequest as exc:  # the source was dropped or altered since: the vectors still answer
+        texts = {}
+        warnings.append(f"hits come without text: {exc}")
     hits = [Hit(int(i), float(s), texts.get(int(i))) for s, i in zip(scores, ids)]
     # The load is what this query waited for a model that became ready during it; a cached one's lookup is not
     # a load (it read 1.1 ms on a busy machine, and the dashboard said "model loaded in 1 ms").
