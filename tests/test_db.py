@@ -145,6 +145,21 @@ def test_upsert_is_idempotent_on_sqlite_and_postgres(sqlite_url, pg_url):
         assert np.array_equal(np.frombuffer(got[0].embedding, "<f4"), v + 1)
 
 
+def test_vectors_are_deleted_in_statements_sql_server_can_take(sqlite_url):
+    engine = db.engine_for(sqlite_url)
+    target = db.target_table("emb_many", sa.Integer(), db.vector_type_for("sqlite", 4))
+    target.metadata.create_all(engine)
+    v = np.zeros(4, dtype=np.float32)
+    with engine.begin() as conn:
+        db.upsert(conn, target, [{"source_id": i, "embedding": db.encode_for(target, v), "model": "m",
+                                  "content_hash": "h", "embedded_at": db.utcnow()} for i in range(3000)])
+    statements = []
+    sa.event.listen(engine, "before_cursor_execute", lambda conn, cur, sql, params, *_: statements.append(params))
+    with engine.begin() as conn:
+        assert db.delete_vectors(conn, target, list(range(2500))) == 2500
+    assert [len(p) for p in statements] == [1000, 1000, 500]  # SQL Server refuses more than 2,100 parameters
+
+
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_key_columns_are_the_ones_the_catalog_declares_unique_alone(dialect, sqlite_url, request):
     url = sqlite_url if dialect == "sqlite" else request.getfixturevalue("pg_url")

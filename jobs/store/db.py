@@ -453,9 +453,13 @@ def upsert(conn: Connection, target: sa.Table, rows: list[dict]) -> None:
     conn.execute(upsert_statement(target, conn.dialect.name, dim), rows)
 
 
+IN_LIST_IDS = 1000  # SQL Server takes at most 2,100 parameters a statement; a chunk may hold 100,000 rows
+
+
 def delete_vectors(conn: Connection, target: sa.Table, ids: list[int]) -> int:
-    """Delete the vectors of these source ids; the count deleted."""
-    return conn.execute(target.delete().where(target.c.source_id.in_(ids))).rowcount
+    """Delete the vectors of these source ids, IN_LIST_IDS a statement; the count deleted."""
+    return sum(conn.execute(target.delete().where(target.c.source_id.in_(ids[i:i + IN_LIST_IDS]))).rowcount
+               for i in range(0, len(ids), IN_LIST_IDS))
 
 
 def orphans_delete(id_col: sa.Column, target: sa.Table) -> sa.Delete:
