@@ -5,7 +5,7 @@ import datetime as dt
 import numpy as np
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.dialects import mssql
+from sqlalchemy.dialects import mssql, postgresql
 from sqlalchemy.dialects.mssql import pyodbc as mssql_pyodbc
 from sqlalchemy.schema import CreateTable
 
@@ -429,12 +429,18 @@ def test_registry_written_by_an_older_version_gains_new_columns(tmp_path):
     url = f"sqlite:///{tmp_path / 'old.sqlite'}"
     old = sa.MetaData()
     sa.Table("runs", old, *[sa.Column(c.name, c.type, primary_key=c.primary_key)
-                            for c in runs.runs_table.columns if c.name != "timings"])
+                            for c in runs.runs_table.columns if c.name not in ("timings", "rows_removed")])
     old.create_all(db.engine_for(url))
     registry = runs.Registry(url)
     run_id = registry.create("{}", "test", "s", "t", "m", "local[1]")
     registry.set_timings(run_id, {"first_commit": 1.23456})
+    registry.finish(run_id, "succeeded", rows_removed=3)
     assert registry.get(run_id).as_dict()["timings"] == {"first_commit": 1.235}
+    assert registry.get(run_id).rows_removed == 3
+    # SQL Server's ALTER TABLE has no COLUMN keyword: the registry of an ACA deployment may be there.
+    removed = runs.runs_table.c.rows_removed
+    assert runs.add_column_ddl(removed, mssql.dialect()) == "ALTER TABLE runs ADD rows_removed INTEGER"
+    assert runs.add_column_ddl(removed, postgresql.dialect()) == "ALTER TABLE runs ADD COLUMN rows_removed INTEGER"
 
 
 def test_a_deleted_registry_file_is_started_again_not_split(tmp_path):

@@ -80,6 +80,13 @@ progress_table = sa.Table(
 )
 
 
+def add_column_ddl(column: sa.Column, dialect: sa.Dialect) -> str:
+    """The ALTER TABLE that adds this nullable column, as the dialect spells it (SQL Server's has no COLUMN)."""
+    prep = dialect.identifier_preparer
+    return (f"ALTER TABLE {prep.format_table(column.table)} {'ADD' if dialect.name == 'mssql' else 'ADD COLUMN'} "
+            f"{prep.quote(column.name)} {column.type.compile(dialect=dialect)}")
+
+
 @dataclass
 class Run:
     """One row of the registry."""
@@ -190,8 +197,7 @@ class Registry:
         with self.engine.begin() as conn:
             for column in runs_table.columns:
                 if column.name not in have:
-                    kind = column.type.compile(dialect=self.engine.dialect)
-                    conn.execute(sa.text(f'ALTER TABLE runs ADD COLUMN "{column.name}" {kind}'))
+                    conn.execute(sa.text(add_column_ddl(column, self.engine.dialect)))
 
     def create(self, spec_json: str, launched_by: str, source: str, target: str, model: str,
                master: str, target_key: str | None = None, phase: str = "queued", run_id: str | None = None) -> str:
