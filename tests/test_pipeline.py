@@ -47,7 +47,11 @@ def run(spark, url, source="items", target="items_emb", **kw):
     registry = Registry()
     run_id = registry.create(spec.with_db_url(db.redact_url(url)).to_json(), "test", source, target,
                              spec.model, "local[2]")
-    pipeline.execute(spark.sparkContext, spec, registry, run_id)
+    try:
+        pipeline.execute(spark.sparkContext, spec, registry, run_id)
+    except Exception as exc:  # as a driver records it: a run left active would pace the live pages of later tests
+        registry.finish(run_id, "failed", error=str(exc))
+        raise
     return registry.get(run_id)
 
 
