@@ -270,12 +270,8 @@ def check_target(target: sa.Table, engine: Engine) -> None:
         etype = target.c.embedding.type
         if not isinstance(etype, (sa.LargeBinary, MSSQLVector, sa.types._Binary)):
             problems.append(f"column 'embedding' is {etype}, not a binary or VECTOR type")
-    if "source_id" in target.c:
-        pk = {c.name for c in target.primary_key.columns}
-        uniques = [set(u["column_names"]) for u in sa.inspect(engine).get_unique_constraints(
-            target.name, schema=target.schema)]
-        if pk != {"source_id"} and {"source_id"} not in uniques:
-            problems.append("column 'source_id' is not the primary key")
+    if "source_id" in target.c and "source_id" not in key_columns(engine, target):
+        problems.append("column 'source_id' is not the primary key")
     if problems:
         raise BadRequest(f"existing target table {target.name!r} is incompatible: " + "; ".join(problems))
 
