@@ -20,10 +20,10 @@ source = st.selectbox("Source table", tables, index=tables.index("products") if 
 table = db.reflect(engine, source, "source")
 cols = [c.name for c in table.c]
 keys = db.key_columns(engine, table)
-int_cols = sorted((c.name for c in table.c if db.is_integer_type(c.type)), key=lambda c: c not in keys) or cols
+key_cols = sorted((c.name for c in table.c if db.is_key_type(c.type)), key=lambda c: c not in keys) or cols
 text_guess = next((c for c in ("description", "text", "body", "content") if c in cols), cols[-1])
 c1, c2 = st.columns(2)
-id_column = c1.selectbox("Id column (integer key)", int_cols)
+id_column = c1.selectbox("Id column (the table's key)", key_cols)
 text_column = c2.selectbox("Text column", cols, index=cols.index(text_guess))
 target = st.text_input("Target table (created when missing)", value=f"{source}_embeddings")
 c3, c4, c5 = st.columns(3)

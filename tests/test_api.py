@@ -528,6 +528,15 @@ def test_search_over_http_is_the_clis_search(server, fast_model):
     with db.engine_for(url).connect() as conn:
         texts = dict(conn.execute(sa.text("SELECT id, description FROM products")).all())
     assert all(h["text"] == texts[h["id"]] for h in body["hits"])
+    # The same vectors keyed by text (an NVARCHAR code, a UUID): the ids come back as JSON strings.
+    coded = db.target_table("coded_emb", sa.String(12), db.vector_type_for("sqlite", 0))
+    db.create_missing(db.engine_for(url), coded.metadata)
+    with db.engine_for(url).begin() as conn:
+        conn.execute(sa.text("INSERT INTO coded_emb SELECT 'p-' || source_id, embedding, model, content_hash, "
+                             "embedded_at FROM search_emb"))
+    r = requests.post(f"{base}/search", json={**query, "target": "coded_emb"}, headers=auth(), timeout=60)
+    assert r.status_code == 200, r.text
+    assert [h["id"] for h in r.json()["hits"]] == [f"p-{h['id']}" for h in body["hits"]]
 
     for bad, says in [({"target": "nope"}, "target table 'nope' does not exist"),
                       ({"k": 0}, "k must be between 1 and 1000"),

@@ -92,17 +92,23 @@ def test_launch_explains_invalid_choices(demo):
 
 
 def test_launch_offers_the_tables_key_first_and_previews_only_rows_with_an_id(demo):
-    """The first integer column was the default id even where the key came later; and a NULL id among the first
-    rows crashed the preview (int(None))."""
+    """The first integer column was the default id even where the key came later; a NULL id among the first
+    rows crashed the preview (int(None)); a table keyed by text offered no key at all."""
     engine = db.engine_for(demo)
     with engine.begin() as conn:
         conn.execute(sa.text("CREATE TABLE tickets (queue INTEGER, ticket_no INTEGER PRIMARY KEY, body TEXT)"))
         conn.execute(sa.text("INSERT INTO tickets VALUES (NULL, 1, 'printer jams'), (7, 2, 'vpn drops')"))
+        conn.execute(sa.text("CREATE TABLE skus (price REAL, body TEXT, sku VARCHAR(20) PRIMARY KEY)"))
+        conn.execute(sa.text("INSERT INTO skus VALUES (9.5, 'red kayak', 'KY-01')"))
     try:
         at = page("launch")
+        at.selectbox[1].select("skus").run()
+        assert at.selectbox[2].options == ["sku", "body"] and at.selectbox[2].value == "sku"
+        assert not at.exception and not at.error and not at.warning, at.exception or at.error or at.warning
+        assert at.dataframe[0].value.to_dict("records") == [{"sku": "KY-01", "body": "red kayak"}]
         at.selectbox[1].select("tickets").run()
         assert [sb.value for sb in at.selectbox[2:4]] == ["ticket_no", "body"]
-        assert at.selectbox[2].options == ["ticket_no", "queue"]
+        assert at.selectbox[2].options == ["ticket_no", "queue", "body"]
         assert not at.warning
         at.selectbox[2].select("queue").run()
         assert not at.exception and not at.error, at.exception or at.error
@@ -111,6 +117,7 @@ def test_launch_offers_the_tables_key_first_and_previews_only_rows_with_an_id(de
     finally:
         with engine.begin() as conn:
             conn.execute(sa.text("DROP TABLE tickets"))
+            conn.execute(sa.text("DROP TABLE skus"))
 
 
 def test_cancel_click_returns_at_once_and_the_run_settles(demo, fast_model, hold_file):

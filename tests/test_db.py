@@ -66,8 +66,10 @@ def test_missing_table_and_columns_are_named(sqlite_url):
         db.inspect_run(engine, spec_for(sqlite_url, source="nope"))
     with pytest.raises(BadRequest, match=r"text column 'txt' is not in table 'docs' \(columns: id, body\)"):
         db.inspect_run(engine, spec_for(sqlite_url, text_column="txt"))
-    with pytest.raises(BadRequest, match="id column 'body' is TEXT; key ranges need an integer"):
-        db.inspect_run(engine, spec_for(sqlite_url, id_column="body"))
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE docs ADD COLUMN weight REAL"))
+    with pytest.raises(BadRequest, match="id column 'weight' is REAL; runs need an integer, text or UUID id column"):
+        db.inspect_run(engine, spec_for(sqlite_url, id_column="weight"))
 
 
 @pytest.mark.parametrize("name", ['my table', 'we"ird', "semi;colon", "x'); DROP TABLE docs; --"])
@@ -81,7 +83,7 @@ def test_hostile_names_are_quoted_never_executed(sqlite_url, name):
     target = db.ensure_target(engine, s, tables, 384)
     with engine.connect() as conn:
         rows = conn.execute(db.chunk_query(tables.source, tables.id_col, tables.text_col, target,
-                                           0, 10, 5, engine.dialect.name)).all()
+                                           None, False, 10, 5, engine.dialect.name)).all()
     assert [tuple(r) for r in rows] == [(1, "b", None, None)]
     assert set(db.list_tables(engine)) >= {"docs", name, f"{name} emb"}
 
@@ -232,7 +234,7 @@ def test_a_chunk_reads_long_texts_cut_in_the_database_to_what_the_model_can_see(
         target.metadata.drop_all(engine)
         target.metadata.create_all(engine)
         with engine.connect() as conn:
-            rows = conn.execute(db.chunk_query(source, source.c.id, source.c.body, target, 0, 10, 10,
+            rows = conn.execute(db.chunk_query(source, source.c.id, source.c.body, target, 0, True, 10, 10,
                                                dialect)).all()
             whole = dict(conn.execute(sa.select(source.c.id, source.c.body)).all())
         assert [r.id for r in rows] == ids
@@ -324,10 +326,10 @@ def test_mssql_range_read_and_search_statements():
     src = sa.Table("Product Descriptions", sa.MetaData(), sa.Column("ProductID", sa.Integer),
                    sa.Column("Text", sa.UnicodeText), schema="dbo")
     target = db.target_table("emb", sa.Integer(), db.vector_type_for("mssql", 384))
-    sql = compile_mssql(db.chunk_query(src, src.c.ProductID, src.c.Text, target, 17, 1000, 256, "mssql"))
+    sql = compile_mssql(db.chunk_query(src, src.c.ProductID, src.c.Text, target, 17, False, 1000, 256, "mssql"))
     assert sql.startswith("SELECT TOP __[POSTCOMPILE_param_1] dbo.[Product Descriptions].[ProductID] AS id")
     assert "LEFT OUTER JOIN emb ON emb.source_id = dbo.[Product Descriptions].[ProductID]" in sql
-    assert "WHERE dbo.[Product Descriptions].[ProductID] >= ? AND dbo.[Product Descriptions].[ProductID] <= ? " in sql
+    assert "WHERE dbo.[Product Descriptions].[ProductID] <= ? AND dbo.[Product Descriptions].[ProductID] > ? " in sql
     assert sql.endswith("ORDER BY dbo.[Product Descriptions].[ProductID]")
     assert " ".join(compile_mssql(db.orphans_delete(src.c.ProductID, target)).split()) == (
         "DELETE FROM emb WHERE NOT (EXISTS (SELECT * FROM dbo.[Product Descriptions] "
@@ -347,6 +349,20 @@ def test_mssql_range_read_and_search_statements():
                  "CAST(? AS VECTOR(384))) AS distance FROM emb ORDER BY distance")
 
 
+@pytest.mark.parametrize(("col_type", "dialect", "problem"), [
+    (sa.BigInteger(), "mssql", None), (sa.Numeric(10, 0), "postgresql", None),
+    (mssql.UNIQUEIDENTIFIER(), "mssql", None), (postgresql.UUID(), "postgresql", None),
+    (mssql.NVARCHAR(450), "mssql", None), (mssql.VARCHAR(900), "mssql", None), (sa.Text(), "postgresql", None),
+    (mssql.NVARCHAR(451), "mssql", "is NVARCHAR(451), which SQL Server cannot key a target by"),
+    (mssql.NVARCHAR(), "mssql", "at most 900 bytes"),  # NVARCHAR(max), as reflected
+    (sa.Float(), "sqlite", "is FLOAT; runs need an integer, text or UUID id column"),
+    (sa.Enum("a", "b", name="kind"), "postgresql", "runs need an integer, text or UUID"),
+])
+def test_id_columns_runs_can_key_a_target_by(col_type, dialect, problem):
+    found = db.key_type_problem("id", col_type, dialect)
+    assert (found is None) if problem is None else (problem in found), found
+
+
 def test_mssql_engine_uses_fast_executemany_only_with_microsoft_driver():
     ms = db.engine_for("mssql+pyodbc://u:p@h:1433/d?driver=ODBC+Driver+18+for+SQL+Server")
     tds = db.engine_for("mssql+pyodbc://u:p@h:1433/d?driver=FreeTDS&TDS_Version=7.4")
@@ -354,15 +370,21 @@ def test_mssql_engine_uses_fast_executemany_only_with_microsoft_driver():
     assert tds.dialect.fast_executemany is False
 
 
-def test_vector_index_follows_inserts_updates_and_deletes(sqlite_url):
-    """The in-memory index gives the same top-k as a streaming scan as the table changes under it."""
+KEYS = {"integer": (sa.Integer(), int), "text": (sa.String(20), lambda i: f"sku-{i:05d}")}
+
+
+@pytest.mark.parametrize("kind", KEYS)
+def test_vector_index_follows_inserts_updates_and_deletes(sqlite_url, kind):
+    """The in-memory index gives the same top-k as a streaming scan as the table changes under it, for integer
+    and text keys."""
+    id_type, key = KEYS[kind]
     engine = db.engine_for(sqlite_url)
-    target = db.target_table("idx_emb", sa.Integer(), sa.LargeBinary())
+    target = db.target_table("idx_emb", id_type, sa.LargeBinary())
     target.metadata.create_all(engine)
     rng = np.random.default_rng(1)
 
     def write(ids, seconds):
-        rows = [dict(source_id=int(i), embedding=db.encode_for(target, rng.standard_normal(8)), model="m",
+        rows = [dict(source_id=key(i), embedding=db.encode_for(target, rng.standard_normal(8)), model="m",
                      content_hash="h", embedded_at=dt.datetime(2026, 1, 1, 0, 0, seconds)) for i in ids]
         with engine.begin() as conn:
             db.upsert(conn, target, rows)
@@ -377,11 +399,11 @@ def test_vector_index_follows_inserts_updates_and_deletes(sqlite_url):
         want = search.scan_top_k(engine, target, q / np.linalg.norm(q), 5, chunk_rows=7)
         assert list(got[1]) == list(want[1]), step
         assert np.allclose(got[0], want[0], atol=1e-6)
-    assert len(index.ids) == 80
+    assert len(index.ids) == 80 and index.ids.dtype == (np.int64 if kind == "integer" else object)
     with engine.begin() as conn:
-        conn.execute(target.delete().where(target.c.source_id < 40))
+        conn.execute(target.delete().where(target.c.source_id < key(40)))
     got = index.top_k(q, 5)
-    assert len(index.ids) == 40 and min(got[1]) >= 40
+    assert len(index.ids) == 40 and min(got[1]) >= key(40)
 
 
 def test_threads_searching_one_target_at_once_load_it_once_and_agree(sqlite_url):
@@ -477,12 +499,14 @@ def test_search_indexes_share_one_memory_budget(sqlite_url, monkeypatch):
     assert [key[1] for key in search._INDEXES] == ["budget_b"]
 
 
-def test_a_large_target_is_searched_through_the_approximate_index_kept_current(sqlite_url, monkeypatch):
+@pytest.mark.parametrize("kind", KEYS)
+def test_a_large_target_is_searched_through_the_approximate_index_kept_current(sqlite_url, monkeypatch, kind):
     """Beyond EMBEDDECK_SEARCH_EXACT_ROWS the index is faiss IVF (8-bit): recall@10 against the exact scan
-    stays high, and upserts and deletes reach it without a rebuild per query."""
+    stays high, and upserts and deletes reach it without a rebuild per query. Text keys get labels of their own."""
+    id_type, key = KEYS[kind]
     monkeypatch.setenv("EMBEDDECK_SEARCH_EXACT_ROWS", "500")
     engine = db.engine_for(sqlite_url)
-    target = db.target_table("ann_emb", sa.Integer(), sa.LargeBinary())
+    target = db.target_table("ann_emb", id_type, sa.LargeBinary())
     target.metadata.create_all(engine)
     rng = np.random.default_rng(7)
     centers = rng.standard_normal((40, 64)).astype(np.float32)
@@ -491,7 +515,7 @@ def test_a_large_target_is_searched_through_the_approximate_index_kept_current(s
         vecs = centers[rng.integers(0, 40, len(ids))] + 0.3 * rng.standard_normal((len(ids), 64)) if vecs is None \
             else vecs
         with engine.begin() as conn:
-            db.upsert(conn, target, [dict(source_id=int(i), embedding=db.encode_for(target, v), model="m",
+            db.upsert(conn, target, [dict(source_id=key(i), embedding=db.encode_for(target, v), model="m",
                                           content_hash="h", embedded_at=dt.datetime(2026, 1, 1, 0, 0, second))
                                      for i, v in zip(ids, vecs)])
 
@@ -509,13 +533,13 @@ def test_a_large_target_is_searched_through_the_approximate_index_kept_current(s
     probe = rng.standard_normal(64).astype(np.float32) * 10  # far from every cluster
     write([5], 2, [probe])  # an update of a row the index holds
     write([4000], 3, [-probe])  # a new row
-    assert index.top_k(probe, 1)[1][0] == 5 and index.top_k(-probe, 1)[1][0] == 4000
+    assert index.top_k(probe, 1)[1][0] == key(5) and index.top_k(-probe, 1)[1][0] == key(4000)
     assert index.ann is ann and ann.ntotal == 3001  # updated in place: no rebuild, no duplicate of row 5
     index.count_every_s = 0  # deletes show at the next count
     with engine.begin() as conn:
-        conn.execute(target.delete().where(target.c.source_id < 2800))
+        conn.execute(target.delete().where(target.c.source_id < key(2800)))
     got = index.top_k(probe, 3)  # 201 rows left: back under the line, searched exactly
-    assert index.ann is None and len(index.ids) == 201 and 5 not in got[1] and min(got[1]) >= 2800
+    assert index.ann is None and len(index.ids) == 201 and key(5) not in got[1] and min(got[1]) >= key(2800)
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])

@@ -261,8 +261,9 @@ def test_bench_encoder_processes_load_once_and_each_encodes_its_share_of_the_ran
 
     n = 300
     texts = [p["description"] for p in products(n) if p["description"] is not None]
-    ranges = plan.split_range(0, len(texts) - 1, plan.default_partitions(2, len(texts)))
-    shares = [sum(r.hi - r.lo + 1 for r in ranges[i::2]) for i in range(2)]
+    ends = plan.split_ends(len(texts), plan.default_partitions(2, len(texts)))
+    sizes = [b - a for a, b in zip([-1] + ends, ends)]
+    shares = [sum(sizes[i::2]) for i in range(2)]
     with EncoderProcesses(n, 2, split=True) as split:
         for _ in range(2):
             answers = split.ask("rate")

@@ -1,6 +1,7 @@
 """The Spark job end to end, in-process on a real local[2] SparkSession: SQLite and PostgreSQL."""
 
 import itertools
+import uuid
 
 import numpy as np
 import pytest
@@ -196,8 +197,8 @@ def test_key_ranges_hold_equal_rows_however_the_ids_are_spread(spark, sqlite_url
 
     def rows_per_range(rows, parts):
         ranges = pipeline.key_ranges(engine, tables, rows, parts)
-        assert ranges[0].lo == -5 and all(a.hi + 1 == b.lo for a, b in itertools.pairwise(ranges))
-        return [sum(r.lo <= i <= r.hi for i in ids) for r in ranges]
+        assert ranges[0].after is None and all(a.hi == b.after for a, b in itertools.pairwise(ranges))
+        return [sum((r.after is None or r.after < i) and i <= r.hi for i in ids) for r in ranges]
 
     assert rows_per_range(61, 3) == [21, 20, 20]
     assert rows_per_range(30, 3) == [10, 10, 10]  # a run limited to its first 30 rows
@@ -208,6 +209,49 @@ def test_key_ranges_hold_equal_rows_however_the_ids_are_spread(spark, sqlite_url
     assert (some.state, some.rows_done) == ("succeeded", 30), some.error
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT max(source_id) FROM spread_some_emb")).scalar() == 24
+
+
+@pytest.mark.parametrize(("db_name", "kind"), [("sqlite", "text"), ("postgres", "text"), ("postgres", "uuid")])
+def test_text_and_uuid_keys_are_embedded_mirrored_and_searched(spark, sqlite_url, pg_url, db_name, kind,
+                                                               reference_model):
+    """SQL Server tables are often keyed by a uniqueidentifier or a code: such runs were refused ("key ranges need
+    an integer id column"). Ranges follow the server's own order (mixed case sorts otherwise under a linguistic
+    collation than in Python), chunks of 7 rows cross the ranges' ends, and search answers with the keys."""
+    from jobs.embed import search
+
+    url = sqlite_url if db_name == "sqlite" else pg_url
+    engine = db.engine_for(url)
+    keys = ([uuid.uuid5(uuid.NAMESPACE_URL, f"item/{i}") for i in range(40)] if kind == "uuid" else
+            [f"{'aBcD'[i % 4]}{i % 7}-{i}" for i in range(38)] + ["", "Zoë's"])
+    texts = [p["description"] for p in products(len(keys))]
+    # A linguistic collation on PostgreSQL (ICU's root locale: a < B < c, where Python has B < a < c).
+    key_type = sa.Uuid() if kind == "uuid" else sa.String(24, collation="und-x-icu" if db_name == "postgres" else None)
+    table = sa.Table("coded", sa.MetaData(), sa.Column("item_id", key_type, primary_key=True),
+                     sa.Column("descr", sa.Text))
+    table.drop(engine, checkfirst=True)
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"item_id": k, "descr": t} for k, t in zip(keys, texts)])
+    sa.Table("coded_emb", sa.MetaData()).drop(engine, checkfirst=True)
+    first = run(spark, url, source="coded", target="coded_emb", chunk_rows=7)
+    assert (first.state, first.rows_total, first.rows_done) == ("succeeded", 40, 40), first.error
+    rows = stored(url, "coded_emb", "coded")
+    assert sorted(map(str, (r.source_id for r in rows))) == sorted(map(str, keys))
+    assert_matches_reference(rows, reference_model)
+    stored_type = db.reflect(engine, "coded_emb").c.source_id.type  # the source's, collation and all
+    assert (isinstance(stored_type, sa.Uuid) if kind == "uuid" else
+            (stored_type.length, stored_type.collation) == (24, key_type.collation))
+
+    with engine.begin() as conn:
+        conn.execute(table.update().where(table.c.item_id == keys[3]).values(descr="a bright red kayak paddle"))
+        conn.execute(table.delete().where(table.c.item_id == keys[-1]))
+    again = run(spark, url, source="coded", target="coded_emb", chunk_rows=7)
+    assert (again.state, again.rows_done, again.rows_removed) == ("succeeded", 1, 1), again.error
+
+    found = search.search(url, "coded_emb", "red kayak paddle", k=3)
+    shown = str(keys[3])  # a UUID as its text, as the API's JSON carries it
+    assert (found.hits[0].id, found.hits[0].text) == (shown, "a bright red kayak paddle")
+    assert all(isinstance(h.id, str) for h in found.hits)
 
 
 @pytest.mark.parametrize("db_name", ["sqlite", "postgres"])

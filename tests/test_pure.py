@@ -88,30 +88,24 @@ def test_vector_codecs_round_trip():
         vectors.matrix_from_blobs([b, b[:8]], 384)
 
 
-@pytest.mark.parametrize("lo,hi,parts", [(1, 100, 4), (1, 3, 8), (5, 5, 2), (-10, 1000, 7)])
-def test_split_range_covers_without_overlap(lo, hi, parts):
-    ranges = plan.split_range(lo, hi, parts)
-    assert ranges[0].lo == lo and ranges[-1].hi == hi
-    assert len(ranges) == min(parts, hi - lo + 1)
-    for a, b in itertools.pairwise(ranges):
-        assert b.lo == a.hi + 1
-    sizes = [r.hi - r.lo + 1 for r in ranges]
-    assert max(sizes) - min(sizes) <= 1
+@pytest.mark.parametrize("rows,parts", [(100, 4), (3, 8), (1, 2), (1011, 7), (0, 3)])
+def test_split_ends_cover_the_rows_in_near_equal_parts(rows, parts):
+    ends = plan.split_ends(rows, parts)
+    assert len(ends) == min(parts, rows)
+    sizes = [b - a for a, b in itertools.pairwise([-1] + ends)]
+    assert sum(sizes) == rows and (not sizes or (min(sizes) >= 1 and max(sizes) - min(sizes) <= 1))
 
 
 @pytest.mark.parametrize(("ends", "want"), [
-    ([1, 4, 10**12], [(1, 4), (5, 10**12)]),
-    ([7, 7], [(7, 7)]),  # one row
-    ([1, 5, 5, 9], [(1, 5), (6, 9)]),  # a repeated id (the run refuses it when it reads the rows) adds no range
+    ([4, 10**12], [(None, 4), (4, 10**12)]),
+    ([7], [(None, 7)]),  # one row
+    ([5, 5, 9], [(None, 5), (5, 9)]),  # a repeated id (the run refuses it when it reads the rows) adds no range
+    (["b", "B", "a"], [(None, "b"), ("b", "B"), ("B", "a")]),  # the database's order, not Python's
     ([], []),
 ])
 def test_ranges_end_at_the_ids_where_the_rows_divide(ends, want):
-    assert [(r.lo, r.hi) for r in plan.ranges_ending_at(ends)] == want
+    assert [(r.after, r.hi) for r in plan.ranges_ending_at(ends)] == want
     assert [r.index for r in plan.ranges_ending_at(ends)] == list(range(len(want)))
-
-
-def test_split_empty_range():
-    assert plan.split_range(5, 4, 3) == []
 
 
 @pytest.mark.parametrize("text,h,sh,sm,mode,expected", [
@@ -129,9 +123,10 @@ def test_needs_vector(text, h, sh, sm, mode, expected):
 @pytest.mark.parametrize("previous, ids, expected", [
     (None, [1, 2, 5], None), (4, [5, 9], None), (None, [], None),
     (None, [1, 2, 2, 3], 2), (5, [5, 6], 5),  # the chunk before ended on 5
-    (None, [3, 1], 1),  # out of order: the database sorted otherwise, so the read cannot be trusted either
+    (None, ["b", "a", "a"], "a"),  # text in the server's collation: its order need not be Python's
+    (None, ["Z", "a", "B"], None),
 ])
-def test_a_repeated_id_is_the_first_that_does_not_rise(previous, ids, expected):
+def test_a_repeated_id_is_one_equal_to_its_neighbour(previous, ids, expected):
     assert plan.repeated_id(previous, ids) == expected
 
 

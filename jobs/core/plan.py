@@ -2,50 +2,48 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
 
 
 @dataclass(frozen=True)
 class KeyRange:
-    """Inclusive id range [lo, hi] that one Spark task reads."""
+    """The ids that one Spark task reads: above `after` (None: from the first row) up to `hi`, inclusive, in the
+    database's own order of the id column (integers, text under its collation, UUIDs as the server sorts them)."""
 
     index: int
-    lo: int
-    hi: int
+    after: Hashable | None
+    hi: Hashable
 
 
-def split_range(lo: int, hi: int, parts: int) -> list[KeyRange]:
-    """Split [lo, hi] into at most `parts` contiguous, non-overlapping, covering ranges."""
-    if hi < lo:
-        return []
-    parts = max(1, min(parts, hi - lo + 1))
-    width, extra = divmod(hi - lo + 1, parts)
-    ranges, start = [], lo
-    for i in range(parts):
-        end = start + width - 1 + (1 if i < extra else 0)
-        ranges.append(KeyRange(i, start, end))
-        start = end + 1
+def split_ends(rows: int, parts: int) -> list[int]:
+    """The last 0-based position of each of at most `parts` contiguous parts of `rows` rows, sizes within one."""
+    parts = max(1, min(parts, rows))
+    width, extra = divmod(rows, parts)
+    ends, end = [], -1
+    for i in range(parts if rows > 0 else 0):
+        end += width + (1 if i < extra else 0)
+        ends.append(end)
+    return ends
+
+
+def ranges_ending_at(ends: list[Hashable]) -> list[KeyRange]:
+    """Contiguous ranges, each ending at one of the ids `ends` (ascending in the database's order: the last of
+    each range's rows), the first from the first row; an end equal to the one before adds no range."""
+    ranges: list[KeyRange] = []
+    for end in ends:
+        if not ranges or end != ranges[-1].hi:
+            ranges.append(KeyRange(len(ranges), ranges[-1].hi if ranges else None, end))
     return ranges
 
 
-def ranges_ending_at(ends: list[int]) -> list[KeyRange]:
-    """Contiguous inclusive ranges from ends[0], each ending at one of the later ends (ascending ids: the first
-    row's, then the last of each range's rows); an end that does not rise adds no range."""
-    ranges, start = [], ends[0] if ends else 0
-    for end in ends[1:]:
-        if end >= start:
-            ranges.append(KeyRange(len(ranges), start, end))
-            start = end + 1
-    return ranges
-
-
-def repeated_id(previous: int | None, ids: list[int]) -> int | None:
-    """The first id of a chunk read in id order that is not above the one before it (`previous` ends the chunk
-    before), i.e. one that a second row shares; None when every id is its row's own."""
+def repeated_id(previous: Hashable | None, ids: list[Hashable]) -> Hashable | None:
+    """The first id of a chunk read in id order that equals the one before it (`previous` ends the chunk before),
+    i.e. one that a second row shares; None when every id is its row's own. The database sorts, so equal ids are
+    neighbours; Python's order of text or UUIDs need not be the server's, so only equality is asked."""
     for row_id in ids:
-        if previous is not None and row_id <= previous:
+        if previous is not None and row_id == previous:
             return row_id
         previous = row_id
     return None

@@ -51,7 +51,7 @@ class SearchRequest(BaseModel):
 
 
 class SearchHit(BaseModel):
-    id: int
+    id: int | str = Field(description="the source row's id: a number, or text (text and UUID keys)")
     score: float
     text: str | None = Field(description="the source text as runs embed it (normalised, at most 65,536 characters)")
 

@@ -231,8 +231,8 @@ def encoder_child(n: int, part: int = 0, parts: int = 1) -> None:
     texts = [p["description"] for p in products(n) if p["description"] is not None]
     windows = [texts]
     if parts > 1:
-        ranges = plan.split_range(0, len(texts) - 1, plan.default_partitions(parts, len(texts)))
-        windows = [texts[r.lo:r.hi + 1] for r in ranges][part::parts]
+        ends = plan.split_ends(len(texts), plan.default_partitions(parts, len(texts)))
+        windows = [texts[a + 1:b + 1] for a, b in zip([-1] + ends, ends)][part::parts]
     enc = get_encoder("all-MiniLM-L6-v2")
     enc.encode(texts[:32])
     print("ready", flush=True)

@@ -44,17 +44,18 @@ def _tables(spec: RunSpec) -> db.Tables:
     return tables
 
 
-def _chunks(spec: RunSpec, tables: db.Tables, lo: int, hi: int) -> Iterator[list]:
-    """Rows of [lo, hi] with their stored hash and model, chunk by chunk (bounded memory); BadRequest at an id
-    that two rows share, as a target keeps one vector per id and would flip between their texts run after run."""
+def _chunks(spec: RunSpec, tables: db.Tables, after, hi) -> Iterator[list]:
+    """Rows of the key range (after, hi] with their stored hash and model, chunk by chunk (bounded memory);
+    BadRequest at an id that two rows share, as a target keeps one vector per id and would flip between their
+    texts run after run."""
     engine = db.engine_for(spec.db_url)
     last = None
     while True:
         # Each chunk starts at the last id read, that row again: a second row with that id shows even where a
         # chunk ends between the two.
-        start, extra = (lo, 0) if last is None else (last, 1)
+        start, extra = (after, 0) if last is None else (last, 1)
         q = db.chunk_query(tables.source, tables.id_col, tables.text_col, tables.target,
-                           start, hi, spec.chunk_rows + extra, engine.dialect.name)
+                           start, bool(extra), hi, spec.chunk_rows + extra, engine.dialect.name)
         with engine.connect() as conn:
             rows = conn.execute(q).all()
         rows = rows[1:] if extra and rows and rows[0][0] == last else rows
@@ -172,7 +173,7 @@ def scan_partitions(task: TaskPlan):
     """mapPartitions function: count per key range what the run has to embed."""
 
     @_errors_as_results
-    def run(ranges: Iterator[tuple[int, int, int]]) -> Iterator[dict]:
+    def run(ranges: Iterator[tuple]) -> Iterator[dict]:
         spec, api_key = task.open()
         tables = _tables(spec)
         # Python workers are reused by the embedding job: loading the model here overlaps the
@@ -182,10 +183,10 @@ def scan_partitions(task: TaskPlan):
         _worker_encoder(spec.model, task.endpoint_url, api_key, spec.endpoint)
         marks["model_ready"] = time.time()
         marks["model_load_s"] = time.perf_counter() - t0  # ~0 when this worker already holds the model
-        for index, lo, hi in ranges:
-            counts = {"index": index, "lo": lo, "hi": hi, "rows": 0, "needed": 0, "emptied": 0, "empty": 0,
+        for index, after, hi in ranges:
+            counts = {"index": index, "after": after, "hi": hi, "rows": 0, "needed": 0, "emptied": 0, "empty": 0,
                       "current": 0, "marks": marks}
-            for chunk in _chunks(spec, tables, lo, hi):
+            for chunk in _chunks(spec, tables, after, hi):
                 todo, emptied, empty, current = _classify(spec, chunk)
                 counts["rows"] += len(chunk)
                 counts["needed"] += len(todo)
@@ -201,15 +202,15 @@ def embed_partitions(task: TaskPlan):
     """mapPartitions function: read, encode and upsert each key range, committing every few hundred rows."""
 
     @_errors_as_results
-    def run(ranges: Iterator[tuple[int, int, int]]) -> Iterator[dict]:
+    def run(ranges: Iterator[tuple]) -> Iterator[dict]:
         spec, api_key = task.open()
         tables = _tables(spec)
         engine = db.engine_for(spec.db_url)
         hold = Settings().raw(HOLD_FILE_VAR)
         encoder = _worker_encoder(spec.model, task.endpoint_url, api_key, spec.endpoint)
-        for index, lo, hi in ranges:
+        for index, after, hi in ranges:
             t0, embedded, removed, first_commit, encoding = time.perf_counter(), 0, 0, None, 0.0
-            for chunk in _chunks(spec, tables, lo, hi):
+            for chunk in _chunks(spec, tables, after, hi):
                 todo, emptied, _, _ = _classify(spec, chunk)
                 if emptied:
                     with engine.begin() as conn:
@@ -308,8 +309,7 @@ def key_ranges(engine: Engine, tables: db.Tables, rows: int, parts: int) -> list
     """`parts` key ranges over the source's first `rows` rows in id order, cut where the rows divide evenly."""
     # Not where the ids do: one id far beyond the rest put every other row in the first range, and one task did
     # all the work (1,100 rows/s on two cores instead of 1,900).
-    cuts = [0] + [r.hi for r in plan.split_range(0, rows - 1, parts)]
-    return plan.ranges_ending_at(db.ids_at(engine, tables.source, tables.id_col, cuts))
+    return plan.ranges_ending_at(db.ids_at(engine, tables.source, tables.id_col, plan.split_ends(rows, parts)))
 
 
 def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str, float] | None = None) -> str:
@@ -338,7 +338,7 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
         registry.finish(run_id, SUCCEEDED, rows_done=0, rows_removed=db.delete_orphans(engine, tables.id_col, target))
         return SUCCEEDED
     parts = spec.partitions or plan.default_partitions(sc.defaultParallelism, rows)
-    ranges = [(r.index, r.lo, r.hi) for r in key_ranges(engine, tables, rows, parts)]
+    ranges = [(r.index, r.after, r.hi) for r in key_ranges(engine, tables, rows, parts)]
     # A broadcast, not a file Spark's file server keeps offering: executors that join the run service later
     # would fetch every file ever added, and a destroyed broadcast is gone from every executor.
     secrets = sc.broadcast({"db_url": spec.db_url, "api_key": endpoint.api_key if endpoint else None})
@@ -354,7 +354,7 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
         marks["planned"] = time.time()
         total = sum(r["needed"] for r in scanned)
         skipped = sum(r["empty"] + r["current"] for r in scanned)
-        work = [(r["index"], r["lo"], r["hi"]) for r in scanned if r["needed"] or r["emptied"]]
+        work = [(r["index"], r["after"], r["hi"]) for r in scanned if r["needed"] or r["emptied"]]
         _record_marks(registry, run_id, marks, scanned, [])
         if registry.get(run_id).cancel_requested:
             registry.finish(run_id, CANCELLED, error="cancelled before embedding started")

@@ -22,11 +22,20 @@ SCAN_CHUNK_ROWS = 20_000
 
 @dataclass
 class Hit:
-    """One result row."""
+    """One result row; a UUID id is shown as its text."""
 
-    id: int
+    id: int | str
     score: float
     text: str | None
+
+
+def key_array(keys: list) -> np.ndarray:
+    """Source ids as an array: int64 for integer keys, objects (text, UUIDs) otherwise."""
+    if keys and isinstance(keys[0], int):
+        return np.fromiter(keys, np.int64, count=len(keys))
+    array = np.empty(len(keys), dtype=object)
+    array[:] = keys
+    return array
 
 
 @dataclass
@@ -54,7 +63,7 @@ def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.n
 def scan_top_k(engine: sa.Engine, target: sa.Table, query: np.ndarray, k: int,
                chunk_rows: int = SCAN_CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """Stream the target in key order, keeping only the running top k: memory is one chunk."""
-    best_s, best_i = np.empty(0, np.float32), np.empty(0, np.int64)
+    best_s, best_i = np.empty(0, np.float32), None
     after = None
     dim = query.shape[0]
     while True:
@@ -65,7 +74,7 @@ def scan_top_k(engine: sa.Engine, target: sa.Table, query: np.ndarray, k: int,
             rows = conn.execute(q).all()
         if not rows:
             break
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        ids = key_array([r[0] for r in rows])
         if isinstance(target.c.embedding.type, db.MSSQLVector):
             mat = np.stack([vectors.from_json(r[1]) for r in rows])
         else:
@@ -73,15 +82,16 @@ def scan_top_k(engine: sa.Engine, target: sa.Table, query: np.ndarray, k: int,
         norms = np.linalg.norm(mat, axis=1)
         scores = (mat @ query) / np.where(norms == 0, 1, norms)
         best_s, best_i = top_k(np.concatenate([best_s, scores.astype(np.float32)]),
-                               np.concatenate([best_i, ids]), k)
-        after = int(ids[-1])
-    return best_s, best_i
+                               ids if best_i is None else np.concatenate([best_i, ids]), k)
+        after = rows[-1][0]
+    return best_s, key_array([]) if best_i is None else best_i
 
 
 class VectorIndex:
     """A target's vectors held in memory for fast search, kept current as runs upsert.
 
-    Each query first asks the database for (count, latest embedded_at): unchanged means no I/O beyond
+    Keys that are not integers (text, UUIDs) get int64 labels in this process for the approximate index, which
+    holds only those. Each query first asks the database for (count, latest embedded_at): unchanged means no I/O beyond
     that; newer rows are read by embedded_at (indexed) and added, replacing what they update; a shrunken
     table reloads. Up to EMBEDDECK_SEARCH_EXACT_ROWS vectors are searched exactly (one float32 copy,
     100k × 384 ≈ 147 MiB); beyond that an approximate index (faiss IVF with 8-bit scalar quantization,
@@ -101,9 +111,11 @@ class VectorIndex:
         self._reset()
 
     def _reset(self) -> None:
-        self.ids = np.empty(0, np.int64)
+        self.ids = key_array([])
         self.matrix = np.empty((0, self.dim), np.float32)
-        self.position: dict[int, int] = {}
+        self.position: dict = {}
+        self.keys: list = []  # the approximate index's labels' keys, where keys are not integers
+        self.label_of: dict = {}
         self.ann = None  # the approximate index, once the target outgrows exact search
         self.count, self.watermark, self.counted_at = 0, None, -np.inf
 
@@ -137,7 +149,7 @@ class VectorIndex:
             q = q.limit(limit)
         with self.engine.connect() as conn:
             for part in conn.execute(q.execution_options(yield_per=SCAN_CHUNK_ROWS)).partitions():
-                ids = np.fromiter((int(r[0]) for r in part), np.int64, count=len(part))
+                ids = key_array([r[0] for r in part])
                 if isinstance(t.c.embedding.type, db.MSSQLVector):
                     mat = np.stack([vectors.from_json(r[1]) for r in part]).astype(np.float32)
                 else:
@@ -147,16 +159,28 @@ class VectorIndex:
                 yield ids, mat, max(r[2] for r in part)
 
     def _add_exact(self, ids: np.ndarray, mat: np.ndarray) -> None:
-        fresh = [i for i, row_id in enumerate(ids.tolist()) if row_id not in self.position]
-        for i, row_id in enumerate(ids.tolist()):
-            if row_id in self.position:
-                self.matrix[self.position[row_id]] = mat[i]
+        keys = ids.tolist()
+        fresh = [i for i, key in enumerate(keys) if key not in self.position]
+        for i, key in enumerate(keys):
+            if key in self.position:
+                self.matrix[self.position[key]] = mat[i]
         if fresh:
             start = len(self.ids)
-            self.ids = np.concatenate([self.ids, ids[fresh]])
+            # The first rows set the array's kind (an empty one is of objects): integer keys stay int64.
+            self.ids = np.concatenate([self.ids, ids[fresh]]) if start else ids[fresh]
             self.matrix = np.concatenate([self.matrix, mat[fresh]])
             for offset, i in enumerate(fresh):
-                self.position[int(ids[i])] = start + offset
+                self.position[keys[i]] = start + offset
+
+    def _labels(self, ids: np.ndarray) -> np.ndarray:
+        """The approximate index's int64 labels of these keys: integer keys are their own, others are numbered."""
+        if ids.dtype != object:
+            return ids
+        for key in ids.tolist():
+            if key not in self.label_of:
+                self.label_of[key] = len(self.keys)
+                self.keys.append(key)
+        return np.fromiter((self.label_of[key] for key in ids.tolist()), np.int64, count=len(ids))
 
     def _train_ann(self, count: int) -> None:
         """An IVF index with lists for this many vectors, trained on a sample of the table's own."""
@@ -173,9 +197,10 @@ class VectorIndex:
     def _load(self, since) -> None:
         for ids, mat, latest in self.chunks(since):
             if self.ann is not None:
+                labels = self._labels(ids)
                 if since is not None:  # updated rows replace their old vectors
-                    self.ann.remove_ids(ids)
-                self.ann.add_with_ids(mat, ids)
+                    self.ann.remove_ids(labels)
+                self.ann.add_with_ids(mat, labels)
             else:
                 self._add_exact(ids, mat)
             self.watermark = latest if self.watermark is None or latest > self.watermark else self.watermark
@@ -217,9 +242,10 @@ class VectorIndex:
                 return None
             q = (query / (np.linalg.norm(query) or 1.0)).astype(np.float32)
             if self.ann is not None:
-                scores, ids = self.ann.search(q[None, :], k)
-                keep = ids[0] >= 0
-                return scores[0][keep], ids[0][keep]
+                scores, labels = self.ann.search(q[None, :], k)
+                keep = labels[0] >= 0
+                found = labels[0][keep]
+                return scores[0][keep], key_array([self.keys[i] for i in found]) if self.keys else found
             return top_k(self.matrix @ q, self.ids, k)
 
 
@@ -265,7 +291,7 @@ def mssql_search_statement(target: sa.Table, dim: int, k: int) -> sa.TextClause:
     )
 
 
-def fetch_texts(engine: sa.Engine, origin: dict | None, ids: list[int]) -> dict[int, str | None]:
+def fetch_texts(engine: sa.Engine, origin: dict | None, ids: list) -> dict:
     """Source text of the given ids as runs embed it (normalised, cut, bytes decoded), when the target's source
     is known: k hits of 1 MB documents must not make a 1 GB answer."""
     if not origin or not ids:
@@ -323,18 +349,20 @@ def search(db_url: str, target_name: str, query: str, k: int = 10, model: str | 
             rows = conn.execute(mssql_search_statement(target, len(qvec), k),
                                 {"query": vectors.to_json(qvec)}).all()
         scores = np.array([1.0 - r.distance for r in rows], dtype=np.float32)
-        ids = np.array([r.source_id for r in rows], dtype=np.int64)
+        ids = key_array([r.source_id for r in rows])
     else:
         best = index_for(db_url, engine, target, len(qvec)).top_k(qvec, k)
         trim_indexes()
         scores, ids = best if best is not None else scan_top_k(engine, target, qvec, k)
     t2 = time.perf_counter()
+    keys = ids.tolist()  # numpy's integers become Python's
     try:
-        texts = fetch_texts(engine, origin, [int(i) for i in ids])
+        texts = fetch_texts(engine, origin, keys)
     except BadRequest as exc:  # the source was dropped or altered since: the vectors still answer
         texts = {}
         warnings.append(f"hits come without text: {exc}")
-    hits = [Hit(int(i), float(s), texts.get(int(i))) for s, i in zip(scores, ids)]
+    hits = [Hit(key if isinstance(key, int | str) else str(key), float(s), texts.get(key))
+            for s, key in zip(scores, keys)]
     # The load is what this query waited for a model that became ready during it; a cached one's lookup is not
     # a load (it read 1.1 ms on a busy machine, and the dashboard said "model loaded in 1 ms").
     load_ms = (loaded - t0) * 1000 if encoder.ready_at >= t0 else 0.0

@@ -218,10 +218,31 @@ def key_columns(engine: Engine, table: sa.Table) -> list[str]:
 
 
 def is_integer_type(col_type: sa.types.TypeEngine) -> bool:
-    """Whether key ranges can be planned over a column of this type."""
+    """Whether a column holds whole numbers (integers, or decimals of scale 0)."""
     return isinstance(col_type, sa.Integer) or (
         isinstance(col_type, sa.Numeric) and getattr(col_type, "scale", None) == 0
     )
+
+
+def is_key_type(col_type: sa.types.TypeEngine) -> bool:
+    """Whether runs can key a source by a column of this type: integers, text (not an enum) or UUIDs."""
+    return is_integer_type(col_type) or isinstance(col_type, sa.Uuid) or (
+        isinstance(col_type, sa.String) and not isinstance(col_type, sa.Enum))
+
+
+SQLSERVER_KEY_BYTES = 900  # the most a clustered primary key's column may hold in SQL Server
+
+
+def key_type_problem(name: str, col_type: sa.types.TypeEngine, dialect_name: str) -> str | None:
+    """Why a run cannot key its target by a column of this type, or None when it can."""
+    if not is_key_type(col_type):
+        return f"id column {name!r} is {col_type}; runs need an integer, text or UUID id column"
+    if dialect_name == "mssql" and isinstance(col_type, sa.String) and (
+            col_type.length is None or col_type.length * (2 if isinstance(col_type, sa.Unicode) else 1)
+            > SQLSERVER_KEY_BYTES):
+        return (f"id column {name!r} is {col_type}, which SQL Server cannot key a target by (a key holds at most "
+                f"{SQLSERVER_KEY_BYTES} bytes): pick a column of at most NVARCHAR(450) or VARCHAR(900)")
+    return None
 
 
 @dataclass
@@ -240,10 +261,9 @@ def inspect_run(engine: Engine, spec: RunSpec) -> Tables:
     source = reflect(engine, spec.source, "source")
     id_col = column(source, spec.id_column, "id")
     text_col = column(source, spec.text_column, "text")
-    if not is_integer_type(id_col.type):
-        raise BadRequest(
-            f"id column {spec.id_column!r} is {id_col.type}; key ranges need an integer id column"
-        )
+    problem = key_type_problem(spec.id_column, id_col.type, engine.dialect.name)
+    if problem:
+        raise BadRequest(problem)
     target = None
     schema, name = _split_name(engine, spec.target)
     if sa.inspect(engine).has_table(name, schema=schema):
@@ -338,8 +358,8 @@ def ensure_target(engine: Engine, spec: RunSpec, tables: Tables, dim: int) -> sa
                              f"makes {dim}: use another target")
         return tables.target
     schema, name = _split_name(engine, spec.target)
-    id_type = tables.id_col.type
-    if not isinstance(id_type, sa.Integer):
+    id_type = tables.id_col.type  # text keeps its length and collation: the target's key compares as the source's
+    if is_integer_type(id_type) and not isinstance(id_type, sa.Integer):
         id_type = sa.BigInteger()
     table = target_table(name, id_type, vector_type_for(engine.dialect.name, dim, has_native_vectors(engine)), schema)
     create_missing(engine, table.metadata)
@@ -362,10 +382,10 @@ def ids_at_query(source: sa.Table, id_col: sa.Column, positions: list[int]) -> s
     return sa.select(numbered.c.pos, numbered.c.id).where(numbered.c.pos.in_(sorted(set(positions))))
 
 
-def ids_at(engine: Engine, source: sa.Table, id_col: sa.Column, positions: list[int]) -> list[int]:
+def ids_at(engine: Engine, source: sa.Table, id_col: sa.Column, positions: list[int]) -> list:
     """The ids at these positions in id order (ids_at_query), one per position asked that still holds a row."""
     with engine.connect() as conn:
-        found = {int(pos): int(i) for pos, i in conn.execute(ids_at_query(source, id_col, positions))}
+        found = {int(pos): i for pos, i in conn.execute(ids_at_query(source, id_col, positions))}
     return [found[p] for p in positions if p in found]  # rows deleted since they were counted have none
 
 
@@ -396,13 +416,16 @@ def text_prefix(text_col: sa.Column, dialect_name: str) -> sa.ColumnElement:
 
 
 def chunk_query(source: sa.Table, id_col: sa.Column, text_col: sa.Column, target: sa.Table,
-                lo: int, hi: int, limit: int, dialect_name: str) -> sa.Select:
-    """The first `limit` rows of the key range [lo, hi] in id order: source id and text (cut by text_prefix)
-    beside the stored hash and model."""
+                start, start_included: bool, hi, limit: int, dialect_name: str) -> sa.Select:
+    """The first `limit` rows in id order from `start` (above it, or from it where start_included; None: from the
+    first row) up to `hi`: source id and text (cut by text_prefix) beside the stored hash and model."""
     j = source.outerjoin(target, target.c.source_id == id_col)
-    return (sa.select(id_col.label("id"), text_prefix(text_col, dialect_name).label("text"),
-                      target.c.content_hash.label("hash"), target.c.model.label("model"))
-            .select_from(j).where(id_col >= lo, id_col <= hi).order_by(id_col).limit(limit))
+    q = (sa.select(id_col.label("id"), text_prefix(text_col, dialect_name).label("text"),
+                   target.c.content_hash.label("hash"), target.c.model.label("model"))
+         .select_from(j).where(id_col <= hi))
+    if start is not None:
+        q = q.where(id_col >= start if start_included else id_col > start)
+    return q.order_by(id_col).limit(limit)
 
 
 def upsert_statement(target: sa.Table, dialect_name: str, native_dim: int | None = None):
@@ -452,7 +475,7 @@ def upsert(conn: Connection, target: sa.Table, rows: list[dict]) -> None:
 IN_LIST_IDS = 1000  # SQL Server takes at most 2,100 parameters a statement; a chunk may hold 100,000 rows
 
 
-def delete_vectors(conn: Connection, target: sa.Table, ids: list[int]) -> int:
+def delete_vectors(conn: Connection, target: sa.Table, ids: list) -> int:
     """Delete the vectors of these source ids, IN_LIST_IDS a statement; the count deleted."""
     return sum(conn.execute(target.delete().where(target.c.source_id.in_(ids[i:i + IN_LIST_IDS]))).rowcount
                for i in range(0, len(ids), IN_LIST_IDS))
@@ -532,8 +555,8 @@ def count_unembedded(engine: Engine, tables: Tables, model: str) -> int:
         return int(conn.execute(q).scalar_one())
 
 
-def texts(engine: Engine, table: sa.Table, id_col: sa.Column, text_col: sa.Column, ids: list[int] | None = None,
-          limit: int | None = None) -> dict[int, str | None]:
+def texts(engine: Engine, table: sa.Table, id_col: sa.Column, text_col: sa.Column, ids: list | None = None,
+          limit: int | None = None) -> dict:
     """Texts by id as a run embeds them (cut in the read, normalised): of the given ids, or the first `limit`."""
     q = sa.select(id_col, text_prefix(text_col, engine.dialect.name)).select_from(table).where(id_col.is_not(None))
     if ids is not None:
@@ -541,4 +564,4 @@ def texts(engine: Engine, table: sa.Table, id_col: sa.Column, text_col: sa.Colum
     if limit is not None:
         q = q.limit(limit)
     with engine.connect() as conn:
-        return {int(i): normalize_text(t) for i, t in conn.execute(q)}
+        return {i: normalize_text(t) for i, t in conn.execute(q)}
