@@ -16,7 +16,7 @@ if not tables:
     st.info("This database has no tables yet. Load the demo with `python -m jobs seed-demo`.")
     st.stop()
 
-source = st.selectbox("Source table", tables, index=tables.index("products") if "products" in tables else 0)
+source = st.selectbox("Source table or view", tables, index=tables.index("products") if "products" in tables else 0)
 table = db.reflect(engine, source, "source")
 cols = [c.name for c in table.c]
 keys = db.key_columns(engine, table)

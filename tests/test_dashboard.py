@@ -100,8 +100,10 @@ def test_launch_offers_the_tables_key_first_and_previews_only_rows_with_an_id(de
         conn.execute(sa.text("INSERT INTO tickets VALUES (NULL, 1, 'printer jams'), (7, 2, 'vpn drops')"))
         conn.execute(sa.text("CREATE TABLE skus (price REAL, body TEXT, sku VARCHAR(20) PRIMARY KEY)"))
         conn.execute(sa.text("INSERT INTO skus VALUES (9.5, 'red kayak', 'KY-01')"))
+        conn.execute(sa.text("CREATE VIEW sku_labels AS SELECT sku, 'SKU ' || sku || ': ' || body AS label FROM skus"))
     try:
         at = page("launch")
+        assert "sku_labels" in at.selectbox[1].options  # a view is a source too
         at.selectbox[1].select("skus").run()
         assert at.selectbox[2].options == ["sku", "body"] and at.selectbox[2].value == "sku"
         assert not at.exception and not at.error and not at.warning, at.exception or at.error or at.warning
@@ -117,6 +119,7 @@ def test_launch_offers_the_tables_key_first_and_previews_only_rows_with_an_id(de
     finally:
         with engine.begin() as conn:
             conn.execute(sa.text("DROP TABLE tickets"))
+            conn.execute(sa.text("DROP VIEW sku_labels"))
             conn.execute(sa.text("DROP TABLE skus"))
 
 

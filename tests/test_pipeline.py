@@ -211,6 +211,26 @@ def test_key_ranges_hold_equal_rows_however_the_ids_are_spread(spark, sqlite_url
         assert conn.execute(sa.text("SELECT max(source_id) FROM spread_some_emb")).scalar() == 24
 
 
+@pytest.mark.parametrize("db_name", ["sqlite", "postgres"])
+def test_a_view_is_a_source(spark, sqlite_url, pg_url, db_name, reference_model):
+    """Operators embed a view that joins or concatenates columns (a label before each description)."""
+    url = sqlite_url if db_name == "sqlite" else pg_url
+    engine = db.engine_for(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP VIEW IF EXISTS labelled"))
+    load_source(url, "base", n=20)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE VIEW labelled AS SELECT item_id, 'Item: ' || descr AS descr FROM base"))
+    sa.Table("labelled_emb", sa.MetaData()).drop(engine, checkfirst=True)
+    assert "labelled" in db.list_tables(engine)  # the Launch page's sources
+    result = run(spark, url, source="labelled", target="labelled_emb")
+    # The label makes the empty and blank texts non-empty; only the NULL one stays NULL.
+    assert (result.state, result.rows_done, result.rows_skipped) == ("succeeded", 25, 1), result.error
+    rows = stored(url, "labelled_emb", "labelled")
+    assert len(rows) == 25 and all(r.descr.startswith("Item: ") for r in rows)
+    assert_matches_reference(rows, reference_model)
+
+
 @pytest.mark.parametrize(("db_name", "kind"), [("sqlite", "text"), ("postgres", "text"), ("postgres", "uuid")])
 def test_text_and_uuid_keys_are_embedded_mirrored_and_searched(spark, sqlite_url, pg_url, db_name, kind,
                                                                reference_model):

@@ -171,8 +171,10 @@ def _probe(url: str, timeout_s: float) -> None:
 
 
 def list_tables(engine: Engine) -> list[str]:
-    """Table names in the default schema, sorted."""
-    return sorted(sa.inspect(engine).get_table_names())
+    """Table and view names in the default schema, sorted: a view is a source too (its text a join or a
+    concatenation of columns)."""
+    inspector = sa.inspect(engine)
+    return sorted({*inspector.get_table_names(), *inspector.get_view_names()})
 
 
 def list_targets(engine: Engine) -> list[str]:
