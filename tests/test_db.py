@@ -294,6 +294,12 @@ def test_mssql_target_ddl_varbinary_and_vector():
     native = str(CreateTable(db.target_table("emb", sa.BigInteger(), db.vector_type_for("mssql", 384, True)))
                  .compile(dialect=mssql.dialect()))
     assert "embedding VECTOR(384) NOT NULL" in native
+    for key_type, column in [(mssql.UNIQUEIDENTIFIER(), "source_id UNIQUEIDENTIFIER NOT NULL"),
+                             (mssql.NVARCHAR(40, collation="Latin1_General_CI_AS"),
+                              "source_id NVARCHAR(40) COLLATE Latin1_General_CI_AS NOT NULL")]:
+        keyed = str(CreateTable(db.target_table("emb", key_type, db.vector_type_for("mssql", 384)))
+                    .compile(dialect=mssql.dialect()))
+        assert column in keyed and "PRIMARY KEY (source_id)" in keyed  # the source's type, collation and all
 
 
 @pytest.mark.parametrize("version,edition,native", [
