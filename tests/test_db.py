@@ -369,6 +369,15 @@ def test_id_columns_runs_can_key_a_target_by(col_type, dialect, problem):
     assert (found is None) if problem is None else (problem in found), found
 
 
+def test_the_pages_list_the_schemas_that_hold_users_tables():
+    """What get_schema_names answers on a new SQL Server database (dbo the user's default), and on PostgreSQL."""
+    mssql_names = ["db_accessadmin", "db_backupoperator", "db_datareader", "db_datawriter", "db_ddladmin",
+                   "db_denydatareader", "db_denydatawriter", "db_owner", "db_securityadmin", "dbo", "guest",
+                   "INFORMATION_SCHEMA", "sales", "sys", "hr"]
+    assert db.user_schemas(mssql_names, "dbo") == [None, "hr", "sales"]
+    assert db.user_schemas(["information_schema", "pg_toast", "public", "sales"], "public") == [None, "sales"]
+
+
 def test_mssql_engine_uses_fast_executemany_only_with_microsoft_driver():
     ms = db.engine_for("mssql+pyodbc://u:p@h:1433/d?driver=ODBC+Driver+18+for+SQL+Server")
     tds = db.engine_for("mssql+pyodbc://u:p@h:1433/d?driver=FreeTDS&TDS_Version=7.4")

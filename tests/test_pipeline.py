@@ -231,6 +231,34 @@ def test_a_view_is_a_source(spark, sqlite_url, pg_url, db_name, reference_model)
     assert_matches_reference(rows, reference_model)
 
 
+def test_tables_in_other_schemas_are_listed_embedded_mirrored_and_searched(spark, pg_url):
+    """SQL Server and PostgreSQL databases keep tables in schemas of their own (sales, hr): the Launch and Search
+    pages listed the default schema's alone, though a run took `schema.table`."""
+    from jobs.embed import search
+
+    engine = db.engine_for(pg_url)
+    items = products(30)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP SCHEMA IF EXISTS sales CASCADE"))
+        conn.execute(sa.text("CREATE SCHEMA sales"))
+        conn.execute(sa.text("CREATE TABLE sales.items (item_id BIGINT PRIMARY KEY, descr TEXT)"))
+        conn.execute(sa.text("CREATE VIEW sales.labelled AS SELECT item_id, 'Item ' || descr AS descr "
+                             "FROM sales.items"))
+        conn.execute(sa.text("INSERT INTO sales.items VALUES (:id, :description)"), items)
+    listed = db.list_tables(engine)
+    assert {"sales.items", "sales.labelled"} <= set(listed)
+    assert not [n for n in listed if n.lower().startswith(("pg_", "information_schema", "sys."))]
+    first = run(spark, pg_url, source="sales.items", target="sales.items_emb")
+    assert (first.state, first.rows_done) == ("succeeded", 30), first.error
+    assert "sales.items_emb" in db.list_targets(engine) and "sales.items" not in db.list_targets(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM sales.items WHERE item_id = :id"), {"id": items[0]["id"]})
+    again = run(spark, pg_url, source="sales.items", target="sales.items_emb")
+    assert (again.state, again.rows_done, again.rows_removed) == ("succeeded", 0, 1), again.error
+    hit = search.search(pg_url, "sales.items_emb", items[4]["description"], k=1).hits[0]
+    assert (hit.id, hit.text) == (items[4]["id"], normalize_text(items[4]["description"]))
+
+
 @pytest.mark.parametrize(("db_name", "kind"), [("sqlite", "text"), ("postgres", "text"), ("postgres", "uuid")])
 def test_text_and_uuid_keys_are_embedded_mirrored_and_searched(spark, sqlite_url, pg_url, db_name, kind,
                                                                reference_model):

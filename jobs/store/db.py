@@ -170,23 +170,44 @@ def _probe(url: str, timeout_s: float) -> None:
         raise Unavailable(f"cannot connect to {redact_url(url)}: {exc.strerror or type(exc).__name__}") from None
 
 
+# Catalog schemas of the databases themselves, never a user's (SQL Server's db_* role schemas hold nothing).
+SYSTEM_SCHEMAS = {"information_schema", "sys", "guest", "pg_catalog", "pg_toast"}
+
+
+def user_schemas(names: list[str], default: str | None) -> list[str | None]:
+    """None (the default schema), then the other schemas of `names` that hold users' tables."""
+    return [None, *sorted(s for s in names if s != default and s.lower() not in SYSTEM_SCHEMAS
+                          and not s.lower().startswith(("pg_temp", "pg_toast_temp", "db_")))]
+
+
+def _schemas(inspector: sa.Inspector) -> list[str | None]:
+    return user_schemas(inspector.get_schema_names(), inspector.default_schema_name)
+
+
+def _qualified(schema: str | None, name: str) -> str:
+    return name if schema is None else f"{schema}.{name}"
+
+
 def list_tables(engine: Engine) -> list[str]:
-    """Table and view names in the default schema, sorted: a view is a source too (its text a join or a
-    concatenation of columns)."""
+    """Table and view names, sorted: the default schema's as they are, other schemas' as `schema.name` (SQL Server
+    databases keep tables in sales, hr, ...). A view is a source too (its text a join, or built from columns)."""
     inspector = sa.inspect(engine)
-    return sorted({*inspector.get_table_names(), *inspector.get_view_names()})
+    return sorted(_qualified(schema, name) for schema in _schemas(inspector)
+                  for name in {*inspector.get_table_names(schema), *inspector.get_view_names(schema)})
 
 
 def list_targets(engine: Engine) -> list[str]:
-    """Tables that hold EmbedDeck vectors (source_id, embedding, model): what search can search."""
+    """Tables that hold EmbedDeck vectors (source_id, embedding, model), named as list_tables names them: what
+    search can search."""
     inspector = sa.inspect(engine)
-    return [t for t in sorted(inspector.get_table_names())
-            if {"source_id", "embedding", "model"} <= {c["name"] for c in inspector.get_columns(t)}]
+    return sorted(_qualified(schema, t) for schema in _schemas(inspector) for t in inspector.get_table_names(schema)
+                  if {"source_id", "embedding", "model"} <= {c["name"] for c in inspector.get_columns(t, schema)})
 
 
 def _split_name(engine: Engine, name: str) -> tuple[str | None, str]:
-    names = set(list_tables(engine))
-    if name in names or "." not in name:
+    """(schema, table) of a name as list_tables gives it; a default-schema table named with a dot is itself."""
+    inspector = sa.inspect(engine)
+    if "." not in name or name in {*inspector.get_table_names(), *inspector.get_view_names()}:
         return None, name
     schema, _, table = name.partition(".")
     return schema, table
