@@ -385,6 +385,16 @@ def test_mssql_engine_uses_fast_executemany_only_with_microsoft_driver():
     assert tds.dialect.fast_executemany is False
 
 
+def test_hits_carry_numbers_as_numbers_and_other_keys_as_text():
+    """A target made by hand may key by NUMERIC(18, 0), which drivers return as Decimal: still a number in JSON."""
+    import uuid
+    from decimal import Decimal
+
+    key = uuid.UUID(int=7)
+    assert [search.shown_id(k) for k in (5, Decimal("123"), "KY-01", key)] == [5, 123, "KY-01", str(key)]
+    assert search.shown_id(Decimal("1.5")) == "1.5"
+
+
 KEYS = {"integer": (sa.Integer(), int), "text": (sa.String(20), lambda i: f"sku-{i:05d}")}
 
 

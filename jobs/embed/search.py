@@ -7,6 +7,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 import numpy as np
 import sqlalchemy as sa
@@ -27,6 +28,13 @@ class Hit:
     id: int | str
     score: float
     text: str | None
+
+
+def shown_id(key) -> int | str:
+    """A key as hits carry it: integers (NUMERIC(p, 0) too) as numbers, anything else (text, UUIDs) as text."""
+    if isinstance(key, Decimal) and key == key.to_integral_value():
+        return int(key)
+    return key if isinstance(key, int | str) else str(key)
 
 
 def key_array(keys: list) -> np.ndarray:
@@ -90,13 +98,14 @@ def scan_top_k(engine: sa.Engine, target: sa.Table, query: np.ndarray, k: int,
 class VectorIndex:
     """A target's vectors held in memory for fast search, kept current as runs upsert.
 
-    Keys that are not integers (text, UUIDs) get int64 labels in this process for the approximate index, which
-    holds only those. Each query first asks the database for (count, latest embedded_at): unchanged means no I/O beyond
-    that; newer rows are read by embedded_at (indexed) and added, replacing what they update; a shrunken
-    table reloads. Up to EMBEDDECK_SEARCH_EXACT_ROWS vectors are searched exactly (one float32 copy,
+    Each query first asks the database for (count, latest embedded_at): unchanged means no I/O beyond that;
+    newer rows are read by embedded_at (indexed) and added, replacing what they update; a shrunken table
+    reloads. Up to EMBEDDECK_SEARCH_EXACT_ROWS vectors are searched exactly (one float32 copy,
     100k × 384 ≈ 147 MiB); beyond that an approximate index (faiss IVF with 8-bit scalar quantization,
     384 bytes a vector: 1M ≈ 370 MiB) answers in milliseconds. Both are capped by EMBEDDECK_SEARCH_CACHE_MB;
     larger targets are searched by streaming instead. Rows are read in chunks: no full float copy is built.
+    faiss labels vectors with int64s: integer keys are their own labels, other keys (text, UUIDs) are numbered
+    in this process.
     """
 
     # Counting a table's rows scans it (about 50 ms for 1M rows in SQLite): the latest embedded_at (indexed)
@@ -361,8 +370,7 @@ def search(db_url: str, target_name: str, query: str, k: int = 10, model: str | 
     except BadRequest as exc:  # the source was dropped or altered since: the vectors still answer
         texts = {}
         warnings.append(f"hits come without text: {exc}")
-    hits = [Hit(key if isinstance(key, int | str) else str(key), float(s), texts.get(key))
-            for s, key in zip(scores, keys)]
+    hits = [Hit(shown_id(key), float(s), texts.get(key)) for s, key in zip(scores, keys)]
     # The load is what this query waited for a model that became ready during it; a cached one's lookup is not
     # a load (it read 1.1 ms on a busy machine, and the dashboard said "model loaded in 1 ms").
     load_ms = (loaded - t0) * 1000 if encoder.ready_at >= t0 else 0.0
