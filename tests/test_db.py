@@ -560,6 +560,7 @@ def test_a_large_target_is_searched_through_the_approximate_index_kept_current(s
     write([4000], 3, [-probe])  # a new row
     assert index.top_k(probe, 1)[1][0] == key(5) and index.top_k(-probe, 1)[1][0] == key(4000)
     assert index.ann is ann and ann.ntotal == 3001  # updated in place: no rebuild, no duplicate of row 5
+    assert index.nbytes == 3001 * (64 + 8) + (3001 * search.KEY_BYTES if kind == "text" else 0)  # the cache counts keys
     index.count_every_s = 0  # deletes show at the next count
     with engine.begin() as conn:
         conn.execute(target.delete().where(target.c.source_id < key(2800)))
