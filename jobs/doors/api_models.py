@@ -25,8 +25,10 @@ class RunRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     connection: str | None = Field(None, description="configured connection name; default: the default database")
-    source: str = Field(min_length=1, max_length=400)
-    id_column: str = Field(min_length=1, max_length=400)
+    source: str = Field(min_length=1, max_length=400, description="a table or view; `schema.name` outside the "
+                                                                "default schema")
+    id_column: str = Field(min_length=1, max_length=400, description="the source's key: an integer, text or UUID "
+                                                                     "column")
     text_column: str = Field(min_length=1, max_length=400)
     target: str = Field(min_length=1, max_length=400)
     model: str = Field(DEFAULT_MODEL, min_length=1, max_length=400)

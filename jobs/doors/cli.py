@@ -29,8 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--db", default=None, help="a configured connection's name (its URL, password included, "
                                                  "then never shows in ps) or a SQLAlchemy URL; default "
                                                  "$EMBEDDECK_DB_URL or embedded SQLite")
-    run.add_argument("--source", required=True)
-    run.add_argument("--id-column", required=True)
+    run.add_argument("--source", required=True, help="a table or view; `schema.name` outside the default schema")
+    run.add_argument("--id-column", required=True, help="the source's key: an integer, text or UUID column")
     run.add_argument("--text-column", required=True)
     run.add_argument("--target", required=True)
     run.add_argument("--model", default=DEFAULT_MODEL)
