@@ -233,7 +233,7 @@ def test_a_view_is_a_source(spark, sqlite_url, pg_url, db_name, reference_model)
 
 def test_tables_in_other_schemas_are_listed_embedded_mirrored_and_searched(spark, pg_url):
     """SQL Server and PostgreSQL databases keep tables in schemas of their own (sales, hr): the Launch and Search
-    pages listed the default schema's alone, though a run took `schema.table`."""
+    pages listed the default schema's alone, though a run took `schema.table`; and no materialized view."""
     from jobs.embed import search
 
     engine = db.engine_for(pg_url)
@@ -245,8 +245,9 @@ def test_tables_in_other_schemas_are_listed_embedded_mirrored_and_searched(spark
         conn.execute(sa.text("CREATE VIEW sales.labelled AS SELECT item_id, 'Item ' || descr AS descr "
                              "FROM sales.items"))
         conn.execute(sa.text("INSERT INTO sales.items VALUES (:id, :description)"), items)
+        conn.execute(sa.text("CREATE MATERIALIZED VIEW sales.snapshot AS SELECT * FROM sales.labelled"))
     listed = db.list_tables(engine)
-    assert {"sales.items", "sales.labelled"} <= set(listed)
+    assert {"sales.items", "sales.labelled", "sales.snapshot"} <= set(listed)
     assert not [n for n in listed if n.lower().startswith(("pg_", "information_schema", "sys."))]
     first = run(spark, pg_url, source="sales.items", target="sales.items_emb")
     assert (first.state, first.rows_done) == ("succeeded", 30), first.error
@@ -257,6 +258,8 @@ def test_tables_in_other_schemas_are_listed_embedded_mirrored_and_searched(spark
     assert (again.state, again.rows_done, again.rows_removed) == ("succeeded", 0, 1), again.error
     hit = search.search(pg_url, "sales.items_emb", items[4]["description"], k=1).hits[0]
     assert (hit.id, hit.text) == (items[4]["id"], normalize_text(items[4]["description"]))
+    frozen = run(spark, pg_url, source="sales.snapshot", target="sales.snapshot_emb")  # a materialized view
+    assert (frozen.state, frozen.rows_done) == ("succeeded", 30), frozen.error
 
 
 @pytest.mark.parametrize(("db_name", "kind"), [("sqlite", "text"), ("postgres", "text"), ("postgres", "uuid")])

@@ -188,12 +188,19 @@ def _qualified(schema: str | None, name: str) -> str:
     return name if schema is None else f"{schema}.{name}"
 
 
+def _relations(inspector: sa.Inspector, schema: str | None = None) -> set[str]:
+    """The tables and views of a schema (on PostgreSQL its materialized views too, which SQLAlchemy lists apart)."""
+    names = {*inspector.get_table_names(schema), *inspector.get_view_names(schema)}
+    if inspector.dialect.name == "postgresql":
+        names |= set(inspector.get_materialized_view_names(schema))
+    return names
+
+
 def list_tables(engine: Engine) -> list[str]:
     """Table and view names, sorted: the default schema's as they are, other schemas' as `schema.name` (SQL Server
     databases keep tables in sales, hr, ...). A view is a source too (its text a join, or built from columns)."""
     inspector = sa.inspect(engine)
-    return sorted(_qualified(schema, name) for schema in _schemas(inspector)
-                  for name in {*inspector.get_table_names(schema), *inspector.get_view_names(schema)})
+    return sorted(_qualified(schema, name) for schema in _schemas(inspector) for name in _relations(inspector, schema))
 
 
 def list_targets(engine: Engine) -> list[str]:
@@ -206,8 +213,7 @@ def list_targets(engine: Engine) -> list[str]:
 
 def _split_name(engine: Engine, name: str) -> tuple[str | None, str]:
     """(schema, table) of a name as list_tables gives it; a default-schema table named with a dot is itself."""
-    inspector = sa.inspect(engine)
-    if "." not in name or name in {*inspector.get_table_names(), *inspector.get_view_names()}:
+    if "." not in name or name in _relations(sa.inspect(engine)):
         return None, name
     schema, _, table = name.partition(".")
     return schema, table
