@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,7 +87,7 @@ class TaskPlan:
         return self.spec.with_db_url(secrets["db_url"]), secrets.get("api_key")
 
 
-def _classify(spec: RunSpec, rows: list) -> tuple[list[tuple[int, str, str]], list[int], int, int]:
+def _classify(spec: RunSpec, rows: list) -> tuple[list[tuple[Hashable, str, str]], list[Hashable], int, int]:
     """Split a chunk into rows to embed (id, text, hash), the ids of rows whose text is now empty but that still
     have a vector, and the counts of empty and up-to-date rows."""
     todo, emptied, empty, current = [], [], 0, 0

@@ -71,7 +71,7 @@ def top_k(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.n
 def scan_top_k(engine: sa.Engine, target: sa.Table, query: np.ndarray, k: int,
                chunk_rows: int = SCAN_CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
     """Stream the target in key order, keeping only the running top k: memory is one chunk."""
-    best_s, best_i = np.empty(0, np.float32), None
+    best_s, best_i = np.empty(0, np.float32), np.empty(0, np.int64)  # takes the keys' kind at the first join
     after = None
     dim = query.shape[0]
     while True:
@@ -90,9 +90,9 @@ def scan_top_k(engine: sa.Engine, target: sa.Table, query: np.ndarray, k: int,
         norms = np.linalg.norm(mat, axis=1)
         scores = (mat @ query) / np.where(norms == 0, 1, norms)
         best_s, best_i = top_k(np.concatenate([best_s, scores.astype(np.float32)]),
-                               ids if best_i is None else np.concatenate([best_i, ids]), k)
+                               np.concatenate([best_i, ids]), k)
         after = rows[-1][0]
-    return best_s, key_array([]) if best_i is None else best_i
+    return best_s, best_i
 
 
 class VectorIndex:
@@ -120,7 +120,7 @@ class VectorIndex:
         self._reset()
 
     def _reset(self) -> None:
-        self.ids = key_array([])
+        self.ids = np.empty(0, np.int64)  # object once text or UUID keys are joined to it
         self.matrix = np.empty((0, self.dim), np.float32)
         self.position: dict = {}
         self.keys: list = []  # the approximate index's labels' keys, where keys are not integers
@@ -175,8 +175,7 @@ class VectorIndex:
                 self.matrix[self.position[key]] = mat[i]
         if fresh:
             start = len(self.ids)
-            # The first rows set the array's kind (an empty one is of objects): integer keys stay int64.
-            self.ids = np.concatenate([self.ids, ids[fresh]]) if start else ids[fresh]
+            self.ids = np.concatenate([self.ids, ids[fresh]])
             self.matrix = np.concatenate([self.matrix, mat[fresh]])
             for offset, i in enumerate(fresh):
                 self.position[keys[i]] = start + offset

@@ -216,7 +216,7 @@ def list_targets(engine: Engine) -> list[str]:
 
 def _split_name(engine: Engine, name: str) -> tuple[str | None, str]:
     """(schema, table) of a name as list_tables gives it; a default-schema table named with a dot is itself."""
-    if "." not in name or name in _relations(sa.inspect(engine)):
+    if "." not in name or sa.inspect(engine).has_table(name):  # has_table finds views too
         return None, name
     schema, _, table = name.partition(".")
     return schema, table
