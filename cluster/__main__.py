@@ -1,5 +1,4 @@
-import sys
-
 from cluster.cli import main
+from jobs.core.processes import exit_with
 
-sys.exit(main())
+exit_with(main)

@@ -1,5 +1,4 @@
-import sys
-
+from jobs.core.processes import exit_with
 from jobs.doors.cli import main
 
-sys.exit(main())
+exit_with(main)

@@ -153,6 +153,20 @@ def test_status_of_unknown_run():
     assert out.returncode == 2 and "run r-nope does not exist" in out.stderr
 
 
+@pytest.mark.parametrize("command", [("jobs", "list", "--json"), ("cluster", "status", "--json")])
+def test_a_reader_that_closes_the_pipe_gets_no_traceback(command):
+    """`python -m jobs list --json | head` printed a BrokenPipeError traceback; now the CLI stops quietly with
+    the shell's status for SIGPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    try:
+        out = subprocess.run([sys.executable, "-m", *command], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                             timeout=120, env=dict(os.environ))
+    finally:
+        os.close(write_end)
+    assert (out.returncode, out.stderr) == (141, "")
+
+
 def test_db_takes_a_configured_connection_name(demo_url, tmp_path, monkeypatch):
     """`--db URL` put a password in `ps`: a configured connection's name works instead."""
     secrets = tmp_path / "secrets.toml"

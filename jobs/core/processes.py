@@ -1,4 +1,5 @@
-"""Process plumbing in one place: free ports, pid liveness, process-group stop, atomic JSON state files."""
+"""Process plumbing in one place: free ports, pid liveness, process-group stop, atomic JSON state files, a CLI's
+exit."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import logging
 import os
 import signal
 import socket
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -131,3 +134,20 @@ def read_json(path: Path) -> object | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+# What a shell reports for a process that SIGPIPE ended (128 + 13), as `yes | head -1` shows.
+EXIT_CLOSED_STDOUT = 141
+
+
+def exit_with(main: Callable[[], int]) -> None:
+    """Exit with main's status; where its reader closed stdout first (`| head`, `| grep -q`), quietly with 141
+    rather than a BrokenPipeError traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()  # inside the try: an exit's own flush into a closed pipe prints "Exception ignored"
+    except BrokenPipeError:
+        # Python's own advice: point stdout at /dev/null, so that the interpreter's last flush raises nothing.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_CLOSED_STDOUT
+    sys.exit(code)
