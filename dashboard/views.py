@@ -38,7 +38,9 @@ def run_progress(run: Run) -> tuple[float, str]:
 
 
 def telemetry_rows(readings: list) -> list[dict]:
-    """One row per GPU, or one CPU/memory row for a worker without a GPU, labelled as such."""
+    """One row per GPU, or one CPU/memory row for a worker without a GPU, labelled as such; the GPU-only columns
+    (temperature, power) only where some worker has a GPU, rather than a column of "None" on a CPU cluster."""
+    gpu_only = {"temp °C": None, "power W": None} if any(r.gpus for r in readings) else {}
     rows = []
     for r in readings:
         if r.gpus:
@@ -49,7 +51,7 @@ def telemetry_rows(readings: list) -> list[dict]:
         else:
             rows.append({"worker": r.worker, "kind": "CPU (no GPU on this worker)",
                          "utilisation %": round(r.cpu_pct, 1), "memory MB": f"{r.rss_mb:.0f} RSS",
-                         "temp °C": None, "power W": None, "stale": r.stale, "source": r.source})
+                         **gpu_only, "stale": r.stale, "source": r.source})
     return rows
 
 

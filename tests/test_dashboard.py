@@ -188,6 +188,21 @@ def test_run_views_are_pure():
     assert views.runs_by_app(runs) == {service: ["r-a", "r-c"], own: ["r-b"]}
 
 
+def test_gpu_columns_show_only_where_a_worker_has_a_gpu():
+    from jobs.store.worker_readings import GpuReading, Reading
+
+    cpu = Reading(worker="worker-0", host="h", at=0.0, cpu_pct=45.83, rss_mb=651.2)
+    h200 = GpuReading(0, "NVIDIA H200", 91.0, 2048.0, 143771.0, 54.0, 410.5)
+    gpu = Reading(worker="gpu-0", host="h", at=0.0, gpus=[h200])
+    assert views.telemetry_rows([cpu]) == [{"worker": "worker-0", "kind": "CPU (no GPU on this worker)",
+                                            "utilisation %": 45.8, "memory MB": "651 RSS", "stale": False,
+                                            "source": "worker"}]
+    mixed = views.telemetry_rows([gpu, cpu])
+    assert [list(row) for row in mixed] == [["worker", "kind", "utilisation %", "memory MB", "temp °C", "power W",
+                                             "stale", "source"]] * 2
+    assert (mixed[0]["temp °C"], mixed[0]["power W"], mixed[1]["temp °C"]) == (54.0, 410.5, None)
+
+
 def test_unreachable_database_is_a_clear_state(monkeypatch):
     monkeypatch.setenv("EMBEDDECK_DB_URL", "postgresql+psycopg://u:Sekr1t@127.0.0.1:1/db")
     for name in ("launch", "search"):
