@@ -2,16 +2,14 @@
 
 import streamlit as st
 
-from dashboard import services
-from dashboard.access import require_sign_in
+from dashboard.access import signed_in
 
-st.set_page_config(page_title="EmbedDeck", page_icon=":material/hub:", layout="wide")
-require_sign_in()
-services.settling()
+# Navigation first, even for a visitor who is not signed in (hidden from them): calling it ends Streamlit's older
+# multipage mode for this server (dashboard/shell.py); each page then signs in and sets itself up.
 page = st.navigation([
     st.Page("pages/launch.py", title="Launch", icon=":material/rocket_launch:", default=True),
     st.Page("pages/runs.py", title="Runs", icon=":material/list_alt:"),
     st.Page("pages/cluster.py", title="Cluster", icon=":material/dns:"),
     st.Page("pages/search.py", title="Search", icon=":material/search:"),
-])
+], position="sidebar" if signed_in() else "hidden")
 page.run()

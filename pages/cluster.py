@@ -4,11 +4,12 @@ import pandas as pd
 import streamlit as st
 
 from cluster import spark_rest
-from dashboard import charts, services, views, widgets
+from dashboard import charts, services, shell, views, widgets
 from jobs.core.errors import EmbedDeckError
 from jobs.spark import run_service
 from jobs.store import scaling, worker_readings
 
+shell.open_page()
 st.title("Cluster")
 backend = services.backend()
 controller = services.controller()

@@ -3,12 +3,13 @@
 import pandas as pd
 import streamlit as st
 
-from dashboard import services, widgets
+from dashboard import services, shell, widgets
 from jobs import lifecycle
 from jobs.core.errors import EmbedDeckError
 from jobs.core.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, RunSpec
 from jobs.store import db
 
+shell.open_page()
 st.title("Launch an embedding run")
 url, engine = widgets.pick_connection()
 tables = [t for t in db.list_tables(engine) if t != db.targets_table.name]

@@ -3,12 +3,13 @@
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, services, views, widgets
+from dashboard import charts, services, shell, views, widgets
 from jobs import lifecycle
 from jobs.core.errors import EmbedDeckError
 from jobs.core.progress import format_duration
 from jobs.store import scaling
 
+shell.open_page()
 st.title("Runs")
 registry = services.registry()
 lifecycle.refresh(registry)

@@ -3,11 +3,12 @@
 import pandas as pd
 import streamlit as st
 
-from dashboard import widgets
+from dashboard import shell, widgets
 from jobs.core.errors import EmbedDeckError
 from jobs.embed.search import search, timings_line
 from jobs.store import db
 
+shell.open_page()
 st.title("Similarity search")
 url, engine = widgets.pick_connection()
 targets = db.list_targets(engine)

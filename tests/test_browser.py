@@ -81,6 +81,20 @@ def test_without_the_proxy_user_header_nothing_is_shown(dashboard_url, browser):
     assert page.get_by_text("Launch an embedding run").count() == 0
 
 
+def test_a_page_opened_directly_on_a_fresh_server_asks_for_sign_in_too(browser, tmp_path):
+    """A fresh server's first request straight to /cluster ran pages/cluster.py without app.py, and so without its
+    sign-in: Streamlit serves the pages/ folder in its older multipage mode until some session reaches app.py's
+    st.navigation. Every page now signs in itself."""
+    with serving_dashboard(tmp_path) as url:
+        for path in ("/cluster", "/search", "/runs", "/", "/cluster"):
+            page = browser.new_page()
+            page.goto(url + path)
+            page.get_by_text("Sign-in required").wait_for(timeout=60_000)
+            body = page.inner_text("body")
+            assert not any(word in body for word in ("Master", "Target table", "No runs yet", "Launch an")), body
+            page.close()
+
+
 def test_pages_run_and_search_in_chromium(dashboard_url, browser, home):
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, extra_http_headers=SIGNED_IN)
     page = context.new_page()

@@ -152,11 +152,15 @@ def test_cancel_click_returns_at_once_and_the_run_settles(demo, fast_model, hold
     assert page("runs").session_state["runs_every_s"] == page("cluster").session_state["cluster_every_s"] == 15.0
 
 
-def test_proxy_mode_shows_nothing_without_the_user_header(monkeypatch):
+@pytest.mark.parametrize("name", [None, "launch", "runs", "cluster", "search"])
+def test_proxy_mode_shows_nothing_without_the_user_header(monkeypatch, name):
+    """The entry page and each page opened directly (AppTest runs a page's file on its own, as a fresh server does
+    for its first request to /cluster)."""
     monkeypatch.setenv("EMBEDDECK_DASHBOARD_AUTH", "proxy")
-    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60).run()
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
+    (at.switch_page(f"pages/{name}.py") if name else at).run()
     assert any("Sign-in required" in e.value for e in at.error)
-    assert not at.title
+    assert not at.title and not at.metric and not at.selectbox
 
 
 def test_cluster_page_with_master_down():
