@@ -97,7 +97,7 @@ class AcaBackend:
         for replica, (cores, memory_bytes) in self.replica_usage().items():
             reading = readings.setdefault(replica, worker_readings.Reading(
                 replica, replica, 0.0, gpu_note="no GPU reading from this replica yet"))
-            reading.cpu_pct, reading.rss_mb = cores * 100.0, memory_bytes / 2**20
+            reading.cpu_pct, reading.memory_mb = cores * 100.0, memory_bytes / 2**20
             reading.source = "Azure Monitor (CPU, memory)" + (", worker (GPU)" if reading.gpus else "")
         return list(readings.values())
 

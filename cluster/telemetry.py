@@ -46,7 +46,8 @@ def read_gpus() -> tuple[list[GpuReading], str]:
 
 
 def process_tree_usage(pid: int, interval: float = 0.5) -> tuple[float, float, int]:
-    """CPU % (100 = one core) and RSS in MB of a process and all its descendants."""
+    """CPU % (100 = one core) and memory in MB (proportional set size: shared pages counted once) of a process
+    and all its descendants."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
@@ -58,23 +59,23 @@ def process_tree_usage(pid: int, interval: float = 0.5) -> tuple[float, float, i
         except psutil.Error:
             pass
     time.sleep(interval)
-    cpu = rss = 0.0
+    cpu = memory = 0.0
     alive = 0
     for p in procs:
         try:
             cpu += p.cpu_percent(None)
-            rss += p.memory_info().rss / 2**20
+            memory += p.memory_full_info().pss / 2**20  # smaps_rollup: about 1 ms a process
             alive += 1
         except psutil.Error:
             pass
-    return cpu, rss, alive
+    return cpu, memory, alive
 
 
 def sample(worker: str, pid: int) -> Reading:
     """One reading of this worker: GPUs if any, and its process tree's CPU and memory."""
     gpus, note = read_gpus()
-    cpu, rss, n = process_tree_usage(pid)
-    return Reading(worker, socket.gethostname(), time.time(), gpus, note, cpu, rss, n)
+    cpu, memory, n = process_tree_usage(pid)
+    return Reading(worker, socket.gethostname(), time.time(), gpus, note, cpu, memory, n)
 
 
 def run_publisher(worker: str, pid: int, directory: Path, every_s: float = PUBLISH_EVERY_S) -> None:

@@ -49,8 +49,9 @@ def telemetry_rows(readings: list) -> list[dict]:
                       "temp °C": g.temperature_c, "power W": g.power_w, "stale": r.stale, "source": r.source}
                      for g in r.gpus]
         else:
+            measure = "PSS" if r.source == "worker" else "working set"  # Azure Monitor's, on ACA
             rows.append({"worker": r.worker, "kind": "CPU (no GPU on this worker)",
-                         "utilisation %": round(r.cpu_pct, 1), "memory MB": f"{r.rss_mb:.0f} RSS",
+                         "utilisation %": round(r.cpu_pct, 1), "memory MB": f"{r.memory_mb:.0f} {measure}",
                          **gpu_only, "stale": r.stale, "source": r.source})
     return rows
 

@@ -44,7 +44,8 @@ def overview() -> None:
     pricing = backend.pricing()
     if rows:
         st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-        st.caption("CPU % is of one core (100 = one core busy). Stale readings are older than "
+        st.caption("CPU % is of one core (100 = one core busy). PSS is the memory of the worker's processes with the "
+                   "pages they share counted once. Stale readings are older than "
                    f"{worker_readings.STALE_AFTER_S:.0f}s and are not current values. "
                    f"Each worker bills {pricing.units_per_worker:g} {pricing.unit}(s).")
 

@@ -148,7 +148,7 @@ def seed(home: Path) -> str:
 
     worker_readings.publish(worker_readings.Reading(
         REPLICA_A, "10.0.0.7", dt.datetime.now().timestamp(), gpus=[worker_readings.GpuReading(
-            0, "NVIDIA T4", 87.0, 9800.0, 15360.0, 61.0, 64.5)], cpu_pct=340.0, rss_mb=5900.0, processes=4),
+            0, "NVIDIA T4", 87.0, 9800.0, 15360.0, 61.0, 64.5)], cpu_pct=340.0, memory_mb=5900.0, processes=4),
         worker_readings.store_dir(home))
     registry = Registry(Settings().raw("EMBEDDECK_REGISTRY_URL") or f"sqlite:///{home / 'registry.sqlite'}")
     scaling.ScaleHistory(registry)  # makes the history's tables, as the controller's first poll does

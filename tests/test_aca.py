@@ -81,10 +81,10 @@ def test_utilisation_joins_azure_monitor_with_the_replicas_gpu_readings(stub, tm
     monkeypatch.setenv("EMBEDDECK_TELEMETRY_DIR", str(tmp_path))
     gpu = worker_readings.GpuReading(0, "NVIDIA T4", 87.0, 9800.0, 15360.0, 61.0, 64.5)
     worker_readings.publish(worker_readings.Reading(REPLICA_A, "10.0.0.7", dt.datetime.now().timestamp(),
-                                                    gpus=[gpu], cpu_pct=1.0, rss_mb=1.0), tmp_path)
+                                                    gpus=[gpu], cpu_pct=1.0, memory_mb=1.0), tmp_path)
     readings = {r.worker: r for r in backend(stub).utilisation()}
     a, b = readings[REPLICA_A], readings[REPLICA_B]
-    assert a.gpus == [gpu] and a.cpu_pct == 350.0 and a.rss_mb == 6 * 1024
+    assert a.gpus == [gpu] and a.cpu_pct == 350.0 and a.memory_mb == 6 * 1024
     assert a.source == "Azure Monitor (CPU, memory), worker (GPU)"
     assert not b.gpus and b.cpu_pct == 25.0 and "no GPU reading" in b.gpu_note
 

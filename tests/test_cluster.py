@@ -46,7 +46,7 @@ def test_scale_0_2_1_0_agrees_with_master_json_and_telemetry(cluster, tmp_path):
         if n == 2:
             readings = wait_until(lambda: len(r := cluster.utilisation()) == 2 and r, timeout=30)
             assert {r.worker for r in readings} == {"worker-0", "worker-1"}
-            assert all(r.rss_mb > 50 and not r.stale for r in readings)  # a live JVM
+            assert all(r.memory_mb > 50 and not r.stale for r in readings)  # a live JVM
             assert all(r.gpus or r.gpu_note.startswith("no NVIDIA GPU") for r in readings)
     # With no workers left, no reading is refreshed: each turns stale once it is older than 3 s.
     stale = wait_until(lambda: (r := worker_readings.read_all(worker_readings.store_dir(tmp_path), stale_after_s=3))

@@ -195,11 +195,11 @@ def test_run_views_are_pure():
 def test_gpu_columns_show_only_where_a_worker_has_a_gpu():
     from jobs.store.worker_readings import GpuReading, Reading
 
-    cpu = Reading(worker="worker-0", host="h", at=0.0, cpu_pct=45.83, rss_mb=651.2)
+    cpu = Reading(worker="worker-0", host="h", at=0.0, cpu_pct=45.83, memory_mb=651.2)
     h200 = GpuReading(0, "NVIDIA H200", 91.0, 2048.0, 143771.0, 54.0, 410.5)
     gpu = Reading(worker="gpu-0", host="h", at=0.0, gpus=[h200])
     assert views.telemetry_rows([cpu]) == [{"worker": "worker-0", "kind": "CPU (no GPU on this worker)",
-                                            "utilisation %": 45.8, "memory MB": "651 RSS", "stale": False,
+                                            "utilisation %": 45.8, "memory MB": "651 PSS", "stale": False,
                                             "source": "worker"}]
     mixed = views.telemetry_rows([gpu, cpu])
     assert [list(row) for row in mixed] == [["worker", "kind", "utilisation %", "memory MB", "temp °C", "power W",

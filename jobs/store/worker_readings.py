@@ -35,7 +35,10 @@ class Reading:
     gpus: list[GpuReading] = field(default_factory=list)
     gpu_note: str = ""
     cpu_pct: float = 0.0
-    rss_mb: float = 0.0
+    # The worker's own: the proportional set size of its process tree (forked Python workers share their daemon's
+    # pages, which a sum of RSS counted once a process: 1,228 MB against 986 here). Azure Monitor's: the replica's
+    # working set.
+    memory_mb: float = 0.0
     processes: int = 0
     stale: bool = False
     source: str = "worker"  # who measured CPU and memory: the worker itself, or Azure Monitor
