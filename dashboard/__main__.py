@@ -1,4 +1,5 @@
-"""`python -m dashboard`: demo data, local cluster, autoscaler and Streamlit together; stops them on exit."""
+"""`python -m dashboard`: demo data, local cluster, autoscaler and Streamlit together; on exit it stops what
+it started."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 
 from cluster import backends
+from jobs.core.processes import port_taken
 from jobs.core.settings import REPO, Settings
 from jobs.spark import run_service
 from jobs.store.demo import seed_demo
@@ -15,10 +17,20 @@ from jobs.store.demo import seed_demo
 
 def main() -> int:
     port = Settings().raw("EMBEDDECK_DASHBOARD_PORT")
+    # Checked before anything starts: a second `make run` found the port taken only after it had scaled the first
+    # one's cluster to 0 workers, and then stopped that cluster on its way out.
+    if port_taken(int(port)):
+        print(f"error: port {port} is in use (is the dashboard already running?); nothing was started or stopped. "
+              "EMBEDDECK_DASHBOARD_PORT picks another port.", file=sys.stderr)
+        return 2
     print(f"demo data: {seed_demo()} rows in table products")
     cluster = backends.configured()
-    state = cluster.up(workers=0)
-    print(f"Spark master {cluster.master_url()} (UI {cluster.master_webui}); {state.alive_workers} workers")
+    state = cluster.master_state()
+    ours = not state.reachable  # a cluster already up (`python -m cluster up`) is left as it is, and running
+    if ours:
+        state = cluster.up(workers=0)
+    print(f"Spark master {cluster.master_url()} (UI {cluster.master_webui}); {state.alive_workers} workers"
+          + ("" if ours else "; it was already running, and keeps running when the dashboard stops"))
     print(f"run service up (UI {run_service.start(cluster.master_url())['ui_url']}): runs start warm")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     # SIGTERM (a service manager, `timeout`) must clean up like Ctrl-C does.
@@ -37,7 +49,8 @@ def main() -> int:
             child.terminate()
         for child in children:
             child.wait(10)
-        backends.stop_all(cluster)
+        if ours:
+            backends.stop_all(cluster)
 
 
 if __name__ == "__main__":

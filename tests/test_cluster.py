@@ -1,6 +1,7 @@
 """A real local standalone cluster: scaling, telemetry, Spark REST, and the autoscaler driving it."""
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,24 @@ def cluster(tmp_path):
     c = LocalCluster(home=tmp_path, master_port=free_port(), webui_port=free_port())
     yield c
     c.down()
+
+
+def test_a_second_make_run_leaves_the_running_cluster_alone(cluster, tmp_path):
+    """A second `make run` found the dashboard's port taken only after it had scaled the running cluster to 0
+    workers, and then stopped that cluster on its way out: runs in flight lost their master."""
+    cluster.up(workers=1)
+    with socket.socket() as first_dashboard:
+        first_dashboard.bind(("127.0.0.1", 0))
+        first_dashboard.listen()
+        port = first_dashboard.getsockname()[1]
+        env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), EMBEDDECK_MASTER_PORT=str(cluster.master_port),
+                   EMBEDDECK_MASTER_WEBUI_PORT=str(cluster.webui_port), EMBEDDECK_DASHBOARD_PORT=str(port))
+        out = subprocess.run([sys.executable, "-m", "dashboard"], env=env, capture_output=True, text=True,
+                             timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 2 and f"port {port} is in use" in out.stderr
+    assert "nothing was started or stopped" in out.stderr
+    state = cluster.master_state()
+    assert state.reachable and state.alive_workers == 1
 
 
 def test_scale_0_2_1_0_agrees_with_master_json_and_telemetry(cluster, tmp_path):

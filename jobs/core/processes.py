@@ -26,6 +26,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_taken(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something already listens on the port (a server could not bind it now)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+        return False
+
+
 def start_time(pid: int) -> float | None:
     """The process's start time (tells it apart from a later process that reuses its pid), or None."""
     try:
