@@ -6,9 +6,12 @@ state files under EmbedDeck's home, so a restarted dashboard finds the cluster i
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -121,8 +124,21 @@ class LocalCluster:
             return spark_rest.MasterState(reachable=False, error="master is not running")
         return spark_rest.master_state(self.master_webui)
 
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """One change to this cluster's daemons at a time, across processes (the autoscaler, the dashboard, the CLI):
+        two `scale 2` at once each started the workers they found missing, and a third JVM ran untracked."""
+        with open(self.dir / "changes.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
+            yield
+
     def up(self, workers: int = 0, timeout: float = 60.0) -> spark_rest.MasterState:
         """Start the master if it is not running, then scale to `workers`."""
+        with self._changing():
+            self._up(workers, timeout)
+        return self.master_state()
+
+    def _up(self, workers: int, timeout: float) -> None:
         if not self.master_alive():
             self._spawn("master", ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                                    "--port", str(self.master_port), "--webui-port", str(self.webui_port)],
@@ -134,11 +150,15 @@ class LocalCluster:
                 if time.monotonic() > deadline:
                     raise Unavailable(f"Spark master did not answer within {timeout:.0f}s")
                 time.sleep(0.5)
-        self.scale(workers, timeout=timeout)
-        return self.master_state()
+        self._scale(workers, timeout)
 
     def scale(self, n: int, timeout: float = 60.0) -> list[Worker]:
         """Start or stop worker processes until n are alive and registered with the master."""
+        with self._changing():
+            self._scale(n, timeout)
+        return self.workers()
+
+    def _scale(self, n: int, timeout: float) -> None:
         if n < 0:
             raise BadRequest(f"worker count must be 0 or more, not {n}")
         if n > 0 and not self.master_alive():
@@ -166,7 +186,6 @@ class LocalCluster:
                                       "--work-dir", str(self.dir / "work")], port, webui)
             self._start_publisher(name, proc.pid)
         self._wait_registered(n, timeout)
-        return self.workers()
 
     def _wait_registered(self, n: int, timeout: float) -> None:
         if not self.master_alive():
@@ -214,7 +233,8 @@ class LocalCluster:
 
     def down(self) -> None:
         """Stop every worker and the master."""
-        self._stop([*self._worker_names(), "master"])
+        with self._changing():
+            self._stop([*self._worker_names(), "master"])
 
     def _stop(self, names: list[str]) -> None:
         """Stop these daemons together and forget them."""

@@ -17,6 +17,7 @@ from cluster.local import LocalCluster
 from jobs.core.autoscale import ScalingSettings
 from jobs.core.processes import free_port
 from jobs.doors.bench import CPU_ROLES, cpu_by_role
+from jobs.spark import jvm
 from jobs.store import scaling, worker_readings
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
@@ -32,6 +33,22 @@ def cluster(tmp_path):
     c = LocalCluster(home=tmp_path, master_port=free_port(), webui_port=free_port())
     yield c
     c.down()
+
+
+def test_two_scales_at_once_start_the_workers_once(cluster, tmp_path):
+    """The autoscaler, the dashboard and the CLI scale the same cluster from different processes: two `scale 2` at
+    once each started the workers they found missing, and a third worker JVM ran untracked (never stopped)."""
+    cluster.up(workers=0)
+    # The fixture's cluster keeps its state in tmp_path and its Spark secret in the suite's home.
+    env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), EMBEDDECK_MASTER_PORT=str(cluster.master_port),
+               EMBEDDECK_MASTER_WEBUI_PORT=str(cluster.webui_port), **{jvm.AUTH_SECRET_ENV: jvm.auth_secret()})
+    procs = [subprocess.Popen([sys.executable, "-m", "cluster", "scale", "2"], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    assert all(p.wait(timeout=180) == 0 for p in procs), [p.stderr.read() for p in procs]
+    jvms = [p for p in psutil.process_iter(["cmdline"])
+            if "org.apache.spark.deploy.worker.Worker" in (p.info["cmdline"] or []) and cluster.master_url()
+            in p.info["cmdline"]]
+    assert len(jvms) == 2 and cluster.master_state().alive_workers == 2 and len(cluster.workers()) == 2
 
 
 def test_a_second_make_run_leaves_the_running_cluster_alone(cluster, tmp_path):
