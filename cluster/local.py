@@ -19,7 +19,7 @@ from cluster import spark_rest
 from cluster.backend import Worker, configured_pricing
 from jobs.core.cost import Pricing
 from jobs.core.errors import BadRequest, Unavailable
-from jobs.core.processes import free_port, is_alive, read_json, start_time, stop_groups, write_json
+from jobs.core.processes import free_port, is_alive, port_taken, read_json, start_time, stop_groups, write_json
 from jobs.core.settings import REPO, Settings
 from jobs.spark import jvm
 from jobs.store import worker_readings
@@ -88,7 +88,7 @@ class LocalCluster:
         # No secret of EmbedDeck's in a daemon's environment: executors (anyone's code) inherit it.
         env = jvm.spark_env() | {"SPARK_NO_DAEMONIZE": "1",
                                  "SPARK_DAEMON_JAVA_OPTS": f"{options} {jvm.AUTH_OPTIONS}",
-                                 "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false",
+                                 "SPARK_MASTER_OPTS": "-Dspark.master.rest.enabled=false -Dspark.port.maxRetries=0",
                                  "SPARK_WORKER_OPTS": "-Dspark.worker.cleanup.enabled=true"}
         log = self.dir / "logs" / f"{name}.log"
         with open(log, "ab") as out:
@@ -140,6 +140,13 @@ class LocalCluster:
 
     def _up(self, workers: int, timeout: float) -> None:
         if not self.master_alive():
+            # Spark would bind the next free port and say so only in its log, so that everything else dialled
+            # another program, or another EmbedDeck home's master (its own secret: refused).
+            for port, var in ((self.master_port, "EMBEDDECK_MASTER_PORT"),
+                              (self.webui_port, "EMBEDDECK_MASTER_WEBUI_PORT")):
+                if port_taken(port):
+                    raise Unavailable(f"port {port} is in use by another program (another EmbedDeck home's Spark "
+                                      f"master?): set {var} to a free port")
             self._spawn("master", ["org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
                                    "--port", str(self.master_port), "--webui-port", str(self.webui_port)],
                         self.master_port, self.webui_port)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from cluster import backends
+from jobs.core.errors import EmbedDeckError
 from jobs.core.processes import port_taken
 from jobs.core.settings import REPO, Settings
 from jobs.spark import run_service
@@ -27,11 +28,17 @@ def main() -> int:
     cluster = backends.configured()
     state = cluster.master_state()
     ours = not state.reachable  # a cluster already up (`python -m cluster up`) is left as it is, and running
-    if ours:
-        state = cluster.up(workers=0)
-    print(f"Spark master {cluster.master_url()} (UI {cluster.master_webui}); {state.alive_workers} workers"
-          + ("" if ours else "; it was already running, and keeps running when the dashboard stops"))
-    print(f"run service up (UI {run_service.start(cluster.master_url())['ui_url']}): runs start warm")
+    try:
+        if ours:
+            state = cluster.up(workers=0)
+        print(f"Spark master {cluster.master_url()} (UI {cluster.master_webui}); {state.alive_workers} workers"
+              + ("" if ours else "; it was already running, and keeps running when the dashboard stops"))
+        print(f"run service up (UI {run_service.start(cluster.master_url())['ui_url']}): runs start warm")
+    except EmbedDeckError as exc:  # a port taken, a master that does not start
+        print(f"error: {exc}", file=sys.stderr)
+        if ours:
+            backends.stop_all(cluster)
+        return 2
     env = dict(os.environ, PYTHONPATH=str(REPO))
     # SIGTERM (a service manager, `timeout`) must clean up like Ctrl-C does.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -15,6 +15,7 @@ from cluster import spark_rest, telemetry
 from cluster.controller import Controller
 from cluster.local import LocalCluster
 from jobs.core.autoscale import ScalingSettings
+from jobs.core.errors import Unavailable
 from jobs.core.processes import free_port
 from jobs.doors.bench import CPU_ROLES, cpu_by_role
 from jobs.spark import jvm
@@ -33,6 +34,19 @@ def cluster(tmp_path):
     c = LocalCluster(home=tmp_path, master_port=free_port(), webui_port=free_port())
     yield c
     c.down()
+
+
+def test_a_master_port_in_use_is_named_not_moved_past(tmp_path):
+    """Spark binds the next free port when its own is taken and says so only in its log: the cluster then dialled
+    whatever held the port (another EmbedDeck home's master refuses our secret) and hung."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        cluster = LocalCluster(home=tmp_path, master_port=taken, webui_port=free_port())
+        with pytest.raises(Unavailable, match=f"port {taken} is in use by another program .*EMBEDDECK_MASTER_PORT"):
+            cluster.up()
+    assert not cluster.master_alive()
 
 
 def test_two_scales_at_once_start_the_workers_once(cluster, tmp_path):

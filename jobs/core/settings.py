@@ -44,7 +44,8 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
                                        "AMX/AVX-512-BF16, else fp32, and logs why"),
     Var("EMBEDDECK_TORCH_THREADS", "1", "torch threads in each Spark Python worker (one per task)"),
     Var("EMBEDDECK_EXECUTOR_MEMORY", "1g", "`spark.executor.memory` of every run"),
-    Var("EMBEDDECK_MASTER_PORT", "7077", "local master's RPC port"),
+    Var("EMBEDDECK_MASTER_PORT", "7077", "local master's RPC port (a port another program holds is refused by "
+        "name at `up`: Spark would take the next one and say so only in its log)"),
     Var("EMBEDDECK_MASTER_WEBUI_PORT", "8080", "local master's web UI port (workers use the ports after it)"),
     Var("EMBEDDECK_WORKER_CORES", "1", "cores of each local worker"),
     Var("EMBEDDECK_WORKER_MEMORY", "2g", "memory of each local worker"),
