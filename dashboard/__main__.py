@@ -40,8 +40,10 @@ def main() -> int:
             backends.stop_all(cluster)
         return 2
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    # SIGTERM (a service manager, `timeout`) must clean up like Ctrl-C does.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # SIGTERM (a service manager, `timeout`) and SIGHUP (its terminal closed) must clean up like Ctrl-C does: the
+    # cluster's daemons run in sessions of their own, and outlived a closed terminal.
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, lambda *_: sys.exit(0))
     children = [subprocess.Popen([sys.executable, "-m", "cluster", "autoscale"], cwd=REPO, env=env)]
     try:
         children.append(subprocess.Popen(

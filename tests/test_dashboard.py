@@ -217,8 +217,10 @@ def test_unreachable_database_is_a_clear_state(monkeypatch):
         assert "Sekr1t" not in str([e.value for e in at.error])
 
 
-def test_make_run_entry_point_starts_and_stops_everything(tmp_path):
-    """`python -m dashboard` (what `make run` calls): demo data, master, autoscaler, Streamlit; SIGTERM cleans up."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_make_run_entry_point_starts_and_stops_everything(tmp_path, stop):
+    """`python -m dashboard` (what `make run` calls): demo data, master, autoscaler, Streamlit; SIGTERM (a service
+    manager) and SIGHUP (its terminal closed: the cluster's daemons, in sessions of their own, lived on) clean up."""
     import json
     import os
     import signal
@@ -254,7 +256,7 @@ def test_make_run_entry_point_starts_and_stops_everything(tmp_path):
         assert db.engine_for(f"sqlite:///{tmp_path / 'embeddeck.sqlite'}").connect().execute(
             db.sa.text("SELECT count(*) FROM products")).scalar() == 6000
     finally:
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, stop))
         out, _ = proc.communicate(timeout=60)
     assert "demo data: 6000 rows" in out
     assert not cluster.master_alive() and not healthy()
