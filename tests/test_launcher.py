@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.core.processes import port_taken
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
 from tests.conftest import check_table, files_holding, wait_until
@@ -151,6 +153,31 @@ def test_wrong_password_exit_2_without_the_password(pg_url):
 def test_status_of_unknown_run():
     out = cli("status", "r-nope")
     assert out.returncode == 2 and "run r-nope does not exist" in out.stderr
+
+
+def test_serve_on_a_port_in_use_says_so_with_exit_2(monkeypatch):
+    """uvicorn exits 3 when it cannot bind, and 3 is a cancelled run's status here."""
+    monkeypatch.setenv("EMBEDDECK_API_TOKEN", "t" * 32)
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        out = cli("serve", "--host", "127.0.0.1", "--port", str(port), timeout=60)
+    assert out.returncode == 2 and f"port {port} is in use" in out.stderr
+
+
+def test_a_port_is_taken_while_listened_on_and_free_in_time_wait():
+    """As servers bind it (SO_REUSEADDR): a dashboard stopped and started again at once found its port "in use" for
+    a minute by a plain bind, while the last connections waited in TIME_WAIT."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    assert port_taken(port) and port_taken(port, "0.0.0.0")
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server's side closes first, so its end waits in TIME_WAIT
+    client.close()
+    server.close()
+    assert not port_taken(port)
 
 
 @pytest.mark.parametrize("command", [("jobs", "list", "--json"), ("cluster", "status", "--json")])

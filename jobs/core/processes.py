@@ -4,6 +4,7 @@ exit."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -27,13 +28,14 @@ def free_port() -> int:
 
 
 def port_taken(port: int, host: str = "127.0.0.1") -> bool:
-    """Whether something already listens on the port (a server could not bind it now)."""
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError:
-            return True
-        return False
+    """Whether something already listens on the port, so that a server could not bind it now. Bound as servers bind
+    (SO_REUSEADDR: a port whose last connections wait in TIME_WAIT is free); any other error is the server's to
+    report."""
+    try:
+        with socket.create_server((host, port)):
+            return False
+    except OSError as exc:
+        return exc.errno == errno.EADDRINUSE
 
 
 def start_time(pid: int) -> float | None:

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from jobs import lifecycle
 from jobs.core.errors import BadRequest, EmbedDeckError
+from jobs.core.processes import port_taken
 from jobs.core.settings import Settings
 from jobs.core.spec import DEFAULT_MODEL, RunSpec
 from jobs.core.texts import normalize_text
@@ -357,11 +358,17 @@ def serve(host: str = "127.0.0.1", port: int = 8888) -> int:
         print("error: set EMBEDDECK_API_TOKEN or EMBEDDECK_API_TOKEN_FILE; the API never runs without a token",
               file=sys.stderr)
         return 2
+    if port_taken(port, host):
+        print(f"error: port {port} is in use on {host} (is the API already running?)", file=sys.stderr)
+        return 2
     registry = Registry()
     threading.Thread(target=lifecycle.settle_forever, args=(registry, threading.Event()), daemon=True,
                      name="embeddeck-settle").start()
     # Bounded: connections at once, idle keep-alive, the size of an unfinished header block.
     app = create_app(token, registry, Settings().raw("EMBEDDECK_AUTOSCALE_TOKEN"))
-    uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=256, timeout_keep_alive=5,
-                h11_max_incomplete_event_size=64 * 1024)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=256, timeout_keep_alive=5,
+                    h11_max_incomplete_event_size=64 * 1024)
+    except SystemExit as exc:  # uvicorn's startup failure is 3, which the CLI's exit codes give to a cancelled run
+        return 2 if exc.code else 0
     return 0
