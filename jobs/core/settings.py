@@ -103,7 +103,7 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_ACA_WORKER", "embeddeck-worker", "ACA: the GPU worker app's name"),
     Var("EMBEDDECK_ACA_SUBNET_ID", None, "ACA deploy: the subnet of the environment"),
     Var("EMBEDDECK_STORAGE_ACCOUNT", None, "ACA deploy: the Azure Files account"),
-    Var("EMBEDDECK_STORAGE_KEY", None, "ACA deploy: its key (a secret)", secret=True),
+    Var("EMBEDDECK_STORAGE_KEY", None, "ACA deploy: the Azure Files account's key", secret=True),
     Var("EMBEDDECK_SHARE", "embeddeck", "ACA deploy: the Azure Files share"),
     Var("EMBEDDECK_CONTROLLER_IMAGE", None, "ACA deploy: the controller image"),
     Var("EMBEDDECK_WORKER_IMAGE", None, "ACA deploy: the worker image"),
