@@ -7,6 +7,7 @@ from dashboard import charts, services, shell, views, widgets
 from jobs import lifecycle
 from jobs.core.errors import EmbedDeckError
 from jobs.core.progress import format_duration
+from jobs.core.spec import in_process
 from jobs.store import scaling
 
 shell.open_page()
@@ -48,7 +49,9 @@ def live(run_id: str) -> None:
     # A master URL is too long for a metric's large type (it showed "spark://127.…"): it goes in the caption.
     m[3].metric("Duration", format_duration(run.duration_s()))
     st.caption(f"Master: {run.master or '—'}")
-    if run.started_at is not None:
+    if in_process(run.master):
+        st.caption("Cost: none of the cluster's workers; it ran in its driver's own process on the launching host")
+    elif run.started_at is not None:
         st.caption(f"Cost: {scaling.cost(registry, run, services.backend().pricing()).label()}")
     samples = registry.samples(run_id)
     if samples:

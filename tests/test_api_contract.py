@@ -126,6 +126,18 @@ def test_autoscale_reads_a_newer_workers_reading(tmp_path, monkeypatch):
     assert r.status_code == 200 and r.json()["current"] == 1
 
 
+def test_a_run_in_its_own_process_asks_for_no_workers(tmp_path):
+    """A run on local[N] (launched while no run service was up) counted as backlog: the autoscaler started workers
+    that idled beside it, and they were billed to it."""
+    registry = Registry(f"sqlite:///{tmp_path / 'r.sqlite'}")
+    with TestClient(create_app(TOKEN, registry)) as c:
+        registry.create("{}", "test", "products", "t1", "m", "local[*]")
+        assert c.get("/autoscale", headers=AUTH).json()["desired"] == 0
+        registry.create("{}", "test", "products", "t2", "m", "spark://127.0.0.1:7077")
+        step = c.get("/autoscale", headers=AUTH).json()
+    assert step["desired"] == 2 and step["reason"].startswith("1 run not planned yet")  # the default max
+
+
 def test_the_autoscale_token_reads_the_metric_and_nothing_else(tmp_path):
     """The workers' KEDA rule once held the full API token, which can launch runs: its own token opens
     GET /autoscale alone."""

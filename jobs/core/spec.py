@@ -57,7 +57,7 @@ class RunSpec:
             raise BadRequest(f"limit rows must be 1 or more, not {self.limit_rows}")
         if self.source == self.target:
             raise BadRequest("target table must differ from the source table")
-        if not (self.master.startswith("local") or self.master.startswith("spark://")):
+        if not (in_process(self.master) or self.master.startswith("spark://")):
             raise BadRequest(f"master must be local[N] or spark://host:port, not {self.master!r}")
 
     @property
@@ -83,6 +83,11 @@ class RunSpec:
     def with_db_url(self, db_url: str) -> RunSpec:
         """The same spec against another connection URL (e.g. the unredacted one)."""
         return replace(self, db_url=db_url)
+
+
+def in_process(master: str | None) -> bool:
+    """Whether a run on this master runs in its driver's own process (local[N]), on none of a cluster's workers."""
+    return bool(master) and master.startswith("local")
 
 
 def _check_identifier(role: str, name: str) -> None:

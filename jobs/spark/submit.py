@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from jobs.core.errors import BadRequest, Unavailable
 from jobs.core.processes import free_port
 from jobs.core.settings import HOLD_FILE_VAR, REPO, Settings
+from jobs.core.spec import in_process
 from jobs.spark.jvm import auth_secret, java_options, scratch_dir, spark_env, spark_submit
 from jobs.store.registry import Registry
 
@@ -23,7 +24,7 @@ DRIVER_SCRIPT = REPO / "jobs" / "spark" / "driver.py"
 
 def check_master(master: str, timeout_s: float = 3.0) -> None:
     """Raise Unavailable unless a spark:// master accepts connections (local masters always do)."""
-    if master.startswith("local"):
+    if in_process(master):
         return
     parsed = urlparse(master)
     if parsed.scheme != "spark" or not parsed.hostname:

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from jobs.core.autoscale import Backlog, Decision, ScalingSettings, step
 from jobs.core.cost import Pricing, RunCost, run_cost, worker_seconds
+from jobs.core.spec import in_process
 from jobs.store.db import utcnow
 from jobs.store.registry import QUEUED, RUNNING, Registry, Run
 
@@ -70,7 +71,8 @@ def backlog(registry: Registry) -> Backlog:
     Idle time is measured from the end of the last run, so the answer needs no loop state and any
     process (the local controller, the API's /autoscale for KEDA) computes the same number.
     """
-    runs = registry.list(limit=200)
+    # A local[N] run (no run service was up when it was launched) uses no worker: workers started for it idled.
+    runs = [r for r in registry.list(limit=200) if not in_process(r.master)]
     active = [r for r in runs if r.state in (QUEUED, RUNNING)]
     pending = sum(max(0, (r.rows_total or 0) - r.rows_done) for r in active if r.state == RUNNING)
     queued = sum(1 for r in active if r.state == QUEUED or r.rows_total is None)
@@ -149,7 +151,7 @@ def cost(registry: Registry, run: Run, pricing: Pricing) -> RunCost:
     now = utcnow()
     end = run.ended_at or now
     others = [(_seconds(r.started_at), _seconds(r.ended_at or now)) for r in registry.list(200)
-              if r.run_id != run.run_id and r.started_at and r.started_at < end
+              if r.run_id != run.run_id and not in_process(r.master) and r.started_at and r.started_at < end
               and (r.ended_at or now) > run.started_at]
     samples = ScaleHistory(registry).counts(run.started_at, end)
     return run_cost(worker_seconds(samples, (_seconds(run.started_at), _seconds(end)), others), pricing)
