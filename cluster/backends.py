@@ -7,6 +7,7 @@ import threading
 from cluster.aca import AcaBackend, AcaTarget
 from cluster.backend import Backend
 from cluster.local import LocalCluster
+from cluster.spark_rest import MasterState
 from jobs.core.errors import BadRequest
 from jobs.core.settings import Settings
 from jobs.spark import run_service
@@ -31,3 +32,10 @@ def stop_all(backend: Backend) -> None:
         backend.down()
     finally:
         service.join()
+
+
+def start_all(backend: Backend, workers: int = 0) -> tuple[MasterState, dict]:
+    """Start the master (and n workers) with its run service, whose master is where runs that name none go: a
+    master started alone left them on local[*], off the cluster and its workers."""
+    state = backend.up(workers)
+    return state, run_service.start(backend.master_url())

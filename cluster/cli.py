@@ -75,10 +75,13 @@ def run_verb(args: argparse.Namespace) -> int:
         return deploy_command(args.dry_run)
     backend, registry = backends.configured(), Registry()
     if args.verb == "up":
-        state = backend.up(args.workers)
+        if args.no_runner:
+            state, service = backend.up(args.workers), None
+        else:
+            state, service = backends.start_all(backend, args.workers)
         print(f"master {backend.master_url()} (UI {backend.master_webui}), {state.alive_workers} workers")
-        if not args.no_runner:
-            print(f"run service up (UI {run_service.start(backend.master_url())['ui_url']})")
+        if service:
+            print(f"run service up (UI {service['ui_url']})")
     elif args.verb == "scale":
         Controller(backend, registry).scale_manually(args.n)
         print(f"{sum(1 for w in backend.workers() if w.running)} workers")
@@ -92,6 +95,9 @@ def run_verb(args: argparse.Namespace) -> int:
                   f"{m['cores_used']}/{m['cores']} cores used")
             for w in info["workers"]:
                 print(f"  {w['name']}: {w['state']} {w['detail']}")
+            service = info["runner"]
+            print(f"run service: up, pid {service['pid']} (UI {service['ui_url']})" if service else
+                  "run service: not running (each run starts a Spark application of its own)")
     elif args.verb == "down":
         backends.stop_all(backend)
         print("cluster stopped")
@@ -103,7 +109,7 @@ def run_verb(args: argparse.Namespace) -> int:
         settings.max_workers = settings.max_workers if args.max is None else args.max
         scaling.save_settings(settings, registry)
         if not backend.master_state().reachable:
-            backend.up(settings.min_workers)
+            backends.start_all(backend, settings.min_workers)
         Controller(backend, registry).loop(args.every)
     return 0
 

@@ -7,7 +7,6 @@ state files under EmbedDeck's home, so a restarted dashboard finds the cluster i
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import subprocess
 import sys
 import time
@@ -19,7 +18,16 @@ from cluster import spark_rest
 from cluster.backend import Worker, configured_pricing
 from jobs.core.cost import Pricing
 from jobs.core.errors import BadRequest, Unavailable
-from jobs.core.processes import free_port, is_alive, port_taken, read_json, start_time, stop_groups, write_json
+from jobs.core.processes import (
+    exclusive,
+    free_port,
+    is_alive,
+    port_taken,
+    read_json,
+    start_time,
+    stop_groups,
+    write_json,
+)
 from jobs.core.settings import REPO, Settings
 from jobs.spark import jvm
 from jobs.store import worker_readings
@@ -128,8 +136,7 @@ class LocalCluster:
     def _changing(self) -> Iterator[None]:
         """One change to this cluster's daemons at a time, across processes (the autoscaler, the dashboard, the CLI):
         two `scale 2` at once each started the workers they found missing, and a third JVM ran untracked."""
-        with open(self.dir / "changes.lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or its process dies
+        with exclusive(self.dir / "changes.lock"):
             yield
 
     def up(self, workers: int = 0, timeout: float = 60.0) -> spark_rest.MasterState:

@@ -7,13 +7,18 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from cluster import backends
+from cluster.backend import Backend
 from jobs.core.errors import EmbedDeckError
 from jobs.core.processes import port_taken
 from jobs.core.settings import REPO, Settings
 from jobs.spark import run_service
 from jobs.store.demo import seed_demo
+
+WATCH_EVERY_S = 2.0
+RESTART_AFTER_S = 10.0  # an autoscaler that keeps exiting is started again at most this often
 
 
 def main() -> int:
@@ -29,11 +34,10 @@ def main() -> int:
     state = cluster.master_state()
     ours = not state.reachable  # a cluster already up (`python -m cluster up`) is left as it is, and running
     try:
-        if ours:
-            state = cluster.up(workers=0)
+        state, service = backends.start_all(cluster) if ours else (state, run_service.start(cluster.master_url()))
         print(f"Spark master {cluster.master_url()} (UI {cluster.master_webui}); {state.alive_workers} workers"
               + ("" if ours else "; it was already running, and keeps running when the dashboard stops"))
-        print(f"run service up (UI {run_service.start(cluster.master_url())['ui_url']}): runs start warm")
+        print(f"run service up (UI {service['ui_url']}): runs start warm")
     except EmbedDeckError as exc:  # a port taken, a master that does not start
         print(f"error: {exc}", file=sys.stderr)
         if ours:
@@ -44,22 +48,49 @@ def main() -> int:
     # cluster's daemons run in sessions of their own, and outlived a closed terminal.
     for stop in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop, lambda *_: sys.exit(0))
-    children = [subprocess.Popen([sys.executable, "-m", "cluster", "autoscale"], cwd=REPO, env=env)]
+    children = {"autoscaler": _autoscaler(env)}
     try:
-        children.append(subprocess.Popen(
+        children["streamlit"] = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
              "--server.port", port, "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-            cwd=REPO, env=env))
-        return children[-1].wait()
+            cwd=REPO, env=env)
+        return _watch(cluster, children, env)
     except KeyboardInterrupt:
         return 0
     finally:
-        for child in children:
+        for child in children.values():
             child.terminate()
-        for child in children:
+        for child in children.values():
             child.wait(10)
         if ours:
             backends.stop_all(cluster)
+
+
+def _autoscaler(env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cluster", "autoscale"], cwd=REPO, env=env)
+
+
+def _watch(cluster: Backend, children: dict[str, subprocess.Popen], env: dict) -> int:
+    """Until Streamlit exits (its status is returned): start the autoscaler again when it exits, and the run service
+    when it is gone while the master runs (killed, crashed: the dashboard's runs then went to local[*], off the
+    cluster). A stopped master is the operator's to start (the Cluster page's Start master starts both)."""
+    restarted = 0.0
+    while True:
+        try:
+            return children["streamlit"].wait(WATCH_EVERY_S)
+        except subprocess.TimeoutExpired:
+            pass
+        if children["autoscaler"].poll() is not None and time.monotonic() - restarted > RESTART_AFTER_S:
+            print(f"the autoscaler exited with {children['autoscaler'].returncode}; starting it again",
+                  file=sys.stderr)
+            children["autoscaler"], restarted = _autoscaler(env), time.monotonic()
+        master = cluster.master_url()
+        if run_service.info() is None and not run_service.starting(master) and cluster.master_state().reachable:
+            print("the run service was gone; starting it again", file=sys.stderr)
+            try:
+                print(f"run service up (UI {run_service.start(master)['ui_url']})")
+            except EmbedDeckError as exc:
+                print(f"error: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

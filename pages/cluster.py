@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from cluster import spark_rest
+from cluster import backends, spark_rest
 from dashboard import charts, services, shell, views, widgets
 from jobs.core.errors import EmbedDeckError
 from jobs.spark import run_service
@@ -98,12 +98,14 @@ local = backend.name == "local"  # ACA's master lives in the controller app; onl
 try:
     if b1.button("Scale now (turns autoscale off)"):
         if local and not master_up:
-            backend.up(0)
+            with st.spinner("starting the master and its run service…"):
+                backends.start_all(backend)
         with st.spinner(f"scaling to {n}…"):
             controller.scale_manually(int(n))
         st.rerun()
     if local and b2.button("Stop cluster" if master_up else "Start master"):
-        backend.down() if master_up else backend.up(0)
+        with st.spinner("stopping the cluster…" if master_up else "starting the master and its run service…"):
+            backends.stop_all(backend) if master_up else backends.start_all(backend)
         st.rerun()
 except EmbedDeckError as exc:
     st.error(str(exc))

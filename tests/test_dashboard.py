@@ -170,6 +170,37 @@ def test_cluster_page_with_master_down():
     assert at.session_state["cluster_every_s"] == 15.0  # nothing moves: the idle pace
 
 
+def test_start_master_on_the_cluster_page_starts_its_run_service_and_stop_stops_both(tmp_path, monkeypatch):
+    """Start master started the master alone: the next runs (whose default master is the run service's) went to
+    local[*], off the cluster, while the autoscaler started workers for them that idled. Stop cluster left the run
+    service to notice its master had gone."""
+    from cluster.local import LocalCluster
+    from jobs import lifecycle
+    from jobs.core.processes import free_port
+    from jobs.spark import run_service
+
+    monkeypatch.setenv("EMBEDDECK_HOME", str(tmp_path))
+    monkeypatch.setenv("EMBEDDECK_MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("EMBEDDECK_MASTER_WEBUI_PORT", str(free_port()))
+    st.cache_resource.clear()  # the page's backend and registry: this home's
+    cluster = LocalCluster()
+    try:
+        at = page("cluster")
+        next(b for b in at.button if b.label == "Start master").click().run(timeout=180)
+        assert not at.exception, at.exception
+        service = run_service.info()
+        assert cluster.master_state().reachable and service is not None
+        assert lifecycle.resolve_master() == service["master"] == cluster.master_url()
+        next(b for b in at.button if b.label == "Stop cluster").click().run(timeout=120)
+        assert not at.exception, at.exception
+        assert not cluster.master_alive() and run_service.info() is None
+        assert lifecycle.resolve_master() == "local[*]"
+    finally:
+        run_service.stop()
+        cluster.down()
+        st.cache_resource.clear()
+
+
 def test_run_views_are_pure():
     import dataclasses
 
@@ -231,7 +262,7 @@ def test_make_run_entry_point_starts_and_stops_everything(tmp_path, stop):
     import requests
 
     from cluster.local import LocalCluster
-    from jobs.core.processes import free_port
+    from jobs.core.processes import free_port, is_alive, read_json
 
     ports = {"EMBEDDECK_DASHBOARD_PORT": free_port(), "EMBEDDECK_MASTER_PORT": free_port(),
              "EMBEDDECK_MASTER_WEBUI_PORT": free_port()}
@@ -255,6 +286,21 @@ def test_make_run_entry_point_starts_and_stops_everything(tmp_path, stop):
         assert [a["name"] for a in cluster.master_state().active_apps] == ["embeddeck-runner"]
         assert db.engine_for(f"sqlite:///{tmp_path / 'embeddeck.sqlite'}").connect().execute(
             db.sa.text("SELECT count(*) FROM products")).scalar() == 6000
+        if stop == "SIGTERM":  # once: what it started is started again when it dies (it ran on without them)
+            def autoscaler():
+                return next((c for c in psutil.Process(proc.pid).children() if "autoscale" in c.cmdline()), None)
+
+            def new_service():
+                data = read_json(tmp_path / "runner.json") or {}  # none while the new one starts
+                return data if data.get("pid") not in (None, service["pid"]) and is_alive(
+                    data["pid"], data["pid_started"]) else None
+
+            killed = autoscaler()
+            os.kill(service["pid"], signal.SIGKILL)
+            killed.kill()
+            service = wait_until(new_service, timeout=120, what="a new run service")
+            wait_until(lambda: autoscaler() and autoscaler().pid != killed.pid, timeout=30, what="a new autoscaler")
+            assert [a["name"] for a in cluster.master_state().active_apps] == ["embeddeck-runner"]
     finally:
         proc.send_signal(getattr(signal, stop))
         out, _ = proc.communicate(timeout=60)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -122,6 +123,14 @@ def stop_groups(leaders: dict[int, int], grace_s: float = 10.0) -> None:
                 log.warning("process %d of a stopped group still runs after SIGKILL", proc.pid)
                 break
             time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold the lock file's exclusive lock, across processes; released when the block ends or its process dies."""
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def write_json(path: Path, data: object) -> None:

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from jobs.core.errors import Unavailable
-from jobs.core.processes import free_port, is_alive, read_json, start_time, stop_group, write_json
+from jobs.core.processes import exclusive, free_port, is_alive, read_json, start_time, stop_group, write_json
 from jobs.core.settings import Settings
 from jobs.core.spec import DEFAULT_MODEL, RunSpec
 from jobs.embed.pipeline import execute, spark_error_message, warm_partitions
@@ -98,7 +98,13 @@ def _wait_for_master(master: str, deadline: float) -> None:
 
 
 def start(master: str, timeout_s: float = 120.0) -> dict:
-    """Start the service application against a spark:// master and wait until it takes runs."""
+    """Start the service application against a spark:// master and wait until it takes runs; one start at a
+    time per home (the dashboard's Start master and `make run`'s watch over the service may ask together)."""
+    with exclusive(Settings().home / "runner.lock"):
+        return _start(master, timeout_s)
+
+
+def _start(master: str, timeout_s: float) -> dict:
     current = info()
     if current is not None:
         if same_master(current["master"], master):
