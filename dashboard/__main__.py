@@ -7,10 +7,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from cluster import backends
-from cluster.backend import Backend
 from jobs.core.errors import EmbedDeckError
 from jobs.core.processes import port_taken
 from jobs.core.settings import REPO, Settings
@@ -49,15 +49,21 @@ def main() -> int:
     for stop in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(stop, lambda *_: sys.exit(0))
     children = {"autoscaler": _autoscaler(env)}
+    # The run service is started again when it is gone while the master runs (killed, crashed: the dashboard's runs
+    # then went to local[*], off the cluster). A master stopped from the Cluster page stays stopped until Start master.
+    stopping = threading.Event()
+    threading.Thread(target=run_service.keep, args=(cluster.master_url(), stopping), daemon=True,
+                     name="embeddeck-run-service").start()
     try:
         children["streamlit"] = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
              "--server.port", port, "--server.headless", "true", "--browser.gatherUsageStats", "false"],
             cwd=REPO, env=env)
-        return _watch(cluster, children, env)
+        return _watch(children, env)
     except KeyboardInterrupt:
         return 0
     finally:
+        stopping.set()
         for child in children.values():
             child.terminate()
         for child in children.values():
@@ -70,10 +76,8 @@ def _autoscaler(env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cluster", "autoscale"], cwd=REPO, env=env)
 
 
-def _watch(cluster: Backend, children: dict[str, subprocess.Popen], env: dict) -> int:
-    """Until Streamlit exits (its status is returned): start the autoscaler again when it exits, and the run service
-    when it is gone while the master runs (killed, crashed: the dashboard's runs then went to local[*], off the
-    cluster). A stopped master is the operator's to start (the Cluster page's Start master starts both)."""
+def _watch(children: dict[str, subprocess.Popen], env: dict) -> int:
+    """Until Streamlit exits (its status is returned): start the autoscaler again when it exits."""
     restarted = 0.0
     while True:
         try:
@@ -84,13 +88,6 @@ def _watch(cluster: Backend, children: dict[str, subprocess.Popen], env: dict) -
             print(f"the autoscaler exited with {children['autoscaler'].returncode}; starting it again",
                   file=sys.stderr)
             children["autoscaler"], restarted = _autoscaler(env), time.monotonic()
-        master = cluster.master_url()
-        if run_service.info() is None and not run_service.starting(master) and cluster.master_state().reachable:
-            print("the run service was gone; starting it again", file=sys.stderr)
-            try:
-                print(f"run service up (UI {run_service.start(master)['ui_url']})")
-            except EmbedDeckError as exc:
-                print(f"error: {exc}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export SPARK_NO_DAEMONIZE=1 PYTHONPATH="$PWD"
 SPARK_CLASS="$(python -c 'import pyspark, os; print(os.path.join(os.path.dirname(pyspark.__file__), "bin", "spark-class"))')"
-MASTER_OPTS="--host 0.0.0.0 --port ${SPARK_MASTER_PORT:-7077} --webui-port ${SPARK_MASTER_WEBUI_PORT:-8080}"
+MASTER_OPTS="--host ${SPARK_MASTER_HOST:-0.0.0.0} --port ${SPARK_MASTER_PORT:-7077} --webui-port ${SPARK_MASTER_WEBUI_PORT:-8080}"
 # With the cluster's secret (a secret reference on ACA), daemons admit only applications that hold it.
 if [ -n "${_SPARK_AUTH_SECRET:-}" ]; then
   export SPARK_DAEMON_JAVA_OPTS="${SPARK_DAEMON_JAVA_OPTS:-} -Dspark.authenticate=true -Dspark.network.crypto.enabled=true"
@@ -16,13 +16,38 @@ fi
 start_master() {
   # The REST submission server answers without authentication: keep it off.
   SPARK_MASTER_OPTS="-Dspark.master.rest.enabled=false" "$SPARK_CLASS" org.apache.spark.deploy.master.Master $MASTER_OPTS &
+  master=$!
 }
 
-start_run_service() {
+keep_run_service() {
   # One long-lived driver on the fixed driver ports: runs start warm on its executors, and two
-  # concurrent runs never race for those ports (a spark-submit per run would).
-  python -c 'from jobs.core.settings import Settings; from jobs.spark import run_service
-run_service.start(Settings().raw("EMBEDDECK_SPARK_MASTER") or "spark://127.0.0.1:7077")' &
+  # concurrent runs never race for those ports (a spark-submit per run would). Started once the
+  # master answers, and again whenever it is gone while the master runs.
+  python -c 'import logging; from jobs.core.settings import Settings; from jobs.spark import run_service
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+run_service.keep(Settings().raw("EMBEDDECK_SPARK_MASTER") or "spark://127.0.0.1:7077")' &
+  keeper=$!
+}
+
+serve_beside_master() {
+  # The front door runs beside the master, and the container ends when either does, so that Container Apps
+  # starts the replica again: with the door exec'd, a dead master left the API answering 503 to every run, and
+  # the platform's probes, which reach the door, found the replica healthy.
+  "$@" &
+  door=$!
+  stopping=""
+  trap 'stopping=1' TERM INT
+  status=0
+  wait -n "$master" "$door" || status=$?
+  if [ -n "$stopping" ]; then
+    status=0
+  elif ! kill -0 "$master" 2>/dev/null; then
+    echo "the Spark master exited; stopping the container so that it is started again" >&2
+    status=1
+  fi
+  kill -TERM "$door" "$master" "$keeper" 2>/dev/null || true
+  wait "$door" "$master" "$keeper" 2>/dev/null || true
+  exit "$status"
 }
 
 case "${APP_MODE:-dashboard}" in
@@ -56,16 +81,21 @@ case "${APP_MODE:-dashboard}" in
       *) echo "EMBEDDECK_DASHBOARD_AUTH must be none, proxy or oidc" >&2; exit 2 ;;
     esac
     case "${EMBEDDECK_SPARK_MASTER:-}" in
-      ""|spark://127.0.0.1*|spark://localhost*) start_master; start_run_service ;;
-      *) ;;  # the controller's master (the deployed dashboard app): runs launched here drive from here
+      ""|spark://127.0.0.1*|spark://localhost*)
+        start_master
+        keep_run_service
+        serve_beside_master streamlit run app.py --server.address "$address" --server.port 8501 \
+          --server.headless true --browser.gatherUsageStats false
+        ;;
     esac
+    # The controller's master (the deployed dashboard app): runs launched here drive from here.
     exec streamlit run app.py --server.address "$address" --server.port 8501 --server.headless true \
       --browser.gatherUsageStats false
     ;;
   trigger)
     start_master
-    start_run_service
-    exec python -m jobs serve --host 0.0.0.0 --port "${EMBEDDECK_API_PORT:-8888}"
+    keep_run_service
+    serve_beside_master python -m jobs serve --host "${API_ADDRESS:-0.0.0.0}" --port "${EMBEDDECK_API_PORT:-8888}"
     ;;
   jupyter)
     : "${JUPYTER_TOKEN:?set JUPYTER_TOKEN: Jupyter never runs without a token}"
@@ -78,8 +108,8 @@ case "${APP_MODE:-dashboard}" in
     mkdir -p "$notebooks"
     cp -n "$PWD"/docker/notebooks/*.ipynb "$notebooks"/ 2>/dev/null || true
     start_master
-    start_run_service
-    exec jupyter lab --ip 0.0.0.0 --port 8888 --no-browser --allow-root \
+    keep_run_service
+    serve_beside_master jupyter lab --ip 0.0.0.0 --port 8888 --no-browser --allow-root \
       --IdentityProvider.token="$JUPYTER_TOKEN" --ServerApp.disable_check_xsrf=False \
       --ServerApp.root_dir="$notebooks"
     ;;

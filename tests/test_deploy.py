@@ -146,6 +146,56 @@ def test_entrypoint_refuses_what_it_must(mode, extra, message):
     assert out.returncode != 0 and message in out.stderr
 
 
+@pytest.mark.spark
+def test_the_controller_ends_with_its_master_and_starts_its_run_service_again(tmp_path, monkeypatch):
+    """The controller's entrypoint exec'd its front door beside a background master and run service: a dead master
+    left the API answering 503 to every run while the platform's probes, which reach the door, found it healthy,
+    and a dead run service was never started again. Run here as the image runs it, on loopback."""
+    import secrets
+    import signal
+
+    import psutil
+
+    from jobs.core.processes import free_port
+    from jobs.spark import run_service
+    from tests.conftest import wait_until
+
+    master_port, api_port = free_port(), free_port()
+    env = dict(os.environ, APP_MODE="trigger", EMBEDDECK_HOME=str(tmp_path), SPARK_MASTER_HOST="127.0.0.1",
+               SPARK_MASTER_PORT=str(master_port), SPARK_MASTER_WEBUI_PORT=str(free_port()),
+               EMBEDDECK_SPARK_MASTER=f"spark://127.0.0.1:{master_port}", API_ADDRESS="127.0.0.1",
+               EMBEDDECK_API_PORT=str(api_port), EMBEDDECK_API_TOKEN="controller-test",
+               _SPARK_AUTH_SECRET=secrets.token_hex(16), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("EMBEDDECK_HOME", str(tmp_path))  # run_service reads this home's state
+    proc = subprocess.Popen(["bash", str(REPO / "docker" / "entrypoint.sh")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def health():
+        try:
+            return requests.get(f"http://127.0.0.1:{api_port}/healthz", timeout=2).json()["checks"]["master"]
+        except (requests.RequestException, ValueError):
+            return False
+
+    try:
+        wait_until(health, timeout=120, what="the API with its master")
+        first = wait_until(run_service.info, timeout=120, what="the run service")
+        os.kill(first["pid"], signal.SIGKILL)
+        again = wait_until(lambda: (s := run_service.info()) and s["pid"] != first["pid"] and s, timeout=120,
+                           what="the run service started again")
+        assert again["master"] == env["EMBEDDECK_SPARK_MASTER"]
+        master = next(p for p in psutil.process_iter(["cmdline"]) if "org.apache.spark.deploy.master.Master" in
+                      (p.info["cmdline"] or []) and str(master_port) in p.info["cmdline"])
+        master.kill()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        run_service.stop()
+    assert proc.returncode == 1 and "the Spark master exited" in out, out[-3000:]
+    assert not health()
+
+
 def test_private_images_state_on_local_disk_logs_and_gpu_sizes():
     """What stopped a first deployment, fixed: images pulled from a private registry with a managed identity,
     local state off the SMB share (the registry in the run's SQL database), Log Analytics for KEDA's events,

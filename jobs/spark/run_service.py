@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,11 +98,43 @@ def _wait_for_master(master: str, deadline: float) -> None:
             time.sleep(0.2)
 
 
+def _changing():
+    """One start or stop of the service at a time per home: the dashboard's Start master, `make run`'s keeper and
+    the CLI may ask together (two starts ran two services)."""
+    return exclusive(Settings().home / "runner.lock")
+
+
 def start(master: str, timeout_s: float = 120.0) -> dict:
-    """Start the service application against a spark:// master and wait until it takes runs; one start at a
-    time per home (the dashboard's Start master and `make run`'s watch over the service may ask together)."""
-    with exclusive(Settings().home / "runner.lock"):
+    """Start the service application against a spark:// master and wait until it takes runs."""
+    with _changing():
         return _start(master, timeout_s)
+
+
+def keep(master: str, stopping: threading.Event | None = None, every_s: float = 5.0) -> None:
+    """Start the service, and again whenever it is gone while its master answers (killed, crashed: runs then went
+    to applications of their own, and on ACA raced for the controller's fixed driver ports), until stopping is
+    set. A stopped master is left stopped; its service starts with it again (backends.start_all)."""
+    stopping, first = stopping or threading.Event(), True
+    while not stopping.is_set():
+        if info() is None and not starting(master) and (first or _answers(master)):
+            if not first:
+                log.warning("the run service of %s is gone: starting it again", master)
+            try:
+                with _changing():
+                    if not stopping.is_set():  # a stop that waited for this lock comes first
+                        _start(master, 120.0)
+            except Unavailable as exc:
+                log.error("%s", exc)
+        first = False
+        stopping.wait(every_s)
+
+
+def _answers(master: str) -> bool:
+    try:
+        check_master(master, timeout_s=1.0)
+        return True
+    except Unavailable:
+        return False
 
 
 def _start(master: str, timeout_s: float) -> dict:
@@ -109,7 +142,7 @@ def _start(master: str, timeout_s: float) -> dict:
     if current is not None:
         if same_master(current["master"], master):
             return current
-        stop()
+        _stop()
     _paths()[1].unlink(missing_ok=True)
     # Runs launched meanwhile wait for the service (lifecycle): a run in a spark-submit of its own would ask
     # the master for the cores the service is about to take, and wait for them for ever.
@@ -137,6 +170,11 @@ def _start(master: str, timeout_s: float) -> dict:
 
 def stop() -> None:
     """Stop the service (its active runs are marked failed by the registry's dead-driver check)."""
+    with _changing():
+        _stop()
+
+
+def _stop() -> None:
     current = info()
     sock_path, state_path = _paths()
     if current is not None:
@@ -228,8 +266,6 @@ def _exit_when_orphaned(sc, sock_path: Path, state_path: Path, every_s: float = 
 
 def main() -> int:
     """spark-submit entry point: hold a SparkContext and run what the lifecycle hands over."""
-    import threading
-
     import psutil
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
