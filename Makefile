@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export SPARK_LOCAL_IP := 127.0.0.1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: run test test-unit setup system-deps bench gpu-check lint clean images e2e
+.PHONY: run test test-unit setup system-deps bench gpu-check lint clean images e2e jupyter
 
 run: setup
 	$(BIN)/python -m dashboard
@@ -34,6 +34,10 @@ images:
 # The deployment's topology from those images: controller + KEDA-driven workers + PostgreSQL (tests/e2e_images.py).
 e2e: setup images
 	$(BIN)/python -m tests.e2e_images
+
+# JupyterLab on 127.0.0.1 beside `make run`: its kernels reach the same database, registry and cluster (jobs/doors/jupyter.py).
+jupyter: setup
+	$(BIN)/python -m jobs.doors.jupyter
 
 lint: setup
 	$(BIN)/ruff check .

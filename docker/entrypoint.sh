@@ -104,14 +104,14 @@ case "${APP_MODE:-dashboard}" in
       exit 2
     fi
     # Notebooks on the share outlive a revision: the example is copied there once, never over a user's.
-    notebooks="${EMBEDDECK_NOTEBOOK_DIR:-$PWD/docker/notebooks}"
+    notebooks="${EMBEDDECK_NOTEBOOK_DIR:-${EMBEDDECK_HOME:-$PWD/var}/notebooks}"
     mkdir -p "$notebooks"
     cp -n "$PWD"/docker/notebooks/*.ipynb "$notebooks"/ 2>/dev/null || true
     start_master
     keep_run_service
+    # Jupyter reads JUPYTER_TOKEN itself: on its command line the token showed in every process listing.
     serve_beside_master jupyter lab --ip 0.0.0.0 --port 8888 --no-browser --allow-root \
-      --IdentityProvider.token="$JUPYTER_TOKEN" --ServerApp.disable_check_xsrf=False \
-      --ServerApp.root_dir="$notebooks"
+      --ServerApp.disable_check_xsrf=False --ServerApp.root_dir="$notebooks"
     ;;
   *)
     echo "APP_MODE must be dashboard, trigger, jupyter, master or worker, not '${APP_MODE}'" >&2

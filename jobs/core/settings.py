@@ -92,8 +92,10 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
                                            "embedding task pauses after its first commit (a cancel or a killed "
                                            "worker then lands mid-run however fast the machine is)"),
     Var("EMBEDDECK_NOTEBOOK_ROWS", "200", "rows the example notebook embeds"),
-    Var("EMBEDDECK_NOTEBOOK_DIR", None, "where the container's Jupyter serves notebooks from (the example is "
-                                        "copied there first when missing); unset: `docker/notebooks`"),
+    Var("EMBEDDECK_NOTEBOOK_DIR", None, "where Jupyter (`make jupyter`, the container's `jupyter` mode) serves "
+                                        "notebooks from (the example is copied there first when missing); unset: "
+                                        "`$EMBEDDECK_HOME/notebooks`"),
+    Var("EMBEDDECK_JUPYTER_PORT", "8890", "port of `make jupyter`'s JupyterLab (on 127.0.0.1)"),
     Var("EMBEDDECK_ACA_MODE", "trigger", "ACA deploy: the controller's front door, `trigger` (HTTP API) or "
                                          "`jupyter`"),
     Var("EMBEDDECK_JUPYTER_TOKEN", None, "ACA deploy in jupyter mode: Jupyter's token (a Container Apps "
