@@ -8,9 +8,12 @@ from cluster.aca import AcaBackend, AcaTarget
 from cluster.backend import Backend
 from cluster.local import LocalCluster
 from cluster.spark_rest import MasterState
+from jobs import lifecycle
 from jobs.core.errors import BadRequest
 from jobs.core.settings import Settings
 from jobs.spark import run_service
+from jobs.spark.submit import same_master
+from jobs.store.registry import Registry
 
 
 def configured() -> Backend:
@@ -23,15 +26,36 @@ def configured() -> Backend:
     raise BadRequest(f"EMBEDDECK_CLUSTER_BACKEND must be local or aca, not {kind!r}")
 
 
-def stop_all(backend: Backend) -> None:
-    """Stop the run service and the backend's daemons together: each Spark JVM takes about 2 s to exit (the
-    service 2.5 s, a master and two workers 1.9 s), so neither waits for the other."""
+def stop_all(backend: Backend, registry: Registry | None = None) -> list[str]:
+    """Cancel the runs of this cluster's master, then stop the run service and the backend's daemons together: each
+    Spark JVM takes about 2 s to exit (the service 2.5 s, a master and two workers 1.9 s), so neither waits for the
+    other. Returns the runs cancelled."""
+    cancelled = _cancel_runs(backend, registry or Registry()) if backend.name == "local" else []
     service = threading.Thread(target=run_service.stop)
     service.start()
     try:
         backend.down()
     finally:
         service.join()
+    return cancelled
+
+
+def active_runs(backend: Backend, registry: Registry) -> list[str]:
+    """The runs in flight on, or waiting for, the backend's master."""
+    return [r.run_id for r in registry.list(active_only=True)
+            if r.master and same_master(r.master, backend.master_url())]
+
+
+def _cancel_runs(backend: Backend, registry: Registry) -> list[str]:
+    """Cancel the runs in flight on (or waiting for) the master, and wait for them to end: stopped under them, they
+    failed with Spark's 'SparkContext was shut down', and a waiting one would have been handed to a dead master.
+    ACA's master lives in the controller app, which this never stops."""
+    runs = active_runs(backend, registry)
+    for run_id in runs:
+        lifecycle.cancel(run_id, registry)
+    for run_id in runs:
+        lifecycle.wait(run_id, registry, every_s=0.5, timeout_s=lifecycle.CANCEL_GRACE_S + 10)
+    return runs
 
 
 def start_all(backend: Backend, workers: int = 0) -> tuple[MasterState, dict]:

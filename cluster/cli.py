@@ -99,7 +99,9 @@ def run_verb(args: argparse.Namespace) -> int:
             print(f"run service: up, pid {service['pid']} (UI {service['ui_url']})" if service else
                   "run service: not running (each run starts a Spark application of its own)")
     elif args.verb == "down":
-        backends.stop_all(backend)
+        cancelled = backends.stop_all(backend, registry)
+        print(f"cancelled {len(cancelled)} run(s) of this cluster: {', '.join(cancelled)}\n" if cancelled else "",
+              end="")
         print("cluster stopped")
     elif args.verb == "autoscale":
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")

@@ -103,9 +103,11 @@ try:
         with st.spinner(f"scaling to {n}…"):
             controller.scale_manually(int(n))
         st.rerun()
-    if local and b2.button("Stop cluster" if master_up else "Start master"):
+    active = len(backends.active_runs(backend, services.registry())) if master_up else 0
+    stop_label = f"Stop cluster (cancels {active} active run{'s' * (active != 1)})" if active else "Stop cluster"
+    if local and b2.button(stop_label if master_up else "Start master"):
         with st.spinner("stopping the cluster…" if master_up else "starting the master and its run service…"):
-            backends.stop_all(backend) if master_up else backends.start_all(backend)
+            backends.stop_all(backend, services.registry()) if master_up else backends.start_all(backend)
         st.rerun()
 except EmbedDeckError as exc:
     st.error(str(exc))

@@ -326,12 +326,24 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
         # A master that dies takes the service with it: a standalone app never re-registers with a
         # restarted master, so an orphaned service would take runs it can never run.
         port = env["EMBEDDECK_MASTER_PORT"]
-        master = next(p for p in psutil.process_iter(["cmdline"])
-                      if "org.apache.spark.deploy.master.Master" in (p.info["cmdline"] or [])
-                      and port in (p.info["cmdline"] or []))
-        master.kill()
+        master_jvm = next(p for p in psutil.process_iter(["cmdline"])
+                          if "org.apache.spark.deploy.master.Master" in (p.info["cmdline"] or [])
+                          and port in (p.info["cmdline"] or []))
+        master_jvm.kill()
         wait_until(lambda: not psutil.pid_exists(service["pid"]), timeout=30)
         assert run_service.info() is None
+
+        # Up again, a new service with it; `down` cancels the run in flight, which had failed with Spark's
+        # "An error occurred while calling z:…collectAndServe." when its service was stopped under it.
+        assert "run service up" in cli("up", "--workers", "1")
+        hold.touch()
+        busy = launch("svc_down", model=fast_model)
+        wait_until(lambda: registry.get(busy).rows_done > 0, timeout=120)
+        assert registry.get(busy).driver_pid == run_service.info()["pid"]
+        assert f"cancelled 1 run(s) of this cluster: {busy}" in cli("down")
+        hold.unlink()
+        ended = registry.get(busy)
+        assert ended.state == "cancelled" and ended.error == "cancelled by request", ended.error
     finally:
         cli("down")
     status = json.loads(cli("status", "--json"))

@@ -323,3 +323,24 @@ def test_spark_processes_import_the_installed_pyspark_where_it_is_the_zips_versi
     assert use_installed_pyspark() == zips and not set(zips) & set(sys.path) and zips[0] not in sys.path_importer_cache
     monkeypatch.setattr(sys, "path", [str(other), *sys.path])
     assert use_installed_pyspark() == [] and sys.path[0] == str(other)
+
+
+@pytest.mark.parametrize("text,message", [
+    # What str(Py4JJavaError) gave for a run whose run service was stopped under it (`cluster down` before it
+    # cancelled runs): the first line names only the JVM call.
+    ("An error occurred while calling z:org.apache.spark.api.python.PythonRDD.collectAndServe.\n"
+     ": org.apache.spark.SparkException: Job 2 cancelled because SparkContext was shut down\n"
+     "\tat org.apache.spark.scheduler.DAGScheduler.cleanUpAfterSchedulerStop(DAGScheduler.scala:2060)",
+     "the run's Spark application stopped while the run was in flight"),
+    ("An error occurred while calling o42.collect.\n: org.apache.spark.SparkException: Job aborted due to stage "
+     "failure: Task 0 in stage 1.0 failed 4 times\n\tat org.apache.spark.scheduler.DAGScheduler.failJobAndIndepen"
+     "dentStages(DAGScheduler.scala:2898)",
+     "org.apache.spark.SparkException: Job aborted due to stage failure: Task 0 in stage 1.0 failed 4 times"),
+    ("An error occurred while calling o42.collect.\n: org.apache.spark.SparkException: Job aborted\nTraceback:\n"
+     "sqlalchemy.exc.OperationalError: (sqlite3.OperationalError) no such table: products",
+     "sqlalchemy.exc.OperationalError: (sqlite3.OperationalError) no such table: products"),
+])
+def test_a_failed_runs_error_is_its_root_cause(text, message):
+    from jobs.embed.pipeline import spark_error_message
+
+    assert spark_error_message(RuntimeError(text)).startswith(message)

@@ -272,17 +272,23 @@ class _ProgressWatcher(threading.Thread):
                 log.warning("progress update failed: %s", exc)
 
 
+SHUT_DOWN = "because SparkContext was shut down"
+
+
 def spark_error_message(exc: BaseException) -> str:
     """The root cause of a failed run in one or two lines: our own error's message, else the
     database or Python error at the bottom of Spark's JVM stack trace."""
     if isinstance(exc, EmbedDeckError):
         return str(exc)
     text = str(exc)
+    if SHUT_DOWN in text:  # a Py4J error whose first line names only the JVM call it interrupted
+        return ("the run's Spark application stopped while the run was in flight (its run service or driver was "
+                "stopped, or died): launch it again; it embeds only what is missing")
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for marker in ("OperationalError", "IntegrityError", "ProgrammingError", "Error:"):
+    for marker in ("OperationalError", "IntegrityError", "ProgrammingError", "Error:", "Exception:"):
         for ln in reversed(lines):
             if marker in ln and not ln.startswith("at "):
-                return ln[:2000]
+                return ln.removeprefix(": ")[:2000]
     return (lines[0] if lines else type(exc).__name__)[:2000]
 
 
