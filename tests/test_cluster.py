@@ -274,6 +274,14 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
         hold.touch()  # keeps the next run in flight after its first commit, however fast the machine
         busy = launch("svc_busy", model=fast_model)
         wait_until(lambda: registry.get(busy).rows_done > 0, timeout=120)
+        # A run planning behind it (its planning job waits for the one core) is cancelled at once, that job with it:
+        # the cancel went unheeded until a reader gave up on it after 20 s, while the job waited on, then ran.
+        behind = launch("svc_behind", limit_rows=20)
+        wait_until(lambda: registry.get(behind).phase == "planning", timeout=60)
+        asked = time.monotonic()
+        assert lifecycle.cancel_and_wait(behind, registry) == "cancelled"
+        assert time.monotonic() - asked < lifecycle.CANCEL_GRACE_S
+        assert registry.get(behind).error == "cancelled by request before embedding started"
         assert lifecycle.cancel_and_wait(busy, registry) == "cancelled"
         assert 0 < registry.get(busy).rows_done < ROWS
         hold.unlink()

@@ -244,15 +244,20 @@ def embed_partitions(task: TaskPlan):
 
 
 class _ProgressWatcher(threading.Thread):
-    """Publishes rows done and rows/s every 2 s, and turns a cancel request into a job cancel."""
+    """Turns a cancel request into a job cancel every 2 s from the run's start, and once the run embeds
+    (publish_from) publishes rows done and rows/s too."""
 
-    def __init__(self, sc, registry: Registry, run_id: str, spec: RunSpec, target, since):
+    def __init__(self, sc, registry: Registry, run_id: str, spec: RunSpec, target):
         super().__init__(daemon=True)
         self.sc, self.registry, self.run_id = sc, registry, run_id
-        self.engine, self.target, self.since = db.engine_for(spec.db_url), target, since
+        self.engine, self.target, self.since = db.engine_for(spec.db_url), target, None
         self.stop_event = threading.Event()
         self.cancelled = False
         self.samples: list[tuple[float, int]] = []
+
+    def publish_from(self, since) -> None:
+        """Count the rows embedded since `since` from now on."""
+        self.since = since
 
     def sample(self) -> int:
         done = db.count_embedded_since(self.engine, self.target, self.since)
@@ -263,7 +268,8 @@ class _ProgressWatcher(threading.Thread):
     def run(self) -> None:
         while not self.stop_event.wait(PROGRESS_EVERY_S):
             try:
-                self.sample()
+                if self.since is not None:
+                    self.sample()
                 run = self.registry.get(self.run_id)
                 if run is not None and run.cancel_requested and not self.cancelled:
                     self.cancelled = True
@@ -350,12 +356,22 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
     secrets = sc.broadcast({"db_url": spec.db_url, "api_key": endpoint.api_key if endpoint else None})
     task = TaskPlan(spec.with_db_url(""), secrets, endpoint.url if endpoint else None, dim)
 
+    # Watching for a cancel from here: the planning job reads every row, and waits for cores behind other runs; a
+    # cancel then went unheeded until the reader gave up on it (20 s) while the job ran on.
+    watcher = _ProgressWatcher(sc, registry, run_id, spec, target)
+    watcher.start()
     try:
         registry.set_phase(run_id, "planning")
         # Plain RDDs: the tasks read the database themselves, so Spark SQL and Arrow would only add
         # their start-up cost (seconds per run) and carry nothing.
         sc.setJobDescription(f"plan {title}")
-        scanned = sc.parallelize(ranges, len(ranges)).mapPartitions(scan_partitions(task)).collect()
+        try:
+            scanned = sc.parallelize(ranges, len(ranges)).mapPartitions(scan_partitions(task)).collect()
+        except Exception:
+            if not watcher.cancelled:
+                raise
+            registry.finish(run_id, CANCELLED, error="cancelled by request before embedding started")
+            return CANCELLED
         _raise_task_error(scanned)
         marks["planned"] = time.time()
         total = sum(r["needed"] for r in scanned)
@@ -363,15 +379,13 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
         work = [(r["index"], r["after"], r["hi"]) for r in scanned if r["needed"] or r["emptied"]]
         _record_marks(registry, run_id, marks, scanned, [])
         if registry.get(run_id).cancel_requested:
-            registry.finish(run_id, CANCELLED, error="cancelled before embedding started")
+            registry.finish(run_id, CANCELLED, error="cancelled by request before embedding started")
             return CANCELLED
         since = db.utcnow()
         if not registry.start(run_id, total, skipped):
             return registry.get(run_id).state
         log.info("run %s: %d rows to embed in %d ranges, %d skipped", run_id, total, len(work), skipped)
-
-        watcher = _ProgressWatcher(sc, registry, run_id, spec, target, since)
-        watcher.start()
+        watcher.publish_from(since)
         t0, removed = time.monotonic(), 0
         try:
             if work:
@@ -405,4 +419,5 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
                         rows_removed=removed)
         return SUCCEEDED
     finally:
+        watcher.stop_event.set()
         secrets.destroy()
