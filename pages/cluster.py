@@ -85,13 +85,14 @@ st.subheader("Scaling")
 settings = scaling.load_settings(services.registry())
 c1, c2, c3 = st.columns(3)
 auto = c1.toggle("Autoscale", value=settings.autoscale)
-lo = c2.number_input("Min workers", 0, 64, settings.min_workers)
-hi = c3.number_input("Max workers", 1, 64, settings.max_workers)
+limit = scaling.max_workers()  # EMBEDDECK_MAX_WORKERS; settings saved under a higher limit are shown within it
+lo = c2.number_input("Min workers", 0, limit, min(settings.min_workers, limit))
+hi = c3.number_input("Max workers", 1, max(limit, 1), max(min(settings.max_workers, limit), 1))
 if (auto, lo, hi) != (settings.autoscale, settings.min_workers, settings.max_workers):
     settings.autoscale, settings.min_workers, settings.max_workers = auto, int(lo), int(max(lo, hi))
     scaling.save_settings(settings, services.registry())
     st.toast("Autoscale settings saved")
-n = st.number_input("Workers", 0, 64, controller.current())
+n = st.number_input("Workers", 0, limit, min(controller.current(), limit))
 b1, b2 = st.columns(2)
 master_up = backend.master_state().reachable
 local = backend.name == "local"  # ACA's master lives in the controller app; only a local one is ours to start

@@ -158,4 +158,27 @@ def test_callers_pick_neither_the_master_nor_more_workers_than_configured(client
     r = client.get("/", params={"workers": 64}, headers=AUTH)
     assert r.status_code in (400, 422) and r.json()["error"]["code"] in ("bad_request", "invalid_request")
     r = client.get("/", params={"workers": 5}, headers=AUTH)
-    assert r.status_code == 400 and "workers must be at most 4 (EMBEDDECK_MAX_WORKERS)" in r.json()["error"]["message"]
+    assert r.status_code == 400
+    assert "workers must be between 0 and 4 (EMBEDDECK_MAX_WORKERS), not 5" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["scale", "40"], "workers must be between 0 and 4 (EMBEDDECK_MAX_WORKERS), not 40"),
+    (["autoscale", "--max", "9"], "max workers must be between 0 and 4 (EMBEDDECK_MAX_WORKERS), not 9"),
+])
+def test_worker_counts_over_the_limit_are_refused_before_anything_starts(tmp_path, args, message):
+    """Only the API's `workers` was capped: `python -m cluster scale 40` (a typo) would have started forty worker
+    JVMs on one machine, and the Cluster page allowed 64. Every manual count and autoscale bound now is."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from jobs.core.processes import free_port
+
+    env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), EMBEDDECK_MAX_WORKERS="4",
+               EMBEDDECK_MASTER_PORT=str(free_port()), EMBEDDECK_MASTER_WEBUI_PORT=str(free_port()))
+    out = subprocess.run([sys.executable, "-m", "cluster", *args], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert not list((tmp_path / "cluster").glob("*.json"))  # no master, no worker was started

@@ -110,7 +110,9 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_CONTROLLER_IMAGE", None, "ACA deploy: the controller image"),
     Var("EMBEDDECK_WORKER_IMAGE", None, "ACA deploy: the worker image"),
     Var("EMBEDDECK_GPU_PROFILE", "Consumption-GPU-NC8as-T4", "ACA deploy: the serverless GPU workload profile"),
-    Var("EMBEDDECK_MAX_WORKERS", "4", "most workers: ACA replicas at deploy, and the API's `workers`"),
+    Var("EMBEDDECK_MAX_WORKERS", "4", "most workers: ACA replicas at deploy, and any count a door asks for (the "
+                                      "API's `workers`, `python -m cluster scale` and `autoscale --max`, the "
+                                      "Cluster page): more is refused by name"),
     Var("EMBEDDECK_SPARK_SECRET", None, "ACA deploy: the cluster's Spark authentication secret; unset: a new "
                                         "one per deployment", secret=True),
     Var("EMBEDDECK_LOG_WORKSPACE_ID", None, "ACA: the Log Analytics workspace that holds scaling events (deploy "

@@ -201,9 +201,8 @@ def runs_router(registry: Registry) -> APIRouter:
         `workers` is the operator's manual worker count (autoscale off), as the cluster page sets it."""
         check_model_allowed(model)
         settings = Settings()
-        if workers is not None and workers > settings.integer("EMBEDDECK_MAX_WORKERS"):
-            raise BadRequest(f"workers must be at most {settings.integer('EMBEDDECK_MAX_WORKERS')} "
-                             f"(EMBEDDECK_MAX_WORKERS), not {workers}")
+        if workers is not None:
+            scaling.check_workers(workers)
         spec = RunSpec(db_url=settings.db_url, source=settings.raw("EMBEDDECK_DEFAULT_SOURCE"),
                        id_column=settings.raw("EMBEDDECK_DEFAULT_ID_COLUMN"),
                        text_column=settings.raw("EMBEDDECK_DEFAULT_TEXT_COLUMN"),

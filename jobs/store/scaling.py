@@ -12,6 +12,8 @@ import sqlalchemy as sa
 
 from jobs.core.autoscale import Backlog, Decision, ScalingSettings, step
 from jobs.core.cost import Pricing, RunCost, run_cost, worker_seconds
+from jobs.core.errors import BadRequest
+from jobs.core.settings import Settings
 from jobs.core.spec import in_process
 from jobs.store.db import utcnow
 from jobs.store.registry import QUEUED, RUNNING, Registry, Run
@@ -49,7 +51,23 @@ def load_settings(registry: Registry) -> ScalingSettings:
     return ScalingSettings(**{k: v for k, v in data.items() if k in known})
 
 
+def max_workers() -> int:
+    """The most workers any door may ask for (EMBEDDECK_MAX_WORKERS): the worker app's replica limit on ACA, and
+    locally what keeps a typo's `scale 40` from starting forty worker JVMs on one machine."""
+    return Settings().integer("EMBEDDECK_MAX_WORKERS")
+
+
+def check_workers(n: int, what: str = "workers") -> None:
+    """BadRequest naming the limit when n is over it (or below zero)."""
+    limit = max_workers()
+    if not 0 <= n <= limit:
+        raise BadRequest(f"{what} must be between 0 and {limit} (EMBEDDECK_MAX_WORKERS), not {n}")
+
+
 def save_settings(settings: ScalingSettings, registry: Registry) -> None:
+    """Store the operator's settings, their counts within EMBEDDECK_MAX_WORKERS."""
+    check_workers(settings.min_workers, "min workers")
+    check_workers(settings.max_workers, "max workers")
     registry.ensure(metadata)
     values = {"settings_json": json.dumps(asdict(settings)), "updated_at": utcnow()}
     with registry.engine.begin() as conn:
@@ -59,6 +77,7 @@ def save_settings(settings: ScalingSettings, registry: Registry) -> None:
 
 def set_manual(n: int, registry: Registry) -> ScalingSettings:
     """The operator's manual count: autoscale goes off until it is switched back on."""
+    check_workers(n)
     settings = load_settings(registry)
     settings.autoscale, settings.desired = False, n
     save_settings(settings, registry)
