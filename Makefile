@@ -16,7 +16,7 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# The fast tier alone: pure logic, the encoder, the API in-process, SQLite; no Spark, JVM or server (230 tests; 212 took 73 s on 2 cores, AMX Xeon).
+# The fast tier alone: pure logic, the encoder, the API in-process, SQLite; no Spark, JVM or server (236 tests; 212 took 73 s on 2 cores, AMX Xeon).
 test-unit: setup
 	$(BIN)/python -m pytest -m "not spark and not browser and not server"
 
