@@ -63,7 +63,15 @@ case "${APP_MODE:-dashboard}" in
       --cores "${SPARK_WORKER_CORES:-$(nproc)}" --memory "${SPARK_WORKER_MEMORY:-16g}" &
     worker=$!
     python -m cluster.telemetry --worker "${HOSTNAME:-worker}" --pid "$worker" &
-    wait "$worker"
+    sidecar=$!
+    # As the container's PID 1, bash ignores a SIGTERM it has no trap for: each stop at scale-in waited out
+    # the grace period (30 s of a GPU replica, billed) until SIGKILL. The worker and its sidecar get it instead.
+    trap 'kill -TERM "$worker" "$sidecar" 2>/dev/null || true' TERM INT
+    status=0
+    wait "$worker" || status=$?
+    wait "$worker" 2>/dev/null || true  # after a TERM, until the worker has stopped
+    kill -TERM "$sidecar" 2>/dev/null || true
+    exit "$status"
     ;;
   dashboard)
     # The dashboard is the whole control plane and Streamlit has no sign-in of its own: it is served beyond

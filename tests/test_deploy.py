@@ -196,6 +196,54 @@ def test_the_controller_ends_with_its_master_and_starts_its_run_service_again(tm
     assert not health()
 
 
+@pytest.mark.spark
+@pytest.mark.parametrize("mode", ["worker", "trigger"])
+def test_the_entrypoint_as_pid_1_stops_on_sigterm(tmp_path, mode):
+    """In its container the entrypoint is PID 1, and bash as PID 1 ignores a SIGTERM it has no trap for: the worker
+    image's stop at scale-in waited out Container Apps' grace period (30 s of a GPU replica) for SIGKILL. Run here
+    as PID 1 of a PID namespace of its own, as the image runs it."""
+    import secrets
+    import shutil
+    import signal
+    import time
+
+    import psutil
+
+    from jobs.core.processes import free_port
+    from tests.conftest import wait_until
+
+    probe = subprocess.run(["unshare", "-pf", "--mount-proc", "true"], capture_output=True, text=True)
+    if shutil.which("unshare") is None or probe.returncode != 0:
+        pytest.skip(f"this machine cannot make a PID namespace: {probe.stderr.strip()}")
+    master_port, api_port = free_port(), free_port()
+    env = dict(os.environ, APP_MODE=mode, EMBEDDECK_HOME=str(tmp_path), SPARK_LOCAL_IP="127.0.0.1",
+               PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", _SPARK_AUTH_SECRET=secrets.token_hex(16),
+               # worker: a master that is not there (it keeps dialling); trigger: its own, on loopback
+               SPARK_MASTER_URL=f"spark://127.0.0.1:{master_port}", SPARK_WORKER_DIR=str(tmp_path / "work"),
+               SPARK_WORKER_CORES="1", SPARK_WORKER_MEMORY="1g", SPARK_WORKER_WEBUI_PORT=str(free_port()),
+               SPARK_MASTER_HOST="127.0.0.1", SPARK_MASTER_PORT=str(master_port),
+               SPARK_MASTER_WEBUI_PORT=str(free_port()), EMBEDDECK_SPARK_MASTER=f"spark://127.0.0.1:{master_port}",
+               API_ADDRESS="127.0.0.1", EMBEDDECK_API_PORT=str(api_port), EMBEDDECK_API_TOKEN="pid-1-test")
+    log = tmp_path / "entrypoint.log"
+    unshare = subprocess.Popen(["unshare", "-pf", "--mount-proc", "bash", str(REPO / "docker" / "entrypoint.sh")],
+                               env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        pid_1 = wait_until(lambda: next(iter(psutil.Process(unshare.pid).children()), None), timeout=30)
+        ready = "Application startup complete" if mode == "trigger" else "Starting Spark worker"
+        wait_until(lambda: ready in log.read_text(errors="replace"), timeout=120, what=ready)
+        stopped = time.monotonic()
+        pid_1.send_signal(signal.SIGTERM)
+        try:
+            unshare.wait(timeout=25)
+        except subprocess.TimeoutExpired:
+            pytest.fail("PID 1 ignored SIGTERM for 25 s: " + log.read_text(errors="replace")[-2000:])
+        assert time.monotonic() - stopped < 25
+    finally:
+        if unshare.poll() is None:
+            os.killpg(unshare.pid, signal.SIGKILL)
+            unshare.wait()
+
+
 def test_private_images_state_on_local_disk_logs_and_gpu_sizes():
     """What stopped a first deployment, fixed: images pulled from a private registry with a managed identity,
     local state off the SMB share (the registry in the run's SQL database), Log Analytics for KEDA's events,
