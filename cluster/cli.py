@@ -96,8 +96,12 @@ def run_verb(args: argparse.Namespace) -> int:
             for w in info["workers"]:
                 print(f"  {w['name']}: {w['state']} {w['detail']}")
             service = info["runner"]
-            print(f"run service: up, pid {service['pid']} (UI {service['ui_url']})" if service else
-                  "run service: not running (each run starts a Spark application of its own)")
+            if service:
+                print(f"run service: up, pid {service['pid']} (UI {service['ui_url']})")
+            elif run_service.starting(backend.master_url()):
+                print("run service: starting (runs launched now wait for it)")
+            else:
+                print("run service: not running (each run starts a Spark application of its own)")
     elif args.verb == "down":
         cancelled = backends.stop_all(backend, registry)
         print(f"cancelled {len(cancelled)} run(s) of this cluster: {', '.join(cancelled)}\n" if cancelled else "",

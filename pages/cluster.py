@@ -51,8 +51,12 @@ def overview() -> None:
 
     st.subheader("Spark")
     service = run_service.info()
-    st.caption(f"Run service up: runs start warm on its executors ([its Spark UI]({service['ui_url']}))."
-               if service else "Run service not running: each run starts a Spark application of its own.")
+    if service:
+        st.caption(f"Run service up: runs start warm on its executors ([its Spark UI]({service['ui_url']})).")
+    elif run_service.starting(backend.master_url()):
+        st.caption("Run service starting: runs launched now wait for it.")
+    else:
+        st.caption("Run service not running: each run starts a Spark application of its own.")
     runs = services.registry().list(50)
     apps = views.runs_by_app(runs)
     if not apps:

@@ -381,6 +381,9 @@ def test_the_run_service_waits_for_its_master_before_it_dials_it():
         wait_until(lambda: run_service.starting(master), timeout=60, every=0.02)
         time.sleep(2)  # long enough for a spark-submit to be under way, were one launched
         assert not psutil.Process(starter.pid).children(recursive=True) and not log_path.exists()
+        status = subprocess.run([sys.executable, "-m", "cluster", "status"], env=env, capture_output=True,
+                                text=True, timeout=60).stdout
+        assert "run service: starting (runs launched now wait for it)" in status, status
         subprocess.run([sys.executable, "-m", "cluster", "up", "--workers", "0", "--no-runner"], env=env,
                        check=True, capture_output=True, timeout=180)
         assert starter.wait(120) == 0 and run_service.info() is not None
