@@ -29,8 +29,19 @@ def main() -> int:
         print(f"error: port {port} is in use (is the dashboard already running?); nothing was started or stopped. "
               "EMBEDDECK_DASHBOARD_PORT picks another port.", file=sys.stderr)
         return 2
+    try:
+        cluster = backends.configured()
+    except EmbedDeckError as exc:  # an unknown backend, or ACA's settings incomplete
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if cluster.name != "local":
+        # On ACA the master runs in the controller app, which this cannot start or stop; stopping it on the way
+        # out raised a traceback. The deployed dashboard is its own container app.
+        print(f"error: make run starts a local cluster, and EMBEDDECK_CLUSTER_BACKEND is {cluster.name!r}: on Azure "
+              "Container Apps the dashboard is its own container app (docker/README.md); nothing was started",
+              file=sys.stderr)
+        return 2
     print(f"demo data: {seed_demo()} rows in table products")
-    cluster = backends.configured()
     state = cluster.master_state()
     ours = not state.reachable  # a cluster already up (`python -m cluster up`) is left as it is, and running
     try:

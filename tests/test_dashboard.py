@@ -318,6 +318,25 @@ def test_make_run_entry_point_starts_and_stops_everything(tmp_path, stop):
     assert not (tmp_path / "runner.json").exists()
 
 
+def test_make_run_on_the_aca_backend_refuses_before_it_starts_anything(tmp_path):
+    """`make run` with EMBEDDECK_CLUSTER_BACKEND=aca tried to start Container Apps' master, then to stop it, and
+    ended in a traceback (BadRequest from the ACA backend's down)."""
+    import os
+    import subprocess
+    import sys
+
+    from jobs.core.processes import free_port
+
+    env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), EMBEDDECK_DASHBOARD_PORT=str(free_port()),
+               EMBEDDECK_CLUSTER_BACKEND="aca", AZURE_SUBSCRIPTION_ID="00000000-0000-0000-0000-000000000000",
+               AZURE_RESOURCE_GROUP="rg", AZURE_LOCATION="westeurope")
+    out = subprocess.run([sys.executable, "-m", "dashboard"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "make run starts a local cluster, and EMBEDDECK_CLUSTER_BACKEND is 'aca'" in out.stderr
+    assert not (tmp_path / "embeddeck.sqlite").exists() and not (tmp_path / "cluster").exists()
+
+
 def test_the_workers_line_breaks_where_the_controller_was_not_sampling():
     """Drawn through, a cluster stopped overnight at 2 workers and started again at 0 showed 2 workers all night."""
     t0 = dt.datetime(2026, 11, 29, 6, 0)
