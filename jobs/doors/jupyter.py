@@ -56,8 +56,7 @@ def main() -> int:
     as_root = ["--allow-root"] if os.geteuid() == 0 else []
     os.execve(sys.executable, [sys.executable, "-m", "jupyter", "lab", "--ip", "127.0.0.1", "--port", str(port),
                                "--no-browser", "--ServerApp.port_retries=0", f"--ServerApp.root_dir={notebooks}",
-                               *as_root], env)
-    return 0  # not reached: Jupyter has replaced this process
+                               *as_root], env)  # replaces this process: nothing after it runs
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ log = logging.getLogger("embeddeck.run_service")
 # client, waiting in the backlog meanwhile, gives up at SUBMIT_TIMEOUT_S.
 CONNECTION_TIMEOUT_S, SUBMIT_TIMEOUT_S = 1.0, 10.0
 WARM_ATTEMPTS = 5
+START_TIMEOUT_S = 120.0  # spark-submit until the service takes runs
 SCRIPT = Path(__file__).resolve()
 SCRATCH_OWNER = "runner"  # its jvm.scratch_dir
 
@@ -104,7 +105,7 @@ def _changing():
     return exclusive(Settings().home / "runner.lock")
 
 
-def start(master: str, timeout_s: float = 120.0) -> dict:
+def start(master: str, timeout_s: float = START_TIMEOUT_S) -> dict:
     """Start the service application against a spark:// master and wait until it takes runs."""
     with _changing():
         return _start(master, timeout_s)
@@ -122,7 +123,7 @@ def keep(master: str, stopping: threading.Event | None = None, every_s: float = 
             try:
                 with _changing():
                     if not stopping.is_set():  # a stop that waited for this lock comes first
-                        _start(master, 120.0)
+                        _start(master, START_TIMEOUT_S)
             except Unavailable as exc:
                 log.error("%s", exc)
         first = False
