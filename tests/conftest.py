@@ -158,6 +158,17 @@ def wait_until(predicate, timeout: float = 60.0, every: float = 0.5, what: str =
     raise AssertionError(f"{what} not met within {timeout}s")
 
 
+def arguments_of(process) -> list[str]:
+    """A psutil process's arguments; none for one that ended after it was listed (a child that exited and is not
+    reaped yet is a zombie, whose arguments cannot be read)."""
+    import psutil
+
+    try:
+        return process.cmdline()
+    except psutil.Error:
+        return []
+
+
 def files_holding(text: str, root: Path, since: float = 0.0, skip: tuple[Path, ...] = ()) -> list[Path]:
     """Files under root, in its entries changed since `since` (epoch seconds) but not under skip, whose bytes
     contain text: where a secret (or a run's database URL) was written. grep reads them in a process of its own:

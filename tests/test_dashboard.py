@@ -13,7 +13,7 @@ from jobs.core.settings import Settings
 from jobs.store import connections, db
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
-from tests.conftest import wait_until
+from tests.conftest import arguments_of, wait_until
 
 pytestmark = pytest.mark.spark
 ROWS = 200
@@ -288,7 +288,7 @@ def test_make_run_entry_point_starts_and_stops_everything(tmp_path, stop):
             db.sa.text("SELECT count(*) FROM products")).scalar() == 6000
         if stop == "SIGTERM":  # once: what it started is started again when it dies (it ran on without them)
             def autoscaler():
-                return next((c for c in psutil.Process(proc.pid).children() if "autoscale" in c.cmdline()), None)
+                return next((c for c in psutil.Process(proc.pid).children() if "autoscale" in arguments_of(c)), None)
 
             def new_service():
                 data = read_json(tmp_path / "runner.json") or {}  # none while the new one starts

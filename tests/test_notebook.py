@@ -42,7 +42,7 @@ def test_make_jupyter_serves_the_example_on_loopback_with_a_private_token_and_ke
     from websockets.sync.client import connect
 
     from jobs.core.processes import free_port
-    from tests.conftest import wait_until
+    from tests.conftest import arguments_of, wait_until
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("JUPYTER_TOKEN", "PYTHONPATH")}
@@ -61,7 +61,7 @@ def test_make_jupyter_serves_the_example_on_loopback_with_a_private_token_and_ke
         auth = {"Authorization": f"token {token}"}
         assert "embeddeck_example.ipynb" in {c["name"] for c in requests.get(
             f"{base}/api/contents", headers=auth, timeout=5).json()["content"]}
-        assert all(token not in " ".join(p.cmdline()) for p in [psutil.Process(proc.pid)]
+        assert all(token not in " ".join(arguments_of(p)) for p in [psutil.Process(proc.pid)]
                    + psutil.Process(proc.pid).children(recursive=True))
         kernel = requests.post(f"{base}/api/kernels", json={"name": "python3"}, headers=auth, timeout=60).json()
         session = uuid.uuid4().hex
