@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from cluster.spark_rest import MasterState
+from jobs.core.autoscale import ScalingSettings
 from jobs.core.progress import eta_seconds, format_duration
-from jobs.store.registry import Run
+from jobs.store.registry import WAITING, Run
 
 
 def run_row(run: Run) -> dict:
@@ -35,6 +37,22 @@ def run_progress(run: Run) -> tuple[float, str]:
     return frac, (f"{phase}: {run.rows_done:,} / {total:,} rows · {run.rows_per_s:.1f} rows/s · "
                   f"ETA {format_duration(eta)} · {run.rows_skipped:,} skipped"
                   + (f" · {run.rows_removed:,} vectors removed" if run.rows_removed else ""))
+
+
+def waiting_for_workers(run: Run, master: MasterState, settings: ScalingSettings) -> str | None:
+    """Why a run in flight on this cluster makes no progress (planning or embedding), where its master has no alive
+    worker; None otherwise. Spark holds such a run's jobs until a worker registers, so it goes on when one does."""
+    if not run.active or run.phase == WAITING or not master.reachable or master.alive_workers > 0:
+        return None
+    waits = "This run waits: its cluster has no alive worker, and it resumes when one registers."
+    if not settings.autoscale and settings.desired == 0:
+        return f"{waits} Scaling is manual at 0 workers: set a count on the Cluster page, or switch autoscaling on."
+    if not settings.autoscale:
+        return (f"{waits} Scaling is manual at {settings.desired} worker{'' if settings.desired == 1 else 's'}, "
+                "none alive yet: a new worker takes seconds; if none comes, the Cluster page shows why.")
+    if settings.max_workers == 0:
+        return f"{waits} The autoscaler may start none (its maximum is 0): raise it on the Cluster page."
+    return f"{waits} The autoscaler starts workers for it (at most {settings.max_workers}); a new worker takes seconds."
 
 
 def telemetry_rows(readings: list) -> list[dict]:

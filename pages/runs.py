@@ -42,6 +42,11 @@ def live(run_id: str) -> None:
     frac, caption = views.run_progress(run)
     st.subheader(f"{run.run_id} · {run.state}")
     st.progress(frac, text=caption)
+    backend = services.backend()
+    if run.active and run.master == backend.master_url():
+        waiting = views.waiting_for_workers(run, backend.master_state(), scaling.load_settings(registry))
+        if waiting:
+            st.warning(waiting)
     m = st.columns(4)
     m[0].metric("Rows done", f"{run.rows_done:,}")
     m[1].metric("Rows/s", f"{run.rows_per_s:.1f}")
@@ -52,7 +57,7 @@ def live(run_id: str) -> None:
     if in_process(run.master):
         st.caption("Cost: none of the cluster's workers; it ran in its driver's own process on the launching host")
     elif run.started_at is not None:
-        st.caption(f"Cost: {scaling.cost(registry, run, services.backend().pricing()).label()}")
+        st.caption(f"Cost: {scaling.cost(registry, run, backend.pricing()).label()}")
     samples = registry.samples(run_id)
     if samples:
         st.plotly_chart(charts.throughput_figure(samples), width="stretch")

@@ -201,6 +201,49 @@ def test_start_master_on_the_cluster_page_starts_its_run_service_and_stop_stops_
         st.cache_resource.clear()
 
 
+def test_a_run_on_a_cluster_without_workers_says_why_it_waits_and_goes_on_when_one_joins(tmp_path, monkeypatch,
+                                                                                        fast_model):
+    """A run on a master with no worker showed "planning: 0 / 0 rows" (or rows/s 0 and ETA "—") and nothing else.
+    The Runs page now says the cluster has no alive worker and what would start one; the run finishes once a
+    worker joins."""
+    from cluster.local import LocalCluster
+    from jobs import lifecycle
+    from jobs.core.autoscale import ScalingSettings
+    from jobs.core.processes import free_port
+    from jobs.core.spec import RunSpec
+    from jobs.store import scaling
+
+    monkeypatch.setenv("EMBEDDECK_HOME", str(tmp_path))
+    monkeypatch.setenv("EMBEDDECK_MASTER_PORT", str(free_port()))
+    monkeypatch.setenv("EMBEDDECK_MASTER_WEBUI_PORT", str(free_port()))
+    st.cache_resource.clear()  # the page's backend and registry: this home's
+    url = f"sqlite:///{tmp_path / 'waits.sqlite'}"
+    seed_demo(url, n=60)
+    cluster = LocalCluster()
+    registry = Registry()
+    try:
+        cluster.up(workers=0)
+        scaling.set_manual(0, registry)
+        run_id = lifecycle.launch(RunSpec(db_url=url, source="products", id_column="id", text_column="description",
+                                          target="waits_emb", model=fast_model, master=cluster.master_url(),
+                                          launched_by="test"), registry)
+        wait_until(lambda: registry.get(run_id).phase == "planning", timeout=120, what="the run's driver")
+        at = page("runs")
+        at.selectbox[0].select(run_id).run()
+        assert any("no alive worker" in w.value and "manual at 0 workers" in w.value for w in at.warning), \
+            [w.value for w in at.warning]
+        scaling.save_settings(ScalingSettings(autoscale=True, max_workers=2), registry)
+        at.run()
+        assert any("autoscaler starts workers for it (at most 2)" in w.value for w in at.warning)
+        cluster.scale(1)
+        assert lifecycle.wait(run_id, registry, timeout_s=180).state == "succeeded"
+        at.run()
+        assert not any("no alive worker" in w.value for w in at.warning)
+    finally:
+        cluster.down()
+        st.cache_resource.clear()
+
+
 def test_run_views_are_pure():
     import dataclasses
 
@@ -221,6 +264,20 @@ def test_run_views_are_pure():
             dataclasses.replace(run, run_id="r-c", ui_url=service),
             dataclasses.replace(run, run_id="r-done", ui_url=service, state="succeeded")]
     assert views.runs_by_app(runs) == {service: ["r-a", "r-c"], own: ["r-b"]}
+
+    from cluster.spark_rest import MasterState
+    from jobs.core.autoscale import ScalingSettings
+
+    empty = MasterState(reachable=True, status="ALIVE")
+    one = dataclasses.replace(empty, alive_workers=1)
+    manual = ScalingSettings(autoscale=False, desired=2)
+    assert "manual at 2 workers, none alive yet" in views.waiting_for_workers(run, empty, manual)
+    assert "its maximum is 0" in views.waiting_for_workers(run, empty, ScalingSettings(max_workers=0))
+    assert views.waiting_for_workers(run, one, manual) is None
+    assert views.waiting_for_workers(run, MasterState(reachable=False), manual) is None  # the page says it is down
+    assert views.waiting_for_workers(dataclasses.replace(run, state="queued", phase="planning"), empty, manual)
+    assert views.waiting_for_workers(dataclasses.replace(run, state="queued", phase="waiting"), empty, manual) is None
+    assert views.waiting_for_workers(dataclasses.replace(run, state="succeeded"), empty, manual) is None
 
 
 def test_gpu_columns_show_only_where_a_worker_has_a_gpu():
