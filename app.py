@@ -1,4 +1,4 @@
-"""EmbedDeck dashboard: `streamlit run app.py`."""
+"""EmbedDeck dashboard, served by `python -m dashboard.server` (`make run` starts it)."""
 
 import streamlit as st
 

@@ -67,8 +67,7 @@ def main() -> int:
                      name="embeddeck-run-service").start()
     try:
         children["streamlit"] = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.address", "127.0.0.1",
-             "--server.port", port, "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+            [sys.executable, "-m", "dashboard.server", "--server.address", "127.0.0.1", "--server.port", port],
             cwd=REPO, env=env)
         return _watch(children, env)
     except KeyboardInterrupt:

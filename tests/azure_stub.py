@@ -171,16 +171,13 @@ def seed(home: Path) -> str:
 
 
 def serve(port: int, home: Path) -> None:
-    """The real dashboard (streamlit's own bootstrap) on the ACA backend, Azure stubbed in this process."""
-    from streamlit.web import bootstrap
+    """The real dashboard server (dashboard.server, as the product starts it) on the ACA backend, Azure stubbed in
+    this process."""
+    from dashboard import server
 
     install(setattr)
     seed(home)
-    repo = Path(__file__).resolve().parent.parent
-    options = {"server_port": port, "server_address": "127.0.0.1", "server_headless": True,
-               "browser_gatherUsageStats": False}
-    bootstrap.load_config_options(flag_options=options)  # as `streamlit run` does before it starts the server
-    bootstrap.run(str(repo / "app.py"), False, [], options)
+    server.main(["--server.address", "127.0.0.1", "--server.port", str(port)])
 
 
 if __name__ == "__main__":

@@ -23,13 +23,13 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 @contextmanager
 def serving_dashboard(home: Path, **env: str) -> Iterator[str]:
-    """A real `streamlit run` of the dashboard on its own port, its runs held by home/browser-hold while it exists."""
+    """The dashboard's server as the product starts it, on its own port, its runs held by home/browser-hold while it
+    exists."""
     if not os.path.exists(CHROMIUM):
         pytest.fail("Debian's chromium is not installed; run `make setup`")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"),
-                             "--server.address", "127.0.0.1", "--server.port", str(port),
-                             "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+    proc = subprocess.Popen([sys.executable, "-m", "dashboard.server", "--server.address", "127.0.0.1",
+                             "--server.port", str(port)],
                             cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO), EMBEDDECK_HOME=str(home),
                                                EMBEDDECK_FAULT_HOLD_FILE=str(home / "browser-hold"),
                                                EMBEDDECK_DASHBOARD_AUTH="proxy", **env),
@@ -93,6 +93,23 @@ def test_a_page_opened_directly_on_a_fresh_server_asks_for_sign_in_too(browser, 
             body = page.inner_text("body")
             assert not any(word in body for word in ("Master", "Target table", "No runs yet", "Launch an")), body
             page.close()
+
+
+def test_a_page_opened_directly_on_a_fresh_server_shows_the_products_navigation(browser, tmp_path):
+    """A fresh server's first request straight to /cluster showed Streamlit's own navigation over the files beside
+    app.py ("app", "cluster", "launch", ...), app.py itself among them as a page: its older multipage mode, which a
+    server uses until some session reaches app.py's st.navigation. The server now starts in the product's."""
+    with serving_dashboard(tmp_path) as url:
+        context = browser.new_context(extra_http_headers=SIGNED_IN)
+        page = context.new_page()
+        page.goto(url + "/cluster")
+        page.get_by_role("heading", name="Cluster", exact=True).wait_for(timeout=60_000)
+        links = page.locator('[data-testid="stSidebarNav"] a')
+        links.first.wait_for(timeout=30_000)
+        # Each link's text is its icon's name, then its title.
+        assert [t.split()[-1] for t in links.all_inner_texts()] == ["Launch", "Runs", "Cluster", "Search"]
+        no_exception(page)
+        context.close()
 
 
 def test_pages_run_and_search_in_chromium(dashboard_url, browser, home):

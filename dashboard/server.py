@@ -1,0 +1,28 @@
+"""The dashboard's Streamlit server: `python -m dashboard.server [streamlit run's options]` serves app.py, in the
+product's own navigation from the first request on.
+
+Why not plain `streamlit run app.py`: Streamlit serves a `pages/` folder beside its entry script in its older
+multipage mode until some session runs app.py's st.navigation, so a fresh server's first visitor of a deep link
+(/cluster) saw Streamlit's navigation over the file names ("app", "cluster", ...), app.py itself among them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from streamlit.runtime.pages_manager import PagesManager
+from streamlit.web import cli
+
+APP = Path(__file__).resolve().parent.parent / "app.py"
+
+
+def main(argv: list[str]) -> None:
+    """Run Streamlit's own `streamlit run app.py` with these options in this process, pages/ mode off."""
+    # The flag st.navigation itself clears, and the one Streamlit reads before a session's first script run.
+    PagesManager.uses_pages_directory = False
+    sys.argv = ["streamlit", "run", str(APP), *argv]
+    cli.main()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
