@@ -92,11 +92,11 @@ case "${APP_MODE:-dashboard}" in
       ""|spark://127.0.0.1*|spark://localhost*)
         start_master
         keep_run_service
-        serve_beside_master python -m dashboard.server --server.address "$address" --server.port 8501
+        serve_beside_master python -m dashboard.server --server.address "$address" --server.port "${EMBEDDECK_DASHBOARD_PORT:-8501}"
         ;;
     esac
     # The controller's master (the deployed dashboard app): runs launched here drive from here.
-    exec python -m dashboard.server --server.address "$address" --server.port 8501
+    exec python -m dashboard.server --server.address "$address" --server.port "${EMBEDDECK_DASHBOARD_PORT:-8501}"
     ;;
   trigger)
     start_master

@@ -197,7 +197,7 @@ def test_the_controller_ends_with_its_master_and_starts_its_run_service_again(tm
 
 
 @pytest.mark.spark
-@pytest.mark.parametrize("mode", ["worker", "trigger"])
+@pytest.mark.parametrize("mode", ["worker", "trigger", "dashboard"])
 def test_the_entrypoint_as_pid_1_stops_on_sigterm(tmp_path, mode):
     """In its container the entrypoint is PID 1, and bash as PID 1 ignores a SIGTERM it has no trap for: the worker
     image's stop at scale-in waited out Container Apps' grace period (30 s of a GPU replica) for SIGKILL. Run here
@@ -210,12 +210,12 @@ def test_the_entrypoint_as_pid_1_stops_on_sigterm(tmp_path, mode):
     import psutil
 
     from jobs.core.processes import free_port
-    from tests.conftest import wait_until
+    from tests.conftest import responds, wait_until
 
     probe = subprocess.run(["unshare", "-pf", "--mount-proc", "true"], capture_output=True, text=True)
     if shutil.which("unshare") is None or probe.returncode != 0:
         pytest.skip(f"this machine cannot make a PID namespace: {probe.stderr.strip()}")
-    master_port, api_port = free_port(), free_port()
+    master_port, api_port, dashboard_port = free_port(), free_port(), free_port()
     env = dict(os.environ, APP_MODE=mode, EMBEDDECK_HOME=str(tmp_path), SPARK_LOCAL_IP="127.0.0.1",
                PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", _SPARK_AUTH_SECRET=secrets.token_hex(16),
                # worker: a master that is not there (it keeps dialling); trigger: its own, on loopback
@@ -223,14 +223,19 @@ def test_the_entrypoint_as_pid_1_stops_on_sigterm(tmp_path, mode):
                SPARK_WORKER_CORES="1", SPARK_WORKER_MEMORY="1g", SPARK_WORKER_WEBUI_PORT=str(free_port()),
                SPARK_MASTER_HOST="127.0.0.1", SPARK_MASTER_PORT=str(master_port),
                SPARK_MASTER_WEBUI_PORT=str(free_port()), EMBEDDECK_SPARK_MASTER=f"spark://127.0.0.1:{master_port}",
-               API_ADDRESS="127.0.0.1", EMBEDDECK_API_PORT=str(api_port), EMBEDDECK_API_TOKEN="pid-1-test")
+               API_ADDRESS="127.0.0.1", EMBEDDECK_API_PORT=str(api_port), EMBEDDECK_API_TOKEN="pid-1-test",
+               DASHBOARD_ADDRESS="127.0.0.1", EMBEDDECK_DASHBOARD_PORT=str(dashboard_port))
     log = tmp_path / "entrypoint.log"
     unshare = subprocess.Popen(["unshare", "-pf", "--mount-proc", "bash", str(REPO / "docker" / "entrypoint.sh")],
                                env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         pid_1 = wait_until(lambda: next(iter(psutil.Process(unshare.pid).children()), None), timeout=30)
-        ready = "Application startup complete" if mode == "trigger" else "Starting Spark worker"
-        wait_until(lambda: ready in log.read_text(errors="replace"), timeout=120, what=ready)
+        if mode == "dashboard":  # the product's server, as the image starts it
+            wait_until(lambda: responds(f"http://127.0.0.1:{dashboard_port}/_stcore/health"), timeout=120,
+                       what="the dashboard")
+        else:
+            ready = "Application startup complete" if mode == "trigger" else "Starting Spark worker"
+            wait_until(lambda: ready in log.read_text(errors="replace"), timeout=120, what=ready)
         stopped = time.monotonic()
         pid_1.send_signal(signal.SIGTERM)
         try:

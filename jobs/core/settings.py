@@ -54,7 +54,7 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
         "(`deploy` sets the region's published rate), a core-second locally; unset: costs show units only"),
     Var("EMBEDDECK_PRICE_CURRENCY", "USD", "currency of `EMBEDDECK_PRICE_PER_UNIT_S`"),
     Var("EMBEDDECK_PRICE_SOURCE", None, "where that price came from, shown beside every cost"),
-    Var("EMBEDDECK_DASHBOARD_PORT", "8501", "dashboard port of `make run`"),
+    Var("EMBEDDECK_DASHBOARD_PORT", "8501", "dashboard port of `make run` and of the image's `dashboard` mode"),
     Var("EMBEDDECK_DASHBOARD_AUTH", "none", "who may use the dashboard: `none` (loopback only; the container "
                                             "refuses other addresses), `proxy` (an authenticating proxy's user "
                                             "header, e.g. ACA's built-in authentication), `oidc` (st.login)"),
