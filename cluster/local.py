@@ -122,6 +122,15 @@ class LocalCluster:
     def master_url(self) -> str:
         return f"spark://127.0.0.1:{self.master_port}"
 
+    def adopt_master(self, pid: int) -> None:
+        """Hold a master started outside this backend, on this backend's ports, as this cluster's: the container's
+        entrypoint starts its own in the foreground, and the dashboard beside it said "Spark master is down"."""
+        started = start_time(pid)
+        if started is None:
+            raise Unavailable(f"no process {pid} to hold as this cluster's Spark master")
+        with self._changing():
+            self._save("master", Proc(pid, started, self.master_port, self.webui_port, ""))
+
     def master_alive(self) -> bool:
         proc = self._load("master")
         return proc is not None and proc.alive()

@@ -14,9 +14,15 @@ if [ -n "${_SPARK_AUTH_SECRET:-}" ]; then
 fi
 
 start_master() {
-  # The REST submission server answers without authentication: keep it off.
-  SPARK_MASTER_OPTS="-Dspark.master.rest.enabled=false" "$SPARK_CLASS" org.apache.spark.deploy.master.Master $MASTER_OPTS &
+  # The REST submission server answers without authentication: keep it off. The master leads a process group of
+  # its own (setsid), as the local backend's daemons do, so that its Stop reaches it.
+  SPARK_MASTER_OPTS="-Dspark.master.rest.enabled=false" setsid "$SPARK_CLASS" org.apache.spark.deploy.master.Master \
+    $MASTER_OPTS &
   master=$!
+  # The local backend (the dashboard's Cluster page, `python -m cluster`) knows the masters it holds a record of:
+  # without one, the page said "Spark master is down" beside this one and offered to start another.
+  export EMBEDDECK_MASTER_PORT="${SPARK_MASTER_PORT:-7077}" EMBEDDECK_MASTER_WEBUI_PORT="${SPARK_MASTER_WEBUI_PORT:-8080}"
+  python -c "from cluster.local import LocalCluster; LocalCluster().adopt_master($master)"
 }
 
 keep_run_service() {

@@ -150,12 +150,12 @@ def test_entrypoint_refuses_what_it_must(mode, extra, message):
 def test_the_controller_ends_with_its_master_and_starts_its_run_service_again(tmp_path, monkeypatch):
     """The controller's entrypoint exec'd its front door beside a background master and run service: a dead master
     left the API answering 503 to every run while the platform's probes, which reach the door, found it healthy,
-    and a dead run service was never started again. Run here as the image runs it, on loopback."""
+    and a dead run service was never started again. Its master is also the local backend's, whose Stop ends the
+    container. Run here as the image runs it, on loopback."""
     import secrets
     import signal
 
-    import psutil
-
+    from cluster.local import LocalCluster
     from jobs.core.processes import free_port
     from jobs.spark import run_service
     from tests.conftest import wait_until
@@ -167,6 +167,8 @@ def test_the_controller_ends_with_its_master_and_starts_its_run_service_again(tm
                EMBEDDECK_API_PORT=str(api_port), EMBEDDECK_API_TOKEN="controller-test",
                _SPARK_AUTH_SECRET=secrets.token_hex(16), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     monkeypatch.setenv("EMBEDDECK_HOME", str(tmp_path))  # run_service reads this home's state
+    monkeypatch.setenv("EMBEDDECK_MASTER_PORT", env["SPARK_MASTER_PORT"])  # the local backend, on its ports
+    monkeypatch.setenv("EMBEDDECK_MASTER_WEBUI_PORT", env["SPARK_MASTER_WEBUI_PORT"])
     proc = subprocess.Popen(["bash", str(REPO / "docker" / "entrypoint.sh")], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -183,9 +185,11 @@ def test_the_controller_ends_with_its_master_and_starts_its_run_service_again(tm
         again = wait_until(lambda: (s := run_service.info()) and s["pid"] != first["pid"] and s, timeout=120,
                            what="the run service started again")
         assert again["master"] == env["EMBEDDECK_SPARK_MASTER"]
-        master = next(p for p in psutil.process_iter(["cmdline"]) if "org.apache.spark.deploy.master.Master" in
-                      (p.info["cmdline"] or []) and str(master_port) in p.info["cmdline"])
-        master.kill()
+        # The local backend beside it (the dashboard's Cluster page, `python -m cluster`) sees this master as its
+        # cluster's, and its Stop reaches it: the page said "Spark master is down" and offered to start another.
+        cluster = LocalCluster()
+        assert cluster.master_state().status == "ALIVE" and cluster.master_url() == env["EMBEDDECK_SPARK_MASTER"]
+        cluster.down()
         out, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
