@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
+from jobs.core.samples import SAMPLE_GAP_S
+
 # The legend above the plot, right of the title: below it, it covered the time axis's date line.
 _LAYOUT = {"height": 300, "margin": {"l": 10, "r": 10, "t": 40, "b": 10},
            "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1}}
@@ -20,9 +22,6 @@ def throughput_figure(samples: list[tuple]) -> go.Figure:
                       yaxis2={"title": "rows done", "overlaying": "y", "side": "right", "rangemode": "tozero"})
     return fig
 
-
-# The controller samples at least every 5 s while it runs; a longer silence means it was not running.
-SAMPLE_GAP_S = 60.0
 
 
 def with_gaps(samples: list[dict], gap_s: float = SAMPLE_GAP_S) -> list[dict]:

@@ -605,3 +605,44 @@ def test_waiting_runs_are_taken_once_and_within_the_cap_by_callers_at_once(diale
         t.join(60)
     assert len(taken) == cap and len(set(taken)) == cap, taken
     assert sorted(r.run_id for r in registry.list(active_only=True) if r.phase != WAITING) == sorted(taken)
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_old_worker_samples_are_thinned_without_changing_a_cost_or_the_charts_gaps(dialect, sqlite_url, request):
+    """The autoscaler's samples (one per 5 s tick, about 17,000 a day) grew without end in the registry. A sampling
+    process now thins those older than a day, hourly, to what a run's cost and the chart's gaps read the same."""
+    from dashboard.charts import with_gaps
+    from jobs.core.cost import worker_seconds
+    from jobs.store import scaling
+    from jobs.store.registry import Registry
+
+    url = sqlite_url if dialect == "sqlite" else request.getfixturevalue("pg_url")
+    registry = Registry(url)
+    history = scaling.ScaleHistory(registry)
+    with registry.engine.begin() as conn:
+        conn.execute(scaling.samples_table.delete())
+    now = db.utcnow()
+    start = now - dt.timedelta(days=2)
+    counts = [2] * 120 + [1] * 60 + [0] * 60  # 20 minutes every 5 s, scaled in twice
+    ticks = [(start + dt.timedelta(seconds=5 * i), n) for i, n in enumerate(counts)]
+    after_silence = start + dt.timedelta(minutes=40)  # the controller was stopped for 20 minutes
+    ticks += [(after_silence + dt.timedelta(seconds=5 * i), 2) for i in range(60)]
+    recent = [(now - dt.timedelta(seconds=5 * i), 1) for i in range(30, 0, -1)]
+    with registry.engine.begin() as conn:
+        conn.execute(scaling.samples_table.insert(), [{"at": at, "workers": n, "desired": n}
+                                                      for at, n in ticks + recent])
+
+    def seen() -> tuple:
+        rows = history.samples(limit=10_000)
+        series = history.counts(start - dt.timedelta(seconds=1), now)
+        run = (series[0][0] + 30.0, series[0][0] + 2_700.0)  # a run across both scale-ins and the silence
+        breaks = [r["at"] for r in with_gaps(rows) if r["workers"] is None]
+        return len(rows), worker_seconds(series, run), breaks
+
+    before_rows, before_cost, before_breaks = seen()
+    history.sample(1, 1)  # a process's first sample thins at once
+    after_rows, after_cost, after_breaks = seen()
+    assert (before_rows, after_rows - len(recent) - 1) == (330, 27)  # 300 old samples thinned to about one a minute
+    assert after_cost == pytest.approx(before_cost) and after_breaks == before_breaks != []
+    assert [r["at"] for r in history.samples(limit=31)][:30] == [at for at, _ in recent]  # the last day: all
+    assert history.thin(now - dt.timedelta(days=1)) == 0  # thinning again finds nothing more

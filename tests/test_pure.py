@@ -201,6 +201,20 @@ def test_worker_seconds_follow_the_sampled_counts_over_the_run():
     assert worker_seconds([(20.0, 3)], (0.0, 30.0)) == 30  # before the first sample nothing is known to run
 
 
+def test_a_sample_that_repeats_the_last_kept_one_and_leaves_no_long_silence_is_redundant():
+    from jobs.core.samples import redundant
+
+    every_5s = [(float(t), 2) for t in range(0, 125, 5)]  # 0 .. 120 s at 2 workers
+    gone = redundant(every_5s, gap_s=60)
+    kept = [at for i, (at, _) in enumerate(every_5s) if i not in gone]
+    assert kept == [0.0, 60.0, 120.0]  # no two kept ones more than 60 s apart, the first and the last kept
+    changes = [(0.0, 2), (5.0, 2), (10.0, 1), (15.0, 1), (20.0, 2)]
+    assert redundant(changes, gap_s=60) == [1, 3]  # each change stays; so does its first sample
+    silence = [(0.0, 2), (5.0, 2), (100.0, 2), (105.0, 2)]
+    assert redundant(silence, gap_s=60) == []  # the samples around a silence mark it for the chart
+    assert redundant([(0.0, 1), (5.0, 1)]) == []
+
+
 def test_overlapping_runs_share_the_workers_so_costs_add_up_to_the_bill():
     from jobs.core.cost import worker_seconds
 

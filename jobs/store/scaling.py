@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import time
+from collections import Counter
 from dataclasses import asdict, fields
 
 import sqlalchemy as sa
@@ -13,11 +16,16 @@ import sqlalchemy as sa
 from jobs.core.autoscale import Backlog, Decision, ScalingSettings, step
 from jobs.core.cost import Pricing, RunCost, run_cost, worker_seconds
 from jobs.core.errors import BadRequest
+from jobs.core.samples import redundant
 from jobs.core.settings import Settings
 from jobs.core.spec import in_process
 from jobs.store.db import utcnow
 from jobs.store.registry import QUEUED, RUNNING, Registry, Run
 
+log = logging.getLogger("embeddeck.scaling")
+# The last day keeps every sample; older ones are thinned (jobs/core/samples.py), by each sampling process hourly.
+KEEP_EVERY_SAMPLE_S = 86_400.0
+THIN_EVERY_S = 3_600.0
 metadata = sa.MetaData()
 events_table = sa.Table(
     "scale_events", metadata,
@@ -117,6 +125,8 @@ class ScaleHistory:
     def __init__(self, registry: Registry):
         self.registry = registry
         registry.ensure(metadata)
+        self._next_thin = 0.0  # monotonic seconds: this process's first sample thins at once
+        self._thinned_until: dt.datetime | None = None
 
     @property
     def engine(self) -> sa.Engine:
@@ -129,8 +139,33 @@ class ScaleHistory:
                                                       reason=reason, source=source))
 
     def sample(self, workers: int, wanted: int) -> None:
+        """Record a tick's worker count and desired count; at most hourly, thin the samples older than a day."""
         with self.engine.begin() as conn:
             conn.execute(samples_table.insert().values(at=utcnow(), workers=workers, desired=wanted))
+        if time.monotonic() >= self._next_thin:
+            self._next_thin = time.monotonic() + THIN_EVERY_S
+            try:
+                self.thin(utcnow() - dt.timedelta(seconds=KEEP_EVERY_SAMPLE_S))
+            except sa.exc.SQLAlchemyError as exc:  # housekeeping: the next hour tries again
+                log.warning("thinning old worker samples failed: %s", exc)
+
+    def thin(self, before: dt.datetime) -> int:
+        """Delete the samples before `before` that neither a run's cost nor the chart's gaps need (see
+        jobs/core/samples.py); how many went. After its first call a process reads only the last hours."""
+        c = samples_table.c
+        query = sa.select(c.at, c.workers, c.desired).where(c.at < before).order_by(c.at)
+        if self._thinned_until is not None:
+            query = query.where(c.at >= self._thinned_until - dt.timedelta(seconds=THIN_EVERY_S))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        ats = Counter(at for at, _, _ in rows)
+        gone = [rows[i].at for i in redundant([(_seconds(at), (w, d)) for at, w, d in rows])
+                if ats[rows[i].at] == 1]  # a time two samples share is not a key to delete by
+        for start in range(0, len(gone), 500):
+            with self.engine.begin() as conn:
+                conn.execute(samples_table.delete().where(c.at.in_(gone[start:start + 500])))
+        self._thinned_until = before
+        return len(gone)
 
     def events(self, limit: int = 500) -> list[dict]:
         with self.engine.connect() as conn:
