@@ -39,6 +39,10 @@ def run_progress(run: Run) -> tuple[float, str]:
                   + (f" · {run.rows_removed:,} vectors removed" if run.rows_removed else ""))
 
 
+# KEDA polls the controller every 30 s, and a serverless GPU replica pulls its image and loads its model.
+NEW_WORKER_WAIT = "a new worker registers within seconds locally, within minutes on Container Apps"
+
+
 def waiting_for_workers(run: Run, master: MasterState, settings: ScalingSettings) -> str | None:
     """Why a run in flight on this cluster makes no progress (planning or embedding), where its master has no alive
     worker; None otherwise. Spark holds such a run's jobs until a worker registers, so it goes on when one does."""
@@ -49,10 +53,10 @@ def waiting_for_workers(run: Run, master: MasterState, settings: ScalingSettings
         return f"{waits} Scaling is manual at 0 workers: set a count on the Cluster page, or switch autoscaling on."
     if not settings.autoscale:
         return (f"{waits} Scaling is manual at {settings.desired} worker{'' if settings.desired == 1 else 's'}, "
-                "none alive yet: a new worker takes seconds; if none comes, the Cluster page shows why.")
+                f"none alive yet: {NEW_WORKER_WAIT}; if none comes, the Cluster page shows why.")
     if settings.max_workers == 0:
         return f"{waits} The autoscaler may start none (its maximum is 0): raise it on the Cluster page."
-    return f"{waits} The autoscaler starts workers for it (at most {settings.max_workers}); a new worker takes seconds."
+    return f"{waits} The autoscaler starts workers for it (at most {settings.max_workers}): {NEW_WORKER_WAIT}."
 
 
 def telemetry_rows(readings: list) -> list[dict]:
