@@ -182,3 +182,19 @@ def test_worker_counts_over_the_limit_are_refused_before_anything_starts(tmp_pat
                          timeout=120, cwd=Path(__file__).resolve().parent.parent)
     assert out.returncode == 2 and message in out.stderr, out.stderr
     assert not list((tmp_path / "cluster").glob("*.json"))  # no master, no worker was started
+
+
+def test_settings_saved_under_a_higher_worker_limit_keep_within_a_lowered_one(tmp_path, monkeypatch):
+    """A maximum of 4 saved under EMBEDDECK_MAX_WORKERS=4 outlived the limit lowered to 2: the autoscaler asked for
+    4 workers, and `python -m cluster scale 1` was refused: "max workers must be between 0 and 2, not 4"."""
+    from jobs.core.autoscale import ScalingSettings
+    from jobs.store import scaling
+    from jobs.store.registry import Registry
+
+    monkeypatch.setenv("EMBEDDECK_MAX_WORKERS", "4")
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.sqlite'}")
+    scaling.save_settings(ScalingSettings(autoscale=True, min_workers=3, max_workers=4), registry)
+    monkeypatch.setenv("EMBEDDECK_MAX_WORKERS", "2")
+    assert scaling.desired(registry, 0).desired == 2  # at least min_workers, now within the limit
+    settings = scaling.set_manual(1, registry)
+    assert (settings.min_workers, settings.max_workers, settings.desired) == (2, 2, 1)

@@ -9,7 +9,7 @@ import json
 import logging
 import time
 from collections import Counter
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 import sqlalchemy as sa
 
@@ -50,13 +50,19 @@ settings_table = sa.Table(
 
 
 def load_settings(registry: Registry) -> ScalingSettings:
-    """The operator's scaling settings; defaults when none were saved (unknown keys are ignored)."""
+    """The operator's scaling settings, their counts within today's EMBEDDECK_MAX_WORKERS; defaults when none were
+    saved (unknown keys are ignored)."""
     registry.ensure(metadata)
     with registry.engine.connect() as conn:
         text = conn.execute(sa.select(settings_table.c.settings_json).where(settings_table.c.id == 1)).scalar()
     data = json.loads(text) if text else {}
     known = {f.name for f in fields(ScalingSettings)}
-    return ScalingSettings(**{k: v for k, v in data.items() if k in known})
+    saved = ScalingSettings(**{k: v for k, v in data.items() if k in known})
+    # Saved under a higher limit, a maximum of 4 outlived a limit lowered to 2: the autoscaler asked for 4, and a
+    # manual `scale 1` was refused for a "max workers 4" the operator had not just asked for.
+    limit = max_workers()
+    return replace(saved, min_workers=min(saved.min_workers, limit), max_workers=min(saved.max_workers, limit),
+                   desired=min(saved.desired, limit))
 
 
 def max_workers() -> int:
