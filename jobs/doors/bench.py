@@ -554,16 +554,16 @@ def dashboard_watch_cpu_pct(seconds: float, home: str) -> dict[str, float]:
     (floor / ".streamlit").mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / ".streamlit" / "config.toml", floor / ".streamlit" / "config.toml")
     (floor / "app.py").write_text(FLOOR_PAGE)
-    pages = {"product": (REPO, "cluster", {}),
-             "file_watcher": (REPO, "cluster", {"STREAMLIT_SERVER_FILE_WATCHER_TYPE": "auto"}),
-             "floor": (floor, "", {})}
+    product_server, plain_server = ["dashboard.server"], ["streamlit", "run", "app.py"]  # the floor's is no product
+    pages = {"product": (REPO, "cluster", product_server, {}),
+             "file_watcher": (REPO, "cluster", product_server, {"STREAMLIT_SERVER_FILE_WATCHER_TYPE": "auto"}),
+             "floor": (floor, "", plain_server, {})}
     servers = {}
-    for name, (cwd, _, extra) in pages.items():
+    for name, (cwd, _, command, extra) in pages.items():
         port = free_port()
         servers[name] = port, subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.address", "127.0.0.1",
-             "--server.port", str(port)], cwd=cwd, env=dict(os.environ, PYTHONPATH=str(REPO), **extra),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [sys.executable, "-m", *command, "--server.address", "127.0.0.1", "--server.port", str(port)], cwd=cwd,
+            env=dict(os.environ, PYTHONPATH=str(REPO), **extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 60
         for port, _ in servers.values():
