@@ -22,7 +22,11 @@ RESTART_AFTER_S = 10.0  # an autoscaler that keeps exiting is started again at m
 
 
 def main() -> int:
-    port = Settings().raw("EMBEDDECK_DASHBOARD_PORT")
+    try:
+        port = str(Settings().integer("EMBEDDECK_DASHBOARD_PORT"))
+    except EmbedDeckError as exc:
+        print(f"error: {exc}; nothing was started", file=sys.stderr)
+        return 2
     # Checked before anything starts: a second `make run` found the port taken only after it had scaled the first
     # one's cluster to 0 workers, and then stopped that cluster on its way out.
     if port_taken(int(port)):

@@ -87,7 +87,7 @@ def record(spec: RunSpec, registry: Registry) -> str:
 
 
 def _max_active() -> int:
-    return max(1, Settings().integer("EMBEDDECK_MAX_ACTIVE_RUNS"))
+    return Settings().integer("EMBEDDECK_MAX_ACTIVE_RUNS")
 
 
 def _start_waiting(run_id: str, master: str, registry: Registry) -> bool:

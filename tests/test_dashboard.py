@@ -394,6 +394,20 @@ def test_make_run_on_the_aca_backend_refuses_before_it_starts_anything(tmp_path)
     assert not (tmp_path / "embeddeck.sqlite").exists() and not (tmp_path / "cluster").exists()
 
 
+def test_make_run_with_a_port_that_is_no_port_says_so_before_it_starts_anything(tmp_path):
+    """EMBEDDECK_DASHBOARD_PORT=abc ended `make run` in a ValueError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), EMBEDDECK_DASHBOARD_PORT="abc")
+    out = subprocess.run([sys.executable, "-m", "dashboard"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "EMBEDDECK_DASHBOARD_PORT must be an integer from 1 to 65535, not 'abc'; nothing was started" in out.stderr
+    assert not (tmp_path / "embeddeck.sqlite").exists() and not (tmp_path / "cluster").exists()
+
+
 def test_the_workers_line_breaks_where_the_controller_was_not_sampling():
     """Drawn through, a cluster stopped overnight at 2 workers and started again at 0 showed 2 workers all night."""
     t0 = dt.datetime(2026, 11, 29, 6, 0)

@@ -38,10 +38,19 @@ def test_values_defaults_and_bad_numbers():
     s = Settings({"EMBEDDECK_MASTER_PORT": "7999", "EMBEDDECK_WORKER_CORES": "two", "EMBEDDECK_PRECISION": ""})
     assert s.integer("EMBEDDECK_MASTER_PORT") == 7999
     assert s.raw("EMBEDDECK_PRECISION") == "auto"  # empty means unset
-    with pytest.raises(BadRequest, match="EMBEDDECK_WORKER_CORES must be an integer, not 'two'"):
+    with pytest.raises(BadRequest, match="EMBEDDECK_WORKER_CORES must be an integer of at least 1, not 'two'"):
         s.integer("EMBEDDECK_WORKER_CORES")
     with pytest.raises(KeyError):
         s.raw("EMBEDDECK_NOT_DECLARED")
+    # Out of its bounds, named as such: a port of 0 let Spark pick any (`spark://127.0.0.1:0` for the workers to
+    # dial), and a limit of -1 read "workers must be between 0 and -1".
+    bounded = Settings({"EMBEDDECK_MASTER_PORT": "0", "EMBEDDECK_MAX_WORKERS": "-1", "EMBEDDECK_WORKER_CORES": "0"})
+    with pytest.raises(BadRequest, match="EMBEDDECK_MASTER_PORT must be an integer from 1 to 65535, not '0'"):
+        bounded.integer("EMBEDDECK_MASTER_PORT")
+    with pytest.raises(BadRequest, match="EMBEDDECK_MAX_WORKERS must be an integer of at least 0, not '-1'"):
+        bounded.integer("EMBEDDECK_MAX_WORKERS")
+    with pytest.raises(BadRequest, match="EMBEDDECK_WORKER_CORES must be an integer of at least 1, not '0'"):
+        bounded.integer("EMBEDDECK_WORKER_CORES")
 
 
 def test_home_is_the_owners_alone(tmp_path):

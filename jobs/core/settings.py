@@ -24,8 +24,11 @@ class Var:
     default: str | None
     doc: str
     secret: bool = False  # holds (or points at) a secret: never passed to Spark daemons or executors
+    least: int | None = None  # an integer's bounds, where it has them (Settings.integer refuses others by name)
+    most: int | None = None
 
 
+PORT = {"least": 1, "most": 65535}
 VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_HOME", "var/", "local state: SQLite files, run logs, cluster state and daemon logs "
         "(`cluster/logs`), the local workers' executor directories and logs (`cluster/work`; a stopped "
@@ -39,22 +42,24 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_SPARK_MASTER", None, "master of runs that name none (API, dashboard, CLI without `--master`); "
                                         "unset: the run service's master when one is up, else `local[*]`"),
     Var("EMBEDDECK_MAX_ACTIVE_RUNS", "2", "runs started at once; more wait as `queued` (phase `waiting`) and "
-                                         "start, oldest first, as others end"),
+                                         "start, oldest first, as others end", least=1),
     Var("EMBEDDECK_PRECISION", "auto", "`fp32`, `bf16`, `fp16`; auto picks fp16 on CUDA, bf16 on CPUs with "
                                        "AMX/AVX-512-BF16, else fp32, and logs why"),
-    Var("EMBEDDECK_TORCH_THREADS", "1", "torch threads in each Spark Python worker (one per task)"),
+    Var("EMBEDDECK_TORCH_THREADS", "1", "torch threads in each Spark Python worker (one per task)", least=0),
     Var("EMBEDDECK_EXECUTOR_MEMORY", "1g", "`spark.executor.memory` of every run"),
     Var("EMBEDDECK_MASTER_PORT", "7077", "local master's RPC port (a port another program holds is refused by "
-        "name at `up`: Spark would take the next one and say so only in its log)"),
-    Var("EMBEDDECK_MASTER_WEBUI_PORT", "8080", "local master's web UI port (workers use the ports after it)"),
-    Var("EMBEDDECK_WORKER_CORES", "1", "cores of each local worker"),
+        "name at `up`: Spark would take the next one and say so only in its log)", **PORT),
+    Var("EMBEDDECK_MASTER_WEBUI_PORT", "8080", "local master's web UI port (workers use the ports after it)",
+        **PORT),
+    Var("EMBEDDECK_WORKER_CORES", "1", "cores of each local worker", least=1),
     Var("EMBEDDECK_WORKER_MEMORY", "2g", "memory of each local worker"),
     Var("EMBEDDECK_API_PORT", "8888", "port of the controller image's trigger API (`APP_MODE=trigger`)"),
     Var("EMBEDDECK_PRICE_PER_UNIT_S", None, "price of one billing unit-second for run costs: a GPU-second on ACA "
         "(`deploy` sets the region's published rate), a core-second locally; unset: costs show units only"),
     Var("EMBEDDECK_PRICE_CURRENCY", "USD", "currency of `EMBEDDECK_PRICE_PER_UNIT_S`"),
     Var("EMBEDDECK_PRICE_SOURCE", None, "where that price came from, shown beside every cost"),
-    Var("EMBEDDECK_DASHBOARD_PORT", "8501", "dashboard port of `make run` and of the image's `dashboard` mode"),
+    Var("EMBEDDECK_DASHBOARD_PORT", "8501", "dashboard port of `make run` and of the image's `dashboard` mode",
+        **PORT),
     Var("EMBEDDECK_DASHBOARD_AUTH", "none", "who may use the dashboard: `none` (loopback only; the container "
                                             "refuses other addresses), `proxy` (an authenticating proxy's user "
                                             "header, e.g. ACA's built-in authentication), `oidc` (st.login)"),
@@ -76,7 +81,7 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_SEARCH_CACHE_MB", "1024", "largest in-memory search index; bigger targets are searched by "
                                              "streaming"),
     Var("EMBEDDECK_SEARCH_EXACT_ROWS", "100000", "targets up to this many vectors are searched exactly; larger ones "
-        "through an approximate index (faiss IVF, 8-bit)"),
+        "through an approximate index (faiss IVF, 8-bit)", least=0),
     Var("EMBEDDECK_DEFAULT_SOURCE", "products", "source table of the classic trigger `GET /`"),
     Var("EMBEDDECK_DEFAULT_ID_COLUMN", "id", "id column of the classic trigger"),
     Var("EMBEDDECK_DEFAULT_TEXT_COLUMN", "description", "text column of the classic trigger"),
@@ -95,7 +100,7 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_NOTEBOOK_DIR", None, "where Jupyter (`make jupyter`, the container's `jupyter` mode) serves "
                                         "notebooks from (the example is copied there first when missing); unset: "
                                         "`$EMBEDDECK_HOME/notebooks`"),
-    Var("EMBEDDECK_JUPYTER_PORT", "8890", "port of `make jupyter`'s JupyterLab (on 127.0.0.1)"),
+    Var("EMBEDDECK_JUPYTER_PORT", "8890", "port of `make jupyter`'s JupyterLab (on 127.0.0.1)", **PORT),
     Var("EMBEDDECK_ACA_MODE", "trigger", "ACA deploy: the controller's front door, `trigger` (HTTP API) or "
                                          "`jupyter`"),
     Var("EMBEDDECK_JUPYTER_TOKEN", None, "ACA deploy in jupyter mode: Jupyter's token (a Container Apps "
@@ -112,7 +117,7 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_GPU_PROFILE", "Consumption-GPU-NC8as-T4", "ACA deploy: the serverless GPU workload profile"),
     Var("EMBEDDECK_MAX_WORKERS", "4", "most workers: ACA replicas at deploy, and any count a door asks for (the "
                                       "API's `workers`, `python -m cluster scale` and `autoscale --max`, the "
-                                      "Cluster page): more is refused by name"),
+                                      "Cluster page): more is refused by name", least=0),
     Var("EMBEDDECK_SPARK_SECRET", None, "ACA deploy: the cluster's Spark authentication secret; unset: a new "
                                         "one per deployment", secret=True),
     Var("EMBEDDECK_LOG_WORKSPACE_ID", None, "ACA: the Log Analytics workspace that holds scaling events (deploy "
@@ -148,12 +153,17 @@ class Settings:
         return value if value not in (None, "") else var.default
 
     def integer(self, name: str) -> int:
-        """The variable as an integer; BadRequest naming it when it is not one."""
-        value = self.raw(name)
+        """The variable as an integer; BadRequest naming it when it is not one, or not within its bounds."""
+        value, var = self.raw(name), VARIABLES[name]
         try:
-            return int(value)  # type: ignore[arg-type]
+            number = int(value)  # type: ignore[arg-type]
         except (TypeError, ValueError):
-            raise BadRequest(f"{name} must be an integer, not {value!r}") from None
+            number = None
+        low, high = var.least, var.most
+        if number is None or (low is not None and number < low) or (high is not None and number > high):
+            within = "" if low is None else f" of at least {low}" if high is None else f" from {low} to {high}"
+            raise BadRequest(f"{name} must be an integer{within}, not {value!r}")
+        return number
 
     def number(self, name: str) -> float:
         """The variable as a number; BadRequest naming it when it is not one."""
