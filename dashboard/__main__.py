@@ -23,10 +23,11 @@ RESTART_AFTER_S = 10.0  # an autoscaler that keeps exiting is started again at m
 
 def main() -> int:
     try:
-        port = str(Settings().integer("EMBEDDECK_DASHBOARD_PORT"))
+        Settings().check_numbers()  # the port among them
     except EmbedDeckError as exc:
         print(f"error: {exc}; nothing was started", file=sys.stderr)
         return 2
+    port = str(Settings().integer("EMBEDDECK_DASHBOARD_PORT"))
     # Checked before anything starts: a second `make run` found the port taken only after it had scaled the first
     # one's cluster to 0 workers, and then stopped that cluster on its way out.
     if port_taken(int(port)):

@@ -394,17 +394,24 @@ def test_make_run_on_the_aca_backend_refuses_before_it_starts_anything(tmp_path)
     assert not (tmp_path / "embeddeck.sqlite").exists() and not (tmp_path / "cluster").exists()
 
 
-def test_make_run_with_a_port_that_is_no_port_says_so_before_it_starts_anything(tmp_path):
-    """EMBEDDECK_DASHBOARD_PORT=abc ended `make run` in a ValueError traceback."""
+@pytest.mark.parametrize("module", ["dashboard", "dashboard.server"])
+def test_make_run_and_the_server_refuse_numbers_set_wrong_before_they_start_anything(tmp_path, module):
+    """EMBEDDECK_DASHBOARD_PORT=abc ended `make run` in a ValueError traceback, and a price or worker limit that is
+    no number reached the browser as a traceback on the Cluster page."""
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), EMBEDDECK_DASHBOARD_PORT="abc")
-    out = subprocess.run([sys.executable, "-m", "dashboard"], cwd=REPO, env=env, capture_output=True, text=True,
+    env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), EMBEDDECK_DASHBOARD_PORT="abc",
+               EMBEDDECK_PRICE_PER_UNIT_S="0,0004", EMBEDDECK_MAX_WORKERS="4.5")
+    out = subprocess.run([sys.executable, "-m", module], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert "EMBEDDECK_DASHBOARD_PORT must be an integer from 1 to 65535, not 'abc'; nothing was started" in out.stderr
+    assert out.stderr.startswith("error: ")
+    for problem in ("EMBEDDECK_DASHBOARD_PORT must be an integer from 1 to 65535, not 'abc'",
+                    "EMBEDDECK_PRICE_PER_UNIT_S must be a number of at least 0, not '0,0004'",
+                    "EMBEDDECK_MAX_WORKERS must be an integer of at least 0, not '4.5'"):
+        assert problem in out.stderr
     assert not (tmp_path / "embeddeck.sqlite").exists() and not (tmp_path / "cluster").exists()
 
 

@@ -166,6 +166,16 @@ def test_serve_on_a_port_in_use_says_so_with_exit_2(monkeypatch):
     assert out.returncode == 2 and f"port {port} is in use" in out.stderr
 
 
+@pytest.mark.parametrize("command", [["-m", "jobs", "serve", "--port", "1"], ["-m", "jobs.doors.jupyter"]])
+def test_the_api_and_jupyter_refuse_numbers_set_wrong_as_they_start(tmp_path, command):
+    """A worker limit that is no number surfaced as a 400 on the API's first `workers` request, and in a kernel's
+    run; the doors now name it as they start, and start nothing."""
+    env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), EMBEDDECK_API_TOKEN="t" * 32, EMBEDDECK_MAX_WORKERS="four")
+    out = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "error: EMBEDDECK_MAX_WORKERS must be an integer of at least 0, not 'four'" in out.stderr
+
+
 def test_a_port_is_taken_while_listened_on_and_free_in_time_wait():
     """As servers bind it (SO_REUSEADDR): a dashboard stopped and started again at once found its port "in use" for
     a minute by a plain bind, while the last connections waited in TIME_WAIT."""

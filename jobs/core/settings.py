@@ -4,6 +4,7 @@ README's variables table is generated from VARIABLES (tests/test_settings.py kee
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -24,8 +25,9 @@ class Var:
     default: str | None
     doc: str
     secret: bool = False  # holds (or points at) a secret: never passed to Spark daemons or executors
-    least: int | None = None  # an integer's bounds, where it has them (Settings.integer refuses others by name)
+    least: int | None = None  # a number's bounds, where it has them (Settings refuses others by name)
     most: int | None = None
+    fractional: bool = False  # a bounded number read with Settings.number, not Settings.integer
 
 
 PORT = {"least": 1, "most": 65535}
@@ -45,7 +47,8 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
                                          "start, oldest first, as others end", least=1),
     Var("EMBEDDECK_PRECISION", "auto", "`fp32`, `bf16`, `fp16`; auto picks fp16 on CUDA, bf16 on CPUs with "
                                        "AMX/AVX-512-BF16, else fp32, and logs why"),
-    Var("EMBEDDECK_TORCH_THREADS", "1", "torch threads in each Spark Python worker (one per task)", least=0),
+    Var("EMBEDDECK_TORCH_THREADS", "1", "torch threads in each Spark Python worker (one per task); 0: torch's own "
+                                        "choice", least=0),
     Var("EMBEDDECK_EXECUTOR_MEMORY", "1g", "`spark.executor.memory` of every run"),
     Var("EMBEDDECK_MASTER_PORT", "7077", "local master's RPC port (a port another program holds is refused by "
         "name at `up`: Spark would take the next one and say so only in its log)", **PORT),
@@ -55,7 +58,8 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_WORKER_MEMORY", "2g", "memory of each local worker"),
     Var("EMBEDDECK_API_PORT", "8888", "port of the controller image's trigger API (`APP_MODE=trigger`)"),
     Var("EMBEDDECK_PRICE_PER_UNIT_S", None, "price of one billing unit-second for run costs: a GPU-second on ACA "
-        "(`deploy` sets the region's published rate), a core-second locally; unset: costs show units only"),
+        "(`deploy` sets the region's published rate), a core-second locally; unset: costs show units only", least=0,
+        fractional=True),
     Var("EMBEDDECK_PRICE_CURRENCY", "USD", "currency of `EMBEDDECK_PRICE_PER_UNIT_S`"),
     Var("EMBEDDECK_PRICE_SOURCE", None, "where that price came from, shown beside every cost"),
     Var("EMBEDDECK_DASHBOARD_PORT", "8501", "dashboard port of `make run` and of the image's `dashboard` mode",
@@ -79,7 +83,7 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_ALLOWED_MODELS", "all-MiniLM-L6-v2", "comma-separated models (names or local directories) "
                                                         "the HTTP API runs; any other is a 400"),
     Var("EMBEDDECK_SEARCH_CACHE_MB", "1024", "largest in-memory search index; bigger targets are searched by "
-                                             "streaming"),
+                                             "streaming", least=0, fractional=True),
     Var("EMBEDDECK_SEARCH_EXACT_ROWS", "100000", "targets up to this many vectors are searched exactly; larger ones "
         "through an approximate index (faiss IVF, 8-bit)", least=0),
     Var("EMBEDDECK_DEFAULT_SOURCE", "products", "source table of the classic trigger `GET /`"),
@@ -154,24 +158,37 @@ class Settings:
 
     def integer(self, name: str) -> int:
         """The variable as an integer; BadRequest naming it when it is not one, or not within its bounds."""
+        return int(self._bounded(name, int, "an integer"))
+
+    def number(self, name: str) -> float:
+        """The variable as a finite number; BadRequest naming it when it is not one, or not within its bounds."""
+        return float(self._bounded(name, float, "a number"))
+
+    def check_numbers(self) -> None:
+        """BadRequest naming every bounded variable whose value cannot be read within its bounds: a door checks
+        them as it starts, rather than fail on the first page or request that reads one."""
+        found = []
+        for var in VARIABLES.values():
+            if var.least is not None and self.raw(var.name) is not None:
+                try:
+                    (self.number if var.fractional else self.integer)(var.name)
+                except BadRequest as exc:
+                    found.append(str(exc))
+        if found:
+            raise BadRequest("; ".join(found))
+
+    def _bounded(self, name: str, kind: type, what: str) -> float:
         value, var = self.raw(name), VARIABLES[name]
         try:
-            number = int(value)  # type: ignore[arg-type]
+            number = kind(value)
         except (TypeError, ValueError):
             number = None
         low, high = var.least, var.most
-        if number is None or (low is not None and number < low) or (high is not None and number > high):
+        if (number is None or not math.isfinite(number) or (low is not None and number < low)
+                or (high is not None and number > high)):
             within = "" if low is None else f" of at least {low}" if high is None else f" from {low} to {high}"
-            raise BadRequest(f"{name} must be an integer{within}, not {value!r}")
+            raise BadRequest(f"{name} must be {what}{within}, not {value!r}")
         return number
-
-    def number(self, name: str) -> float:
-        """The variable as a number; BadRequest naming it when it is not one."""
-        value = self.raw(name)
-        try:
-            return float(value)  # type: ignore[arg-type]
-        except (TypeError, ValueError):
-            raise BadRequest(f"{name} must be a number, not {value!r}") from None
 
     @property
     def home(self) -> Path:
@@ -223,7 +240,10 @@ def markdown_table() -> str:
     lines = ["| variable | default | |", "|---|---|---|"]
     for var in VARIABLES.values():
         default = f"`{var.default}`" if var.default else "unset"
-        lines.append(f"| `{var.name}` | {default} | {var.doc}{' (a secret)' if var.secret else ''} |")
+        kind = "a number" if var.fractional else "an integer"
+        bounds = ("" if var.least is None else f" ({kind} of at least {var.least})" if var.most is None
+                  else f" ({kind} from {var.least} to {var.most})")
+        lines.append(f"| `{var.name}` | {default} | {var.doc}{bounds}{' (a secret)' if var.secret else ''} |")
     return "\n".join(lines)
 
 

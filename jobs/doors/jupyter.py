@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from jobs.core.errors import BadRequest
 from jobs.core.processes import port_taken, write_private
 from jobs.core.settings import REPO, Settings
 
@@ -31,6 +32,11 @@ def notebooks_dir(settings: Settings) -> Path:
 
 def main() -> int:
     settings = Settings()
+    try:
+        settings.check_numbers()  # the port, and the kernels' runs, read them
+    except BadRequest as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     port = settings.integer("EMBEDDECK_JUPYTER_PORT")
     if port_taken(port):
         print(f"error: port {port} is in use (is Jupyter already running?): EMBEDDECK_JUPYTER_PORT picks another",
