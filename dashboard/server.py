@@ -13,7 +13,8 @@ from pathlib import Path
 from streamlit.runtime.pages_manager import PagesManager
 from streamlit.web import cli
 
-from jobs.core.errors import BadRequest
+from cluster import backends
+from jobs.core.errors import EmbedDeckError
 from jobs.core.settings import Settings
 
 APP = Path(__file__).resolve().parent.parent / "app.py"
@@ -21,10 +22,12 @@ APP = Path(__file__).resolve().parent.parent / "app.py"
 
 def main(argv: list[str]) -> None:
     """Run Streamlit's own `streamlit run app.py` with these options in this process, pages/ mode off; exit 2 first
-    where a number the pages read is set wrong (a page met it as a traceback in the browser)."""
+    where a number or the cluster backend the pages read is set wrong (a page met it as a traceback in the
+    browser)."""
     try:
         Settings().check_numbers()
-    except BadRequest as exc:
+        backends.configured()
+    except EmbedDeckError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     # The flag st.navigation itself clears, and the one Streamlit reads before a session's first script run.

@@ -402,6 +402,8 @@ def test_make_run_and_the_server_refuse_numbers_set_wrong_before_they_start_anyt
     import subprocess
     import sys
 
+    from jobs.core.processes import free_port
+
     env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), EMBEDDECK_DASHBOARD_PORT="abc",
                EMBEDDECK_PRICE_PER_UNIT_S="0,0004", EMBEDDECK_MAX_WORKERS="4.5")
     out = subprocess.run([sys.executable, "-m", module], cwd=REPO, env=env, capture_output=True, text=True,
@@ -413,6 +415,11 @@ def test_make_run_and_the_server_refuse_numbers_set_wrong_before_they_start_anyt
                     "EMBEDDECK_MAX_WORKERS must be an integer of at least 0, not '4.5'"):
         assert problem in out.stderr
     assert not (tmp_path / "embeddeck.sqlite").exists() and not (tmp_path / "cluster").exists()
+    env.update(EMBEDDECK_DASHBOARD_PORT=str(free_port()), EMBEDDECK_PRICE_PER_UNIT_S="", EMBEDDECK_MAX_WORKERS="",
+               EMBEDDECK_CLUSTER_BACKEND="kubernetes")  # every page reads the backend too
+    out = subprocess.run([sys.executable, "-m", module], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "EMBEDDECK_CLUSTER_BACKEND must be local or aca, not 'kubernetes'" in out.stderr
 
 
 def test_the_workers_line_breaks_where_the_controller_was_not_sampling():
