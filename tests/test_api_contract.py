@@ -165,6 +165,8 @@ def test_callers_pick_neither_the_master_nor_more_workers_than_configured(client
 @pytest.mark.parametrize("args,message", [
     (["scale", "40"], "workers must be between 0 and 4 (EMBEDDECK_MAX_WORKERS), not 40"),
     (["autoscale", "--max", "9"], "max workers must be between 0 and 4 (EMBEDDECK_MAX_WORKERS), not 9"),
+    # Accepted before, and the autoscaler then ran 3 workers against the operator's maximum of 2.
+    (["autoscale", "--min", "3", "--max", "2"], "min workers (3) must not be more than max workers (2)"),
 ])
 def test_worker_counts_over_the_limit_are_refused_before_anything_starts(tmp_path, args, message):
     """Only the API's `workers` was capped: `python -m cluster scale 40` (a typo) would have started forty worker
@@ -198,3 +200,8 @@ def test_settings_saved_under_a_higher_worker_limit_keep_within_a_lowered_one(tm
     assert scaling.desired(registry, 0).desired == 2  # at least min_workers, now within the limit
     settings = scaling.set_manual(1, registry)
     assert (settings.min_workers, settings.max_workers, settings.desired) == (2, 2, 1)
+    # A minimum above the maximum, as saving allowed before it was refused, is read within it.
+    with registry.engine.begin() as conn:
+        conn.execute(scaling.settings_table.update().values(
+            settings_json='{"autoscale": true, "min_workers": 2, "max_workers": 1}'))
+    assert (scaling.load_settings(registry).min_workers, scaling.set_manual(0, registry).max_workers) == (1, 1)

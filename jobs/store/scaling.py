@@ -50,8 +50,8 @@ settings_table = sa.Table(
 
 
 def load_settings(registry: Registry) -> ScalingSettings:
-    """The operator's scaling settings, their counts within today's EMBEDDECK_MAX_WORKERS; defaults when none were
-    saved (unknown keys are ignored)."""
+    """The operator's scaling settings, their counts within today's EMBEDDECK_MAX_WORKERS (and the minimum within the
+    maximum, as an older version could save them); defaults when none were saved (unknown keys are ignored)."""
     registry.ensure(metadata)
     with registry.engine.connect() as conn:
         text = conn.execute(sa.select(settings_table.c.settings_json).where(settings_table.c.id == 1)).scalar()
@@ -61,8 +61,8 @@ def load_settings(registry: Registry) -> ScalingSettings:
     # Saved under a higher limit, a maximum of 4 outlived a limit lowered to 2: the autoscaler asked for 4, and a
     # manual `scale 1` was refused for a "max workers 4" the operator had not just asked for.
     limit = max_workers()
-    return replace(saved, min_workers=min(saved.min_workers, limit), max_workers=min(saved.max_workers, limit),
-                   desired=min(saved.desired, limit))
+    most = min(saved.max_workers, limit)
+    return replace(saved, min_workers=min(saved.min_workers, most), max_workers=most, desired=min(saved.desired, limit))
 
 
 def max_workers() -> int:
@@ -79,9 +79,12 @@ def check_workers(n: int, what: str = "workers") -> None:
 
 
 def save_settings(settings: ScalingSettings, registry: Registry) -> None:
-    """Store the operator's settings, their counts within EMBEDDECK_MAX_WORKERS."""
+    """Store the operator's settings, their counts within EMBEDDECK_MAX_WORKERS and the minimum within the maximum."""
     check_workers(settings.min_workers, "min workers")
     check_workers(settings.max_workers, "max workers")
+    if settings.min_workers > settings.max_workers:  # the autoscaler then kept the minimum, above the maximum
+        raise BadRequest(f"min workers ({settings.min_workers}) must not be more than max workers "
+                         f"({settings.max_workers})")
     registry.ensure(metadata)
     values = {"settings_json": json.dumps(asdict(settings)), "updated_at": utcnow()}
     with registry.engine.begin() as conn:
