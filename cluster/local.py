@@ -62,7 +62,7 @@ class LocalCluster:
         self.master_port = master_port or settings.integer("EMBEDDECK_MASTER_PORT")
         self.webui_port = webui_port or settings.integer("EMBEDDECK_MASTER_WEBUI_PORT")
         self.worker_cores = worker_cores or settings.integer("EMBEDDECK_WORKER_CORES")
-        self.worker_memory = worker_memory or settings.raw("EMBEDDECK_WORKER_MEMORY")
+        self.worker_memory = worker_memory or settings.size("EMBEDDECK_WORKER_MEMORY")
 
     # state files -------------------------------------------------------------------------
     def _path(self, name: str) -> Path:

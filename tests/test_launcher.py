@@ -143,6 +143,17 @@ def test_bad_input_is_one_clear_line(demo_url, extra, message):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
+def test_a_memory_size_spark_would_refuse_is_named_before_the_run_is_recorded(demo_url, monkeypatch):
+    """EMBEDDECK_EXECUTOR_MEMORY=lots: spark-submit refused it ("Executor memory must be a positive number") and the
+    run failed as "driver process exited without reporting an end (killed or crashed)"."""
+    before = len(Registry().list())
+    monkeypatch.setenv("EMBEDDECK_EXECUTOR_MEMORY", "lots")
+    out = cli(*run_args(demo_url))
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: EMBEDDECK_EXECUTOR_MEMORY must be a memory size such as 512m or 2g, not 'lots'"
+    assert len(Registry().list()) == before  # nothing recorded
+
+
 def test_wrong_password_exit_2_without_the_password(pg_url):
     bad = pg_url.replace("s3cret-pg", "Wr0ngPassw0rd")
     out = cli(*run_args(bad))

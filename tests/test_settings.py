@@ -55,6 +55,11 @@ def test_values_defaults_and_bad_numbers():
         with pytest.raises(BadRequest, match=f"_PRICE_PER_UNIT_S must be a number of at least 0, not '{price}'"):
             Settings({"EMBEDDECK_PRICE_PER_UNIT_S": price}).number("EMBEDDECK_PRICE_PER_UNIT_S")
     assert Settings({"EMBEDDECK_PRICE_PER_UNIT_S": "0.000123"}).number("EMBEDDECK_PRICE_PER_UNIT_S") == 0.000123
+    sizes = {"2g": "2g", "512M": "512M", "1536mb": "1536mb", " 4G ": "4G", "2048": "2048"}
+    assert {v: Settings({"EMBEDDECK_WORKER_MEMORY": v}).size("EMBEDDECK_WORKER_MEMORY") for v in sizes} == sizes
+    for bad in ("lots", "0g", "1.5g", "2 g", "-1g", "2gib"):  # what Spark's byte strings refuse, and zero
+        with pytest.raises(BadRequest, match="EMBEDDECK_WORKER_MEMORY must be a memory size such as 512m or 2g, not "):
+            Settings({"EMBEDDECK_WORKER_MEMORY": bad}).size("EMBEDDECK_WORKER_MEMORY")
 
 
 def test_home_is_the_owners_alone(tmp_path):

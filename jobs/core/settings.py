@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,6 +15,9 @@ from pathlib import Path
 from jobs.core.errors import BadRequest
 
 REPO = Path(__file__).resolve().parent.parent.parent
+# Spark's byte strings (JavaUtils.byteStringAs): whole numbers, then a unit; a bare number is MiB where Spark reads
+# a memory setting.
+SPARK_SIZE = re.compile(r"(\d+)(?:[kmgtp]b?|b)?", re.IGNORECASE)
 HOLD_FILE_VAR = "EMBEDDECK_FAULT_HOLD_FILE"
 
 
@@ -28,6 +32,7 @@ class Var:
     least: int | None = None  # a number's bounds, where it has them (Settings refuses others by name)
     most: int | None = None
     fractional: bool = False  # a bounded number read with Settings.number, not Settings.integer
+    size: bool = False  # a Spark memory size ("1g", "512m"), read with Settings.size
 
 
 PORT = {"least": 1, "most": 65535}
@@ -49,13 +54,13 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
                                        "AMX/AVX-512-BF16, else fp32, and logs why"),
     Var("EMBEDDECK_TORCH_THREADS", "1", "torch threads in each Spark Python worker (one per task); 0: torch's own "
                                         "choice", least=0),
-    Var("EMBEDDECK_EXECUTOR_MEMORY", "1g", "`spark.executor.memory` of every run"),
+    Var("EMBEDDECK_EXECUTOR_MEMORY", "1g", "`spark.executor.memory` of every run", size=True),
     Var("EMBEDDECK_MASTER_PORT", "7077", "local master's RPC port (a port another program holds is refused by "
         "name at `up`: Spark would take the next one and say so only in its log)", **PORT),
     Var("EMBEDDECK_MASTER_WEBUI_PORT", "8080", "local master's web UI port (workers use the ports after it)",
         **PORT),
     Var("EMBEDDECK_WORKER_CORES", "1", "cores of each local worker", least=1),
-    Var("EMBEDDECK_WORKER_MEMORY", "2g", "memory of each local worker"),
+    Var("EMBEDDECK_WORKER_MEMORY", "2g", "memory of each local worker", size=True),
     Var("EMBEDDECK_API_PORT", "8888", "port of the controller image's trigger API (`APP_MODE=trigger`)"),
     Var("EMBEDDECK_PRICE_PER_UNIT_S", None, "price of one billing unit-second for run costs: a GPU-second on ACA "
         "(`deploy` sets the region's published rate), a core-second locally; unset: costs show units only", least=0,
@@ -164,14 +169,23 @@ class Settings:
         """The variable as a finite number; BadRequest naming it when it is not one, or not within its bounds."""
         return float(self._bounded(name, float, "a number"))
 
+    def size(self, name: str) -> str:
+        """The variable as a Spark memory size (digits, then b, k, m, g, t or p, with an optional b); BadRequest
+        naming it otherwise: Spark's own refusal ended a run's driver before it could report anything."""
+        value = (self.raw(name) or "").strip()
+        if not SPARK_SIZE.fullmatch(value) or not int(SPARK_SIZE.fullmatch(value)[1]):
+            raise BadRequest(f"{name} must be a memory size such as 512m or 2g, not {value!r}")
+        return value
+
     def check_numbers(self) -> None:
-        """BadRequest naming every bounded variable whose value cannot be read within its bounds: a door checks
-        them as it starts, rather than fail on the first page or request that reads one."""
+        """BadRequest naming every bounded number or memory size whose value cannot be read: a door checks them as
+        it starts, and a run before it is recorded, rather than fail on the first page, request or driver that
+        reads one."""
         found = []
         for var in VARIABLES.values():
-            if var.least is not None and self.raw(var.name) is not None:
+            if (var.least is not None or var.size) and self.raw(var.name) is not None:
                 try:
-                    (self.number if var.fractional else self.integer)(var.name)
+                    self.size(var.name) if var.size else (self.number if var.fractional else self.integer)(var.name)
                 except BadRequest as exc:
                     found.append(str(exc))
         if found:
@@ -241,7 +255,8 @@ def markdown_table() -> str:
     for var in VARIABLES.values():
         default = f"`{var.default}`" if var.default else "unset"
         kind = "a number" if var.fractional else "an integer"
-        bounds = ("" if var.least is None else f" ({kind} of at least {var.least})" if var.most is None
+        bounds = (" (a memory size such as 512m or 2g)" if var.size else "" if var.least is None
+                  else f" ({kind} of at least {var.least})" if var.most is None
                   else f" ({kind} from {var.least} to {var.most})")
         lines.append(f"| `{var.name}` | {default} | {var.doc}{bounds}{' (a secret)' if var.secret else ''} |")
     return "\n".join(lines)

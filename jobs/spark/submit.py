@@ -93,7 +93,7 @@ def spark_conf(master: str, scratch: Path | None = None) -> dict[str, str]:
         "spark.executorEnv.EMBEDDECK_TORCH_THREADS": settings.raw("EMBEDDECK_TORCH_THREADS"),
         "spark.executorEnv.HF_HUB_OFFLINE": "1",
         "spark.task.maxFailures": "4",
-        "spark.executor.memory": settings.raw("EMBEDDECK_EXECUTOR_MEMORY"),
+        "spark.executor.memory": settings.size("EMBEDDECK_EXECUTOR_MEMORY"),
         "spark.sql.warehouse.dir": str(settings.home / "spark-warehouse"),
         "spark.master.rest.enabled": "false",
     }
