@@ -206,6 +206,7 @@ def test_a_run_on_a_cluster_without_workers_says_why_it_waits_and_goes_on_when_o
     """A run on a master with no worker showed "planning: 0 / 0 rows" (or rows/s 0 and ETA "—") and nothing else.
     The Runs page now says the cluster has no alive worker and what would start one; the run finishes once a
     worker joins."""
+    from cluster import backends
     from cluster.local import LocalCluster
     from jobs import lifecycle
     from jobs.core.autoscale import ScalingSettings
@@ -240,7 +241,9 @@ def test_a_run_on_a_cluster_without_workers_says_why_it_waits_and_goes_on_when_o
         at.run()
         assert not any("no alive worker" in w.value for w in at.warning)
     finally:
-        cluster.down()
+        # As the page's Stop: the run is cancelled first. A failed assertion left it planning, and its own driver,
+        # its master stopped under it, then waited for that master indefinitely.
+        backends.stop_all(cluster, registry)
         st.cache_resource.clear()
 
 
