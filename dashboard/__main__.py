@@ -27,10 +27,10 @@ def main() -> int:
     except EmbedDeckError as exc:
         print(f"error: {exc}; nothing was started", file=sys.stderr)
         return 2
-    port = str(Settings().integer("EMBEDDECK_DASHBOARD_PORT"))
+    port = Settings().integer("EMBEDDECK_DASHBOARD_PORT")
     # Checked before anything starts: a second `make run` found the port taken only after it had scaled the first
     # one's cluster to 0 workers, and then stopped that cluster on its way out.
-    if port_taken(int(port)):
+    if port_taken(port):
         print(f"error: port {port} is in use (is the dashboard already running?); nothing was started or stopped. "
               "EMBEDDECK_DASHBOARD_PORT picks another port.", file=sys.stderr)
         return 2
@@ -72,7 +72,7 @@ def main() -> int:
                      name="embeddeck-run-service").start()
     try:
         children["streamlit"] = subprocess.Popen(
-            [sys.executable, "-m", "dashboard.server", "--server.address", "127.0.0.1", "--server.port", port],
+            [sys.executable, "-m", "dashboard.server", "--server.address", "127.0.0.1", "--server.port", str(port)],
             cwd=REPO, env=env)
         return _watch(children, env)
     except KeyboardInterrupt:

@@ -61,7 +61,7 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
         **PORT),
     Var("EMBEDDECK_WORKER_CORES", "1", "cores of each local worker", least=1),
     Var("EMBEDDECK_WORKER_MEMORY", "2g", "memory of each local worker", size=True),
-    Var("EMBEDDECK_API_PORT", "8888", "port of the controller image's trigger API (`APP_MODE=trigger`)"),
+    Var("EMBEDDECK_API_PORT", "8888", "port of the controller image's trigger API (`APP_MODE=trigger`)", **PORT),
     Var("EMBEDDECK_PRICE_PER_UNIT_S", None, "price of one billing unit-second for run costs: a GPU-second on ACA "
         "(`deploy` sets the region's published rate), a core-second locally; unset: costs show units only", least=0,
         fractional=True),
@@ -98,8 +98,9 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_DRIVER_HOST", "127.0.0.1", "where executors reach a run's driver (the controller app's name on "
                                               "ACA)"),
     Var("EMBEDDECK_DRIVER_BIND", "127.0.0.1", "address the driver binds"),
-    Var("EMBEDDECK_DRIVER_PORT", None, "fixed driver port (ACA exposes it); unset: random"),
-    Var("EMBEDDECK_BLOCK_MANAGER_PORT", None, "fixed block manager port (ACA exposes it); unset: random"),
+    Var("EMBEDDECK_DRIVER_PORT", None, "fixed driver port (ACA exposes it); unset: random", **PORT),
+    Var("EMBEDDECK_BLOCK_MANAGER_PORT", None, "fixed block manager port (ACA exposes it); unset: random",
+        **PORT),
     Var("EMBEDDECK_RUN_DB_URL", None, "internal: the real database URL of one run, handed to its own driver "
                                       "process only", secret=True),
     Var("EMBEDDECK_FAULT_HOLD_FILE", None, "fault injection for tests and drills: while this file exists, every "
@@ -173,7 +174,7 @@ class Settings:
         """The variable as a Spark memory size (digits, then b, k, m, g, t or p, with an optional b); BadRequest
         naming it otherwise: Spark's own refusal ended a run's driver before it could report anything."""
         value = (self.raw(name) or "").strip()
-        if not SPARK_SIZE.fullmatch(value) or not int(SPARK_SIZE.fullmatch(value)[1]):
+        if not (match := SPARK_SIZE.fullmatch(value)) or not int(match[1]):
             raise BadRequest(f"{name} must be a memory size such as 512m or 2g, not {value!r}")
         return value
 

@@ -65,8 +65,9 @@ def spark_conf(master: str, scratch: Path | None = None) -> dict[str, str]:
     """Spark settings every run uses (fixed driver ports when set, as executors on ACA need them); scratch: the
     driver's (jvm.scratch_dir)."""
     settings = Settings()
-    fixed = {key: settings.raw(var) for key, var in (("spark.driver.port", "EMBEDDECK_DRIVER_PORT"),
-                                                    ("spark.driver.blockManager.port", "EMBEDDECK_BLOCK_MANAGER_PORT"))
+    fixed = {key: str(settings.integer(var)) for key, var in (("spark.driver.port", "EMBEDDECK_DRIVER_PORT"),
+                                                              ("spark.driver.blockManager.port",
+                                                               "EMBEDDECK_BLOCK_MANAGER_PORT"))
              if settings.raw(var)}
     hold = settings.raw(HOLD_FILE_VAR)  # fault injection, only where a test or drill sets it
     fixed |= {f"spark.executorEnv.{HOLD_FILE_VAR}": hold} if hold else {}
