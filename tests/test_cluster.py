@@ -191,6 +191,55 @@ def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp
     assert cost.label().endswith("no price configured")
 
 
+def test_a_run_that_loses_its_master_fails_by_name_unless_its_executors_can_finish_it(cluster, tmp_path, fast_model,
+                                                                                      hold_file):
+    """A standalone application never rejoins its master. A run whose driver holds executors finishes without it; a
+    run still waiting for executors waited for ever, "queued · planning", its driver alive and logging "Initial job
+    has not accepted any resources": it now fails, naming the master, and its driver ends."""
+    from jobs.core.processes import is_alive, stop_group
+
+    url = f"sqlite:///{tmp_path / 'lost.sqlite'}"
+    seed_demo(url, n=ROWS)
+    cluster.up(workers=1)
+    registry_url = f"sqlite:///{tmp_path / 'registry.sqlite'}"
+    registry = Registry(registry_url)
+
+    def launch(target: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "jobs", "run", "--db", url, "--source", "products",
+                              "--id-column", "id", "--text-column", "description", "--target", target,
+                              "--model", fast_model, "--master", cluster.master_url(), "--detach"],
+                             capture_output=True, text=True, env=dict(os.environ, EMBEDDECK_REGISTRY_URL=registry_url))
+        assert out.stdout.strip(), out.stderr
+        return out.stdout.strip()
+
+    runs = [launch("holding_emb")]  # its executor takes the worker's cores, and the hold file keeps it
+    try:
+        holding = runs[0]
+        wait_until(lambda: registry.get(holding).rows_done > 0, timeout=240, what="the first run's first commit")
+        waiting = launch("waiting_emb")
+        runs.append(waiting)
+        wait_until(lambda: registry.get(waiting).phase == "planning", timeout=120, what="the second run's driver")
+        port = str(cluster.master_port)
+        master = next(p for p in psutil.process_iter(["cmdline"])
+                      if "org.apache.spark.deploy.master.Master" in (p.info["cmdline"] or [])
+                      and port in (p.info["cmdline"] or []))
+        master.kill()
+        failed = wait_until(lambda: (run := registry.get(waiting)).state != "queued" and run, timeout=60,
+                            what="the waiting run's end")
+        assert failed.state == "failed", failed.error
+        assert failed.error.startswith(f"Spark master {cluster.master_url()} is unreachable"), failed.error
+        assert "never rejoins a master: start the cluster and launch the run again" in failed.error
+        wait_until(lambda: not is_alive(failed.driver_pid, failed.driver_started), timeout=30, what="its driver's end")
+        assert registry.get(holding).state == "running"
+        hold_file.unlink()
+        done = wait_until(lambda: (run := registry.get(holding)).state != "running" and run, timeout=180)
+        assert done.state == "succeeded" and done.rows_done == ROWS, done.error
+    finally:  # a driver that outlived a failed assertion waits for its lost master for ever
+        for run in map(registry.get, runs):
+            if is_alive(run.driver_pid, run.driver_started):
+                stop_group(run.driver_pid)
+
+
 def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_survives_a_cancel(
         pg_url, reference_model, fast_model, tmp_path):
     """`python -m cluster up` starts the warm run service with the master; runs handed to it are
@@ -332,7 +381,11 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
         assert seen == [1] * 6, seen
 
         # A master that dies takes the service with it: a standalone app never re-registers with a
-        # restarted master, so an orphaned service would take runs it can never run.
+        # restarted master, so an orphaned service would take runs it can never run. Its run in flight fails by
+        # name (it read "driver process … exited without reporting an end", once something looked).
+        hold.touch()
+        lost = launch("svc_lost", model=fast_model)
+        wait_until(lambda: registry.get(lost).rows_done > 0, timeout=120)
         port = env["EMBEDDECK_MASTER_PORT"]
         master_jvm = next(p for p in psutil.process_iter(["cmdline"])
                           if "org.apache.spark.deploy.master.Master" in (p.info["cmdline"] or [])
@@ -340,6 +393,10 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
         master_jvm.kill()
         wait_until(lambda: not psutil.pid_exists(service["pid"]), timeout=30)
         assert run_service.info() is None
+        hold.unlink()
+        ended = registry.get(lost)
+        assert ended.state == "failed" and ended.error.startswith(f"Spark master {master} is unreachable"), ended.error
+        assert "never rejoins a master" in ended.error
 
         # Up again, a new service with it; `down` cancels the run in flight, which had failed with Spark's
         # "An error occurred while calling z:…collectAndServe." when its service was stopped under it.

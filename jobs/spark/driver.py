@@ -8,16 +8,36 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
 import time
 
 from jobs.core.processes import started_at
 from jobs.core.settings import Settings
 from jobs.core.spec import RunSpec
 from jobs.embed.pipeline import execute, spark_error_message
+from jobs.spark import master_watch
 from jobs.spark.python_path import use_installed_pyspark
 from jobs.spark.submit import app_conf
 from jobs.store.registry import FAILED, SUCCEEDED, Registry
+
+log = logging.getLogger("embeddeck.driver")
+
+
+def _fail_when_stranded(sc, registry: Registry, run_id: str, every_s: float = master_watch.EVERY_S) -> None:
+    """Once the master is lost, go on while executors remain (they finish the run without it); with none left the
+    run can never get one: fail it by name and end this driver, which would otherwise wait for ever."""
+    error = master_watch.lost(sc)
+    if error is None:
+        return
+    log.warning("%s; the run goes on with the executors it holds", error)
+    while not master_watch.stopped(sc):
+        if not master_watch.executor_ids(sc):
+            registry.finish(run_id, FAILED, error=master_watch.run_lost_message(error))
+            log.error("run %s failed: %s, and the application holds no executor", run_id, error)
+            os._exit(1)
+        time.sleep(every_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     # A bare SparkContext: the job uses no Spark SQL, whose session start costs seconds per run.
     sc = SparkContext(conf=app_conf(f"embeddeck-{opts.run_id}"))
     marks["app_ready"] = time.time()
+    threading.Thread(target=_fail_when_stranded, args=(sc, registry, opts.run_id), daemon=True).start()
     try:
         state = execute(sc, spec, registry, opts.run_id, marks)
     except Exception as exc:

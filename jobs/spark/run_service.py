@@ -24,6 +24,7 @@ from jobs.core.processes import exclusive, free_port, is_alive, read_json, start
 from jobs.core.settings import Settings
 from jobs.core.spec import DEFAULT_MODEL, RunSpec
 from jobs.embed.pipeline import execute, spark_error_message, warm_partitions
+from jobs.spark import master_watch
 from jobs.spark.jvm import clear_scratch, scratch_dir, spark_env
 from jobs.spark.python_path import use_installed_pyspark
 from jobs.spark.submit import app_conf, check_master, command, same_master
@@ -199,11 +200,6 @@ def _serve_run(sc, registry, run_id: str, db_url: str) -> None:
         registry.finish(run_id, FAILED, error=spark_error_message(exc))
 
 
-def _executor_ids(sc) -> frozenset[str]:
-    ids = sc._jsc.sc().getExecutorIds().mkString(",")
-    return frozenset(filter(None, ids.split(",")))
-
-
 def _warm_executors(sc, state: dict, state_path: Path, settle_s: float = 2.0, every_s: float = 0.5) -> None:
     """Load the default model in a Python worker per executor core whenever new executors register (at
     start, after a scale-up), before any run asks for it: the first run then starts as fast as later
@@ -212,7 +208,7 @@ def _warm_executors(sc, state: dict, state_path: Path, settle_s: float = 2.0, ev
     while True:
         time.sleep(every_s)
         try:
-            ids = _executor_ids(sc)
+            ids = master_watch.executor_ids(sc)
         except Exception:  # the JVM is gone; the service is on its way out
             return
         if ids != seen:
@@ -243,23 +239,18 @@ def _warm_executors(sc, state: dict, state_path: Path, settle_s: float = 2.0, ev
                  state["warm_executors"], len(ids), state["warm_s"], max(s for _, s in loads))
 
 
-def _exit_when_orphaned(sc, sock_path: Path, state_path: Path, every_s: float = 2.0, misses: int = 3) -> None:
+def _exit_when_orphaned(sc, registry, sock_path: Path, state_path: Path) -> None:
     """Leave when the application stopped or its master stopped answering: a standalone app does not
-    re-register with a restarted master, so the service would take runs it can never run. Gone, the
-    lifecycle falls back to a spark-submit per run and the next `cluster up` starts a fresh service."""
-    missed = 0
-    while missed < misses:
-        time.sleep(every_s)
-        try:
-            if sc._jsc.sc().isStopped():
-                break
-            check_master(sc.master, timeout_s=every_s)
-            missed = 0
-        except Unavailable:
-            missed += 1
-        except Exception:  # the JVM itself is gone
-            break
-    log.error("the Spark application or its master is gone; the run service exits")
+    re-register with a restarted master, so the service would take runs it can never run. Its runs in flight
+    fail by name first. Gone, the lifecycle falls back to a spark-submit per run and the next `cluster up`
+    (or `keep`) starts a fresh service."""
+    error = master_watch.lost(sc)
+    if error is not None:
+        me = os.getpid()
+        for run in registry.list(limit=1000, active_only=True):
+            if run.driver_pid == me:
+                registry.finish(run.run_id, FAILED, error=master_watch.run_lost_message(error))
+    log.error("the Spark application or its master is gone (%s); the run service exits", error or "stopped")
     sock_path.unlink(missing_ok=True)
     state_path.unlink(missing_ok=True)
     os._exit(1)
@@ -291,7 +282,7 @@ def main() -> int:
              "master": sc.master, "ui_url": sc.uiWebUrl, "log_path": log_path}
     write_json(state_path, state)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    threading.Thread(target=_exit_when_orphaned, args=(sc, sock_path, state_path), daemon=True).start()
+    threading.Thread(target=_exit_when_orphaned, args=(sc, registry, sock_path, state_path), daemon=True).start()
     InheritableThread(target=_warm_executors, args=(sc, state, state_path), daemon=True).start()
     log.info("run service up on %s (UI %s)", sc.master, sc.uiWebUrl)
     try:
