@@ -218,7 +218,12 @@ def test_a_run_that_loses_its_master_fails_by_name_unless_its_executors_can_fini
         wait_until(lambda: registry.get(holding).rows_done > 0, timeout=240, what="the first run's first commit")
         waiting = launch("waiting_emb")
         runs.append(waiting)
-        wait_until(lambda: registry.get(waiting).phase == "planning", timeout=120, what="the second run's driver")
+        planning = wait_until(lambda: (run := registry.get(waiting)).phase == "planning" and run, timeout=120,
+                              what="the second run's driver")
+        # Readers on another host (Container Apps' dashboard and API apps share a registry) fail a run whose heartbeat
+        # is a minute old: one planning, waiting minutes for workers to start, had none renewed.
+        wait_until(lambda: registry.get(waiting).heartbeat_at > planning.heartbeat_at, timeout=10,
+                   what="a heartbeat while the run plans")
         port = str(cluster.master_port)
         master = next(p for p in psutil.process_iter(["cmdline"])
                       if "org.apache.spark.deploy.master.Master" in (p.info["cmdline"] or [])

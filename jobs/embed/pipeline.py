@@ -244,8 +244,8 @@ def embed_partitions(task: TaskPlan):
 
 
 class _ProgressWatcher(threading.Thread):
-    """Turns a cancel request into a job cancel every 2 s from the run's start, and once the run embeds
-    (publish_from) publishes rows done and rows/s too."""
+    """Turns a cancel request into a job cancel every 2 s from the run's start, and renews the run's heartbeat;
+    once the run embeds (publish_from) it publishes rows done and rows/s with it."""
 
     def __init__(self, sc, registry: Registry, run_id: str, spec: RunSpec, target):
         super().__init__(daemon=True)
@@ -270,6 +270,8 @@ class _ProgressWatcher(threading.Thread):
             try:
                 if self.since is not None:
                     self.sample()
+                else:  # planning, maybe for minutes while workers start: the heartbeat still says this driver lives
+                    self.registry.beat(self.run_id)
                 run = self.registry.get(self.run_id)
                 if run is not None and run.cancel_requested and not self.cancelled:
                     self.cancelled = True

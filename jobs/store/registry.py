@@ -288,6 +288,11 @@ class Registry:
     def set_phase(self, run_id: str, phase: str) -> None:
         self._update(run_id, phase=phase, heartbeat_at=utcnow())
 
+    def beat(self, run_id: str) -> None:
+        """Renew the heartbeat of a run whose driver is alive but has no progress to record (it plans, or waits for
+        executors): readers on other hosts fail a run whose heartbeat is older than HEARTBEAT_TIMEOUT_S."""
+        self._update(run_id, heartbeat_at=utcnow())
+
     def progress(self, run_id: str, rows_done: int, rows_per_s: float) -> None:
         """Record progress and a heartbeat, plus a sample for the throughput chart."""
         now = utcnow()
