@@ -239,6 +239,7 @@ def test_a_run_that_loses_its_master_fails_by_name_unless_its_executors_can_fini
         hold_file.unlink()
         done = wait_until(lambda: (run := registry.get(holding)).state != "running" and run, timeout=180)
         assert done.state == "succeeded" and done.rows_done == ROWS, done.error
+        wait_until(lambda: not is_alive(done.driver_pid, done.driver_started), timeout=30, what="its driver's end")
     finally:  # a driver that outlived a failed assertion waits for its lost master for ever
         for run in map(registry.get, runs):
             if is_alive(run.driver_pid, run.driver_started):
