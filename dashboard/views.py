@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from cluster.spark_rest import MasterState
 from jobs.core.autoscale import ScalingSettings
-from jobs.core.progress import eta_seconds, format_duration
+from jobs.core.progress import NO_EXECUTOR, eta_seconds, format_duration
 from jobs.store.registry import WAITING, Run
 
 
@@ -46,8 +46,12 @@ NEW_WORKER_WAIT = "a new worker registers within seconds locally, within minutes
 def waiting_for_workers(run: Run, master: MasterState, settings: ScalingSettings) -> str | None:
     """Why a run in flight on this cluster makes no progress (planning or embedding), where its master has no alive
     worker; None otherwise. Spark holds such a run's jobs until a worker registers, so it goes on when one does."""
-    if not run.active or run.phase == WAITING or not master.reachable or master.alive_workers > 0:
+    if not run.active or run.phase == WAITING or not master.reachable:
         return None
+    if master.alive_workers > 0:
+        return (f"This run waits: {NO_EXECUTOR}. {master.alive_workers} worker"
+                f"{' is' if master.alive_workers == 1 else 's are'} alive: the Spark master's UI (linked on the "
+                "Cluster page) lists the applications that hold their cores.") if run.waits_for_executor else None
     waits = "This run waits: its cluster has no alive worker, and it resumes when one registers."
     if not settings.autoscale and settings.desired == 0:
         return f"{waits} Scaling is manual at 0 workers: set a count on the Cluster page, or switch autoscaling on."

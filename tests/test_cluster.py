@@ -196,6 +196,7 @@ def test_a_run_that_loses_its_master_fails_by_name_unless_its_executors_can_fini
     """A standalone application never rejoins its master. A run whose driver holds executors finishes without it; a
     run still waiting for executors waited for ever, "queued · planning", its driver alive and logging "Initial job
     has not accepted any resources": it now fails, naming the master, and its driver ends."""
+    from dashboard import views
     from jobs.core.processes import is_alive, stop_group
 
     url = f"sqlite:///{tmp_path / 'lost.sqlite'}"
@@ -224,6 +225,17 @@ def test_a_run_that_loses_its_master_fails_by_name_unless_its_executors_can_fini
         # is a minute old: one planning, waiting minutes for workers to start, had none renewed.
         wait_until(lambda: registry.get(waiting).heartbeat_at > planning.heartbeat_at, timeout=10,
                    what="a heartbeat while the run plans")
+        # Why it makes no progress, on every door: its application holds no executor (the other holds the cores).
+        wait_until(lambda: registry.get(waiting).executors == 0, timeout=30, what="the waiting run's executors")
+        assert registry.get(holding).executors == 1
+        status = subprocess.run([sys.executable, "-m", "jobs", "status", waiting], capture_output=True, text=True,
+                                env=dict(os.environ, EMBEDDECK_REGISTRY_URL=registry_url)).stdout
+        assert "(no executor yet)" in status and "waiting: its Spark application holds no executor" in status, status
+        assert "(no executor" not in subprocess.run([sys.executable, "-m", "jobs", "status", holding],
+                                                    capture_output=True, text=True,
+                                                    env=dict(os.environ, EMBEDDECK_REGISTRY_URL=registry_url)).stdout
+        page_says = views.waiting_for_workers(registry.get(waiting), cluster.master_state(), ScalingSettings())
+        assert "holds no executor" in page_says and "1 worker is alive" in page_says, page_says
         port = str(cluster.master_port)
         master = next(p for p in psutil.process_iter(["cmdline"])
                       if "org.apache.spark.deploy.master.Master" in (p.info["cmdline"] or [])

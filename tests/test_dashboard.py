@@ -277,6 +277,9 @@ def test_run_views_are_pure():
     assert "manual at 2 workers, none alive yet" in views.waiting_for_workers(run, empty, manual)
     assert "its maximum is 0" in views.waiting_for_workers(run, empty, ScalingSettings(max_workers=0))
     assert views.waiting_for_workers(run, one, manual) is None
+    # Workers alive, and none of them gives the run's application an executor (their cores held by another).
+    assert "holds no executor" in views.waiting_for_workers(dataclasses.replace(run, executors=0), one, manual)
+    assert views.waiting_for_workers(dataclasses.replace(run, executors=1), one, manual) is None
     assert views.waiting_for_workers(run, MasterState(reachable=False), manual) is None  # the page says it is down
     assert views.waiting_for_workers(dataclasses.replace(run, state="queued", phase="planning"), empty, manual)
     assert views.waiting_for_workers(dataclasses.replace(run, state="queued", phase="waiting"), empty, manual) is None

@@ -12,7 +12,7 @@ import sys
 
 from jobs import lifecycle
 from jobs.core.errors import EmbedDeckError
-from jobs.core.progress import eta_seconds, format_duration
+from jobs.core.progress import NO_EXECUTOR, eta_seconds, format_duration
 from jobs.core.settings import Settings
 from jobs.core.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, RunSpec
 from jobs.store import connections, db
@@ -89,7 +89,8 @@ def progress_line(run: Run) -> str:
     eta = eta_seconds(total, run.rows_done, run.rows_per_s) if run.state == "running" else None
     return (f"{run.run_id} {run.state:<9} {pct} {run.rows_done}/{total if total is not None else '?'} rows"
             f"  {run.rows_per_s:7.1f} rows/s  ETA {format_duration(eta)}  skipped {run.rows_skipped}"
-            + (f"  removed {run.rows_removed}" if run.rows_removed else ""))
+            + (f"  removed {run.rows_removed}" if run.rows_removed else "")
+            + ("  (no executor yet)" if run.waits_for_executor else ""))
 
 
 def follow(registry: Registry, run_id: str, out=sys.stderr) -> Run:
@@ -142,6 +143,8 @@ def cmd_status(args) -> int:
         print(json.dumps(run.as_dict(), indent=2))
     else:
         print(progress_line(run))
+        if run.waits_for_executor:
+            print(f"waiting: {NO_EXECUTOR}; `python -m cluster status` shows the workers")
         if run.error:
             print(f"error: {run.error}")
     return EXIT_OK

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +33,9 @@ from jobs.store.registry import CANCELLED, FAILED, SUCCEEDED, Registry
 log = logging.getLogger("embeddeck.pipeline")
 
 PROGRESS_EVERY_S = 2.0
+# Executors register within seconds of an application's start (or of a worker's): a run that held none for longer
+# waits for a worker's cores, and says so.
+NO_EXECUTOR_GRACE_S = 10.0
 ONE_ROW_PER_ID = "A target keeps one vector per id: pick a column that is the table's key (a primary key)."
 
 
@@ -244,16 +247,19 @@ def embed_partitions(task: TaskPlan):
 
 
 class _ProgressWatcher(threading.Thread):
-    """Turns a cancel request into a job cancel every 2 s from the run's start, and renews the run's heartbeat;
-    once the run embeds (publish_from) it publishes rows done and rows/s with it."""
+    """Turns a cancel request into a job cancel every 2 s from the run's start, and renews the run's heartbeat and
+    the count of executors its application holds; once the run embeds (publish_from) it publishes rows done and
+    rows/s with them."""
 
-    def __init__(self, sc, registry: Registry, run_id: str, spec: RunSpec, target):
+    def __init__(self, sc, registry: Registry, run_id: str, spec: RunSpec, target,
+                 executors: Callable[[], int | None] | None):
         super().__init__(daemon=True)
         self.sc, self.registry, self.run_id = sc, registry, run_id
         self.engine, self.target, self.since = db.engine_for(spec.db_url), target, None
         self.stop_event = threading.Event()
         self.cancelled = False
         self.samples: list[tuple[float, int]] = []
+        self.executors, self.reported, self.none_since = executors, None, None
 
     def publish_from(self, since) -> None:
         """Count the rows embedded since `since` from now on."""
@@ -265,9 +271,22 @@ class _ProgressWatcher(threading.Thread):
         self.registry.progress(self.run_id, done, rate(self.samples))
         return done
 
+    def report_executors(self) -> None:
+        count = self.executors() if self.executors else None
+        if count == 0:  # reported once it lasts: every application starts with none for a moment
+            self.none_since = self.none_since or time.monotonic()
+            if time.monotonic() - self.none_since < NO_EXECUTOR_GRACE_S:
+                return
+        else:
+            self.none_since = None
+        if count != self.reported:
+            self.registry.set_executors(self.run_id, count)
+            self.reported = count
+
     def run(self) -> None:
         while not self.stop_event.wait(PROGRESS_EVERY_S):
             try:
+                self.report_executors()
                 if self.since is not None:
                     self.sample()
                 else:  # planning, maybe for minutes while workers start: the heartbeat still says this driver lives
@@ -326,10 +345,12 @@ def key_ranges(engine: Engine, tables: db.Tables, rows: int, parts: int) -> list
     return plan.ranges_ending_at(db.ids_at(engine, tables.source, tables.id_col, plan.split_ends(rows, parts)))
 
 
-def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str, float] | None = None) -> str:
+def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str, float] | None = None,
+            executors: Callable[[], int | None] | None = None) -> str:
     """Run the whole job on an existing SparkContext; returns the final state.
 
-    marks: epoch times the caller already knows (driver_started, app_ready), completed here.
+    marks: epoch times the caller already knows (driver_started, app_ready), completed here; executors: how many
+    executors the application holds now (None where the driver runs the tasks), recorded for the doors.
     """
     marks = dict(marks or {})
     # Spark's UI names our jobs by these, instead of by the thread that submitted them.
@@ -360,7 +381,7 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
 
     # Watching for a cancel from here: the planning job reads every row, and waits for cores behind other runs; a
     # cancel then went unheeded until the reader gave up on it (20 s) while the job ran on.
-    watcher = _ProgressWatcher(sc, registry, run_id, spec, target)
+    watcher = _ProgressWatcher(sc, registry, run_id, spec, target, executors)
     watcher.start()
     try:
         registry.set_phase(run_id, "planning")

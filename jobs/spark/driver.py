@@ -7,6 +7,7 @@ URL; the real one comes through this process's environment only (EMBEDDECK_RUN_D
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     marks["app_ready"] = time.time()
     threading.Thread(target=_fail_when_stranded, args=(sc, registry, opts.run_id), daemon=True).start()
     try:
-        state = execute(sc, spec, registry, opts.run_id, marks)
+        state = execute(sc, spec, registry, opts.run_id, marks, functools.partial(master_watch.executor_count, sc))
     except Exception as exc:
         registry.finish(opts.run_id, FAILED, error=spark_error_message(exc))
         state = FAILED

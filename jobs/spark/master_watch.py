@@ -29,6 +29,11 @@ def executor_ids(sc) -> frozenset[str]:
     return frozenset(filter(None, sc._jsc.sc().getExecutorIds().mkString(",").split(",")))
 
 
+def executor_count(sc) -> int | None:
+    """How many executors the application holds; None on an in-process master, whose driver runs the tasks."""
+    return None if in_process(sc.master) else len(executor_ids(sc))
+
+
 def lost(sc, every_s: float = EVERY_S, misses: int = MISSES) -> str | None:
     """Block while the application runs and its master answers; the master's error once `misses` checks in a row
     failed, or None once the application stopped. In-process masters are never lost."""

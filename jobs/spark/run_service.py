@@ -9,6 +9,7 @@ within a second or two. The lifecycle hands it a run over a Unix socket in Embed
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -195,7 +196,7 @@ def serves(run) -> bool:
 def _serve_run(sc, registry, run_id: str, db_url: str) -> None:
     try:
         spec = RunSpec.from_json(registry.get(run_id).spec_json).with_db_url(db_url)
-        execute(sc, spec, registry, run_id)
+        execute(sc, spec, registry, run_id, executors=functools.partial(master_watch.executor_count, sc))
     except Exception as exc:
         registry.finish(run_id, FAILED, error=spark_error_message(exc))
 

@@ -57,6 +57,9 @@ runs_table = sa.Table(
     sa.Column("ui_url", sa.String(200)),
     sa.Column("timings", sa.Text),  # JSON: start-up marks, seconds since launch
     sa.Column("target_key", sa.String(900)),  # the database (redacted) and target a run writes
+    # The executors its Spark application holds, once it has held none for NO_EXECUTOR_GRACE_S (None on a local[N]
+    # master, whose driver runs the tasks): a run at 0 waits for a worker's cores.
+    sa.Column("executors", sa.Integer),
 )
 # One active run per target: a second one is refused by the database itself, so two doors racing to
 # launch into one target cannot both win.
@@ -119,10 +122,16 @@ class Run:
     cancel_requested_at: dt.datetime | None = None
     target_key: str | None = None
     rows_removed: int | None = None
+    executors: int | None = None
 
     @property
     def active(self) -> bool:
         return self.state not in FINAL_STATES
+
+    @property
+    def waits_for_executor(self) -> bool:
+        """Whether the run's Spark application has held no executor for a while: it waits for a worker's cores."""
+        return self.active and self.phase != WAITING and self.executors == 0
 
     def duration_s(self, now: dt.datetime | None = None) -> float | None:
         if self.started_at is None:
@@ -292,6 +301,10 @@ class Registry:
         """Renew the heartbeat of a run whose driver is alive but has no progress to record (it plans, or waits for
         executors): readers on other hosts fail a run whose heartbeat is older than HEARTBEAT_TIMEOUT_S."""
         self._update(run_id, heartbeat_at=utcnow())
+
+    def set_executors(self, run_id: str, executors: int | None) -> None:
+        """Record how many executors the run's Spark application holds."""
+        self._update(run_id, executors=executors)
 
     def progress(self, run_id: str, rows_done: int, rows_per_s: float) -> None:
         """Record progress and a heartbeat, plus a sample for the throughput chart."""
