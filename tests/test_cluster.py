@@ -245,7 +245,8 @@ def test_a_run_that_loses_its_master_fails_by_name_unless_its_executors_can_fini
                             what="the waiting run's end")
         assert failed.state == "failed", failed.error
         assert failed.error.startswith(f"Spark master {cluster.master_url()} is unreachable"), failed.error
-        assert "never rejoins a master: start the cluster and launch the run again" in failed.error
+        assert "went away while the run was in flight, and a Spark application never rejoins a master: start the " \
+               "cluster, then launch the run again" in failed.error
         wait_until(lambda: not is_alive(failed.driver_pid, failed.driver_started), timeout=30, what="its driver's end")
         assert registry.get(holding).state == "running"
         hold_file.unlink()

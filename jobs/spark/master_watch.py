@@ -54,5 +54,5 @@ def lost(sc, every_s: float = EVERY_S, misses: int = MISSES) -> str | None:
 
 def run_lost_message(error: str) -> str:
     """What a run that lost its master says, in the registry and on every door."""
-    return (f"{error} while the run was in flight, and a Spark application never rejoins a master: start the "
-            "cluster and launch the run again; it embeds only what is missing")
+    return (f"{error}. It went away while the run was in flight, and a Spark application never rejoins a master: "
+            "start the cluster, then launch the run again; it embeds only what is missing")
