@@ -198,10 +198,13 @@ def test_a_run_that_loses_its_master_fails_by_name_unless_its_executors_can_fini
     has not accepted any resources": it now fails, naming the master, and its driver ends."""
     from dashboard import views
     from jobs.core.processes import is_alive, stop_group
+    from jobs.spark import master_watch
+    from jobs.spark.submit import check_master
 
     url = f"sqlite:///{tmp_path / 'lost.sqlite'}"
     seed_demo(url, n=ROWS)
     cluster.up(workers=1)
+    check_master(cluster.master_url(), hold_s=master_watch.HOLD_S)  # a master holds a silent connection open
     registry_url = f"sqlite:///{tmp_path / 'registry.sqlite'}"
     registry = Registry(registry_url)
 
@@ -257,6 +260,28 @@ def test_a_run_that_loses_its_master_fails_by_name_unless_its_executors_can_fini
         for run in map(registry.get, runs):
             if is_alive(run.driver_pid, run.driver_started):
                 stop_group(run.driver_pid)
+
+
+def test_a_proxy_that_accepts_for_a_gone_master_is_no_master():
+    """Container Apps' ingress is a TCP proxy: it accepts a connection for a master that is gone, then closes it. A
+    bare connect took that for a master, and a run's driver would have watched it for ever."""
+    import threading
+
+    from jobs.spark.submit import check_master
+
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+
+        def accept_and_close():  # the two checks below
+            for _ in range(2):
+                proxy.accept()[0].close()
+
+        threading.Thread(target=accept_and_close, daemon=True).start()
+        url = f"spark://127.0.0.1:{proxy.getsockname()[1]}"
+        check_master(url)  # a bare connect cannot tell
+        with pytest.raises(Unavailable, match=f"Spark master {url} is unreachable: the connection was closed at once"):
+            check_master(url, hold_s=0.5)
 
 
 def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_survives_a_cancel(

@@ -88,12 +88,13 @@ def submit(run_id: str, db_url: str, master: str) -> bool:
 
 
 def _wait_for_master(master: str, deadline: float) -> None:
-    """Return once master accepts connections; Unavailable past deadline. An application that dials a master
-    not yet listening is retried by Spark's standalone client only 20 s later: the controller image starts
-    its master and this service together, and its first run waited those 20 s (e2e)."""
+    """Return once master accepts connections and holds them open (Container Apps' ingress accepts for a master not
+    listening yet); Unavailable past deadline. An application that dials a master not yet listening is retried by
+    Spark's standalone client only 20 s later: the controller image starts its master and this service together,
+    and its first run waited those 20 s (e2e)."""
     while True:
         try:
-            check_master(master, timeout_s=1.0)
+            check_master(master, timeout_s=1.0, hold_s=master_watch.HOLD_S)
             return
         except Unavailable:
             if time.monotonic() > deadline:
@@ -134,7 +135,7 @@ def keep(master: str, stopping: threading.Event | None = None, every_s: float = 
 
 def _answers(master: str) -> bool:
     try:
-        check_master(master, timeout_s=1.0)
+        check_master(master, timeout_s=1.0, hold_s=master_watch.HOLD_S)
         return True
     except Unavailable:
         return False

@@ -22,18 +22,33 @@ from jobs.store.registry import Registry
 DRIVER_SCRIPT = REPO / "jobs" / "spark" / "driver.py"
 
 
-def check_master(master: str, timeout_s: float = 3.0) -> None:
-    """Raise Unavailable unless a spark:// master accepts connections (local masters always do)."""
+def check_master(master: str, timeout_s: float = 3.0, hold_s: float = 0.0) -> None:
+    """Raise Unavailable unless a spark:// master accepts connections (local masters always do); with hold_s, also
+    unless it keeps one open that long, as a master does: a TCP proxy (Container Apps' ingress) accepts for a master
+    that is gone, then closes."""
     if in_process(master):
         return
     parsed = urlparse(master)
     if parsed.scheme != "spark" or not parsed.hostname:
         raise BadRequest(f"master must be local[N] or spark://host:port, not {master!r}")
     try:
-        with socket.create_connection((parsed.hostname, parsed.port or 7077), timeout=timeout_s):
-            pass
+        with socket.create_connection((parsed.hostname, parsed.port or 7077), timeout=timeout_s) as conn:
+            closed = hold_s > 0 and _closes_within(conn, hold_s)
     except OSError as exc:
         raise Unavailable(f"Spark master {master} is unreachable: {exc.strerror or exc}") from None
+    if closed:
+        raise Unavailable(f"Spark master {master} is unreachable: the connection was closed at once (a proxy with no "
+                          "master behind it)")
+
+
+def _closes_within(conn: socket.socket, seconds: float) -> bool:
+    """Whether the peer closes a connection we opened and wrote nothing on within seconds (a master never does); a
+    reset raises."""
+    conn.settimeout(seconds)
+    try:
+        return conn.recv(1) == b""
+    except TimeoutError:
+        return False
 
 
 def same_master(a: str, b: str) -> bool:
