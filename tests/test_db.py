@@ -476,10 +476,12 @@ def test_registry_written_by_an_older_version_gains_new_columns(tmp_path):
     url = f"sqlite:///{tmp_path / 'old.sqlite'}"
     old = sa.MetaData()
     sa.Table("runs", old, *[sa.Column(c.name, c.type, primary_key=c.primary_key)
-                            for c in runs.runs_table.columns if c.name not in ("timings", "rows_removed")])
+                            for c in runs.runs_table.columns if c.name not in ("timings", "rows_removed", "executors")])
     old.create_all(db.engine_for(url))
     registry = runs.Registry(url)
     run_id = registry.create("{}", "test", "s", "t", "m", "local[1]")
+    registry.set_executors(run_id, 0)
+    assert registry.get(run_id).executors == 0
     registry.set_timings(run_id, {"first_commit": 1.23456})
     registry.finish(run_id, "succeeded", rows_removed=3)
     assert registry.get(run_id).as_dict()["timings"] == {"first_commit": 1.235}
