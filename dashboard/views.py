@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from cluster.spark_rest import MasterState
 from jobs.core.autoscale import ScalingSettings
-from jobs.core.progress import NO_EXECUTOR, eta_seconds, format_duration
+from jobs.core.progress import eta_seconds, format_duration
+from jobs.core.settings import size_mib
 from jobs.store.registry import WAITING, Run
 
 
@@ -43,15 +44,15 @@ def run_progress(run: Run) -> tuple[float, str]:
 NEW_WORKER_WAIT = "a new worker registers within seconds locally, within minutes on Container Apps"
 
 
-def waiting_for_workers(run: Run, master: MasterState, settings: ScalingSettings) -> str | None:
-    """Why a run in flight on this cluster makes no progress (planning or embedding), where its master has no alive
-    worker; None otherwise. Spark holds such a run's jobs until a worker registers, so it goes on when one does."""
+def waiting_for_workers(run: Run, master: MasterState, settings: ScalingSettings,
+                        executor_memory: str = "1g") -> str | None:
+    """Why a run in flight on this cluster makes no progress (planning or embedding): its master has no alive worker,
+    or its application holds no executor although workers are alive; None otherwise. Spark holds its jobs until an
+    executor comes, so it goes on when one does. executor_memory: EMBEDDECK_EXECUTOR_MEMORY."""
     if not run.active or run.phase == WAITING or not master.reachable:
         return None
     if master.alive_workers > 0:
-        return (f"This run waits: {NO_EXECUTOR}. {master.alive_workers} worker"
-                f"{' is' if master.alive_workers == 1 else 's are'} alive: the Spark master's UI (linked on the "
-                "Cluster page) lists the applications that hold their cores.") if run.waits_for_executor else None
+        return _no_executor(master, executor_memory) if run.waits_for_executor else None
     waits = "This run waits: its cluster has no alive worker, and it resumes when one registers."
     if not settings.autoscale and settings.desired == 0:
         return f"{waits} Scaling is manual at 0 workers: set a count on the Cluster page, or switch autoscaling on."
@@ -61,6 +62,20 @@ def waiting_for_workers(run: Run, master: MasterState, settings: ScalingSettings
     if settings.max_workers == 0:
         return f"{waits} The autoscaler may start none (its maximum is 0): raise it on the Cluster page."
     return f"{waits} The autoscaler starts workers for it (at most {settings.max_workers}): {NEW_WORKER_WAIT}."
+
+
+def _no_executor(master: MasterState, executor_memory: str) -> str:
+    """Why alive workers give an application no executor: no free core, or too little free memory."""
+    waits = "This run waits: its Spark application holds no executor, and it goes on once it gets one."
+    free = [w for w in master.workers if w.state == "ALIVE" and w.cores > w.cores_used]
+    if not free:
+        return (f"{waits} The cores of the cluster's {master.alive_workers} alive worker"
+                f"{'' if master.alive_workers == 1 else 's'} are all held by other applications: the Spark master's "
+                "UI (linked on the Cluster page) lists them.")
+    if all(w.memory_mb - w.memory_used_mb < size_mib(executor_memory) for w in free):
+        return (f"{waits} The workers with free cores have less memory free than an executor asks "
+                f"(EMBEDDECK_EXECUTOR_MEMORY={executor_memory}): lower it, or give the workers more.")
+    return f"{waits} A worker has free cores and memory: Spark offers them within seconds."
 
 
 def telemetry_rows(readings: list) -> list[dict]:

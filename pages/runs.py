@@ -7,6 +7,7 @@ from dashboard import charts, services, shell, views, widgets
 from jobs import lifecycle
 from jobs.core.errors import EmbedDeckError
 from jobs.core.progress import format_duration
+from jobs.core.settings import Settings
 from jobs.core.spec import in_process
 from jobs.store import scaling
 
@@ -44,7 +45,8 @@ def live(run_id: str) -> None:
     st.progress(frac, text=caption)
     backend = services.backend()
     if run.active and run.master == backend.master_url():
-        waiting = views.waiting_for_workers(run, backend.master_state(), scaling.load_settings(registry))
+        waiting = views.waiting_for_workers(run, backend.master_state(), scaling.load_settings(registry),
+                                            Settings().size("EMBEDDECK_EXECUTOR_MEMORY"))
         if waiting:
             st.warning(waiting)
     m = st.columns(4)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from jobs.core.errors import BadRequest
-from jobs.core.settings import VARIABLES, Settings, markdown_table
+from jobs.core.settings import VARIABLES, Settings, markdown_table, size_mib
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = [*REPO.glob("jobs/**/*.py"), *REPO.glob("cluster/*.py"), *REPO.glob("dashboard/*.py"),
@@ -59,6 +59,9 @@ def test_values_defaults_and_bad_numbers():
     assert Settings({"EMBEDDECK_PRICE_PER_UNIT_S": "0.000123"}).number("EMBEDDECK_PRICE_PER_UNIT_S") == 0.000123
     sizes = {"2g": "2g", "512M": "512M", "1536mb": "1536mb", " 4G ": "4G", "2048": "2048"}
     assert {v: Settings({"EMBEDDECK_WORKER_MEMORY": v}).size("EMBEDDECK_WORKER_MEMORY") for v in sizes} == sizes
+    # As Spark reads a memory setting: a bare number is MiB.
+    assert [size_mib(v) for v in ("2g", "512M", "1536mb", " 4G ", "2048", "1t", "2048k", "1048576b")] == \
+        [2048, 512, 1536, 4096, 2048, 1024 * 1024, 2, 1]
     for bad in ("lots", "0g", "1.5g", "2 g", "-1g", "2gib"):  # what Spark's byte strings refuse, and zero
         with pytest.raises(BadRequest, match="EMBEDDECK_WORKER_MEMORY must be a memory size such as 512m or 2g, not "):
             Settings({"EMBEDDECK_WORKER_MEMORY": bad}).size("EMBEDDECK_WORKER_MEMORY")

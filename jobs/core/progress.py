@@ -24,11 +24,6 @@ def eta_seconds(total: int | None, done: int, rows_per_s: float) -> float | None
     return max(0.0, (total - done) / rows_per_s)
 
 
-NO_EXECUTOR = ("its Spark application holds no executor, and it goes on once it gets one: a worker must have free "
-               "cores and at least EMBEDDECK_EXECUTOR_MEMORY of memory (none is alive, other applications hold the "
-               "cores, or the workers are too small)")
-
-
 def format_duration(seconds: float | None) -> str:
     """Short human duration: 42s, 3m05s, 1h02m."""
     if seconds is None:

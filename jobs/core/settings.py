@@ -17,7 +17,15 @@ from jobs.core.errors import BadRequest
 REPO = Path(__file__).resolve().parent.parent.parent
 # Spark's byte strings (JavaUtils.byteStringAs): whole numbers, then a unit; a bare number is MiB where Spark reads
 # a memory setting.
-SPARK_SIZE = re.compile(r"(\d+)(?:[kmgtp]b?|b)?", re.IGNORECASE)
+SPARK_SIZE = re.compile(r"(\d+)([kmgtp]b?|b)?", re.IGNORECASE)
+
+
+def size_mib(size: str) -> float:
+    """A Spark memory size (as Settings.size returns it) in MiB, as Spark reads a memory setting."""
+    match = SPARK_SIZE.fullmatch(size.strip())
+    if not match:
+        raise BadRequest(f"not a memory size: {size!r}")
+    return int(match[1]) * 1024.0 ** ("bkmgtp".index((match[2] or "m")[0].lower()) - 2)
 HOLD_FILE_VAR = "EMBEDDECK_FAULT_HOLD_FILE"
 
 

@@ -12,13 +12,17 @@ import sys
 
 from jobs import lifecycle
 from jobs.core.errors import EmbedDeckError
-from jobs.core.progress import NO_EXECUTOR, eta_seconds, format_duration
+from jobs.core.progress import eta_seconds, format_duration
 from jobs.core.settings import Settings
 from jobs.core.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, RunSpec
 from jobs.store import connections, db
 from jobs.store.registry import CANCELLED, SUCCEEDED, WAITING, Registry, Run
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+
+NO_EXECUTOR = ("its Spark application holds no executor, and it goes on once it gets one: a worker must have free "
+               "cores and at least EMBEDDECK_EXECUTOR_MEMORY of memory (none is alive, other applications hold the "
+               "cores, or the workers are too small)")
 
 
 def build_parser() -> argparse.ArgumentParser:
