@@ -44,8 +44,7 @@ def run_progress(run: Run) -> tuple[float, str]:
 NEW_WORKER_WAIT = "a new worker registers within seconds locally, within minutes on Container Apps"
 
 
-def waiting_for_workers(run: Run, master: MasterState, settings: ScalingSettings,
-                        executor_memory: str = "1g") -> str | None:
+def waiting_for_workers(run: Run, master: MasterState, settings: ScalingSettings, executor_memory: str) -> str | None:
     """Why a run in flight on this cluster makes no progress (planning or embedding): its master has no alive worker,
     or its application holds no executor although workers are alive; None otherwise. Spark holds its jobs until an
     executor comes, so it goes on when one does. executor_memory: EMBEDDECK_EXECUTOR_MEMORY."""

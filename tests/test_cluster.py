@@ -237,7 +237,7 @@ def test_a_run_that_loses_its_master_fails_by_name_unless_its_executors_can_fini
         assert "(no executor" not in subprocess.run([sys.executable, "-m", "jobs", "status", holding],
                                                     capture_output=True, text=True,
                                                     env=dict(os.environ, EMBEDDECK_REGISTRY_URL=registry_url)).stdout
-        page_says = views.waiting_for_workers(registry.get(waiting), cluster.master_state(), ScalingSettings())
+        page_says = views.waiting_for_workers(registry.get(waiting), cluster.master_state(), ScalingSettings(), "1g")
         assert "holds no executor" in page_says and "1 alive worker are all held by other applications" in page_says, \
             page_says
         port = str(cluster.master_port)

@@ -274,9 +274,9 @@ def test_run_views_are_pure():
     empty = MasterState(reachable=True, status="ALIVE")
     one = dataclasses.replace(empty, alive_workers=1)
     manual = ScalingSettings(autoscale=False, desired=2)
-    assert "manual at 2 workers, none alive yet" in views.waiting_for_workers(run, empty, manual)
-    assert "its maximum is 0" in views.waiting_for_workers(run, empty, ScalingSettings(max_workers=0))
-    assert views.waiting_for_workers(run, one, manual) is None
+    assert "manual at 2 workers, none alive yet" in views.waiting_for_workers(run, empty, manual, "1g")
+    assert "its maximum is 0" in views.waiting_for_workers(run, empty, ScalingSettings(max_workers=0), "1g")
+    assert views.waiting_for_workers(run, one, manual, "1g") is None
     # Workers alive, and none of them gives the run's application an executor: their cores are held by another
     # application, or the one with a free core has too little memory free for an executor.
     from cluster.spark_rest import WorkerInfo
@@ -285,16 +285,18 @@ def test_run_views_are_pure():
     busy = WorkerInfo("w-0", "h", 1, "ALIVE", cores=1, cores_used=1, memory_mb=2048, memory_used_mb=1024, webui="")
     small = dataclasses.replace(busy, id="w-1", cores_used=0, memory_used_mb=0)
     held = dataclasses.replace(one, workers=[busy, dataclasses.replace(small, state="DEAD")])
-    assert "1 alive worker are all held by other applications" in views.waiting_for_workers(starved, held, manual)
+    assert "1 alive worker are all held by other applications" in views.waiting_for_workers(starved, held, manual, "1g")
     two = dataclasses.replace(one, alive_workers=2, workers=[busy, small])
     assert "less memory free than an executor asks (EMBEDDECK_EXECUTOR_MEMORY=4g)" in \
         views.waiting_for_workers(starved, two, manual, "4g")
     assert "Spark offers them within seconds" in views.waiting_for_workers(starved, two, manual, "2g")
-    assert views.waiting_for_workers(dataclasses.replace(run, executors=1), held, manual) is None
-    assert views.waiting_for_workers(run, MasterState(reachable=False), manual) is None  # the page says it is down
-    assert views.waiting_for_workers(dataclasses.replace(run, state="queued", phase="planning"), empty, manual)
-    assert views.waiting_for_workers(dataclasses.replace(run, state="queued", phase="waiting"), empty, manual) is None
-    assert views.waiting_for_workers(dataclasses.replace(run, state="succeeded"), empty, manual) is None
+    assert views.waiting_for_workers(dataclasses.replace(run, executors=1), held, manual, "1g") is None
+    down = MasterState(reachable=False)
+    assert views.waiting_for_workers(run, down, manual, "1g") is None  # the page says it is down
+    assert views.waiting_for_workers(dataclasses.replace(run, state="queued", phase="planning"), empty, manual, "1g")
+    waiting = dataclasses.replace(run, state="queued", phase="waiting")
+    assert views.waiting_for_workers(waiting, empty, manual, "1g") is None
+    assert views.waiting_for_workers(dataclasses.replace(run, state="succeeded"), empty, manual, "1g") is None
 
 
 def test_gpu_columns_show_only_where_a_worker_has_a_gpu():
