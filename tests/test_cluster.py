@@ -198,13 +198,12 @@ def test_a_run_that_loses_its_master_fails_by_name_unless_its_executors_can_fini
     has not accepted any resources": it now fails, naming the master, and its driver ends."""
     from dashboard import views
     from jobs.core.processes import is_alive, stop_group
-    from jobs.spark import master_watch
-    from jobs.spark.submit import check_master
+    from jobs.spark.submit import HOLD_S, check_master
 
     url = f"sqlite:///{tmp_path / 'lost.sqlite'}"
     seed_demo(url, n=ROWS)
     cluster.up(workers=1)
-    check_master(cluster.master_url(), hold_s=master_watch.HOLD_S)  # a master holds a silent connection open
+    check_master(cluster.master_url(), hold_s=HOLD_S)  # a master holds a silent connection open
     registry_url = f"sqlite:///{tmp_path / 'registry.sqlite'}"
     registry = Registry(registry_url)
 
@@ -268,8 +267,11 @@ def test_a_proxy_that_accepts_for_a_gone_master_is_no_master():
     bare connect took that for a master, and a run's driver would have watched it for ever."""
     import threading
 
-    from jobs.spark.submit import check_master
+    from jobs.spark.submit import check_master, may_be_proxied
 
+    # Where one may stand: anywhere but this host's loopback (where a check then costs nothing).
+    assert not may_be_proxied("127.0.0.1") and not may_be_proxied("localhost")
+    assert may_be_proxied("10.0.0.7")
     with socket.socket() as proxy:
         proxy.bind(("127.0.0.1", 0))
         proxy.listen()
@@ -280,7 +282,7 @@ def test_a_proxy_that_accepts_for_a_gone_master_is_no_master():
 
         threading.Thread(target=accept_and_close, daemon=True).start()
         url = f"spark://127.0.0.1:{proxy.getsockname()[1]}"
-        check_master(url)  # a bare connect cannot tell
+        check_master(url)  # on loopback, a bare connect: it cannot tell
         with pytest.raises(Unavailable, match=f"Spark master {url} is unreachable: the connection was closed at once"):
             check_master(url, hold_s=0.5)
 

@@ -14,7 +14,6 @@ from jobs.core.spec import in_process
 from jobs.spark.submit import check_master
 
 EVERY_S, MISSES = 2.0, 3  # a master that refuses connections for about 6 s is gone, not restarting its socket
-HOLD_S = 0.5  # a master keeps a silent connection open; a proxy with none behind it closes it at once
 
 
 def stopped(sc) -> bool:
@@ -46,7 +45,7 @@ def lost(sc, every_s: float = EVERY_S, misses: int = MISSES) -> str | None:
         if stopped(sc):
             return None
         try:
-            check_master(sc.master, timeout_s=every_s, hold_s=HOLD_S)
+            check_master(sc.master, timeout_s=every_s)
             missed = 0
         except Unavailable as exc:
             missed, error = missed + 1, str(exc)

@@ -94,7 +94,7 @@ def _wait_for_master(master: str, deadline: float) -> None:
     and its first run waited those 20 s (e2e)."""
     while True:
         try:
-            check_master(master, timeout_s=1.0, hold_s=master_watch.HOLD_S)
+            check_master(master, timeout_s=1.0)
             return
         except Unavailable:
             if time.monotonic() > deadline:
@@ -135,7 +135,7 @@ def keep(master: str, stopping: threading.Event | None = None, every_s: float = 
 
 def _answers(master: str) -> bool:
     try:
-        check_master(master, timeout_s=1.0, hold_s=master_watch.HOLD_S)
+        check_master(master, timeout_s=1.0)
         return True
     except Unavailable:
         return False

@@ -3,6 +3,7 @@ reachability check, and a run's own driver process."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import subprocess
@@ -22,23 +23,35 @@ from jobs.store.registry import Registry
 DRIVER_SCRIPT = REPO / "jobs" / "spark" / "driver.py"
 
 
-def check_master(master: str, timeout_s: float = 3.0, hold_s: float = 0.0) -> None:
-    """Raise Unavailable unless a spark:// master accepts connections (local masters always do); with hold_s, also
-    unless it keeps one open that long, as a master does: a TCP proxy (Container Apps' ingress) accepts for a master
-    that is gone, then closes."""
+HOLD_S = 0.5  # a master keeps a silent connection open; a proxy with nothing behind it closes it at once
+
+
+def check_master(master: str, timeout_s: float = 3.0, hold_s: float | None = None) -> None:
+    """Raise Unavailable unless a spark:// master accepts connections (local masters always do) and keeps them open
+    hold_s: by default HOLD_S where a proxy may stand in front of it (Container Apps' ingress accepts a connection for
+    a master that is gone, then closes it) and 0 on this host."""
     if in_process(master):
         return
     parsed = urlparse(master)
     if parsed.scheme != "spark" or not parsed.hostname:
         raise BadRequest(f"master must be local[N] or spark://host:port, not {master!r}")
+    hold = (HOLD_S if may_be_proxied(parsed.hostname) else 0.0) if hold_s is None else hold_s
     try:
         with socket.create_connection((parsed.hostname, parsed.port or 7077), timeout=timeout_s) as conn:
-            closed = hold_s > 0 and _closes_within(conn, hold_s)
+            closed = hold > 0 and _closes_within(conn, hold)
     except OSError as exc:
         raise Unavailable(f"Spark master {master} is unreachable: {exc.strerror or exc}") from None
     if closed:
         raise Unavailable(f"Spark master {master} is unreachable: the connection was closed at once (a proxy with no "
                           "master behind it)")
+
+
+def may_be_proxied(host: str) -> bool:
+    """Whether a connection to host may reach a proxy rather than the server: anywhere but this host's loopback."""
+    try:
+        return not ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except OSError:  # not resolvable here: whatever answers is elsewhere
+        return True
 
 
 def _closes_within(conn: socket.socket, seconds: float) -> bool:
