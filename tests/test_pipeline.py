@@ -15,7 +15,7 @@ from jobs.embed import pipeline
 from jobs.store import db
 from jobs.store.demo import products
 from jobs.store.registry import Registry
-from tests.conftest import embeddings_endpoint, reference_vectors
+from tests.conftest import embeddings_endpoint, reference_vectors, wait_until
 
 pytestmark = pytest.mark.spark
 
@@ -332,6 +332,36 @@ def test_a_run_removes_the_vectors_of_rows_deleted_or_emptied_in_the_source(spar
         conn.execute(table.delete())
     emptied = run(spark, url, source="kept", target="kept_emb")
     assert (emptied.state, emptied.rows_removed) == ("succeeded", len(left)), emptied.error
+
+
+def test_a_run_removing_the_vectors_of_gone_rows_keeps_its_heartbeat(spark, pg_url):
+    """Removing the vectors of rows gone from a large source can take minutes, and a reader on another host
+    (Container Apps' dashboard and API apps share the registry) fails a run whose heartbeat is a minute old: the
+    driver renewed it no more once its embedding job ended. Here a lock on the one vector to remove holds the run in
+    that step."""
+    import threading
+
+    engine = db.engine_for(pg_url)
+    table = load_source(pg_url, "beats", n=20)
+    sa.Table("beats_emb", sa.MetaData()).drop(engine, checkfirst=True)
+    assert run(spark, pg_url, source="beats", target="beats_emb").state == "succeeded"
+    with engine.begin() as conn:
+        gone = conn.execute(sa.select(table.c.item_id).limit(1)).scalar_one()
+        conn.execute(table.delete().where(table.c.item_id == gone))
+    registry, ended = Registry(), {}
+    with engine.connect() as blocker:
+        blocker.execute(sa.text("SELECT 1 FROM beats_emb WHERE source_id = :id FOR UPDATE"), {"id": gone})
+        again = threading.Thread(target=lambda: ended.update(run=run(spark, pg_url, source="beats",
+                                                                      target="beats_emb")))
+        again.start()
+        running = wait_until(lambda: next((r for r in registry.list(5, active_only=True)
+                                           if r.target == "beats_emb" and r.state == "running"), None), timeout=60)
+        wait_until(lambda: registry.get(running.run_id).heartbeat_at > running.heartbeat_at, timeout=10,
+                   what="a heartbeat while the run removes vectors")
+        assert registry.get(running.run_id).active  # still held by the lock
+        blocker.rollback()
+    again.join(60)
+    assert (ended["run"].state, ended["run"].rows_removed) == ("succeeded", 1), ended["run"].error
 
 
 def test_no_secret_travels_in_a_task_closure(spark, pg_url, monkeypatch):

@@ -262,7 +262,7 @@ class _ProgressWatcher(threading.Thread):
         self.executors, self.reported, self.none_since = executors, None, None
 
     def publish_from(self, since) -> None:
-        """Count the rows embedded since `since` from now on."""
+        """Count the rows embedded since `since` from now on; None: renew the heartbeat alone."""
         self.since = since
 
     def sample(self) -> int:
@@ -432,12 +432,14 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
                 return CANCELLED
             registry.finish(run_id, FAILED, error=spark_error_message(exc), rows_done=done)
             return FAILED
-        watcher.stop_event.set()
-        watcher.join(timeout=5)
         done = watcher.sample()
         elapsed = time.monotonic() - t0
+        # Heartbeats only from here: removing the vectors of rows gone from a large source can take minutes, and a
+        # reader on another host fails a run whose heartbeat is a minute old.
+        watcher.publish_from(None)
         if not spec.limit_rows:  # a run over the whole table: the target keeps no vector of a row gone from it
             removed += db.delete_orphans(engine, tables.id_col, target)
+        watcher.stop_event.set()
         registry.finish(run_id, SUCCEEDED, rows_done=done, rows_per_s=done / elapsed if elapsed > 0 else 0.0,
                         rows_removed=removed)
         return SUCCEEDED
