@@ -334,34 +334,41 @@ def test_a_run_removes_the_vectors_of_rows_deleted_or_emptied_in_the_source(spar
     assert (emptied.state, emptied.rows_removed) == ("succeeded", len(left)), emptied.error
 
 
-def test_a_run_removing_the_vectors_of_gone_rows_keeps_its_heartbeat(spark, pg_url):
-    """Removing the vectors of rows gone from a large source can take minutes, and a reader on another host
-    (Container Apps' dashboard and API apps share the registry) fails a run whose heartbeat is a minute old: the
-    driver renewed it no more once its embedding job ended. Here a lock on the one vector to remove holds the run in
-    that step."""
+def test_a_run_keeps_its_heartbeat_before_planning_and_while_it_removes_vectors(spark, pg_url):
+    """Reading a large source's counts and ids before planning, and removing the vectors of rows gone from it after
+    the embedding job, can each take minutes, and a reader on another host (Container Apps' dashboard and API apps
+    share the registry) fails a run whose heartbeat is a minute old: the driver renewed it only from planning to the
+    embedding job's end. Here a lock holds the run in each step."""
     import threading
 
     engine = db.engine_for(pg_url)
     table = load_source(pg_url, "beats", n=20)
     sa.Table("beats_emb", sa.MetaData()).drop(engine, checkfirst=True)
-    assert run(spark, pg_url, source="beats", target="beats_emb").state == "succeeded"
+    registry = Registry()
+
+    def held_run(lock: str, state: str, what: str, **params):
+        ended = {}
+        with engine.connect() as blocker:
+            blocker.execute(sa.text(lock), params)
+            thread = threading.Thread(target=lambda: ended.update(run=run(spark, pg_url, source="beats",
+                                                                          target="beats_emb")))
+            thread.start()
+            first = wait_until(lambda: next((r for r in registry.list(5, active_only=True) if r.target == "beats_emb"
+                                             and r.state == state and r.heartbeat_at), None), timeout=60)
+            wait_until(lambda: registry.get(first.run_id).heartbeat_at > first.heartbeat_at, timeout=10, what=what)
+            assert registry.get(first.run_id).state == state  # still held by the lock
+            blocker.rollback()
+        thread.join(60)
+        return ended["run"]
+
+    first = held_run("LOCK TABLE beats IN ACCESS EXCLUSIVE MODE", "queued", "a heartbeat before planning")
+    assert first.state == "succeeded" and first.rows_done == first.rows_total > 0, first.error
     with engine.begin() as conn:
         gone = conn.execute(sa.select(table.c.item_id).limit(1)).scalar_one()
         conn.execute(table.delete().where(table.c.item_id == gone))
-    registry, ended = Registry(), {}
-    with engine.connect() as blocker:
-        blocker.execute(sa.text("SELECT 1 FROM beats_emb WHERE source_id = :id FOR UPDATE"), {"id": gone})
-        again = threading.Thread(target=lambda: ended.update(run=run(spark, pg_url, source="beats",
-                                                                      target="beats_emb")))
-        again.start()
-        running = wait_until(lambda: next((r for r in registry.list(5, active_only=True)
-                                           if r.target == "beats_emb" and r.state == "running"), None), timeout=60)
-        wait_until(lambda: registry.get(running.run_id).heartbeat_at > running.heartbeat_at, timeout=10,
-                   what="a heartbeat while the run removes vectors")
-        assert registry.get(running.run_id).active  # still held by the lock
-        blocker.rollback()
-    again.join(60)
-    assert (ended["run"].state, ended["run"].rows_removed) == ("succeeded", 1), ended["run"].error
+    again = held_run("SELECT 1 FROM beats_emb WHERE source_id = :id FOR UPDATE", "running",
+                     "a heartbeat while the run removes vectors", id=gone)
+    assert (again.state, again.rows_removed) == ("succeeded", 1), again.error
 
 
 def test_no_secret_travels_in_a_task_closure(spark, pg_url, monkeypatch):

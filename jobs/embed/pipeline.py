@@ -247,22 +247,22 @@ def embed_partitions(task: TaskPlan):
 
 
 class _ProgressWatcher(threading.Thread):
-    """Turns a cancel request into a job cancel every 2 s from the run's start, and renews the run's heartbeat and
+    """Turns a cancel request into job cancels every 2 s from the run's start, and renews the run's heartbeat and
     the count of executors its application holds; once the run embeds (publish_from) it publishes rows done and
     rows/s with them."""
 
-    def __init__(self, sc, registry: Registry, run_id: str, spec: RunSpec, target,
-                 executors: Callable[[], int | None] | None):
+    def __init__(self, sc, registry: Registry, run_id: str, spec: RunSpec, executors: Callable[[], int | None] | None):
         super().__init__(daemon=True)
         self.sc, self.registry, self.run_id = sc, registry, run_id
-        self.engine, self.target, self.since = db.engine_for(spec.db_url), target, None
+        self.engine, self.target, self.since = db.engine_for(spec.db_url), None, None
         self.stop_event = threading.Event()
         self.cancelled = False
         self.samples: list[tuple[float, int]] = []
         self.executors, self.reported, self.none_since = executors, None, None
 
-    def publish_from(self, since) -> None:
-        """Count the rows embedded since `since` from now on; None: renew the heartbeat alone."""
+    def publish_from(self, since, target=None) -> None:
+        """Count the rows embedded (into target, once named) since `since` from now on; None: the heartbeat alone."""
+        self.target = self.target if target is None else target
         self.since = since
 
     def sample(self) -> int:
@@ -292,7 +292,8 @@ class _ProgressWatcher(threading.Thread):
                 else:  # planning, maybe for minutes while workers start: the heartbeat still says this driver lives
                     self.registry.beat(self.run_id)
                 run = self.registry.get(self.run_id)
-                if run is not None and run.cancel_requested and not self.cancelled:
+                if run is not None and run.cancel_requested:
+                    # At every tick: a cancel can come before the run's first job (it is watched from its start).
                     self.cancelled = True
                     self.sc.cancelJobGroup(self.run_id)
             except Exception as exc:  # progress must never kill the run it reports on
@@ -352,7 +353,18 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
     marks: epoch times the caller already knows (driver_started, app_ready), completed here; executors: how many
     executors the application holds now (None where the driver runs the tasks), recorded for the doors.
     """
-    marks = dict(marks or {})
+    # Watched from the start: reading a large source's counts and ids takes a while before planning, and a reader on
+    # another host fails a run whose heartbeat is a minute old.
+    watcher = _ProgressWatcher(sc, registry, run_id, spec, executors)
+    watcher.start()
+    try:
+        return _execute(sc, spec, registry, run_id, dict(marks or {}), watcher)
+    finally:
+        watcher.stop_event.set()
+
+
+def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str, float],
+             watcher: _ProgressWatcher) -> str:
     # Spark's UI names our jobs by these, instead of by the thread that submitted them.
     title = f"{spec.source} \u2192 {spec.target} ({run_id})"
     sc.setJobGroup(run_id, f"embed {title}", interruptOnCancel=True)
@@ -379,10 +391,6 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
     secrets = sc.broadcast({"db_url": spec.db_url, "api_key": endpoint.api_key if endpoint else None})
     task = TaskPlan(spec.with_db_url(""), secrets, endpoint.url if endpoint else None, dim)
 
-    # Watching for a cancel from here: the planning job reads every row, and waits for cores behind other runs; a
-    # cancel then went unheeded until the reader gave up on it (20 s) while the job ran on.
-    watcher = _ProgressWatcher(sc, registry, run_id, spec, target, executors)
-    watcher.start()
     try:
         registry.set_phase(run_id, "planning")
         # Plain RDDs: the tasks read the database themselves, so Spark SQL and Arrow would only add
@@ -408,7 +416,7 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
         if not registry.start(run_id, total, skipped):
             return registry.get(run_id).state
         log.info("run %s: %d rows to embed in %d ranges, %d skipped", run_id, total, len(work), skipped)
-        watcher.publish_from(since)
+        watcher.publish_from(since, target)
         t0, removed = time.monotonic(), 0
         try:
             if work:
