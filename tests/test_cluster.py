@@ -262,6 +262,44 @@ def test_a_run_that_loses_its_master_fails_by_name_unless_its_executors_can_fini
                 stop_group(run.driver_pid)
 
 
+def test_a_cancel_before_the_runs_first_job_stops_that_job(cluster, pg_url, fast_model):
+    """A run is watched from its start; a cancel that came while its driver still read the source (a table lock holds
+    it there) was acted on once, before any job existed, and the planning job then waited for ever on a master with
+    no worker. The cancel now stops that job too."""
+    import sqlalchemy as sa
+
+    from jobs.core.processes import is_alive, stop_group
+    from jobs.store import db
+
+    cluster.up(workers=0)
+    seed_demo(pg_url, n=ROWS, table="cancel_early")
+    registry_url = f"sqlite:///{cluster.home / 'registry.sqlite'}"
+    registry = Registry(registry_url)
+    with db.engine_for(pg_url).connect() as blocker:
+        blocker.execute(sa.text("LOCK TABLE cancel_early IN ACCESS EXCLUSIVE MODE"))
+        out = subprocess.run([sys.executable, "-m", "jobs", "run", "--db", pg_url, "--source", "cancel_early",
+                              "--id-column", "id", "--text-column", "description", "--target", "cancel_early_emb",
+                              "--model", fast_model, "--master", cluster.master_url(), "--detach"],
+                             capture_output=True, text=True, env=dict(os.environ, EMBEDDECK_REGISTRY_URL=registry_url))
+        run_id = out.stdout.strip()
+        assert run_id, out.stderr
+        wait_until(lambda: registry.get(run_id).heartbeat_at is not None, timeout=120, what="the driver's watch")
+        registry.request_cancel(run_id)
+        time.sleep(2 * 2.0 + 1)  # the watch's ticks see the cancel while no job exists yet
+        assert registry.get(run_id).state == "queued"  # still held by the lock
+        blocker.rollback()
+    try:
+        # Read from the registry alone: a reader (lifecycle.get) would stop an overdue driver itself after 20 s.
+        ended = wait_until(lambda: (run := registry.get(run_id)).state != "queued" and run, timeout=60,
+                           what="the run's end")
+        assert (ended.state, ended.error) == ("cancelled", "cancelled by request before embedding started"), \
+            ended.error
+    finally:  # a driver left planning on a master without workers waits for ever
+        run = registry.get(run_id)
+        if is_alive(run.driver_pid, run.driver_started):
+            stop_group(run.driver_pid)
+
+
 def test_a_proxy_that_accepts_for_a_gone_master_is_no_master():
     """Container Apps' ingress is a TCP proxy: it accepts a connection for a master that is gone, then closes it. A
     bare connect took that for a master, and a run's driver would have watched it for ever."""

@@ -3,6 +3,7 @@ reachability check, and a run's own driver process."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import socket
@@ -46,6 +47,7 @@ def check_master(master: str, timeout_s: float = 3.0, hold_s: float | None = Non
                           "master behind it)")
 
 
+@functools.lru_cache(maxsize=64)  # asked at every check of a master (every 2 s by each driver's watch)
 def may_be_proxied(host: str) -> bool:
     """Whether a connection to host may reach a proxy rather than the server: anywhere but this host's loopback."""
     try:
