@@ -29,6 +29,16 @@ pytestmark = pytest.mark.spark
 ROWS = 400
 
 
+def detached_run(url: str, source: str, target: str, model: str, master: str, registry_url: str) -> str:
+    """`python -m jobs run --detach` of source's descriptions into target, recorded in registry_url; its run id."""
+    out = subprocess.run([sys.executable, "-m", "jobs", "run", "--db", url, "--source", source, "--id-column", "id",
+                          "--text-column", "description", "--target", target, "--model", model, "--master", master,
+                          "--detach"], capture_output=True, text=True,
+                         env=dict(os.environ, EMBEDDECK_REGISTRY_URL=registry_url))
+    assert out.stdout.strip(), out.stderr
+    return out.stdout.strip()
+
+
 @pytest.fixture
 def cluster(tmp_path):
     c = LocalCluster(home=tmp_path, master_port=free_port(), webui_port=free_port())
@@ -138,12 +148,7 @@ def test_autoscaled_run_survives_a_killed_worker_then_idles_to_zero(cluster, tmp
     controller = Controller(cluster, Registry(registry_url))
     save_settings(ScalingSettings(autoscale=True, min_workers=0, max_workers=2, idle_timeout_s=3),
                   controller.registry)
-    out = subprocess.run([sys.executable, "-m", "jobs", "run", "--db", url, "--source", "products",
-                          "--id-column", "id", "--text-column", "description", "--target", "auto_emb",
-                          "--model", fast_model, "--master", cluster.master_url(), "--detach"],
-                         capture_output=True, text=True, env=dict(os.environ, EMBEDDECK_REGISTRY_URL=registry_url))
-    run_id = out.stdout.strip()
-    assert run_id, out.stderr
+    run_id = detached_run(url, "products", "auto_emb", fast_model, cluster.master_url(), registry_url)
     first = controller.tick()
     assert first.desired == 2 and ("1 run not planned yet" in first.reason or "backlog of" in first.reason)
     assert cluster.master_state().alive_workers == 2
@@ -208,12 +213,7 @@ def test_a_run_that_loses_its_master_fails_by_name_unless_its_executors_can_fini
     registry = Registry(registry_url)
 
     def launch(target: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "jobs", "run", "--db", url, "--source", "products",
-                              "--id-column", "id", "--text-column", "description", "--target", target,
-                              "--model", fast_model, "--master", cluster.master_url(), "--detach"],
-                             capture_output=True, text=True, env=dict(os.environ, EMBEDDECK_REGISTRY_URL=registry_url))
-        assert out.stdout.strip(), out.stderr
-        return out.stdout.strip()
+        return detached_run(url, "products", target, fast_model, cluster.master_url(), registry_url)
 
     runs = [launch("holding_emb")]  # its executor takes the worker's cores, and the hold file keeps it
     try:
@@ -277,12 +277,8 @@ def test_a_cancel_before_the_runs_first_job_stops_that_job(cluster, pg_url, fast
     registry = Registry(registry_url)
     with db.engine_for(pg_url).connect() as blocker:
         blocker.execute(sa.text("LOCK TABLE cancel_early IN ACCESS EXCLUSIVE MODE"))
-        out = subprocess.run([sys.executable, "-m", "jobs", "run", "--db", pg_url, "--source", "cancel_early",
-                              "--id-column", "id", "--text-column", "description", "--target", "cancel_early_emb",
-                              "--model", fast_model, "--master", cluster.master_url(), "--detach"],
-                             capture_output=True, text=True, env=dict(os.environ, EMBEDDECK_REGISTRY_URL=registry_url))
-        run_id = out.stdout.strip()
-        assert run_id, out.stderr
+        run_id = detached_run(pg_url, "cancel_early", "cancel_early_emb", fast_model, cluster.master_url(),
+                              registry_url)
         wait_until(lambda: registry.get(run_id).heartbeat_at is not None, timeout=120, what="the driver's watch")
         registry.request_cancel(run_id)
         time.sleep(2 * 2.0 + 1)  # the watch's ticks see the cancel while no job exists yet
