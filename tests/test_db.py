@@ -177,6 +177,30 @@ def test_key_columns_are_the_ones_the_catalog_declares_unique_alone(dialect, sql
     assert db.key_columns(engine, db.reflect(engine, "pair")) == []
 
 
+def test_a_process_that_loses_the_race_for_every_table_of_a_schema_goes_on(sqlite_url):
+    """Two `cluster scale 2` at once on a fresh home: the other process made one table after another of the scaling
+    schema between this one's checks and CREATEs, and a second attempt lost the race for the next table too
+    ("table … already exists"). Here the other process wins the race for each of three tables."""
+    from jobs.store.db import create_missing
+
+    mine, theirs = sa.MetaData(), sa.MetaData()
+    for name in ("raced_a", "raced_b", "raced_c"):
+        sa.Table(name, mine, sa.Column("id", sa.Integer, primary_key=True))
+        sa.Table(name, theirs, sa.Column("id", sa.Integer, primary_key=True))
+    engine, other = db.engine_for(sqlite_url), sa.create_engine(sqlite_url)
+
+    def other_wins(table, connection, **_):
+        theirs.tables[table.name].create(other, checkfirst=True)
+
+    for table in mine.tables.values():
+        sa.event.listen(table, "before_create", other_wins)
+    try:
+        create_missing(engine, mine)
+    finally:
+        other.dispose()
+    assert set(sa.inspect(engine).get_table_names()) >= {"raced_a", "raced_b", "raced_c"}
+
+
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_a_run_starting_while_another_creates_the_same_tables_goes_on(dialect, sqlite_url, request):
     """Two runs started at once on one database: the other made embeddeck_targets between this one's check and

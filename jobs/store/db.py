@@ -125,12 +125,17 @@ def engine_for(url: str) -> Engine:
 def create_missing(engine: Engine, schema: sa.MetaData | sa.Index) -> None:
     """Create the tables (or the index) that do not exist yet. Another process may create one between the check
     and the CREATE (two runs starting on one database at once: one failed with "table embeddeck_targets already
-    exists"); the second check then finds it, and any other error is raised by the second attempt."""
+    exists"); the next check then finds it. Each lost race leaves one more table made, so one attempt per table and
+    one more suffice: any other error is raised by the last."""
     create = schema.create_all if isinstance(schema, sa.MetaData) else schema.create
-    try:
-        create(engine, checkfirst=True)
-    except sa.exc.DatabaseError:
-        create(engine, checkfirst=True)
+    attempts = len(schema.tables) + 1 if isinstance(schema, sa.MetaData) else 2
+    for attempt in range(attempts):
+        try:
+            create(engine, checkfirst=True)
+            return
+        except sa.exc.DatabaseError:
+            if attempt == attempts - 1:
+                raise
 
 
 def connection_error_message(exc: Exception, url: str) -> str:
