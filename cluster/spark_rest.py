@@ -4,30 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import requests
-
-TIMEOUT_S = 2.0
-
-
-@dataclass
-class Reply:
-    """A JSON answer, or why there is none ("unreachable: …")."""
-
-    ok: bool
-    data: object = None
-    error: str | None = None
-
-
-def get_json(url: str, timeout: float = TIMEOUT_S) -> Reply:
-    """GET url as JSON; connection problems and timeouts become Reply(ok=False)."""
-    try:
-        resp = requests.get(url, timeout=timeout)
-        resp.raise_for_status()
-        return Reply(True, resp.json())
-    except requests.RequestException as exc:
-        return Reply(False, error=f"unreachable: {type(exc).__name__}: {str(exc)[:200]}")
-    except ValueError as exc:
-        return Reply(False, error=f"not JSON: {exc}")
+from jobs.spark.http_json import TIMEOUT_S, get_json, master_json
 
 
 @dataclass
@@ -81,7 +58,7 @@ def parse_master(data: dict) -> MasterState:
 
 def master_state(webui: str, timeout: float = TIMEOUT_S) -> MasterState:
     """The master's state from its web UI address (http://127.0.0.1:8080)."""
-    reply = get_json(webui.rstrip("/") + "/json/", timeout)
+    reply = master_json(webui, timeout)
     if not reply.ok:
         return MasterState(reachable=False, error=reply.error)
     return parse_master(reply.data)

@@ -39,6 +39,18 @@ def detached_run(url: str, source: str, target: str, model: str, master: str, re
     return out.stdout.strip()
 
 
+def master_jvm(port: int | str) -> psutil.Process:
+    """The standalone master's JVM listening on port."""
+    return next(p for p in psutil.process_iter(["cmdline"])
+                if "org.apache.spark.deploy.master.Master" in (p.info["cmdline"] or [])
+                and str(port) in (p.info["cmdline"] or []))
+
+
+def python_driver(pid: int) -> psutil.Process:
+    """The Python process of the spark-submit whose JVM is pid (the process that watches the master)."""
+    return next(p for p in psutil.Process(pid).children(recursive=True) if "python" in p.name())
+
+
 @pytest.fixture
 def cluster(tmp_path):
     c = LocalCluster(home=tmp_path, master_port=free_port(), webui_port=free_port())
@@ -239,17 +251,13 @@ def test_a_run_that_loses_its_master_fails_by_name_unless_its_executors_can_fini
         page_says = views.waiting_for_workers(registry.get(waiting), cluster.master_state(), ScalingSettings(), "1g")
         assert "holds no executor" in page_says and "1 alive worker are all held by other applications" in page_says, \
             page_says
-        port = str(cluster.master_port)
-        master = next(p for p in psutil.process_iter(["cmdline"])
-                      if "org.apache.spark.deploy.master.Master" in (p.info["cmdline"] or [])
-                      and port in (p.info["cmdline"] or []))
-        master.kill()
+        master_jvm(cluster.master_port).kill()
         failed = wait_until(lambda: (run := registry.get(waiting)).state != "queued" and run, timeout=60,
                             what="the waiting run's end")
         assert failed.state == "failed", failed.error
         assert failed.error.startswith(f"Spark master {cluster.master_url()} is unreachable"), failed.error
-        assert "went away while the run was in flight, and a Spark application never rejoins a master: start the " \
-               "cluster, then launch the run again" in failed.error
+        assert "went away while the run was in flight, and a Spark application never rejoins a master: launch the " \
+               "run again once the cluster is up" in failed.error
         wait_until(lambda: not is_alive(failed.driver_pid, failed.driver_started), timeout=30, what="its driver's end")
         assert registry.get(holding).state == "running"
         hold_file.unlink()
@@ -260,6 +268,45 @@ def test_a_run_that_loses_its_master_fails_by_name_unless_its_executors_can_fini
         for run in map(registry.get, runs):
             if is_alive(run.driver_pid, run.driver_started):
                 stop_group(run.driver_pid)
+
+
+def test_a_run_whose_master_restarts_under_it_fails_by_name(cluster, tmp_path, fast_model, hold_file, monkeypatch):
+    """A master restarted within seconds knows no application and kills their executors as their workers register
+    with it again; the run, its master answering again, then waited for ever with none. Its driver now tells the
+    master that listed its application from one that lists it no more, and fails the run by name."""
+    from jobs.core.processes import is_alive, stop_group
+
+    monkeypatch.setenv("EMBEDDECK_MASTER_WEBUI_PORT", str(cluster.webui_port))  # where drivers read their master
+    url = f"sqlite:///{tmp_path / 'restart.sqlite'}"
+    seed_demo(url, n=ROWS)
+    cluster.up(workers=1)
+    registry_url = f"sqlite:///{tmp_path / 'registry.sqlite'}"
+    registry = Registry(registry_url)
+    run_id = detached_run(url, "products", "restart_emb", fast_model, cluster.master_url(), registry_url)
+    try:
+        run = wait_until(lambda: (r := registry.get(run_id)).rows_done > 0 and r, timeout=240, what="a first commit")
+        # Frozen, the driver's watch cannot miss three checks of the master in a row while it restarts, however slow
+        # this machine starts a JVM: the restart falls between two checks, as it does on a fast one.
+        driver = python_driver(run.driver_pid)
+        driver.suspend()
+        try:
+            old_master = master_jvm(cluster.master_port)
+            old_master.kill()
+            old_master.wait(30)
+            cluster.up(workers=1)  # the same master again, its worker registered with it
+        finally:
+            driver.resume()
+        failed = wait_until(lambda: (r := registry.get(run_id)).state != "running" and r, timeout=90,
+                            what="the run's end")
+        assert failed.state == "failed", failed.error
+        assert failed.error.startswith(f"Spark master {cluster.master_url()} restarted: it no longer lists "
+                                       "application app-"), failed.error
+        assert "launch the run again once the cluster is up; it embeds only what is missing" in failed.error
+        wait_until(lambda: not is_alive(failed.driver_pid, failed.driver_started), timeout=30, what="its driver's end")
+    finally:  # a driver that outlived a failed assertion waits for ever
+        run = registry.get(run_id)
+        if is_alive(run.driver_pid, run.driver_started):
+            stop_group(run.driver_pid)
 
 
 def test_a_cancel_before_the_runs_first_job_stops_that_job(cluster, pg_url, fast_model):
@@ -461,22 +508,30 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
             seen.append(executors())
         assert seen == [1] * 6, seen
 
-        # A master that dies takes the service with it: a standalone app never re-registers with a
-        # restarted master, so an orphaned service would take runs it can never run. Its run in flight fails by
-        # name (it read "driver process … exited without reporting an end", once something looked).
+        # A master that restarts takes the service with it: a standalone app never re-registers with a
+        # restarted master, so an orphaned service would take runs it can never run (it did, the master back within
+        # seconds). Its run in flight fails by name (it read "driver process … exited without reporting an end", once
+        # something looked). Frozen, the service cannot miss three checks of the master in a row whatever the
+        # machine: the restart falls between two, as on a fast one.
         hold.touch()
         lost = launch("svc_lost", model=fast_model)
         wait_until(lambda: registry.get(lost).rows_done > 0, timeout=120)
-        port = env["EMBEDDECK_MASTER_PORT"]
-        master_jvm = next(p for p in psutil.process_iter(["cmdline"])
-                          if "org.apache.spark.deploy.master.Master" in (p.info["cmdline"] or [])
-                          and port in (p.info["cmdline"] or []))
-        master_jvm.kill()
+        frozen = psutil.Process(service["pid"])
+        frozen.suspend()
+        try:
+            old_master = master_jvm(env["EMBEDDECK_MASTER_PORT"])
+            old_master.kill()
+            old_master.wait(30)
+            cli("up", "--workers", "1", "--no-runner")
+        finally:
+            frozen.resume()
         wait_until(lambda: not psutil.pid_exists(service["pid"]), timeout=30)
         assert run_service.info() is None
         hold.unlink()
         ended = registry.get(lost)
-        assert ended.state == "failed" and ended.error.startswith(f"Spark master {master} is unreachable"), ended.error
+        assert ended.state == "failed", ended.error
+        assert ended.error.startswith(f"Spark master {master} restarted: it no longer lists application app-"), \
+            ended.error
         assert "never rejoins a master" in ended.error
 
         # Up again, a new service with it; `down` cancels the run in flight, which had failed with Spark's
