@@ -122,7 +122,7 @@ class AcaBackend:
                         usage.setdefault(replica, [0.0, 0.0])[column] = points[-1]
         return {replica: (nano / 1e9, memory) for replica, (nano, memory) in usage.items()}
 
-    def up(self, workers: int = 0) -> spark_rest.MasterState:
+    def up(self, workers: int | None = None) -> spark_rest.MasterState:
         raise BadRequest("on Azure Container Apps the master runs in the controller app: deploy it with "
                          "`python -m cluster deploy`")
 

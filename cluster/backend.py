@@ -63,8 +63,9 @@ class Backend(Protocol):
         """The Spark master's own view of its workers and applications."""
         ...
 
-    def up(self, workers: int = 0) -> MasterState:
-        """Start the master (and n workers) where the backend can; BadRequest where it cannot."""
+    def up(self, workers: int | None = None) -> MasterState:
+        """Start the master where the backend can, then scale to `workers` (None: a running master keeps its
+        workers); BadRequest where it cannot."""
         ...
 
     def down(self) -> None:

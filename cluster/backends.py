@@ -58,8 +58,8 @@ def _cancel_runs(backend: Backend, registry: Registry) -> list[str]:
     return runs
 
 
-def start_all(backend: Backend, workers: int = 0) -> tuple[MasterState, dict]:
-    """Start the master (and n workers) with its run service, whose master is where runs that name none go: a
-    master started alone left them on local[*], off the cluster and its workers."""
+def start_all(backend: Backend, workers: int | None = None) -> tuple[MasterState, dict]:
+    """Start the master (scaled to n workers; None: a running one keeps its own) with its run service, whose master is
+    where runs that name none go: a master started alone left them on local[*], off the cluster and its workers."""
     state = backend.up(workers)
     return state, run_service.start(backend.master_url())

@@ -52,8 +52,9 @@ def deploy_command(dry_run: bool) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m cluster", description="EmbedDeck's Spark cluster")
     verbs = parser.add_subparsers(dest="verb", required=True)
-    up = verbs.add_parser("up", help="start the master (and N workers)")
-    up.add_argument("--workers", type=int, default=0)
+    up = verbs.add_parser("up", help="start the master (and scale to N workers)")
+    up.add_argument("--workers", type=int, default=None,
+                    help="scale to N workers; without it, a running master keeps its workers")
     up.add_argument("--no-runner", action="store_true",
                     help="do not start the warm run service (each run is then its own Spark application)")
     scale = verbs.add_parser("scale", help="scale to N workers (switches autoscale off)")

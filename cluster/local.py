@@ -30,7 +30,7 @@ from jobs.core.processes import (
 )
 from jobs.core.settings import REPO, Settings
 from jobs.spark import jvm
-from jobs.store import worker_readings
+from jobs.store import scaling, worker_readings
 
 
 @dataclass
@@ -148,14 +148,19 @@ class LocalCluster:
         with exclusive(self.dir / "changes.lock"):
             yield
 
-    def up(self, workers: int = 0, timeout: float = 60.0) -> spark_rest.MasterState:
-        """Start the master if it is not running, then scale to `workers`."""
+    def up(self, workers: int | None = None, timeout: float = 60.0) -> spark_rest.MasterState:
+        """Start the master if it is not running, then scale to `workers`. None: a running master keeps its workers
+        (an `up` to make sure of the master stopped every one, and the tasks on them); a master started now comes
+        with none."""
+        if workers is not None:
+            scaling.check_workers(workers)
         with self._changing():
             self._up(workers, timeout)
         return self.master_state()
 
-    def _up(self, workers: int, timeout: float) -> None:
-        if not self.master_alive():
+    def _up(self, workers: int | None, timeout: float) -> None:
+        started = not self.master_alive()
+        if started:
             # Spark would bind the next free port and say so only in its log, so that everything else dialled
             # another program, or another EmbedDeck home's master (its own secret: refused).
             for port, var in ((self.master_port, "EMBEDDECK_MASTER_PORT"),
@@ -173,7 +178,12 @@ class LocalCluster:
                 if time.monotonic() > deadline:
                     raise Unavailable(f"Spark master did not answer within {timeout:.0f}s")
                 time.sleep(0.5)
-        self._scale(workers, timeout)
+        if started and workers is None:
+            # Workers that outlived the last master register with this one only at their next retry (60-90 s apart
+            # after the first minute), and it kills their executors then: they go, and the autoscaler starts fresh ones.
+            workers = 0
+        if workers is not None:
+            self._scale(workers, timeout)
 
     def scale(self, n: int, timeout: float = 60.0) -> list[Worker]:
         """Start or stop worker processes until n are alive and registered with the master."""

@@ -164,6 +164,8 @@ def test_callers_pick_neither_the_master_nor_more_workers_than_configured(client
 
 @pytest.mark.parametrize("args,message", [
     (["scale", "40"], "workers must be between 0 and 4 (EMBEDDECK_MAX_WORKERS), not 40"),
+    # `up` took any count, and started as many worker JVMs.
+    (["up", "--workers", "40"], "workers must be between 0 and 4 (EMBEDDECK_MAX_WORKERS), not 40"),
     (["autoscale", "--max", "9"], "max workers must be between 0 and 4 (EMBEDDECK_MAX_WORKERS), not 9"),
     # Accepted before, and the autoscaler then ran 3 workers against the operator's maximum of 2.
     (["autoscale", "--min", "3", "--max", "2"], "min workers (3) must not be more than max workers (2)"),
@@ -180,10 +182,14 @@ def test_worker_counts_over_the_limit_are_refused_before_anything_starts(tmp_pat
 
     env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), EMBEDDECK_MAX_WORKERS="4",
                EMBEDDECK_MASTER_PORT=str(free_port()), EMBEDDECK_MASTER_WEBUI_PORT=str(free_port()))
+    repo = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-m", "cluster", *args], env=env, capture_output=True, text=True,
-                         timeout=120, cwd=Path(__file__).resolve().parent.parent)
+                         timeout=120, cwd=repo)
+    started = list((tmp_path / "cluster").glob("*.json"))
+    if started:  # a regression must not leave its forty JVMs to the tests after it
+        subprocess.run([sys.executable, "-m", "cluster", "down"], env=env, capture_output=True, timeout=120, cwd=repo)
     assert out.returncode == 2 and message in out.stderr, out.stderr
-    assert not list((tmp_path / "cluster").glob("*.json"))  # no master, no worker was started
+    assert not started  # no master, no worker was started
 
 
 def test_settings_saved_under_a_higher_worker_limit_keep_within_a_lowered_one(tmp_path, monkeypatch):

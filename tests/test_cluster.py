@@ -507,6 +507,8 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
             time.sleep(0.5)
             seen.append(executors())
         assert seen == [1] * 6, seen
+        # `up` on a running master keeps its worker: it stopped every one, and the tasks on them.
+        assert "1 workers" in cli("up") and executors() == 1
 
         # A master that restarts takes the service with it: a standalone app never re-registers with a
         # restarted master, so an orphaned service would take runs it can never run (it did, the master back within

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.core.settings import Settings
 from jobs.core.spec import DEFAULT_BATCH_SIZE
 
 
@@ -732,10 +733,13 @@ def run_all(args: argparse.Namespace, home: str) -> int:
     rss, driver_rss = {}, {}
     # The standing cluster through its own CLI, as an operator starts it (jobs/ never imports cluster/).
     master_port = free_port()
-    os.environ.update(EMBEDDECK_MASTER_PORT=str(master_port), EMBEDDECK_MASTER_WEBUI_PORT=str(free_port()))
+    # One worker per cpu, as many as the machine has: this cluster is the bench's own, in its own home.
+    workers = os.cpu_count() or 1
+    os.environ.update(EMBEDDECK_MASTER_PORT=str(master_port), EMBEDDECK_MASTER_WEBUI_PORT=str(free_port()),
+                      EMBEDDECK_MAX_WORKERS=str(max(workers, Settings().integer("EMBEDDECK_MAX_WORKERS"))))
     master = f"spark://127.0.0.1:{master_port}"
     try:
-        cluster_cli("up", "--workers", str(os.cpu_count()), "--no-runner")
+        cluster_cli("up", "--workers", str(workers), "--no-runner")
         t0 = time.perf_counter()
         run_service.start(master)
         while "warm_s" not in (run_service.info() or {}) and time.perf_counter() - t0 < 180:
