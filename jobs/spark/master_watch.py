@@ -62,7 +62,8 @@ def lost(sc, every_s: float = EVERY_S, misses: int = MISSES) -> str | None:
         return None
     webui, app_id = master_webui(sc.master), sc.applicationId
     # An answer without the application counts only from a UI seen listing it: another master may serve that port.
-    seen, missed, error = False, 0, ""
+    # Asked at once, as a registered application is listed from its start: a restart in the first interval counts.
+    seen, missed, error = listed(webui, app_id, every_s) is True, 0, ""
     while missed < misses:
         time.sleep(every_s)
         if stopped(sc):
