@@ -179,7 +179,7 @@ class LocalCluster:
                     raise Unavailable(f"Spark master did not answer within {timeout:.0f}s")
                 time.sleep(0.5)
         if started and workers is None:
-            # Workers that outlived the last master register with this one only at their next retry (60-90 s apart
+            # Workers that outlived the last master register with this one only at their next retry (30-90 s apart
             # after the first minute), and it kills their executors then: they go, and the autoscaler starts fresh ones.
             workers = 0
         if workers is not None:
