@@ -591,6 +591,47 @@ def test_the_run_service_waits_for_its_master_before_it_dials_it():
         subprocess.run([sys.executable, "-m", "cluster", "down"], env=env, capture_output=True, timeout=180)
 
 
+def test_a_master_ui_that_never_listed_the_application_is_not_a_restart(cluster, monkeypatch):
+    """Drivers read their master's JSON at EMBEDDECK_MASTER_WEBUI_PORT of its host to tell a restarted master, which
+    lists their application no more. Another program may answer there (another master): one that never listed the
+    application must not end it, or every run beside such a program would fail at its first check."""
+    import http.server
+    import json
+    import threading
+
+    from jobs.spark import run_service
+
+    asked = []
+
+    class OtherMaster(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            body = json.dumps({"status": "ALIVE", "activeapps": [{"id": "app-of-another-master"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OtherMaster)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("EMBEDDECK_MASTER_WEBUI_PORT", str(server.server_address[1]))
+    cluster.up(workers=0)
+    try:
+        service = run_service.start(cluster.master_url())
+        # Its first look, then three of its 2 s checks: each answered by a master that never listed it.
+        wait_until(lambda: asked.count("/json/") >= 4 or not psutil.pid_exists(service["pid"]), timeout=60,
+                   what="the service's looks at the other UI")
+        assert psutil.pid_exists(service["pid"]), "the service took another master's UI for a restart of its own"
+        assert run_service.info()["pid"] == service["pid"]
+    finally:
+        run_service.stop()
+        server.shutdown()
+
+
 def test_runs_launched_and_dispatched_at_once_start_once_and_within_the_cap(tmp_path, fast_model, monkeypatch):
     """The controller image starts the service in the background. A run posted meanwhile once took a
     spark-submit of its own; the service, registered first, then took every core that workers brought, and
