@@ -249,10 +249,7 @@ def embeddings_endpoint(answer, most_texts: int | None = None, refusal: int = 41
             else:
                 body = json.dumps({"data": [{"index": i, "embedding": v}
                                             for i, v in enumerate(answer(texts))]}).encode()
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            answer_json(self, status, body)
 
         def log_message(self, *_):
             pass
@@ -261,3 +258,12 @@ def embeddings_endpoint(answer, most_texts: int | None = None, refusal: int = 41
     server.refused = []
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}/v1", server
+
+
+def answer_json(handler, status: int, body: bytes) -> None:
+    """Send a JSON body from an http.server request handler."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)

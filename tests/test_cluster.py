@@ -23,7 +23,7 @@ from jobs.store import scaling, worker_readings
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
 from jobs.store.scaling import save_settings
-from tests.conftest import check_table, files_holding, wait_until
+from tests.conftest import answer_json, check_table, files_holding, wait_until
 
 pytestmark = pytest.mark.spark
 ROWS = 400
@@ -606,12 +606,8 @@ def test_a_master_ui_that_never_listed_the_application_is_not_a_restart(cluster,
     class OtherMaster(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             asked.append(self.path)
-            body = json.dumps({"status": "ALIVE", "activeapps": [{"id": "app-of-another-master"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            other = {"status": "ALIVE", "activeapps": [{"id": "app-of-another-master"}]}
+            answer_json(self, 200, json.dumps(other).encode())
 
         def log_message(self, *args):
             pass
