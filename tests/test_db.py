@@ -1,6 +1,8 @@
 """The database layer against real SQLite and PostgreSQL, and SQL Server by what it compiles."""
 
 import datetime as dt
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from jobs.core.texts import MAX_TEXT_CHARS, normalize_text
 from jobs.embed import search
 from jobs.embed.encoder import get_encoder
 from jobs.store import db
+from jobs.store.demo import DEMO_MAX_ROWS, SEED_CHUNK_ROWS, product_chunks
 
 
 @pytest.fixture
@@ -672,3 +675,24 @@ def test_old_worker_samples_are_thinned_without_changing_a_cost_or_the_charts_ga
     assert after_cost == pytest.approx(before_cost) and after_breaks == before_breaks != []
     assert [r["at"] for r in history.samples(limit=31)][:30] == [at for at, _ in recent]  # the last day: all
     assert history.thin(now - dt.timedelta(days=1)) == 0  # thinning again finds nothing more
+
+
+def test_seed_demo_refuses_a_count_it_cannot_make_and_fills_a_missing_table_in_chunks(sqlite_url):
+    # `seed-demo --rows 0` seeded 6,000 rows, and `--rows -5` crashed with a traceback after creating an empty table.
+    def seed(*args):
+        return subprocess.run([sys.executable, "-m", "jobs", "seed-demo", "--db", sqlite_url, *args],
+                              capture_output=True, text=True, timeout=120)
+
+    for rows in ("0", "-5", str(DEMO_MAX_ROWS + 1)):
+        out = seed("--rows", rows)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.strip() == f"error: demo rows must be between 1 and {DEMO_MAX_ROWS}, not {rows}"
+    assert not sa.inspect(db.engine_for(sqlite_url)).has_table("products")
+    out = seed("--rows", str(SEED_CHUNK_ROWS + 7))
+    assert out.returncode == 0 and out.stdout.startswith(f"products: {SEED_CHUNK_ROWS + 7} rows in "), out
+    with db.engine_for(sqlite_url).connect() as conn:
+        ids = conn.execute(sa.text("SELECT id FROM products ORDER BY id")).scalars().all()
+    assert ids == list(range(1, SEED_CHUNK_ROWS + 8))
+    assert "the table was there already" in seed("--rows", "10").stdout
+    # Generated a chunk at a time, the rows are those of one pass.
+    assert [r for part in product_chunks(25, chunk=7) for r in part] == next(product_chunks(25, chunk=25))

@@ -190,9 +190,10 @@ def cmd_search(args) -> int:
 def cmd_seed_demo(args) -> int:
     from jobs.store.demo import DEMO_ROWS, seed_demo
 
-    url = database(args.db)
-    count = seed_demo(url, n=args.rows or DEMO_ROWS)
-    print(f"products: {count} rows in {db.redact_url(url)}")
+    url, rows = database(args.db), DEMO_ROWS if args.rows is None else args.rows
+    count = seed_demo(url, n=rows)
+    kept = "" if count == rows else " (the table was there already: --rows fills only a missing one)"
+    print(f"products: {count} rows in {db.redact_url(url)}{kept}")
     return EXIT_OK
 
 

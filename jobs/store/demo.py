@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import sqlalchemy as sa
 
+from jobs.core.errors import BadRequest
 from jobs.core.settings import Settings
 from jobs.store import db
 
 DEMO_TABLE = "products"
 DEMO_TARGET = "product_embeddings"
 DEMO_ROWS = 6000
+# Enough for a scale test (about 2 minutes and 2.5 GB of SQLite); rows are generated and inserted a chunk at a time.
+DEMO_MAX_ROWS = 10_000_000
+SEED_CHUNK_ROWS = 10_000
 
 CATALOGUE = {
     "Footwear": (["running shoe", "hiking boot", "sandal", "sneaker", "loafer", "rain boot", "trail runner"],
@@ -87,14 +92,23 @@ def product(rng: random.Random, row_id: int) -> dict:
             "price": round(rng.uniform(5, 900), 2), "description": " ".join(sentences)}
 
 
+def product_chunks(n: int, seed: int = 7, chunk: int = SEED_CHUNK_ROWS) -> Iterator[list[dict]]:
+    """The n deterministic product rows with ids 1..n, `chunk` rows at a time."""
+    rng = random.Random(seed)
+    for start in range(1, n + 1, chunk):
+        yield [product(rng, i) for i in range(start, min(n, start + chunk - 1) + 1)]
+
+
 def products(n: int = DEMO_ROWS, seed: int = 7) -> list[dict]:
     """n deterministic product rows with ids 1..n."""
-    rng = random.Random(seed)
-    return [product(rng, i) for i in range(1, n + 1)]
+    return [row for part in product_chunks(n, seed) for row in part]
 
 
 def seed_demo(url: str | None = None, n: int = DEMO_ROWS, table: str = DEMO_TABLE) -> int:
-    """Create and fill the demo source table if it is missing; returns its row count."""
+    """Create and fill the demo source table if it is missing; returns its row count. BadRequest for a count
+    out of 1..DEMO_MAX_ROWS, before anything is created."""
+    if not 1 <= n <= DEMO_MAX_ROWS:
+        raise BadRequest(f"demo rows must be between 1 and {DEMO_MAX_ROWS}, not {n}")
     engine = db.engine_for(url or Settings().db_url)
     meta = sa.MetaData()
     products_table = sa.Table(
@@ -108,7 +122,8 @@ def seed_demo(url: str | None = None, n: int = DEMO_ROWS, table: str = DEMO_TABL
     db.create_missing(engine, meta)
     with engine.begin() as conn:
         count = conn.execute(sa.select(sa.func.count()).select_from(products_table)).scalar_one()
-        if count == 0:
-            conn.execute(products_table.insert(), products(n))
+        if count == 0:  # one transaction: an interrupted seed leaves the table empty, and the next one fills it
+            for part in product_chunks(n):
+                conn.execute(products_table.insert(), part)
             count = n
     return int(count)
