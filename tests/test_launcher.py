@@ -131,8 +131,13 @@ def test_cancel_marks_run_cancelled(demo_url, fast_model, hold_file):
     (["--master", "spark://127.0.0.1:1"], "Spark master spark://127.0.0.1:1 is unreachable"),
     (["--text-column", "nope"], "text column 'nope' is not in table 'products'"),
     (["--model", "/no/such/model"], "is neither all-MiniLM-L6-v2 nor a local sentence-transformers"),
+    # These three started a driver that died at once ("killed or crashed"), or raised a traceback.
+    (["--master", "local[0]"], "master must be local[N] (N 1 or more, or *) or spark://host:port, not 'local[0]'"),
+    (["--master", "localhost"], "not 'localhost'"),
+    (["--master", "spark://127.0.0.1:99999"], "a host and a port from 1 to 65535, nothing else"),
 ])
 def test_bad_input_is_one_clear_line(demo_url, extra, message):
+    before = len(Registry().list())
     args = run_args(demo_url)
     if "--text-column" in extra:
         args[args.index("--text-column") + 1] = extra[1]
@@ -141,6 +146,7 @@ def test_bad_input_is_one_clear_line(demo_url, extra, message):
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: ") and message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+    assert len(Registry().list()) == before  # nothing recorded
 
 
 def test_a_memory_size_spark_would_refuse_is_named_before_the_run_is_recorded(demo_url, monkeypatch):

@@ -1,13 +1,14 @@
 """Pure logic: spec validation, texts, vector codecs, planning, progress."""
 
 import itertools
+import re
 
 import numpy as np
 import pytest
 
 from jobs.core import plan, progress, texts, vectors
 from jobs.core.errors import BadRequest
-from jobs.core.spec import RunSpec
+from jobs.core.spec import RunSpec, check_master_url
 
 
 def spec(**kw):
@@ -39,6 +40,24 @@ def test_spec_shape_rejects(kw, message):
         return
     with pytest.raises(BadRequest, match=message):
         spec(**kw).check_shape()
+
+
+@pytest.mark.parametrize("master,problem", [
+    *[(m, None) for m in ("local", "local[1]", "local[*]", "local[16]", "local[2,3]", "local[*, 4]",
+                          "spark://127.0.0.1:7077", "spark://spark-master.internal:7077", "spark://[::1]:7077")],
+    *[(m, "not") for m in ("local[0]", "local[x]", "local[]", "local[-1]", "local[2,0]", "localhost", "LOCAL[1]",
+                           "yarn", "k8s://https://h:443", "spark:/h:7077", "")],
+    *[(m, "a host and a port from 1 to 65535") for m in ("spark://h", "spark://h:0", "spark://h:99999", "spark://h:x",
+                                                          "spark://:7077", "spark://h:7077/", "spark://u@h:7077",
+                                                          "spark://h:7077?x=1")],
+    ("spark://a:7077,b:7077", "one master, not a list of standbys"),
+])
+def test_masters_are_those_spark_takes(master, problem):
+    if problem is None:
+        check_master_url(master)
+        return
+    with pytest.raises(BadRequest, match=re.escape(problem)):
+        check_master_url(master)
 
 
 @pytest.mark.parametrize("name", ["~\u00f2\u009a\u00c0", "~", "a\x00b", "x" * 300, "/no/such/model"])

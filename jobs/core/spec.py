@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, replace
+from urllib.parse import urlsplit
 
 from jobs.core.errors import BadRequest
 
@@ -12,6 +14,9 @@ MODES = ("incremental", "full")
 # Rows per forward pass at most. On CPU the encoder also caps a batch's padded tokens, so short texts fill
 # a batch of up to this many rows and long ones split (jobs/embed/bert.py, CPU_BATCH_TOKENS).
 DEFAULT_BATCH_SIZE = 128
+# The in-process masters Spark accepts (SparkMasterRegex): local, local[N] or local[*], with ", F" task retries.
+_LOCAL_MASTER = re.compile(r"local(\[([1-9][0-9]*|\*)(\s*,\s*[1-9][0-9]*)?\])?")
+MASTER_FORMS = "local[N] (N 1 or more, or *) or spark://host:port"
 
 
 @dataclass(frozen=True)
@@ -57,8 +62,7 @@ class RunSpec:
             raise BadRequest(f"limit rows must be 1 or more, not {self.limit_rows}")
         if self.source == self.target:
             raise BadRequest("target table must differ from the source table")
-        if not (in_process(self.master) or self.master.startswith("spark://")):
-            raise BadRequest(f"master must be local[N] or spark://host:port, not {self.master!r}")
+        check_master_url(self.master)
 
     @property
     def model_identity(self) -> str:
@@ -83,6 +87,26 @@ class RunSpec:
     def with_db_url(self, db_url: str) -> RunSpec:
         """The same spec against another connection URL (e.g. the unredacted one)."""
         return replace(self, db_url=db_url)
+
+
+def check_master_url(master: str) -> None:
+    """Raise BadRequest unless master is a URL Spark takes: local[0], local[x], `localhost` or a port out of range
+    had started a driver that died at once ("killed or crashed"), or raised a traceback."""
+    if _LOCAL_MASTER.fullmatch(master):
+        return
+    problem = f"master must be {MASTER_FORMS}, not {master!r}"
+    parts = urlsplit(master)
+    if parts.scheme != "spark":
+        raise BadRequest(problem)
+    if "," in parts.netloc:  # a standby list, spark://a:7077,b:7077
+        raise BadRequest(f"{problem}: one master, not a list of standbys")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or beyond 65535
+        port = 0
+    if not parts.hostname or not port or parts.path or parts.query or parts.fragment or parts.username:
+        # Spark's own parser refuses the same (Utils.extractHostPortFromSparkUrl): no default port, no path.
+        raise BadRequest(f"{problem}: a host and a port from 1 to 65535, nothing else")
 
 
 def in_process(master: str | None) -> bool:

@@ -14,10 +14,10 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from jobs.core.errors import BadRequest, Unavailable
+from jobs.core.errors import Unavailable
 from jobs.core.processes import free_port
 from jobs.core.settings import HOLD_FILE_VAR, REPO, Settings
-from jobs.core.spec import in_process
+from jobs.core.spec import check_master_url, in_process
 from jobs.spark.jvm import auth_secret, java_options, scratch_dir, spark_env, spark_submit
 from jobs.store.registry import Registry
 
@@ -31,14 +31,13 @@ def check_master(master: str, timeout_s: float = 3.0, hold_s: float | None = Non
     """Raise Unavailable unless a spark:// master accepts connections (local masters always do) and keeps them open
     hold_s: by default HOLD_S where a proxy may stand in front of it (Container Apps' ingress accepts a connection for
     a master that is gone, then closes it) and 0 on this host."""
+    check_master_url(master)
     if in_process(master):
         return
     parsed = urlparse(master)
-    if parsed.scheme != "spark" or not parsed.hostname:
-        raise BadRequest(f"master must be local[N] or spark://host:port, not {master!r}")
     hold = (HOLD_S if may_be_proxied(parsed.hostname) else 0.0) if hold_s is None else hold_s
     try:
-        with socket.create_connection((parsed.hostname, parsed.port or 7077), timeout=timeout_s) as conn:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s) as conn:
             closed = hold > 0 and _closes_within(conn, hold)
     except OSError as exc:
         raise Unavailable(f"Spark master {master} is unreachable: {exc.strerror or exc}") from None
