@@ -149,6 +149,15 @@ def test_bad_input_is_one_clear_line(demo_url, extra, message):
     assert len(Registry().list()) == before  # nothing recorded
 
 
+def test_a_mistyped_sqlite_path_is_named_and_nothing_is_created(tmp_path):
+    """Connecting created the file and its folders, and the run then said the source table did not exist."""
+    missing = tmp_path / "typo" / "demo.sqlite"
+    for args in (run_args(f"sqlite:///{missing}"), ["search", "--db", f"sqlite:///{missing}", "--target", "t", "x"]):
+        out = cli(*args)
+        assert out.returncode == 2 and out.stderr.strip() == f"error: database file {missing} does not exist"
+    assert not missing.parent.exists()
+
+
 def test_a_memory_size_spark_would_refuse_is_named_before_the_run_is_recorded(demo_url, monkeypatch):
     """EMBEDDECK_EXECUTOR_MEMORY=lots: spark-submit refused it ("Executor memory must be a positive number") and the
     run failed as "driver process exited without reporting an end (killed or crashed)"."""

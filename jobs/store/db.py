@@ -149,6 +149,9 @@ def check_connection(url: str, timeout_s: float | None = None) -> Engine:
     """Engine for url after a round trip (bounded by timeout_s when given); raises Unavailable with a
     redacted message."""
     try:
+        missing = _missing_sqlite_file(url)
+        if missing:
+            raise BadRequest(f"database file {missing} does not exist")
         engine = engine_for(url)
         if timeout_s is not None:
             _probe(url, timeout_s)
@@ -159,6 +162,16 @@ def check_connection(url: str, timeout_s: float | None = None) -> Engine:
         raise
     except Exception as exc:
         raise Unavailable(connection_error_message(exc, url)) from None
+
+
+def _missing_sqlite_file(url: str) -> str | None:
+    """The file a SQLite URL names where it does not exist: connecting would create it (and its folders), and a
+    mistyped path would then read as a database without tables."""
+    parsed = make_url(url)
+    path = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return None if Path(path).exists() else path
 
 
 def _probe(url: str, timeout_s: float) -> None:
