@@ -75,6 +75,23 @@ def test_missing_table_and_columns_are_named(sqlite_url):
         db.inspect_run(engine, spec_for(sqlite_url, id_column="weight"))
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_target_in_a_schema_that_does_not_exist_is_named_before_the_run(dialect, sqlite_url, request):
+    """The run was recorded and failed on its CREATE with "unknown database my" (SQLite) or "schema "my" does not
+    exist" (PostgreSQL)."""
+    url = sqlite_url if dialect == "sqlite" else request.getfixturevalue("pg_url")
+    engine = db.engine_for(url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE IF EXISTS docs"))
+    make_source(url, rows=[(1, "a")])
+    default = "main" if dialect == "sqlite" else "public"
+    # (Other tests may have added schemas to the session's PostgreSQL.)
+    with pytest.raises(BadRequest, match=rf"^target table 'my.docs_emb': schema 'my' does not exist \(schemas: "
+                                         rf"{default}(, \w+)*\); a name with a dot is read as schema\.table$"):
+        db.inspect_run(engine, spec_for(url, target="my.docs_emb"))
+    assert db.inspect_run(engine, spec_for(url, target=f"{default}.docs_emb")).target is None  # one that exists
+
+
 @pytest.mark.parametrize("name", ['my table', 'we"ird', "semi;colon", "x'); DROP TABLE docs; --"])
 def test_hostile_names_are_quoted_never_executed(sqlite_url, name):
     make_source(sqlite_url, rows=[(1, "a")])

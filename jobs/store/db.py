@@ -240,6 +240,20 @@ def _split_name(engine: Engine, name: str) -> tuple[str | None, str]:
     return schema, table
 
 
+def _check_schema(engine: Engine, schema: str | None, name: str) -> None:
+    """BadRequest when a new table's schema does not exist: the run was recorded and then failed on its CREATE
+    with the driver's own "schema … does not exist" (PostgreSQL) or "unknown database …" (SQLite)."""
+    if schema is None:
+        return
+    inspector = sa.inspect(engine)
+    names = inspector.get_schema_names()
+    fold = str.lower if engine.dialect.name == "mssql" else str  # SQL Server's catalog names ignore case
+    if fold(schema) not in map(fold, names):
+        known = ", ".join(s or inspector.default_schema_name for s in _schemas(inspector))
+        raise BadRequest(f"target table {name!r}: schema {schema!r} does not exist (schemas: {known}); a name with a "
+                         f"dot is read as schema.table")
+
+
 def reflect(engine: Engine, name: str, role: str = "table") -> sa.Table:
     """The table as the catalog has it; BadRequest naming it when it does not exist."""
     schema, table = _split_name(engine, name)
@@ -316,6 +330,7 @@ def inspect_run(engine: Engine, spec: RunSpec) -> Tables:
         raise BadRequest(problem)
     target = None
     schema, name = _split_name(engine, spec.target)
+    _check_schema(engine, schema, spec.target)
     if sa.inspect(engine).has_table(name, schema=schema):
         target = sa.Table(name, sa.MetaData(), schema=schema, autoload_with=engine)
         check_target(target, engine)
