@@ -7,7 +7,7 @@ from cluster import backends, spark_rest
 from dashboard import charts, services, shell, views, widgets
 from jobs.core.errors import EmbedDeckError
 from jobs.spark import run_service
-from jobs.store import scaling, worker_readings
+from jobs.store import db, scaling, worker_readings
 
 shell.open_page()
 st.title("Cluster")
@@ -31,7 +31,7 @@ def overview() -> None:
     m[2].metric("Cores used", f"{state.cores_used}/{state.cores}")
     m[3].metric("Running apps", len(state.active_apps))
     events = controller.history.events()
-    st.plotly_chart(charts.workers_figure(controller.history.samples(), events), width="stretch")
+    st.plotly_chart(charts.workers_figure(controller.history.samples(), events, db.utcnow()), width="stretch")
     if events:
         st.caption("Latest scaling decisions")
         st.dataframe(pd.DataFrame(views.decision_rows(events[-5:])), hide_index=True, width="stretch")

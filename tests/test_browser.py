@@ -149,6 +149,12 @@ def test_pages_run_and_search_in_chromium(dashboard_url, browser, home):
     page.goto(f"{dashboard_url}/cluster")
     page.get_by_text("Workers over time").wait_for(timeout=60_000)
     no_exception(page)
+    # Fitted to the few samples of a fresh cluster, the time axis spanned seconds, or a fraction of a millisecond
+    # (ticks at 17:44:31.9782, .9783, ...): as Plotly laid it out in the page, it spans ten minutes at least.
+    chart = page.locator(".js-plotly-plot").first
+    chart.locator(".xtick").first.wait_for(timeout=30_000)
+    low, high = chart.evaluate("g => g._fullLayout.xaxis.range.map(g._fullLayout.xaxis.r2l)")  # ms on a date axis
+    assert (high - low) / 1000 >= 600, chart.evaluate("g => g._fullLayout.xaxis.range")
     shot(page, "cluster")
 
     page.goto(f"{dashboard_url}/search")

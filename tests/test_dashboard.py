@@ -451,6 +451,21 @@ def test_the_workers_line_breaks_where_the_controller_was_not_sampling():
     assert workers.x[2] == workers.x[1]  # the break sits at the last sample before the silence
 
 
+def test_time_axes_span_minutes_however_few_the_points():
+    """Fitted to one decision, Plotly spread the workers' axis over a fraction of a millisecond (17:44:31.9782,
+    .9783, ...); with nothing yet, it was a numeric axis from -1 to 6."""
+    t0 = dt.datetime(2026, 12, 1, 17, 44, 31, 978_200)
+    event = {"at": t0, "from_workers": 0, "to_workers": 0, "source": "autoscaler", "reason": "hold: no backlog"}
+    low, high = charts.workers_figure([], [event]).layout.xaxis.range
+    assert high - low >= dt.timedelta(seconds=charts.WORKERS_SPAN_S) and low < t0 < high
+    low, high = charts.workers_figure([], [], now=t0).layout.xaxis.range
+    assert low < t0 < high and high - low >= dt.timedelta(minutes=10)
+    hour = [{"at": t0 + dt.timedelta(minutes=m), "workers": 1, "desired": 1} for m in (0, 60)]
+    assert charts.workers_figure(hour, [], now=t0).layout.xaxis.range is None  # Plotly fits an hour itself
+    low, high = charts.throughput_figure([(t0, 10, 5.0), (t0 + dt.timedelta(seconds=2), 20, 5.0)]).layout.xaxis.range
+    assert high - low >= dt.timedelta(seconds=charts.THROUGHPUT_SPAN_S)
+
+
 def test_the_server_settings_are_the_products_as_streamlit_reads_them(monkeypatch):
     """.streamlit/config.toml, parsed by Streamlit from the checkout as `make run` starts it: no file watcher and no
     full garbage collection per rerun (each took about half of the server's CPU on an idle Cluster page)."""
