@@ -23,7 +23,7 @@ RESTART_AFTER_S = 10.0  # an autoscaler that keeps exiting is started again at m
 
 def main() -> int:
     try:
-        Settings().check_numbers()  # the port among them
+        Settings().check_values()  # the port among them
     except EmbedDeckError as exc:
         print(f"error: {exc}; nothing was started", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> None:
     where a number or the cluster backend the pages read is set wrong (a page met it as a traceback in the
     browser)."""
     try:
-        Settings().check_numbers()
+        Settings().check_values()
         backends.configured()
     except EmbedDeckError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -48,7 +48,7 @@ def resolve_master(requested: str | None = None) -> str:
 def validate(spec: RunSpec) -> db.Tables:
     """Everything checked before a run is recorded: shape, settings, connection, catalog, model, master."""
     spec.check_shape()
-    Settings().check_numbers()  # its driver reads them: Spark refused a bad memory size before the run could say why
+    Settings().check_values()  # its driver reads them: Spark refused a bad memory size before the run could say why
     engine = db.check_connection(spec.db_url)
     tables = db.inspect_run(engine, spec)
     if not spec.endpoint:

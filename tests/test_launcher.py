@@ -193,13 +193,20 @@ def test_serve_on_a_port_in_use_says_so_with_exit_2(monkeypatch):
 
 
 @pytest.mark.parametrize("command", [["-m", "jobs", "serve", "--port", "1"], ["-m", "jobs.doors.jupyter"]])
-def test_the_api_and_jupyter_refuse_numbers_set_wrong_as_they_start(tmp_path, command):
+@pytest.mark.parametrize("setting,message", [
+    (("EMBEDDECK_MAX_WORKERS", "four"), "EMBEDDECK_MAX_WORKERS must be an integer of at least 0, not 'four'"),
+    # Else every run posted got a 400 naming a master the caller never chose.
+    (("EMBEDDECK_SPARK_MASTER", "spark://controller"), "EMBEDDECK_SPARK_MASTER: master must be local[N] (N 1 or "
+                                                       "more, or *) or spark://host:port, not 'spark://controller': a "
+                                                       "host and a port from 1 to 65535, nothing else"),
+])
+def test_the_api_and_jupyter_refuse_settings_set_wrong_as_they_start(tmp_path, command, setting, message):
     """A worker limit that is no number surfaced as a 400 on the API's first `workers` request, and in a kernel's
     run; the doors now name it as they start, and start nothing."""
-    env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), EMBEDDECK_API_TOKEN="t" * 32, EMBEDDECK_MAX_WORKERS="four")
+    env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), EMBEDDECK_API_TOKEN="t" * 32, **dict([setting]))
     out = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert "error: EMBEDDECK_MAX_WORKERS must be an integer of at least 0, not 'four'" in out.stderr
+    assert f"error: {message}" in out.stderr
 
 
 def test_a_port_is_taken_while_listened_on_and_free_in_time_wait():

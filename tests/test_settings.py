@@ -52,7 +52,7 @@ def test_values_defaults_and_bad_numbers():
     with pytest.raises(BadRequest, match="EMBEDDECK_WORKER_CORES must be an integer of at least 1, not '0'"):
         bounded.integer("EMBEDDECK_WORKER_CORES")
     with pytest.raises(BadRequest, match="EMBEDDECK_DRIVER_PORT must be an integer from 1 to 65535, not '70780'"):
-        Settings({"EMBEDDECK_DRIVER_PORT": "70780"}).check_numbers()  # spark-submit would have refused it
+        Settings({"EMBEDDECK_DRIVER_PORT": "70780"}).check_values()  # spark-submit would have refused it
     for price in ("-0.01", "nan", "inf"):  # a cost of NaN or below zero is no price
         with pytest.raises(BadRequest, match=f"_PRICE_PER_UNIT_S must be a number of at least 0, not '{price}'"):
             Settings({"EMBEDDECK_PRICE_PER_UNIT_S": price}).number("EMBEDDECK_PRICE_PER_UNIT_S")

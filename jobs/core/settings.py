@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.core.errors import BadRequest
+from jobs.core.spec import check_master_url
 
 REPO = Path(__file__).resolve().parent.parent.parent
 # Spark's byte strings (JavaUtils.byteStringAs): whole numbers, then a unit; a bare number is MiB where Spark reads
@@ -186,11 +187,17 @@ class Settings:
             raise BadRequest(f"{name} must be a memory size such as 512m or 2g, not {value!r}")
         return value
 
-    def check_numbers(self) -> None:
-        """BadRequest naming every bounded number or memory size whose value cannot be read: a door checks them as
-        it starts, and a run before it is recorded, rather than fail on the first page, request or driver that
-        reads one."""
+    def check_values(self) -> None:
+        """BadRequest naming every bounded number, memory size or master whose value cannot be read: a door checks
+        them as it starts, and a run before it is recorded, rather than fail on the first page, request or driver
+        that reads one."""
         found = []
+        master = self.raw("EMBEDDECK_SPARK_MASTER")
+        if master:
+            try:
+                check_master_url(master)
+            except BadRequest as exc:
+                found.append(f"EMBEDDECK_SPARK_MASTER: {exc}")
         for var in VARIABLES.values():
             if (var.least is not None or var.size) and self.raw(var.name) is not None:
                 try:

@@ -200,7 +200,7 @@ def cmd_seed_demo(args) -> int:
 def cmd_serve(args) -> int:
     from jobs.doors.api import serve
 
-    Settings().check_numbers()  # met at start, not as a 400 on the first request that reads one
+    Settings().check_values()  # met at start, not as a 400 on the first request that reads one
     return serve(args.host, args.port)
 
 

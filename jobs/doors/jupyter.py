@@ -33,7 +33,7 @@ def notebooks_dir(settings: Settings) -> Path:
 def main() -> int:
     settings = Settings()
     try:
-        settings.check_numbers()  # the port, and the kernels' runs, read them
+        settings.check_values()  # the port, and the kernels' runs, read them
     except BadRequest as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
