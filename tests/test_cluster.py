@@ -628,6 +628,51 @@ def test_a_master_ui_that_never_listed_the_application_is_not_a_restart(cluster,
         server.shutdown()
 
 
+def test_a_master_restarted_before_the_watchs_first_tick_is_told_by_its_first_look(monkeypatch):
+    """The watch asks the master's JSON once as it starts: a master that listed the application then and lists it no
+    more at the first 2 s tick has restarted. Without that first look nothing had been seen listed, and the watch
+    went on for as long as the new master answered. What `lost` reads of pyspark's SparkContext is stood in for:
+    the master's address, the application's id, and whether it stopped."""
+    import http.server
+    import json
+    import threading
+    import types
+
+    from jobs.spark import master_watch
+
+    looks, started = [], []
+
+    class RestartedMaster(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            looks.append(self.path)
+            # Restarted half an interval after the watch started: only a look at its start sees the application.
+            apps = [{"id": "app-1"}] if time.monotonic() - started[0] < 0.5 else []
+            answer_json(self, 200, json.dumps({"status": "ALIVE", "activeapps": apps}).encode())
+
+        def log_message(self, *args):
+            pass
+
+    ui = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RestartedMaster)
+    threading.Thread(target=ui.serve_forever, daemon=True).start()
+    master = socket.create_server(("127.0.0.1", 0))  # the new master's port accepts connections
+    monkeypatch.setenv("EMBEDDECK_MASTER_WEBUI_PORT", str(ui.server_address[1]))
+    running = types.SimpleNamespace(isStopped=lambda: False)
+    sc = types.SimpleNamespace(master=f"spark://127.0.0.1:{master.getsockname()[1]}", applicationId="app-1",
+                               _jsc=types.SimpleNamespace(sc=lambda: running))
+    found = []
+    watch = threading.Thread(target=lambda: found.append(master_watch.lost(sc, every_s=1.0)), daemon=True)
+    try:
+        started.append(time.monotonic())
+        watch.start()
+        watch.join(10)
+        assert found == [f"Spark master {sc.master} restarted: it no longer lists application app-1"], looks
+        assert len(looks) == 2  # the first look, and the first tick's
+    finally:
+        running.isStopped = lambda: True  # a watch still going ends at its next tick
+        ui.shutdown()
+        master.close()
+
+
 def test_runs_launched_and_dispatched_at_once_start_once_and_within_the_cap(tmp_path, fast_model, monkeypatch):
     """The controller image starts the service in the background. A run posted meanwhile once took a
     spark-submit of its own; the service, registered first, then took every core that workers brought, and
