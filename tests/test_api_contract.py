@@ -60,6 +60,15 @@ def test_token_ids_get_a_400_that_says_to_send_text(client, tokens):
     assert "token ids are not accepted" in r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("route,body", [("/v1/embeddings", {"input": [], "model": "all-MiniLM-L6-v2"}),
+                                        ("/api/embed", {"model": "all-MiniLM-L6-v2", "input": []}),
+                                        ("/embed", {"inputs": []})])
+def test_an_empty_input_is_an_invalid_request_by_the_documented_code(client, route, body):
+    """It answered {"code": "error"}, a code the README's table does not have."""
+    r = client.post(route, json=body, headers=AUTH)
+    assert r.status_code == 422 and r.json() == {"error": {"code": "invalid_request", "message": "input is empty"}}
+
+
 def test_dimensions_equal_to_the_model_is_accepted_any_other_is_a_400_naming_it(client):
     ok = client.post("/v1/embeddings", json={"input": "x", "dimensions": 384}, headers=AUTH)
     assert ok.status_code == 200 and len(ok.json()["data"][0]["embedding"]) == 384

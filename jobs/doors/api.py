@@ -60,7 +60,7 @@ STATUS_OF_KIND = {"bad_request": 400, "not_found": 404, "conflict": 409, "unavai
 RETRY_AFTER_S = 10
 HEALTH_TTL_S, HEALTH_TIMEOUT_S = 5.0, 2.0
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-              413: "too_large"}
+              413: "too_large", 422: "invalid_request"}
 BAD = {400: {"model": ErrorBody}, 413: {"model": ErrorBody}}
 
 
