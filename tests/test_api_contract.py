@@ -69,6 +69,14 @@ def test_an_empty_input_is_an_invalid_request_by_the_documented_code(client, rou
     assert r.status_code == 422 and r.json() == {"error": {"code": "invalid_request", "message": "input is empty"}}
 
 
+def test_every_error_code_the_server_sends_is_one_its_schema_lists(client):
+    from jobs.doors.api import HTTP_CODES, STATUS_OF_KIND
+
+    schema = client.get("/openapi.json", headers=AUTH).json()
+    listed = set(schema["components"]["schemas"]["ApiError"]["properties"]["code"]["enum"])
+    assert {*STATUS_OF_KIND, *HTTP_CODES.values(), "internal", "unauthorized"} <= listed
+
+
 def test_dimensions_equal_to_the_model_is_accepted_any_other_is_a_400_naming_it(client):
     ok = client.post("/v1/embeddings", json={"input": "x", "dimensions": 384}, headers=AUTH)
     assert ok.status_code == 200 and len(ok.json()["data"][0]["embedding"]) == 384

@@ -93,7 +93,8 @@ def install_error_handlers(app: FastAPI) -> None:
     # Starlette's own HTTPException (unparseable body, unknown route) must get our shape too.
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
-        return error(exc.status_code, HTTP_CODES.get(exc.status_code, "error"), str(exc.detail))
+        fallback = "bad_request" if exc.status_code < 500 else "internal"
+        return error(exc.status_code, HTTP_CODES.get(exc.status_code, fallback), str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError):

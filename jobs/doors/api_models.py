@@ -11,7 +11,9 @@ from jobs.core.texts import MAX_TEXT_CHARS
 
 
 class ApiError(BaseModel):
-    code: str
+    # The codes of the README's table, each telling whose fault a failure is; the schema lists them.
+    code: Literal["bad_request", "unauthorized", "not_found", "method_not_allowed", "conflict", "too_large",
+                  "invalid_request", "unavailable", "internal"]
     message: str
 
 
