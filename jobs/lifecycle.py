@@ -73,6 +73,7 @@ def health(timeout_s: float = 3.0) -> dict[str, str]:
 def record(spec: RunSpec, registry: Registry) -> str:
     """Record a validated spec as a waiting run (URL redacted) and start it, unless EMBEDDECK_MAX_ACTIVE_RUNS runs
     are started or the run service is still starting; returns its id. Conflict when its target has an active run."""
+    spec = spec.with_db_url(db.absolute_url(spec.db_url))  # also one key per target, however its path was written
     redacted = db.redact_url(spec.db_url)
     run_id = new_run_id()
     _keep_url(run_id, spec.db_url)  # first: once recorded, any reader may start the run, and reads the URL here

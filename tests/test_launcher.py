@@ -11,8 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from jobs.core.processes import port_taken
+from jobs.core.settings import REPO
+from jobs.store import db
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
 from tests.conftest import check_table, files_holding, wait_until
@@ -156,6 +159,20 @@ def test_a_mistyped_sqlite_path_is_named_and_nothing_is_created(tmp_path):
         out = cli(*args)
         assert out.returncode == 2 and out.stderr.strip() == f"error: database file {missing} does not exist"
     assert not missing.parent.exists()
+
+
+def test_a_relative_sqlite_path_names_the_same_file_in_the_run_s_driver(tmp_path, fast_model):
+    """A run's driver works in a folder of its own: `sqlite:///demo.sqlite` typed beside the file named no file
+    there, and the run failed ("source table … does not exist", then "database file demo.sqlite does not exist")."""
+    seed_demo(f"sqlite:///{tmp_path / 'demo.sqlite'}", n=20)
+    out = subprocess.run([sys.executable, "-m", "jobs", *run_args("sqlite:///demo.sqlite", "rel_emb", "--master",
+                                                                  "local[1]", "--model", fast_model)],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert out.returncode == 0, out.stderr
+    with db.engine_for(f"sqlite:///{tmp_path / 'demo.sqlite'}").connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM rel_emb")).scalar() == 20
+    assert not [p.name for p in tmp_path.iterdir() if not p.name.startswith("demo.sqlite")]  # nothing made beside it
 
 
 def test_a_memory_size_spark_would_refuse_is_named_before_the_run_is_recorded(demo_url, monkeypatch):
