@@ -175,6 +175,24 @@ def test_a_relative_sqlite_path_names_the_same_file_in_the_run_s_driver(tmp_path
     assert not [p.name for p in tmp_path.iterdir() if not p.name.startswith("demo.sqlite")]  # nothing made beside it
 
 
+@pytest.mark.parametrize("env", [{"EMBEDDECK_HOME": "state"},
+                                 {"EMBEDDECK_REGISTRY_URL": "sqlite:///registry.sqlite"}])
+def test_a_relative_home_or_registry_names_the_same_files_in_the_run_s_driver(tmp_path, fast_model, env):
+    """With EMBEDDECK_HOME=state (or a relative registry URL), the driver, which starts in another folder, looked for
+    its run in another registry and died ("killed or crashed")."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), EMBEDDECK_HOME=str(tmp_path / "home")) | env
+
+    def cli_here(*args):
+        return subprocess.run([sys.executable, "-m", "jobs", *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, env=env)
+
+    assert cli_here("seed-demo", "--rows", "20").returncode == 0
+    out = cli_here("run", "--source", "products", "--id-column", "id", "--text-column", "description", "--target",
+                   "rel_emb", "--master", "local[1]", "--model", fast_model)
+    assert out.returncode == 0 and "20/20 rows" in out.stdout, out.stdout + out.stderr
+    assert not (REPO / "state").exists() and not (REPO / "registry.sqlite").exists()
+
+
 def test_a_memory_size_spark_would_refuse_is_named_before_the_run_is_recorded(demo_url, monkeypatch):
     """EMBEDDECK_EXECUTOR_MEMORY=lots: spark-submit refused it ("Executor memory must be a positive number") and the
     run failed as "driver process exited without reporting an end (killed or crashed)"."""

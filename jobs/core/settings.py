@@ -16,6 +16,11 @@ from jobs.core.errors import BadRequest
 from jobs.core.spec import check_master_url
 
 REPO = Path(__file__).resolve().parent.parent.parent
+# A relative EMBEDDECK_HOME named another folder in every child that starts elsewhere (a run's driver, Spark's
+# daemons): the driver found neither its run nor its registry and died. Made absolute once, for this process and every
+# process it starts.
+if os.environ.get("EMBEDDECK_HOME") and not os.path.isabs(os.environ["EMBEDDECK_HOME"]):
+    os.environ["EMBEDDECK_HOME"] = os.path.abspath(os.environ["EMBEDDECK_HOME"])
 # Spark's byte strings (JavaUtils.byteStringAs): whole numbers, then a unit; a bare number is MiB where Spark reads
 # a memory setting.
 SPARK_SIZE = re.compile(r"(\d+)([kmgtp]b?|b)?", re.IGNORECASE)
@@ -49,7 +54,7 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_HOME", "var/", "local state: SQLite files, run logs, cluster state and daemon logs "
         "(`cluster/logs`), the local workers' executor directories and logs (`cluster/work`; a stopped "
         "application's are removed after 7 days), the Spark JVMs' scratch (`tmp`, removed as they stop), "
-        "worker readings"),
+        "worker readings; a relative path is read from the folder the process starts in"),
     Var("EMBEDDECK_DB_URL", None, "default database (a SQLAlchemy URL) for the CLI, the API and a dashboard "
                                   "connection; unset: the embedded SQLite demo `$EMBEDDECK_HOME/embeddeck.sqlite`",
         secret=True),

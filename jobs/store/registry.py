@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 from jobs.core.errors import Conflict
 from jobs.core.processes import is_alive, start_time
 from jobs.core.settings import Settings
-from jobs.store.db import create_missing, engine_for, utcnow
+from jobs.store.db import absolute_url, create_missing, engine_for, utcnow
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
@@ -158,7 +158,7 @@ class Registry:
     """Read and write runs; every method is one short transaction."""
 
     def __init__(self, url: str | None = None):
-        self.url = url or Settings().registry_url
+        self.url = absolute_url(url or Settings().registry_url)  # runs' drivers, which work elsewhere, get it
         self.engine = engine_for(self.url)
         self._file = make_url(self.url).database if make_url(self.url).get_backend_name() == "sqlite" else None
         self._file_id = None
