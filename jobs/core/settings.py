@@ -16,11 +16,6 @@ from jobs.core.errors import BadRequest
 from jobs.core.spec import check_master_url
 
 REPO = Path(__file__).resolve().parent.parent.parent
-# A relative EMBEDDECK_HOME named another folder in every child that starts elsewhere (a run's driver, Spark's
-# daemons): the driver found neither its run nor its registry and died. Made absolute once, for this process and every
-# process it starts.
-if os.environ.get("EMBEDDECK_HOME") and not os.path.isabs(os.environ["EMBEDDECK_HOME"]):
-    os.environ["EMBEDDECK_HOME"] = os.path.abspath(os.environ["EMBEDDECK_HOME"])
 # Spark's byte strings (JavaUtils.byteStringAs): whole numbers, then a unit; a bare number is MiB where Spark reads
 # a memory setting.
 SPARK_SIZE = re.compile(r"(\d+)([kmgtp]b?|b)?", re.IGNORECASE)
@@ -47,6 +42,7 @@ class Var:
     most: int | None = None
     fractional: bool = False  # a bounded number read with Settings.number, not Settings.integer
     size: bool = False  # a Spark memory size ("1g", "512m"), read with Settings.size
+    path: bool = False  # a file or folder: a relative one is read from the folder the process starts in
 
 
 PORT = {"least": 1, "most": 65535}
@@ -54,7 +50,7 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_HOME", "var/", "local state: SQLite files, run logs, cluster state and daemon logs "
         "(`cluster/logs`), the local workers' executor directories and logs (`cluster/work`; a stopped "
         "application's are removed after 7 days), the Spark JVMs' scratch (`tmp`, removed as they stop), "
-        "worker readings; a relative path is read from the folder the process starts in"),
+        "worker readings", path=True),
     Var("EMBEDDECK_DB_URL", None, "default database (a SQLAlchemy URL) for the CLI, the API and a dashboard "
                                   "connection; unset: the embedded SQLite demo `$EMBEDDECK_HOME/embeddeck.sqlite`",
         secret=True),
@@ -90,15 +86,15 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_CLUSTER_BACKEND", "local", "which workers the dashboard and `python -m cluster` drive: "
                                               "`local` processes or `aca` (Azure Container Apps replicas)"),
     Var("EMBEDDECK_TELEMETRY_DIR", None, "where workers publish their readings; unset: "
-                                         "`$EMBEDDECK_HOME/telemetry`"),
+                                         "`$EMBEDDECK_HOME/telemetry`", path=True),
     Var("EMBEDDECK_API_TOKEN", None, "the API's bearer token (required to serve)", secret=True),
     Var("EMBEDDECK_API_TOKEN_FILE", None, "a file holding the API's token, read when `EMBEDDECK_API_TOKEN` is unset",
-        secret=True),
+        secret=True, path=True),
     Var("EMBEDDECK_REMOTE_ENDPOINT", None, "an OpenAI-compatible embeddings URL configured as the endpoint "
                                            "named `remote` (more: `[endpoints.NAME]` in the secrets file)"),
     Var("EMBEDDECK_REMOTE_API_KEY", None, "the key of the endpoint `remote`, sent to that endpoint only", secret=True),
     Var("EMBEDDECK_SECRETS_FILE", None, "TOML file of named connections and endpoints with their secrets; unset: "
-                                        "`.streamlit/secrets.toml` in the checkout", secret=True),
+                                        "`.streamlit/secrets.toml` in the checkout", secret=True, path=True),
     Var("EMBEDDECK_ALLOWED_MODELS", "all-MiniLM-L6-v2", "comma-separated models (names or local directories) "
                                                         "the HTTP API runs; any other is a 400"),
     Var("EMBEDDECK_SEARCH_CACHE_MB", "1024", "largest in-memory search index; bigger targets are searched by "
@@ -119,11 +115,11 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
                                       "process only", secret=True),
     Var("EMBEDDECK_FAULT_HOLD_FILE", None, "fault injection for tests and drills: while this file exists, every "
                                            "embedding task pauses after its first commit (a cancel or a killed "
-                                           "worker then lands mid-run however fast the machine is)"),
+                                           "worker then lands mid-run however fast the machine is)", path=True),
     Var("EMBEDDECK_NOTEBOOK_ROWS", "200", "rows the example notebook embeds"),
     Var("EMBEDDECK_NOTEBOOK_DIR", None, "where Jupyter (`make jupyter`, the container's `jupyter` mode) serves "
                                         "notebooks from (the example is copied there first when missing); unset: "
-                                        "`$EMBEDDECK_HOME/notebooks`"),
+                                        "`$EMBEDDECK_HOME/notebooks`", path=True),
     Var("EMBEDDECK_JUPYTER_PORT", "8890", "port of `make jupyter`'s JupyterLab (on 127.0.0.1)", **PORT),
     Var("EMBEDDECK_ACA_MODE", "trigger", "ACA deploy: the controller's front door, `trigger` (HTTP API) or "
                                          "`jupyter`"),
@@ -162,6 +158,12 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("AZURE_RESOURCE_GROUP", None, "ACA: the resource group (backend and deploy)"),
     Var("AZURE_LOCATION", None, "ACA: the region (backend and deploy)"),
 )}
+# A relative path named another place in every child that starts in another folder (a run's driver, Spark's daemons):
+# with EMBEDDECK_HOME=state the driver found neither its run nor its registry and died. Made absolute once, as
+# settings load, for this process and every process it starts.
+for _var in VARIABLES.values():
+    if _var.path and os.environ.get(_var.name) and not os.path.isabs(os.environ[_var.name]):
+        os.environ[_var.name] = os.path.abspath(os.environ[_var.name])
 
 
 class Settings:
@@ -279,7 +281,8 @@ def markdown_table() -> str:
         bounds = (" (a memory size such as 512m or 2g)" if var.size else "" if var.least is None
                   else f" ({kind} of at least {var.least})" if var.most is None
                   else f" ({kind} from {var.least} to {var.most})")
-        lines.append(f"| `{var.name}` | {default} | {var.doc}{bounds}{' (a secret)' if var.secret else ''} |")
+        where = " (a path; a relative one is read from the folder the process starts in)" if var.path else ""
+        lines.append(f"| `{var.name}` | {default} | {var.doc}{bounds}{where}{' (a secret)' if var.secret else ''} |")
     return "\n".join(lines)
 
 
