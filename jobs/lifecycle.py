@@ -20,7 +20,7 @@ from jobs.core.errors import BadRequest, Conflict, EmbedDeckError, NotFound
 from jobs.core.processes import is_alive, stop_group, write_private
 from jobs.core.settings import Settings
 from jobs.core.spec import RunSpec
-from jobs.embed.encoder import model_path
+from jobs.embed.encoder import absolute_model, model_path
 from jobs.spark import run_service
 from jobs.spark.jvm import scratch_root
 from jobs.spark.submit import DRIVER_SCRATCH_PREFIX, check_master, start_driver
@@ -73,7 +73,9 @@ def health(timeout_s: float = 3.0) -> dict[str, str]:
 def record(spec: RunSpec, registry: Registry) -> str:
     """Record a validated spec as a waiting run (URL redacted) and start it, unless EMBEDDECK_MAX_ACTIVE_RUNS runs
     are started or the run service is still starting; returns its id. Conflict when its target has an active run."""
-    spec = spec.with_db_url(db.absolute_url(spec.db_url))  # also one key per target, however its path was written
+    # Absolute: the run's driver works in a folder of its own; and one key per target, however its path was written.
+    spec = replace(spec, db_url=db.absolute_url(spec.db_url),
+                   model=spec.model if spec.endpoint else absolute_model(spec.model))
     redacted = db.redact_url(spec.db_url)
     run_id = new_run_id()
     _keep_url(run_id, spec.db_url)  # first: once recorded, any reader may start the run, and reads the URL here

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -173,6 +174,25 @@ def test_a_relative_sqlite_path_names_the_same_file_in_the_run_s_driver(tmp_path
     with db.engine_for(f"sqlite:///{tmp_path / 'demo.sqlite'}").connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM rel_emb")).scalar() == 20
     assert not [p.name for p in tmp_path.iterdir() if not p.name.startswith("demo.sqlite")]  # nothing made beside it
+
+
+def test_a_relative_model_directory_is_loaded_in_the_run_s_driver_and_recorded_as_one_model(tmp_path, fast_model):
+    """`--model models/tiny` validated beside the folder, then the run's driver, which works in a folder of its own,
+    found no model there; and each spelling of one directory would have been another model to the target."""
+    shutil.copytree(fast_model, tmp_path / "models" / "tiny")
+    seed_demo(f"sqlite:///{tmp_path / 'demo.sqlite'}", n=20)
+
+    def cli_here(*args):
+        return subprocess.run([sys.executable, "-m", "jobs", *args], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+    out = cli_here(*run_args("sqlite:///demo.sqlite", "tiny_emb", "--master", "local[1]", "--model", "models/tiny"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    with db.engine_for(f"sqlite:///{tmp_path / 'demo.sqlite'}").connect() as conn:
+        models = conn.execute(sa.text("SELECT DISTINCT model FROM tiny_emb")).scalars().all()
+    assert models == [str(tmp_path / "models" / "tiny")]
+    found = cli_here("search", "--db", "sqlite:///demo.sqlite", "--target", "tiny_emb", "--model", "./models/tiny", "x")
+    assert found.returncode == 0 and "differs" not in found.stderr, found.stderr
 
 
 @pytest.mark.parametrize("env", [{"EMBEDDECK_HOME": "state"},

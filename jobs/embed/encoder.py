@@ -50,6 +50,19 @@ def model_path(model: str) -> str:
     )
 
 
+def absolute_model(model: str) -> str:
+    """The packaged model's name as it is; a model directory by its absolute path: a run's driver and executors work
+    in folders of their own (`--model models/m` loaded nothing there), and a target records one directory as one
+    model however it was typed."""
+    if model in PACKAGED_MODELS:
+        return model
+    try:
+        path = Path(model).expanduser()
+        return str(path.resolve()) if path.is_dir() else model
+    except (OSError, RuntimeError, ValueError):
+        return model  # not a directory: model_path names the problem
+
+
 def cpu_has_bf16_units() -> bool:
     """Whether this CPU has bf16 matrix units (AMX or AVX-512 BF16), where bf16 pays."""
     try:

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from jobs.core import vectors
 from jobs.core.errors import BadRequest
 from jobs.core.settings import Settings
-from jobs.embed.encoder import get_encoder
+from jobs.embed.encoder import absolute_model, get_encoder
 from jobs.store import db, endpoints
 
 SCAN_CHUNK_ROWS = 20_000
@@ -343,7 +343,8 @@ def search(db_url: str, target_name: str, query: str, k: int = 10, model: str | 
     db.check_target(target, engine)
     stored = db.target_models(engine, target)
     origin = db.target_origin(engine, target_name)
-    use_model = model or (stored[0] if len(stored) == 1 else (origin or {}).get("model")) or "all-MiniLM-L6-v2"
+    stored_model = (stored[0] if len(stored) == 1 else (origin or {}).get("model")) or "all-MiniLM-L6-v2"
+    use_model = absolute_model(model) if model else stored_model
     warnings = []
     if stored and use_model not in stored:
         warnings.append(f"query model {use_model} differs from the stored vectors' model "
