@@ -16,7 +16,7 @@ MODES = ("incremental", "full")
 DEFAULT_BATCH_SIZE = 128
 # The in-process masters Spark accepts (SparkMasterRegex): local, local[N] or local[*], with ", F" task retries.
 _LOCAL_MASTER = re.compile(r"local(\[([1-9][0-9]*|\*)(\s*,\s*[1-9][0-9]*)?\])?")
-MASTER_FORMS = "local[N] (N 1 or more, or *) or spark://host:port"
+_MASTER_FORMS = "local[N] (N 1 or more, or *) or spark://host:port"
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def check_master_url(master: str) -> None:
     had started a driver that died at once ("killed or crashed"), or raised a traceback."""
     if _LOCAL_MASTER.fullmatch(master):
         return
-    problem = f"master must be {MASTER_FORMS}, not {master!r}"
+    problem = f"master must be {_MASTER_FORMS}, not {master!r}"
     parts = urlsplit(master)
     if parts.scheme != "spark":
         raise BadRequest(problem)

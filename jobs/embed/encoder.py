@@ -57,10 +57,9 @@ def absolute_model(model: str) -> str:
     if model in PACKAGED_MODELS:
         return model
     try:
-        path = Path(model).expanduser()
-        return str(path.resolve()) if path.is_dir() else model
-    except (OSError, RuntimeError, ValueError):
-        return model  # not a directory: model_path names the problem
+        return model_path(model)
+    except BadRequest:
+        return model  # no model directory: validation names the problem where it checks the model
 
 
 def cpu_has_bf16_units() -> bool:

@@ -164,25 +164,29 @@ def check_connection(url: str, timeout_s: float | None = None) -> Engine:
         raise Unavailable(connection_error_message(exc, url)) from None
 
 
+def _sqlite_file(url: str) -> str | None:
+    """The file path a SQLite URL names as written; None for other databases, in-memory ones and `file:` URIs."""
+    parsed = make_url(url)
+    path = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:" or path.startswith("file:"):
+        return None
+    return path
+
+
 def absolute_url(url: str) -> str:
     """The URL with a relative SQLite path made absolute against this process's folder: a run's driver and its
     tasks work in folders of their own, where `sqlite:///data.sqlite` named no file."""
-    parsed = make_url(url)
-    path = parsed.database
-    if (parsed.get_backend_name() != "sqlite" or not path or path == ":memory:" or path.startswith("file:")
-            or Path(path).is_absolute()):
+    path = _sqlite_file(url)
+    if path is None or Path(path).is_absolute():
         return url
-    return parsed.set(database=str(Path(path).resolve())).render_as_string(hide_password=False)
+    return make_url(url).set(database=str(Path(path).resolve())).render_as_string(hide_password=False)
 
 
 def _missing_sqlite_file(url: str) -> str | None:
     """The file a SQLite URL names where it does not exist: connecting would create it (and its folders), and a
     mistyped path would then read as a database without tables."""
-    parsed = make_url(url)
-    path = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:" or path.startswith("file:"):
-        return None
-    return None if Path(path).exists() else path
+    path = _sqlite_file(url)
+    return None if path is None or Path(path).exists() else path
 
 
 def _probe(url: str, timeout_s: float) -> None:

@@ -14,7 +14,8 @@ from jobs.store import db
 DEMO_TABLE = "products"
 DEMO_TARGET = "product_embeddings"
 DEMO_ROWS = 6000
-# Enough for a scale test (about 2 minutes and 2.5 GB of SQLite); rows are generated and inserted a chunk at a time.
+# Enough for a scale test: 300,000 rows took 3-4 s and 72 MB of SQLite here, so this is about 2 minutes and 2.4 GB.
+# Rows are generated and inserted a chunk at a time, which keeps the seeding process's memory flat (78 MB peak).
 DEMO_MAX_ROWS = 10_000_000
 SEED_CHUNK_ROWS = 10_000
 
