@@ -177,6 +177,27 @@ def test_an_id_column_that_is_no_key_fails_the_run_naming_it_and_writes_nothing(
         assert conn.execute(sa.text("SELECT count(*) FROM loose_more_emb")).scalar() == 0
 
 
+@pytest.mark.parametrize(("declared", "values", "named"), [
+    ("BIGINT", [1, 2, "abc", 2.5, b"\x01"], r"is declared BIGINT, but 3 of its ids are not integers \(such as 'abc'\)"),
+    ("NUMERIC(10, 0)", [1, "x"], r"is declared NUMERIC\(10, 0\), but 1 of its ids are not integers \(such as 'x'\)"),
+    ("VARCHAR(20)", ["a", b"\x01\x02"], r"is declared VARCHAR\(20\), but 1 of its ids are not text \(such as "
+                                         r"X'0102'\)"),
+])
+def test_sqlite_ids_of_another_kind_than_declared_fail_the_run_naming_one(spark, sqlite_url, declared, values, named):
+    """SQLite keeps any value in any column: a BIGINT key holding 'abc' failed the run on its first write with
+    "datatype mismatch", a NUMERIC one with "must be real number, not str", and a blob in a text key made a target
+    that search then failed on with a traceback. Each is named in planning, before a vector is written."""
+    engine = db.engine_for(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE mixed (item_id {declared} PRIMARY KEY, descr TEXT)"))
+        for i, value in enumerate(values):
+            conn.execute(sa.text("INSERT INTO mixed VALUES (:id, :text)"), {"id": value, "text": f"a lamp {i}"})
+    with pytest.raises(BadRequest, match=r"id column 'item_id' of 'mixed' " + named + ": SQLite keeps any value"):
+        run(spark, sqlite_url, source="mixed", target="mixed_emb")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM mixed_emb")).scalar() == 0
+
+
 @pytest.mark.parametrize("db_name", ["sqlite", "postgres"])
 def test_key_ranges_hold_equal_rows_however_the_ids_are_spread(spark, sqlite_url, pg_url, db_name):
     """Ranges split the id span evenly: one id far beyond the rest put every other row in the first range, so one

@@ -379,6 +379,13 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
     if without_id:
         raise BadRequest(f"id column {spec.id_column!r} of {spec.source!r} is NULL in {without_id} rows. "
                          f"{ONE_ROW_PER_ID}")
+    misfits = db.misfit_ids(engine, tables.source, tables.id_col)
+    if misfits:
+        kind = "integers" if db.is_integer_type(tables.id_col.type) else "text"
+        raise BadRequest(f"id column {spec.id_column!r} of {spec.source!r} is declared {tables.id_col.type}, but "
+                         f"{misfits[0]} of its ids are not {kind} (such as {misfits[1]}): SQLite keeps any value in "
+                         f"any column, a target's key only its own kind. Make them so, or key the run by another "
+                         f"column.")
     rows = min(rows, spec.limit_rows or rows)
     if not rows:  # an emptied source leaves its target empty too
         registry.start(run_id, 0, 0)

@@ -454,6 +454,19 @@ def id_counts(engine: Engine, source: sa.Table, id_col: sa.Column) -> tuple[int,
     return int(with_id), int(rows) - int(with_id)
 
 
+def misfit_ids(engine: Engine, source: sa.Table, id_col: sa.Column) -> tuple[int, str] | None:
+    """(how many, the least quoted) of the ids that are not of their column's declared kind, or None. Only SQLite
+    keeps any value in any column (`x` in a BIGINT key); the target's key, an alias of the rowid, cannot hold it."""
+    if engine.dialect.name != "sqlite":
+        return None
+    kind = "integer" if is_integer_type(id_col.type) else "text"
+    with engine.connect() as conn:
+        count, example = conn.execute(
+            sa.select(sa.func.count(), sa.func.min(sa.func.quote(id_col))).select_from(source)
+            .where(sa.func.typeof(id_col).not_in([kind, "null"]))).one()
+    return (int(count), example) if count else None
+
+
 def ids_at_query(source: sa.Table, id_col: sa.Column, positions: list[int]) -> sa.Select:
     """(position, id) at these 0-based positions of the source's rows in id order; the scan stops at the last."""
     first = (sa.select(id_col.label("id")).select_from(source).where(id_col.is_not(None))
