@@ -195,6 +195,22 @@ def test_a_relative_model_directory_is_loaded_in_the_run_s_driver_and_recorded_a
     assert found.returncode == 0 and "differs" not in found.stderr, found.stderr
 
 
+def test_the_packaged_model_s_hub_name_is_the_same_model_to_a_target(tmp_path):
+    """`--model sentence-transformers/all-MiniLM-L6-v2`, the name the model hub gives it, was recorded as typed: a
+    run by the short name then re-embedded every row as another model's, and search warned of a model mismatch."""
+    url = f"sqlite:///{tmp_path / 'demo.sqlite'}"
+    seed_demo(url, n=20)
+    first = cli(*run_args(url, "hub_emb", "--master", "local[1]", "--model", "sentence-transformers/all-MiniLM-L6-v2"))
+    assert first.returncode == 0, first.stderr
+    again = cli(*run_args(url, "hub_emb", "--master", "local[1]", "--mode", "incremental"))
+    assert again.returncode == 0, again.stderr
+    assert "0/0 rows" in again.stdout and "skipped 20" in again.stdout, again.stdout
+    with db.engine_for(url).connect() as conn:
+        assert conn.execute(sa.text("SELECT DISTINCT model FROM hub_emb")).scalars().all() == ["all-MiniLM-L6-v2"]
+    found = cli("search", "--db", url, "--target", "hub_emb", "--model", "sentence-transformers/all-MiniLM-L6-v2", "x")
+    assert found.returncode == 0 and "differs" not in found.stderr, found.stderr
+
+
 @pytest.mark.parametrize("env", [{"EMBEDDECK_HOME": "state"},
                                  {"EMBEDDECK_REGISTRY_URL": "sqlite:///registry.sqlite"}])
 def test_a_relative_home_or_registry_names_the_same_files_in_the_run_s_driver(tmp_path, fast_model, env):

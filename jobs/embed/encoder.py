@@ -51,11 +51,11 @@ def model_path(model: str) -> str:
 
 
 def absolute_model(model: str) -> str:
-    """The packaged model's name as it is; a model directory by its absolute path: a run's driver and executors work
-    in folders of their own (`--model models/m` loaded nothing there), and a target records one directory as one
-    model however it was typed."""
+    """The packaged model by its short name; a model directory by its absolute path: a run's driver and executors
+    work in folders of their own (`--model models/m` loaded nothing there), and a target records one model as one
+    however it was typed (`sentence-transformers/all-MiniLM-L6-v2` had re-embedded every row of a target)."""
     if model in PACKAGED_MODELS:
-        return model
+        return DEFAULT_MODEL
     try:
         return model_path(model)
     except BadRequest:
