@@ -12,6 +12,7 @@ from sqlalchemy.dialects.mssql import pyodbc as mssql_pyodbc
 from sqlalchemy.schema import CreateTable
 
 from jobs.core.errors import BadRequest, Unavailable
+from jobs.core.processes import free_port
 from jobs.core.spec import RunSpec
 from jobs.core.texts import MAX_TEXT_CHARS, normalize_text
 from jobs.embed import search
@@ -692,6 +693,42 @@ def test_old_worker_samples_are_thinned_without_changing_a_cost_or_the_charts_ga
     assert after_cost == pytest.approx(before_cost) and after_breaks == before_breaks != []
     assert [r["at"] for r in history.samples(limit=31)][:30] == [at for at, _ in recent]  # the last day: all
     assert history.thin(now - dt.timedelta(days=1)) == 0  # thinning again finds nothing more
+
+
+def test_seed_demo_names_a_database_it_cannot_reach_in_one_line(tmp_path, pg_url):
+    """seed-demo (what `make run` calls first) answered a wrong password, a server that is down or a file that is
+    not a database with SQLAlchemy's traceback; the other verbs with one line and exit 2, as it does now."""
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"not a database\n" * 100)
+    for url, reason in [(pg_url.replace("s3cret-pg", "wrong-pw"), "password authentication failed"),
+                        (f"postgresql+psycopg://u:pw-secret@127.0.0.1:{free_port()}/x", "Connection refused"),
+                        (f"sqlite:///{garbage}", "file is not a database")]:
+        out = subprocess.run([sys.executable, "-m", "jobs", "seed-demo", "--db", url], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.startswith("error: cannot connect to ") and reason in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and "wrong-pw" not in out.stderr + out.stdout
+        assert "pw-secret" not in out.stderr + out.stdout
+    assert garbage.read_bytes() == b"not a database\n" * 100  # left as it was
+
+
+@pytest.mark.parametrize(("url", "named"), [
+    ("mysql://u:pw-secret@127.0.0.1/x", "database 'mysql' is not supported"),
+    ("postgresql+psycopg2://u:pw-secret@127.0.0.1/x", "database driver 'postgresql+psycopg2' is not installed here"),
+    ("not a url pw-secret", "the database URL is not one SQLAlchemy reads"),
+])
+@pytest.mark.parametrize("verb", [["seed-demo"], ["search", "--target", "t", "q"],
+                                  ["run", "--source", "s", "--id-column", "id", "--text-column", "t", "--target",
+                                   "e"]])
+def test_a_database_embeddeck_does_not_run_on_is_named_as_bad_input(url, named, verb):
+    """`--db mysql://…` read "cannot connect to mysql://…: No module named 'MySQLdb'" (exit 2 as a server to retry,
+    503 on the API), and seed-demo a traceback: it is the caller's choice of database, named with the forms taken."""
+    out = subprocess.run([sys.executable, "-m", "jobs", verb[0], "--db", url, *verb[1:]], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(f"error: {named}") and ": sqlite:///path, postgresql+psycopg://" in out.stderr, \
+        out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "pw-secret" not in out.stderr + out.stdout
 
 
 def test_seed_demo_refuses_a_count_it_cannot_make_and_fills_a_missing_table_in_chunks(sqlite_url):

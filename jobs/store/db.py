@@ -100,11 +100,25 @@ def _sqlite_on_connect(dbapi_conn, _record) -> None:
     cur.close()
 
 
+URL_FORMS = "sqlite:///path, postgresql+psycopg://user:pw@host/db or mssql+pyodbc://user:pw@host:1433/db?driver=…"
+
+
+def parse_url(url: str) -> sa.URL:
+    """The URL's parts; BadRequest, which never quotes it (it may hold a password), where it has none."""
+    try:
+        return make_url(url)
+    except sa.exc.ArgumentError:
+        raise BadRequest(f"the database URL is not one SQLAlchemy reads: {URL_FORMS}") from None
+
+
 @functools.lru_cache(maxsize=16)
 def engine_for(url: str) -> Engine:
-    """One pooled engine per URL per process."""
-    parsed = make_url(url)
+    """One pooled engine per URL per process; BadRequest for a URL of a database or driver EmbedDeck does not run on
+    (it had read as "cannot connect …: No module named 'MySQLdb'", a server to try again later)."""
+    parsed = parse_url(url)
     backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql", "mssql"):
+        raise BadRequest(f"database {backend!r} is not supported: {URL_FORMS}")
     kwargs: dict = {"pool_pre_ping": True}
     if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -116,7 +130,11 @@ def engine_for(url: str) -> Engine:
         kwargs["fast_executemany"] = "ODBC Driver" in driver
     elif backend == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": 10}
-    engine = sa.create_engine(parsed, **kwargs)
+    try:
+        engine = sa.create_engine(parsed, **kwargs)
+    except (ImportError, sa.exc.NoSuchModuleError) as exc:
+        raise BadRequest(f"database driver {parsed.drivername!r} is not installed here "
+                         f"({getattr(exc, 'name', None) or exc}): {URL_FORMS}") from None
     if backend == "sqlite":
         sa.event.listen(engine, "connect", _sqlite_on_connect)
     return engine
@@ -145,11 +163,11 @@ def connection_error_message(exc: Exception, url: str) -> str:
     return f"cannot connect to {redact_url(url)}: {hide_secrets(reason, url)}"
 
 
-def check_connection(url: str, timeout_s: float | None = None) -> Engine:
+def check_connection(url: str, timeout_s: float | None = None, create: bool = False) -> Engine:
     """Engine for url after a round trip (bounded by timeout_s when given); raises Unavailable with a
-    redacted message."""
+    redacted message. A SQLite file is made only where `create` says so (seed-demo's)."""
     try:
-        missing = _missing_sqlite_file(url)
+        missing = None if create else _missing_sqlite_file(url)
         if missing:
             raise BadRequest(f"database file {missing} does not exist")
         engine = engine_for(url)
@@ -166,7 +184,7 @@ def check_connection(url: str, timeout_s: float | None = None) -> Engine:
 
 def _sqlite_file(url: str) -> str | None:
     """The file path a SQLite URL names as written; None for other databases, in-memory ones and `file:` URIs."""
-    parsed = make_url(url)
+    parsed = parse_url(url)
     path = parsed.database
     if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:" or path.startswith("file:"):
         return None

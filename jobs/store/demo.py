@@ -110,7 +110,7 @@ def seed_demo(url: str | None = None, n: int = DEMO_ROWS, table: str = DEMO_TABL
     out of 1..DEMO_MAX_ROWS, before anything is created."""
     if not 1 <= n <= DEMO_MAX_ROWS:
         raise BadRequest(f"demo rows must be between 1 and {DEMO_MAX_ROWS}, not {n}")
-    engine = db.engine_for(url or Settings().db_url)
+    engine = db.check_connection(url or Settings().db_url, create=True)
     meta = sa.MetaData()
     products_table = sa.Table(
         table, meta,
