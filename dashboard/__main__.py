@@ -46,7 +46,11 @@ def main() -> int:
               "Container Apps the dashboard is its own container app (docker/README.md); nothing was started",
               file=sys.stderr)
         return 2
-    print(f"demo data: {seed_demo()} rows in table products")
+    try:
+        print(f"demo data: {seed_demo()} rows in table products")
+    except EmbedDeckError as exc:  # a database that does not answer, or a file that is not one
+        print(f"error: {exc}; nothing was started", file=sys.stderr)
+        return 2
     state = cluster.master_state()
     ours = not state.reachable  # a cluster already up (`python -m cluster up`) is left as it is, and running
     try:

@@ -413,6 +413,26 @@ def test_make_run_on_the_aca_backend_refuses_before_it_starts_anything(tmp_path)
     assert not (tmp_path / "embeddeck.sqlite").exists() and not (tmp_path / "cluster").exists()
 
 
+def test_make_run_names_a_database_it_cannot_seed_before_it_starts_anything(tmp_path):
+    """`make run` over a file that is not a database (or a server that does not answer) ended in SQLAlchemy's
+    traceback from the demo seed."""
+    import os
+    import subprocess
+    import sys
+
+    from jobs.core.processes import free_port
+
+    garbage = tmp_path / "garbage.sqlite"
+    garbage.write_bytes(b"not a database\n" * 100)
+    env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), EMBEDDECK_DASHBOARD_PORT=str(free_port()),
+               EMBEDDECK_DB_URL=f"sqlite:///{garbage}")
+    out = subprocess.run([sys.executable, "-m", "dashboard"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert f"error: cannot connect to sqlite:///{garbage}: file is not a database; nothing was started" in out.stderr
+    assert "Spark master" not in out.stdout and garbage.read_bytes() == b"not a database\n" * 100
+
+
 @pytest.mark.parametrize("module", ["dashboard", "dashboard.server"])
 def test_make_run_and_the_server_refuse_numbers_set_wrong_before_they_start_anything(tmp_path, module):
     """EMBEDDECK_DASHBOARD_PORT=abc ended `make run` in a ValueError traceback, and a price or worker limit that is
