@@ -45,8 +45,9 @@ def resolve_master(requested: str | None = None) -> str:
     return service["master"] if service else "local[*]"
 
 
-def validate(spec: RunSpec) -> db.Tables:
-    """Everything checked before a run is recorded: shape, settings, connection, catalog, model, master."""
+def validate(spec: RunSpec) -> tuple[RunSpec, db.Tables]:
+    """Everything checked before a run is recorded: shape, settings, connection, catalog, model, master. Returns the
+    spec to record, its tables and columns named as the catalog spells them, and those tables."""
     spec.check_shape()
     Settings().check_values()  # its driver reads them: Spark refused a bad memory size before the run could say why
     engine = db.check_connection(spec.db_url)
@@ -54,7 +55,7 @@ def validate(spec: RunSpec) -> db.Tables:
     if not spec.endpoint:
         model_path(spec.model)
     check_master(spec.master)
-    return tables
+    return db.spelled_as_catalog(spec, tables), tables
 
 
 def health(timeout_s: float = 3.0) -> dict[str, str]:
@@ -150,8 +151,7 @@ def dispatch(registry: Registry) -> list[str]:
 
 def launch(spec: RunSpec, registry: Registry | None = None) -> str:
     """Validate once, record and start a run; returns its id at once."""
-    validate(spec)
-    return record(spec, registry or Registry())
+    return record(validate(spec)[0], registry or Registry())
 
 
 def get(run_id: str, registry: Registry) -> Run:

@@ -36,7 +36,7 @@ master = st.text_input("Spark master", value=lifecycle.resolve_master())
 spec = RunSpec(db_url=url, source=source, id_column=id_column, text_column=text_column, target=target,
                model=model, batch_size=int(batch_size), mode=mode, master=master, launched_by="dashboard")
 try:
-    checked = lifecycle.validate(spec)
+    spec, checked = lifecycle.validate(spec)
     pending = db.count_unembedded(engine, checked, model)
     st.caption(f"{pending:,} rows still need a vector of {model} (new rows or another model; "
                "changed texts are found when the run plans).")

@@ -3,6 +3,7 @@
 import datetime as dt
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -91,6 +92,33 @@ def test_a_target_in_a_schema_that_does_not_exist_is_named_before_the_run(dialec
                                          rf"{default}(, \w+)*\); a name with a dot is read as schema\.table$"):
         db.inspect_run(engine, spec_for(url, target="my.docs_emb"))
     assert db.inspect_run(engine, spec_for(url, target=f"{default}.docs_emb")).target is None  # one that exists
+
+
+def test_names_in_another_case_resolve_to_the_one_table_or_column_the_catalog_has(pg_url):
+    """On PostgreSQL, too, `GADGETS` finds the one table "Gadgets" and `id` the column "Id" (each spelled as the
+    catalog does in the spec a run records); where two differ only in case, the exact name wins, and a third
+    spelling guesses neither."""
+    engine = db.engine_for(pg_url)
+    with engine.begin() as conn:
+        for name in ("Gadgets", "gadgets", "Widgets", "widgets_emb"):
+            conn.execute(sa.text(f'DROP TABLE IF EXISTS "{name}"'))
+        conn.execute(sa.text('CREATE TABLE "Widgets" ("Id" integer PRIMARY KEY, "Body" text)'))
+    spec = spec_for(pg_url, source="WIDGETS", id_column="id", text_column="BODY", target="widgets_emb")
+    tables = db.inspect_run(engine, spec)
+    recorded = db.spelled_as_catalog(spec, tables)
+    assert (recorded.source, recorded.id_column, recorded.text_column, recorded.target) == \
+        ("Widgets", "Id", "Body", "widgets_emb")
+    db.ensure_target(engine, recorded, tables, 384)
+    db.record_target(engine, recorded)
+    # The target now exists: a run naming it in capitals is the same run to it.
+    again = db.spelled_as_catalog(spec, db.inspect_run(engine, replace(spec, target="WIDGETS_EMB")))
+    assert again == recorded
+    with engine.begin() as conn:
+        for name in ("Gadgets", "gadgets"):
+            conn.execute(sa.text(f'CREATE TABLE "{name}" (id integer PRIMARY KEY, body text)'))
+    assert db.reflect(engine, "Gadgets").name == "Gadgets" and db.reflect(engine, "gadgets").name == "gadgets"
+    with pytest.raises(BadRequest, match=r"source table 'GADGETS' does not exist \(tables: .*Gadgets, .*gadgets"):
+        db.reflect(engine, "GADGETS", "source")
 
 
 @pytest.mark.parametrize("name", ['my table', 'we"ird', "semi;colon", "x'); DROP TABLE docs; --"])

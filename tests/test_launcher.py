@@ -211,6 +211,28 @@ def test_the_packaged_model_s_hub_name_is_the_same_model_to_a_target(tmp_path):
     assert found.returncode == 0 and "differs" not in found.stderr, found.stderr
 
 
+def test_names_typed_in_another_case_are_the_catalog_s_tables_and_columns(tmp_path):
+    """SQLite (and SQL Server) read `PRODUCTS` as `products`, and so did the checks, but not all of SQLAlchemy's
+    reflection: `--target CI_EMB` over `ci_emb` ended in NoSuchTableError (run and search), `--id-column ID` was
+    "not in table", and a target filled from `PRODUCTS` refused a run from `products` as another table's."""
+    url = f"sqlite:///{tmp_path / 'demo.sqlite'}"
+    seed_demo(url, n=20)
+    first = cli("run", "--db", url, "--source", "PRODUCTS", "--id-column", "ID", "--text-column", "Description",
+                "--target", "ci_emb", "--master", "local[1]")
+    assert first.returncode == 0, first.stderr
+    again = cli(*run_args(url, "CI_EMB", "--master", "local[1]"))
+    assert again.returncode == 0, again.stderr
+    assert "0/0 rows" in again.stdout and "skipped 20" in again.stdout, again.stdout
+    with db.engine_for(url).connect() as conn:
+        assert conn.execute(sa.text("SELECT target, source, id_column, text_column FROM embeddeck_targets")).all() \
+            == [("ci_emb", "products", "id", "description")]
+    runs = json.loads(cli("list", "--json").stdout)[:2]
+    assert [(r["source"], r["target"]) for r in runs] == [("products", "ci_emb")] * 2
+    found = cli("search", "--db", url, "--target", "Ci_Emb", "--json", "-k", "1", "lamp")
+    assert found.returncode == 0, found.stderr
+    assert json.loads(found.stdout)[0]["text"], found.stdout  # the source's text, found by the target's origin
+
+
 @pytest.mark.parametrize("env", [{"EMBEDDECK_HOME": "state"},
                                  {"EMBEDDECK_REGISTRY_URL": "sqlite:///registry.sqlite"}])
 def test_a_relative_home_or_registry_names_the_same_files_in_the_run_s_driver(tmp_path, fast_model, env):

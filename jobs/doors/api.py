@@ -209,7 +209,7 @@ def runs_router(registry: Registry) -> APIRouter:
                        text_column=settings.raw("EMBEDDECK_DEFAULT_TEXT_COLUMN"),
                        target=settings.raw("EMBEDDECK_DEFAULT_TARGET"), model=model,
                        master=lifecycle.resolve_master(), limit_rows=rows, launched_by="api")
-        lifecycle.validate(spec)
+        spec, _ = lifecycle.validate(spec)
         if workers is not None:
             scaling.set_manual(workers, registry)
         return accepted(lifecycle.record(spec, registry))

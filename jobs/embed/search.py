@@ -342,7 +342,7 @@ def search(db_url: str, target_name: str, query: str, k: int = 10, model: str | 
     target = db.reflect(engine, target_name, "target")
     db.check_target(target, engine)
     stored = db.target_models(engine, target)
-    origin = db.target_origin(engine, target_name)
+    origin = db.target_origin(engine, db.qualified_name(target))  # as runs record it
     stored_model = (stored[0] if len(stored) == 1 else (origin or {}).get("model")) or "all-MiniLM-L6-v2"
     use_model = absolute_model(model) if model else stored_model
     warnings = []

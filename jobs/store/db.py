@@ -10,7 +10,7 @@ import datetime as dt
 import functools
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -266,11 +266,32 @@ def list_targets(engine: Engine) -> list[str]:
 
 
 def _split_name(engine: Engine, name: str) -> tuple[str | None, str]:
-    """(schema, table) of a name as list_tables gives it; a default-schema table named with a dot is itself."""
+    """(schema, table) of a name as list_tables gives it, the table as the catalog spells it (_catalog_case); a
+    default-schema table named with a dot is itself."""
     if "." not in name or sa.inspect(engine).has_table(name):  # has_table finds views too
-        return None, name
-    schema, _, table = name.partition(".")
-    return schema, table
+        schema, table = None, name
+    else:
+        schema, _, table = name.partition(".")
+    return schema, _catalog_case(engine, schema, table)
+
+
+def _catalog_case(engine: Engine, schema: str | None, table: str) -> str:
+    """The catalog's spelling of a table typed in another case, where it is the schema's one table or view of that
+    name regardless of case; else the name as typed. SQLite and SQL Server read `PRODUCTS` as `products`, and so did
+    half of SQLAlchemy's reflection: `--target CI_EMB` over `ci_emb` ended in NoSuchTableError."""
+    try:
+        names = _relations(sa.inspect(engine), schema)
+    except sa.exc.SQLAlchemyError:  # a schema that does not exist: the checks after this name it
+        return table
+    if table in names:
+        return table
+    matches = [n for n in names if n.lower() == table.lower()]
+    return matches[0] if len(matches) == 1 else table
+
+
+def qualified_name(table: sa.Table) -> str:
+    """A reflected table's name as list_tables gives it: `schema.table` outside the default schema."""
+    return _qualified(table.schema, table.name)
 
 
 def _check_schema(engine: Engine, schema: str | None, name: str) -> None:
@@ -297,11 +318,15 @@ def reflect(engine: Engine, name: str, role: str = "table") -> sa.Table:
 
 
 def column(table: sa.Table, name: str, role: str) -> sa.Column:
-    """A column of table; BadRequest naming it and the columns that exist."""
-    if name not in table.c:
-        known = ", ".join(c.name for c in table.c)
-        raise BadRequest(f"{role} column {name!r} is not in table {table.name!r} (columns: {known})")
-    return table.c[name]
+    """A column of table, typed in any case where only one column matches it so; BadRequest naming it and the columns
+    that exist."""
+    if name in table.c:
+        return table.c[name]
+    matches = [c for c in table.c if c.name.lower() == name.lower()]
+    if len(matches) == 1:
+        return matches[0]
+    known = ", ".join(c.name for c in table.c)
+    raise BadRequest(f"{role} column {name!r} is not in table {table.name!r} (columns: {known})")
 
 
 def key_columns(engine: Engine, table: sa.Table) -> list[str]:
@@ -367,9 +392,19 @@ def inspect_run(engine: Engine, spec: RunSpec) -> Tables:
     if sa.inspect(engine).has_table(name, schema=schema):
         target = sa.Table(name, sa.MetaData(), schema=schema, autoload_with=engine)
         check_target(target, engine)
-        check_origin(engine, spec)
-    native = target is not None and isinstance(target.c.embedding.type, MSSQLVector)
-    return Tables(source, id_col, text_col, target, native)
+    tables = Tables(source, id_col, text_col, target,
+                    target is not None and isinstance(target.c.embedding.type, MSSQLVector))
+    if target is not None:
+        check_origin(engine, spelled_as_catalog(spec, tables))
+    return tables
+
+
+def spelled_as_catalog(spec: RunSpec, tables: Tables) -> RunSpec:
+    """The spec with its tables and columns named as the catalog spells them (a new target as typed): a target
+    remembers its source by name, and `--source PRODUCTS` had been another table to it than `products`."""
+    target = spec.target if tables.target is None else qualified_name(tables.target)
+    return replace(spec, source=qualified_name(tables.source), id_column=tables.id_col.name,
+                   text_column=tables.text_col.name, target=target)
 
 
 def check_origin(engine: Engine, spec: RunSpec) -> None:
