@@ -546,7 +546,12 @@ def text_prefix(text_col: sa.Column, dialect_name: str) -> sa.ColumnElement:
     chars, units, octets = MAX_TEXT_CHARS, 2 * MAX_TEXT_CHARS, 4 * MAX_TEXT_CHARS
     if dialect_name == "sqlite":  # typed per value, whatever the column declares
         kind = sa.func.typeof(text_col)
-        return sa.case((kind == "text", sa.func.substr(text_col, 1, chars)),
+        # SQLite's text functions end a text at its first NUL ('a\0b' read as 'a'), so such a text is read as its
+        # bytes (UTF-8 in every database SQLite makes unless told otherwise), and normalize_text blanks the NULs.
+        as_bytes = sa.func.substr(sa.cast(text_col, sa.LargeBinary), 1, octets)
+        nul = sa.func.instr(as_bytes, sa.literal(b"\0", sa.LargeBinary)) > 0  # in the bytes kept: 1.3 GB/s here
+        return sa.case((sa.and_(kind == "text", ~nul), sa.func.substr(text_col, 1, chars)),
+                       (kind == "text", as_bytes),
                        (kind == "blob", sa.func.substr(text_col, 1, octets)), else_=text_col)
     if isinstance(text_col.type, sa.LargeBinary):
         return sa.func.substring(text_col, 1, octets)
