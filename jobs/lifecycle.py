@@ -55,7 +55,11 @@ def validate(spec: RunSpec) -> tuple[RunSpec, db.Tables]:
     if not spec.endpoint:
         model_path(spec.model)
     check_master(spec.master)
-    return db.spelled_as_catalog(spec, tables), tables
+    # Absolute: the run's driver works in a folder of its own; and one key per target, one model per target, however
+    # a path or the model was written.
+    recorded = replace(db.spelled_as_catalog(spec, tables), db_url=db.absolute_url(spec.db_url),
+                       model=spec.model if spec.endpoint else absolute_model(spec.model))
+    return recorded, tables
 
 
 def health(timeout_s: float = 3.0) -> dict[str, str]:
@@ -72,11 +76,9 @@ def health(timeout_s: float = 3.0) -> dict[str, str]:
 
 
 def record(spec: RunSpec, registry: Registry) -> str:
-    """Record a validated spec as a waiting run (URL redacted) and start it, unless EMBEDDECK_MAX_ACTIVE_RUNS runs
-    are started or the run service is still starting; returns its id. Conflict when its target has an active run."""
-    # Absolute: the run's driver works in a folder of its own; and one key per target, however its path was written.
-    spec = replace(spec, db_url=db.absolute_url(spec.db_url),
-                   model=spec.model if spec.endpoint else absolute_model(spec.model))
+    """Record the spec validate returned as a waiting run (URL redacted) and start it, unless EMBEDDECK_MAX_ACTIVE_RUNS
+    runs are started or the run service is still starting; returns its id. Conflict when its target has an active
+    run."""
     redacted = db.redact_url(spec.db_url)
     run_id = new_run_id()
     _keep_url(run_id, spec.db_url)  # first: once recorded, any reader may start the run, and reads the URL here

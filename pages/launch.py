@@ -37,7 +37,7 @@ spec = RunSpec(db_url=url, source=source, id_column=id_column, text_column=text_
                model=model, batch_size=int(batch_size), mode=mode, master=master, launched_by="dashboard")
 try:
     spec, checked = lifecycle.validate(spec)
-    pending = db.count_unembedded(engine, checked, model)
+    pending = db.count_unembedded(engine, checked, spec.model)  # as the run records it
     st.caption(f"{pending:,} rows still need a vector of {model} (new rows or another model; "
                "changed texts are found when the run plans).")
     shown = db.texts(engine, table, table.c[id_column], table.c[text_column], limit=5)  # as a run embeds them

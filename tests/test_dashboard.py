@@ -74,6 +74,11 @@ def test_launch_run_search_flow(demo):
     assert runs.button[0].label == "Rerun"  # a finished run offers rerun, not cancel
     assert runs.dataframe[0].value["state"].iloc[0] == "succeeded"
 
+    # The model hub's name of the packaged model is the model these rows hold (it had counted every row again).
+    again = page("launch")
+    again.text_input[1].set_value("sentence-transformers/all-MiniLM-L6-v2").run()
+    assert any(c.value.startswith("0 rows still need a vector") for c in again.caption), again.caption
+
     search = page("search")
     search.text_input[0].input("hiking boots for mountain trails")
     search.button[0].click().run()
