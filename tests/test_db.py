@@ -10,7 +10,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import mssql, postgresql
 from sqlalchemy.dialects.mssql import pyodbc as mssql_pyodbc
-from sqlalchemy.schema import CreateTable
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 from jobs.core.errors import BadRequest, Unavailable
 from jobs.core.processes import free_port
@@ -358,6 +358,24 @@ def test_search_answers_without_text_where_the_source_is_gone_or_altered(sqlite_
     gone = search.search(sqlite_url, "docs_emb", "tent", k=1)
     assert [h.id for h in gone.hits] == [2] and gone.warnings[0].startswith(
         "hits come without text: source table 'docs' does not exist")
+
+
+def test_a_target_name_near_the_database_s_limit_runs_and_one_beyond_it_is_refused_before_the_run(pg_url):
+    """PostgreSQL names hold 63 bytes: a 60-character target failed its run on the index named after it
+    (`ix_<target>_embedded_at`, 75), and a 71-character one was recorded and failed on its CREATE."""
+    engine = db.engine_for(pg_url)
+    make_source(pg_url, name="long_src", rows=[(1, "a")])
+    near, beyond = "t" * 59 + "_emb", "t" * 67 + "_emb"
+    for name in (near, "u" * 59 + "_emb"):  # two that differ only past the index's cut
+        spec = spec_for(pg_url, source="long_src", target=name)
+        target = db.ensure_target(engine, spec, db.inspect_run(engine, spec), 384)
+        assert [len(ix["name"]) <= 63 for ix in sa.inspect(engine).get_indexes(name)] == [True], target
+    assert db.inspect_run(engine, spec_for(pg_url, source="long_src", target=near)).target is not None
+    with pytest.raises(BadRequest, match=rf"^target table name '{beyond}' is 71 bytes long; postgresql holds names "
+                                         r"of at most 63: pick a shorter one$"):
+        db.inspect_run(engine, spec_for(pg_url, source="long_src", target=beyond))
+    index = CreateIndex(next(iter(db.target_table("x" * 126, sa.Integer(), sa.LargeBinary()).indexes)))
+    assert len(str(index.compile(dialect=mssql.dialect())).split()[2]) <= 128  # SQL Server's limit
 
 
 def test_mssql_target_ddl_varbinary_and_vector():

@@ -308,6 +308,17 @@ def _check_schema(engine: Engine, schema: str | None, name: str) -> None:
                          f"dot is read as schema.table")
 
 
+def _check_name_length(engine: Engine, name: str) -> None:
+    """BadRequest for a table name longer than the database holds: the run was recorded and failed on its CREATE
+    (PostgreSQL: 63 bytes; SQL Server: 128 characters)."""
+    limit = engine.dialect.max_identifier_length
+    size = len(name.encode()) if engine.dialect.name == "postgresql" else len(name)
+    if size > limit:
+        unit = "bytes" if engine.dialect.name == "postgresql" else "characters"
+        raise BadRequest(f"target table name {name!r} is {size} {unit} long; {engine.dialect.name} holds names of at "
+                         f"most {limit}: pick a shorter one")
+
+
 def reflect(engine: Engine, name: str, role: str = "table") -> sa.Table:
     """The table as the catalog has it; BadRequest naming it when it does not exist."""
     schema, table = _split_name(engine, name)
@@ -389,6 +400,7 @@ def inspect_run(engine: Engine, spec: RunSpec) -> Tables:
     target = None
     schema, name = _split_name(engine, spec.target)
     _check_schema(engine, schema, spec.target)
+    _check_name_length(engine, name)
     if sa.inspect(engine).has_table(name, schema=schema):
         target = sa.Table(name, sa.MetaData(), schema=schema, autoload_with=engine)
         check_target(target, engine)
@@ -432,7 +444,9 @@ def check_target(target: sa.Table, engine: Engine) -> None:
 def target_table(name: str, id_type: sa.types.TypeEngine, vector_type: sa.types.TypeEngine,
                  schema: str | None = None) -> sa.Table:
     """The target table's definition: one row per source id."""
-    metadata = sa.MetaData()
+    # A convention, not a name: SQLAlchemy cuts a convention's name to the database's limit with a hash of the whole
+    # (PostgreSQL's 63 characters refused `ix_<a 52-character target>_embedded_at`, and the run failed).
+    metadata = sa.MetaData(naming_convention={"ix": "ix_%(table_name)s_%(column_0_name)s"})
     table = sa.Table(
         name, metadata,
         sa.Column("source_id", id_type, primary_key=True, autoincrement=False),
@@ -443,7 +457,7 @@ def target_table(name: str, id_type: sa.types.TypeEngine, vector_type: sa.types.
         schema=schema,
     )
     # Progress is counted as rows embedded since the run started; the index keeps that cheap.
-    sa.Index(f"ix_{name}_embedded_at"[:120], table.c.embedded_at)
+    sa.Index(None, table.c.embedded_at)
     return table
 
 
