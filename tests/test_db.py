@@ -103,16 +103,19 @@ def test_names_in_another_case_resolve_to_the_one_table_or_column_the_catalog_ha
         for name in ("Gadgets", "gadgets", "Widgets", "widgets_emb"):
             conn.execute(sa.text(f'DROP TABLE IF EXISTS "{name}"'))
         conn.execute(sa.text('CREATE TABLE "Widgets" ("Id" integer PRIMARY KEY, "Body" text)'))
-    spec = spec_for(pg_url, source="WIDGETS", id_column="id", text_column="BODY", target="widgets_emb")
+    spec = spec_for(pg_url, source="public.WIDGETS", id_column="id", text_column="BODY", target="PUBLIC.widgets_emb")
     tables = db.inspect_run(engine, spec)
     recorded = db.spelled_as_catalog(spec, tables)
     assert (recorded.source, recorded.id_column, recorded.text_column, recorded.target) == \
-        ("Widgets", "Id", "Body", "widgets_emb")
+        ("Widgets", "Id", "Body", "widgets_emb")  # the default schema's tables as list_tables names them
     db.ensure_target(engine, recorded, tables, 384)
     db.record_target(engine, recorded)
     # The target now exists: a run naming it in capitals is the same run to it.
     again = db.spelled_as_catalog(spec, db.inspect_run(engine, replace(spec, target="WIDGETS_EMB")))
     assert again == recorded
+    # A target recorded before runs were spelled so (`public.widgets`, `ID`) takes the same run too.
+    db.record_target(engine, replace(recorded, source="public.widgets", id_column="ID"))
+    assert db.inspect_run(engine, recorded).target is not None
     with engine.begin() as conn:
         for name in ("Gadgets", "gadgets"):
             conn.execute(sa.text(f'CREATE TABLE "{name}" (id integer PRIMARY KEY, body text)'))

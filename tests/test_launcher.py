@@ -214,11 +214,12 @@ def test_the_packaged_model_s_hub_name_is_the_same_model_to_a_target(tmp_path):
 def test_names_typed_in_another_case_are_the_catalog_s_tables_and_columns(tmp_path):
     """SQLite (and SQL Server) read `PRODUCTS` as `products`, and so did the checks, but not all of SQLAlchemy's
     reflection: `--target CI_EMB` over `ci_emb` ended in NoSuchTableError (run and search), `--id-column ID` was
-    "not in table", and a target filled from `PRODUCTS` refused a run from `products` as another table's."""
+    "not in table", and a target filled from `PRODUCTS` (or `main.products`, the default schema's name) refused a
+    run from `products` as another table's."""
     url = f"sqlite:///{tmp_path / 'demo.sqlite'}"
     seed_demo(url, n=20)
-    first = cli("run", "--db", url, "--source", "PRODUCTS", "--id-column", "ID", "--text-column", "Description",
-                "--target", "ci_emb", "--master", "local[1]")
+    first = cli("run", "--db", url, "--source", "main.PRODUCTS", "--id-column", "ID", "--text-column",
+                "Description", "--target", "main.ci_emb", "--master", "local[1]")
     assert first.returncode == 0, first.stderr
     again = cli(*run_args(url, "CI_EMB", "--master", "local[1]"))
     assert again.returncode == 0, again.stderr

@@ -268,10 +268,15 @@ def list_targets(engine: Engine) -> list[str]:
 def _split_name(engine: Engine, name: str) -> tuple[str | None, str]:
     """(schema, table) of a name as list_tables gives it, the table as the catalog spells it (_catalog_case); a
     default-schema table named with a dot is itself."""
-    if "." not in name or sa.inspect(engine).has_table(name):  # has_table finds views too
+    inspector = sa.inspect(engine)
+    if "." not in name or inspector.has_table(name):  # has_table finds views too
         schema, table = None, name
     else:
         schema, _, table = name.partition(".")
+        # `dbo.Products`, `public.products`, `main.products`: the default schema's table, named as list_tables does
+        # (a target filled from `public.products` had refused a run from `products` as another table's).
+        if schema.lower() == (inspector.default_schema_name or "").lower():
+            schema = None
     return schema, _catalog_case(engine, schema, table)
 
 
@@ -387,6 +392,7 @@ class Tables:
     text_col: sa.Column
     target: sa.Table | None
     vector_native: bool
+    target_name: str  # as list_tables names it, whether it exists yet or not
 
 
 def inspect_run(engine: Engine, spec: RunSpec) -> Tables:
@@ -405,25 +411,27 @@ def inspect_run(engine: Engine, spec: RunSpec) -> Tables:
         target = sa.Table(name, sa.MetaData(), schema=schema, autoload_with=engine)
         check_target(target, engine)
     tables = Tables(source, id_col, text_col, target,
-                    target is not None and isinstance(target.c.embedding.type, MSSQLVector))
+                    target is not None and isinstance(target.c.embedding.type, MSSQLVector), _qualified(schema, name))
     if target is not None:
         check_origin(engine, spelled_as_catalog(spec, tables))
     return tables
 
 
 def spelled_as_catalog(spec: RunSpec, tables: Tables) -> RunSpec:
-    """The spec with its tables and columns named as the catalog spells them (a new target as typed): a target
-    remembers its source by name, and `--source PRODUCTS` had been another table to it than `products`."""
-    target = spec.target if tables.target is None else qualified_name(tables.target)
+    """The spec with its tables and columns named as the catalog spells them (a new target as typed, but for a
+    default schema's name): a target remembers its source by name, and `--source PRODUCTS` or `public.products` had
+    been another table to it than `products`."""
     return replace(spec, source=qualified_name(tables.source), id_column=tables.id_col.name,
-                   text_column=tables.text_col.name, target=target)
+                   text_column=tables.text_col.name, target=tables.target_name)
 
 
 def check_origin(engine: Engine, spec: RunSpec) -> None:
     """Refuse a run into a target that holds another table's rows (or the same table's under another id): the ids
     would mix, and search would show one table's text beside another's vector."""
     origin = target_origin(engine, spec.target)
-    if origin and (origin["source"], origin["id_column"]) != (spec.source, spec.id_column):
+    # Read as the catalog spells it: a target recorded before runs did so may name its source `public.products`.
+    if origin and (_qualified(*_split_name(engine, origin["source"])), origin["id_column"].lower()) != (
+            spec.source, spec.id_column.lower()):
         raise BadRequest(f"target table {spec.target!r} holds the vectors of {origin['source']!r} by id column "
                          f"{origin['id_column']!r}, not of {spec.source!r} by {spec.id_column!r}: pick another target")
 
