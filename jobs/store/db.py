@@ -531,7 +531,8 @@ def id_counts(engine: Engine, source: sa.Table, id_col: sa.Column) -> tuple[int,
 
 def misfit_ids(engine: Engine, source: sa.Table, id_col: sa.Column) -> tuple[int, str] | None:
     """(how many, the least quoted) of the ids that are not of their column's declared kind, or None. Only SQLite
-    keeps any value in any column (`x` in a BIGINT key); the target's key, an alias of the rowid, cannot hold it."""
+    keeps any value in any column (`x` in a BIGINT key): a target's integer key (the rowid's alias) refuses it, and a
+    blob in its text key failed search."""
     if engine.dialect.name != "sqlite":
         return None
     kind = "integer" if is_integer_type(id_col.type) else "text"
@@ -571,7 +572,8 @@ def text_prefix(text_col: sa.Column, dialect_name: str) -> sa.ColumnElement:
         # SQLite's text functions end a text at its first NUL ('a\0b' read as 'a'), so such a text is read as its
         # bytes (UTF-8 in every database SQLite makes unless told otherwise), and normalize_text blanks the NULs.
         as_bytes = sa.func.substr(sa.cast(text_col, sa.LargeBinary), 1, octets)
-        nul = sa.func.instr(as_bytes, sa.literal(b"\0", sa.LargeBinary)) > 0  # in the bytes kept: 1.3 GB/s here
+        # Looked for in the bytes kept only: 300 texts of 800 KB read in 169 ms (86 ms without the check).
+        nul = sa.func.instr(as_bytes, sa.literal(b"\0", sa.LargeBinary)) > 0
         return sa.case((sa.and_(kind == "text", ~nul), sa.func.substr(text_col, 1, chars)),
                        (kind == "text", as_bytes),
                        (kind == "blob", sa.func.substr(text_col, 1, octets)), else_=text_col)
