@@ -381,6 +381,27 @@ def test_a_target_name_near_the_database_s_limit_runs_and_one_beyond_it_is_refus
     assert len(str(index.compile(dialect=mssql.dialect())).split()[2]) <= 128  # SQL Server's limit
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_an_existing_target_keyed_by_another_kind_than_the_id_column_is_refused_before_the_run(dialect, sqlite_url,
+                                                                                             request):
+    """A target made by hand with an integer source_id, for a source keyed by text, was taken, and the run's first
+    write failed with "datatype mismatch" (SQLite) or "operator does not exist: integer = character varying"."""
+    url = sqlite_url if dialect == "sqlite" else request.getfixturevalue("pg_url")
+    engine = db.engine_for(url)
+    with engine.begin() as conn:
+        for name in ("skus", "by_hand_emb", "by_text_emb"):
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
+        conn.execute(sa.text("CREATE TABLE skus (sku VARCHAR(20) PRIMARY KEY, body TEXT)"))
+    db.create_missing(engine, db.target_table("by_hand_emb", sa.Integer(), db.vector_type_for(dialect, 384)).metadata)
+    spec = spec_for(url, source="skus", id_column="sku", target="by_hand_emb")
+    with pytest.raises(BadRequest, match=r"^existing target table 'by_hand_emb' keys its vectors by source_id "
+                                         r"INTEGER, and id column 'sku' is VARCHAR\(20\): pick a target keyed by "
+                                         r"text, or a new one$"):
+        db.inspect_run(engine, spec)
+    db.create_missing(engine, db.target_table("by_text_emb", sa.String(40), db.vector_type_for(dialect, 384)).metadata)
+    assert db.inspect_run(engine, replace(spec, target="by_text_emb")).target is not None  # a text key of any length
+
+
 def test_mssql_target_ddl_varbinary_and_vector():
     ddl = str(CreateTable(db.target_table("emb", sa.BigInteger(), db.vector_type_for("mssql", 384)))
               .compile(dialect=mssql.dialect()))

@@ -362,10 +362,20 @@ def is_integer_type(col_type: sa.types.TypeEngine) -> bool:
     )
 
 
+def key_kind(col_type: sa.types.TypeEngine) -> str | None:
+    """What a key column holds: "integer", "uuid" or "text" (not an enum); None for any other type."""
+    if is_integer_type(col_type):
+        return "integer"
+    if isinstance(col_type, sa.Uuid):
+        return "uuid"
+    if isinstance(col_type, sa.String) and not isinstance(col_type, sa.Enum):
+        return "text"
+    return None
+
+
 def is_key_type(col_type: sa.types.TypeEngine) -> bool:
     """Whether runs can key a source by a column of this type: integers, text (not an enum) or UUIDs."""
-    return is_integer_type(col_type) or isinstance(col_type, sa.Uuid) or (
-        isinstance(col_type, sa.String) and not isinstance(col_type, sa.Enum))
+    return key_kind(col_type) is not None
 
 
 SQLSERVER_KEY_BYTES = 900  # the most a clustered primary key's column may hold in SQL Server
@@ -410,6 +420,13 @@ def inspect_run(engine: Engine, spec: RunSpec) -> Tables:
     if sa.inspect(engine).has_table(name, schema=schema):
         target = sa.Table(name, sa.MetaData(), schema=schema, autoload_with=engine)
         check_target(target, engine)
+        held = target.c.source_id.type
+        if key_kind(held) != key_kind(id_col.type):
+            # A target made by hand, or for another source: its first write failed with the database's own error
+            # ("datatype mismatch"; PostgreSQL: "operator does not exist: integer = character varying").
+            raise BadRequest(f"existing target table {target.name!r} keys its vectors by source_id {held}, and id "
+                             f"column {id_col.name!r} is {id_col.type}: pick a target keyed by "
+                             f"{key_kind(id_col.type)}, or a new one")
     tables = Tables(source, id_col, text_col, target,
                     target is not None and isinstance(target.c.embedding.type, MSSQLVector), _qualified(schema, name))
     if target is not None:
