@@ -160,8 +160,14 @@ def test_a_target_holds_the_vectors_of_one_table_by_one_id_column(sqlite_url):
         conn.execute(sa.text("CREATE TABLE docs (id INTEGER PRIMARY KEY, alt_id INTEGER UNIQUE, body TEXT)"))
     make_source(sqlite_url, name="notes", id_col="id", text_col="body", rows=[(1, "b")])
     first = spec_for(sqlite_url)
-    db.ensure_target(engine, first, db.inspect_run(engine, first), 384)
+    target = db.ensure_target(engine, first, db.inspect_run(engine, first), 384)
     db.record_target(engine, first)
+    # Bound by a run that wrote nothing (one that failed in planning, on a repeated id), the empty target had
+    # refused every other source for good.
+    assert db.inspect_run(engine, spec_for(sqlite_url, source="notes")).target is not None
+    with engine.begin() as conn:
+        conn.execute(target.insert(), [{"source_id": 1, "embedding": b"\0" * 1536, "model": "m", "content_hash": "h",
+                                        "embedded_at": db.utcnow()}])
     with pytest.raises(BadRequest, match="target table 'docs_emb' holds the vectors of 'docs' by id column 'id', "
                                          "not of 'notes' by 'id': pick another target"):
         db.inspect_run(engine, spec_for(sqlite_url, source="notes"))

@@ -430,7 +430,7 @@ def inspect_run(engine: Engine, spec: RunSpec) -> Tables:
     tables = Tables(source, id_col, text_col, target,
                     target is not None and isinstance(target.c.embedding.type, MSSQLVector), _qualified(schema, name))
     if target is not None:
-        check_origin(engine, spelled_as_catalog(spec, tables))
+        check_origin(engine, spelled_as_catalog(spec, tables), target)
     return tables
 
 
@@ -442,15 +442,21 @@ def spelled_as_catalog(spec: RunSpec, tables: Tables) -> RunSpec:
                    text_column=tables.text_col.name, target=tables.target_name)
 
 
-def check_origin(engine: Engine, spec: RunSpec) -> None:
+def check_origin(engine: Engine, spec: RunSpec, target: sa.Table) -> None:
     """Refuse a run into a target that holds another table's rows (or the same table's under another id): the ids
-    would mix, and search would show one table's text beside another's vector."""
+    would mix, and search would show one table's text beside another's vector. An empty target takes any source:
+    a run that failed before its first vector (a repeated id) had bound it to a source it holds nothing of."""
     origin = target_origin(engine, spec.target)
     # Read as the catalog spells it: a target recorded before runs did so may name its source `public.products`.
     if origin and (_qualified(*_split_name(engine, origin["source"])), origin["id_column"].lower()) != (
-            spec.source, spec.id_column.lower()):
+            spec.source, spec.id_column.lower()) and not _is_empty(engine, target):
         raise BadRequest(f"target table {spec.target!r} holds the vectors of {origin['source']!r} by id column "
                          f"{origin['id_column']!r}, not of {spec.source!r} by {spec.id_column!r}: pick another target")
+
+
+def _is_empty(engine: Engine, table: sa.Table) -> bool:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.literal(1)).select_from(table).limit(1)).first() is None
 
 
 def check_target(target: sa.Table, engine: Engine) -> None:
