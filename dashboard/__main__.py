@@ -16,6 +16,7 @@ from jobs.core.processes import port_taken
 from jobs.core.settings import REPO, Settings
 from jobs.spark import run_service
 from jobs.store.demo import seed_demo
+from jobs.store.registry import Registry
 
 WATCH_EVERY_S = 2.0
 RESTART_AFTER_S = 10.0  # an autoscaler that keeps exiting is started again at most this often
@@ -48,7 +49,8 @@ def main() -> int:
         return 2
     try:
         print(f"demo data: {seed_demo()} rows in table products")
-    except EmbedDeckError as exc:  # a database that does not answer, or a file that is not one
+        Registry()  # answers before anything starts: stopping a cluster cancels its runs there
+    except EmbedDeckError as exc:  # a database or registry that does not answer, or a file that is not one
         print(f"error: {exc}; nothing was started", file=sys.stderr)
         return 2
     state = cluster.master_state()

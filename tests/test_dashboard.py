@@ -418,24 +418,33 @@ def test_make_run_on_the_aca_backend_refuses_before_it_starts_anything(tmp_path)
     assert not (tmp_path / "embeddeck.sqlite").exists() and not (tmp_path / "cluster").exists()
 
 
-def test_make_run_names_a_database_it_cannot_seed_before_it_starts_anything(tmp_path):
+@pytest.mark.parametrize("variable", ["EMBEDDECK_DB_URL", "EMBEDDECK_REGISTRY_URL"])
+def test_make_run_names_a_database_or_registry_it_cannot_use_before_it_starts_anything(tmp_path, variable):
     """`make run` over a file that is not a database (or a server that does not answer) ended in SQLAlchemy's
-    traceback from the demo seed."""
+    traceback from the demo seed; over such a registry it started the master, failed to start the run service, and
+    ended in a traceback from stopping the cluster, its master left running."""
     import os
     import subprocess
     import sys
+
+    import psutil
 
     from jobs.core.processes import free_port
 
     garbage = tmp_path / "garbage.sqlite"
     garbage.write_bytes(b"not a database\n" * 100)
     env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), EMBEDDECK_DASHBOARD_PORT=str(free_port()),
-               EMBEDDECK_DB_URL=f"sqlite:///{garbage}")
+               EMBEDDECK_MASTER_PORT=str(free_port()), EMBEDDECK_MASTER_WEBUI_PORT=str(free_port()),
+               **{variable: f"sqlite:///{garbage}"})
     out = subprocess.run([sys.executable, "-m", "dashboard"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=180)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert f"error: cannot connect to sqlite:///{garbage}: file is not a database; nothing was started" in out.stderr
+    named = "" if variable == "EMBEDDECK_DB_URL" else "the run registry (EMBEDDECK_REGISTRY_URL): "
+    assert f"error: {named}cannot connect to sqlite:///{garbage}: file is not a database; nothing was started" \
+        in out.stderr
     assert "Spark master" not in out.stdout and garbage.read_bytes() == b"not a database\n" * 100
+    assert not [p for p in psutil.process_iter(["cmdline"]) if env["EMBEDDECK_MASTER_PORT"] in
+                " ".join(p.info["cmdline"] or [])]
 
 
 @pytest.mark.parametrize("module", ["dashboard", "dashboard.server"])

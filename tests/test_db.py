@@ -1,6 +1,7 @@
 """The database layer against real SQLite and PostgreSQL, and SQL Server by what it compiles."""
 
 import datetime as dt
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -788,6 +789,18 @@ def test_seed_demo_names_a_database_it_cannot_reach_in_one_line(tmp_path, pg_url
         assert len(out.stderr.strip().splitlines()) == 1 and "wrong-pw" not in out.stderr + out.stdout
         assert "pw-secret" not in out.stderr + out.stdout
     assert garbage.read_bytes() == b"not a database\n" * 100  # left as it was
+
+
+@pytest.mark.parametrize("verb", [["list"], ["status", "r-x"], ["cancel", "r-x"]])
+def test_a_registry_that_does_not_answer_is_named_in_one_line(verb):
+    """EMBEDDECK_REGISTRY_URL with a wrong password or a server that is down ended every verb in a traceback."""
+    url = f"postgresql+psycopg://u:pw-secret@127.0.0.1:{free_port()}/x"
+    out = subprocess.run([sys.executable, "-m", "jobs", *verb], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, EMBEDDECK_REGISTRY_URL=url))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("error: the run registry (EMBEDDECK_REGISTRY_URL): cannot connect to "
+                                 "postgresql+psycopg://u:***@127.0.0.1:") and "Connection refused" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "pw-secret" not in out.stderr + out.stdout
 
 
 @pytest.mark.parametrize(("url", "named"), [

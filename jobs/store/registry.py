@@ -12,10 +12,10 @@ from dataclasses import dataclass, fields
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from jobs.core.errors import Conflict
+from jobs.core.errors import Conflict, EmbedDeckError
 from jobs.core.processes import is_alive, start_time
 from jobs.core.settings import Settings
-from jobs.store.db import absolute_url, create_missing, engine_for, utcnow
+from jobs.store.db import absolute_url, check_connection, create_missing, utcnow
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
@@ -159,7 +159,10 @@ class Registry:
 
     def __init__(self, url: str | None = None):
         self.url = absolute_url(url or Settings().registry_url)  # runs' drivers, which work elsewhere, get it
-        self.engine = engine_for(self.url)
+        try:  # a registry that does not answer (a wrong password, a server down) had ended every verb in a traceback
+            self.engine = check_connection(self.url, create=True)
+        except EmbedDeckError as exc:
+            raise type(exc)(f"the run registry (EMBEDDECK_REGISTRY_URL): {exc}") from None
         self._file = make_url(self.url).database if make_url(self.url).get_backend_name() == "sqlite" else None
         self._file_id = None
         self._ensure_schema()
