@@ -63,9 +63,11 @@ def validate(spec: RunSpec) -> tuple[RunSpec, db.Tables]:
 
 
 def health(timeout_s: float = 3.0) -> dict[str, str]:
-    """Whether the default database and master answer within timeout_s each: "ok", or why not."""
+    """Whether the default database, the run registry and the master answer within timeout_s each: "ok", or why
+    not."""
     out = {}
     for name, check in (("database", lambda: db.check_connection(Settings().db_url, timeout_s)),
+                        ("registry", lambda: db.check_connection(Settings().registry_url, timeout_s, create=True)),
                         ("master", lambda: check_master(resolve_master(), timeout_s))):
         try:
             check()

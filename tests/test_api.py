@@ -18,6 +18,7 @@ from jobs.embed import pipeline, search
 from jobs.store import db
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
+from tests import postgres
 from tests.conftest import check_table, reference_vectors, wait_until
 
 pytestmark = pytest.mark.spark
@@ -79,7 +80,7 @@ def test_token_required_everywhere_but_healthz(server):
     assert requests.post(f"{base}/v1/embeddings", json={"input": "x"}, timeout=5).status_code == 401
     assert requests.get(f"{base}/runs", headers={"api-key": TOKEN}, timeout=5).status_code == 200
     health = requests.get(f"{base}/healthz", timeout=5).json()
-    assert health == {"status": "ok", "checks": {"database": True, "master": True}}
+    assert health == {"status": "ok", "checks": {"database": True, "registry": True, "master": True}}
     for path in ("/openapi.json", "/docs"):  # the schema is behind the token too
         assert requests.get(f"{base}{path}", timeout=5).status_code == 401
         assert requests.get(f"{base}{path}", headers=auth(), timeout=5).status_code == 200
@@ -374,6 +375,33 @@ def test_healthz_tells_nothing_and_a_stalled_database_delays_no_one(tmp_path):
         proc.terminate()
         proc.wait(10)
         stalled.close()
+
+
+def test_a_registry_that_goes_away_under_the_server_is_a_503_to_retry_and_a_degraded_health(tmp_path):
+    """A PostgreSQL registry stopped under a serving API answered 500 "internal error (OperationalError)", the code of
+    a bug, and /healthz said ok, as it checked only the database and the master."""
+    port = free_port()
+    with postgres.server() as registry_url:
+        env = dict(os.environ, EMBEDDECK_API_TOKEN=TOKEN, EMBEDDECK_REGISTRY_URL=registry_url,
+                   EMBEDDECK_SPARK_MASTER="local[2]", EMBEDDECK_DB_URL=f"sqlite:///{tmp_path / 'db.sqlite'}")
+        seed_demo(env["EMBEDDECK_DB_URL"], n=5)
+        log = open(tmp_path / "api.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "jobs", "serve", "--port", str(port)], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _up(base), timeout=60)
+        assert requests.get(f"{base}/runs", headers=auth(), timeout=30).status_code == 200
+    try:  # the registry's server is stopped now
+        r = requests.get(f"{base}/runs", headers=auth(), timeout=30)
+        assert r.status_code == 503 and r.headers["Retry-After"], r.text
+        assert r.json()["error"]["code"] == "unavailable"
+        assert r.json()["error"]["message"].startswith("the run registry (EMBEDDECK_REGISTRY_URL): cannot connect")
+        assert "s3cret-pg" not in r.text
+        degraded = {"status": "degraded", "checks": {"database": True, "registry": False, "master": True}}
+        wait_until(lambda: requests.get(f"{base}/healthz", timeout=30).json() == degraded, timeout=30)  # 5 s cache
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_one_active_run_per_target_and_a_cap_on_runs_at_once(server, fast_model):

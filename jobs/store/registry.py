@@ -12,10 +12,10 @@ from dataclasses import dataclass, fields
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
-from jobs.core.errors import Conflict, EmbedDeckError
+from jobs.core.errors import Conflict, EmbedDeckError, Unavailable
 from jobs.core.processes import is_alive, start_time
 from jobs.core.settings import Settings
-from jobs.store.db import absolute_url, check_connection, create_missing, utcnow
+from jobs.store.db import absolute_url, check_connection, connection_error_message, create_missing, utcnow
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
@@ -154,6 +154,18 @@ def new_run_id() -> str:
     return f"r-{utcnow():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
 
+REGISTRY = "the run registry (EMBEDDECK_REGISTRY_URL)"
+
+
+def _unavailable(context: sa.engine.ExceptionContext) -> None:
+    """A registry that stops answering while a process runs is Unavailable (the API's 503, to try again), not a bug:
+    its OperationalError had answered 500 "internal". Only a failed connect or a dropped connection: errors of a
+    statement keep their own type."""
+    if context.connection is None or context.is_disconnect:
+        url = context.engine.url.render_as_string(hide_password=False) if context.engine else ""
+        raise Unavailable(f"{REGISTRY}: {connection_error_message(context.original_exception, url)}")
+
+
 class Registry:
     """Read and write runs; every method is one short transaction."""
 
@@ -162,7 +174,9 @@ class Registry:
         try:  # a registry that does not answer (a wrong password, a server down) had ended every verb in a traceback
             self.engine = check_connection(self.url, create=True)
         except EmbedDeckError as exc:
-            raise type(exc)(f"the run registry (EMBEDDECK_REGISTRY_URL): {exc}") from None
+            raise type(exc)(f"{REGISTRY}: {exc}") from None
+        if not sa.event.contains(self.engine, "handle_error", _unavailable):
+            sa.event.listen(self.engine, "handle_error", _unavailable)
         self._file = make_url(self.url).database if make_url(self.url).get_backend_name() == "sqlite" else None
         self._file_id = None
         self._ensure_schema()
