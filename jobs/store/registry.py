@@ -160,7 +160,10 @@ REGISTRY = "the run registry (EMBEDDECK_REGISTRY_URL)"
 def _unavailable(context: sa.engine.ExceptionContext) -> None:
     """A registry that stops answering while a process runs is Unavailable (the API's 503, to try again), not a bug:
     its OperationalError had answered 500 "internal". Only a failed connect or a dropped connection: errors of a
-    statement keep their own type."""
+    statement keep their own type, and a pooled connection found dead by the pre-ping (which SQLAlchemy passes
+    through this event too, with is_pre_ping set) is left to be replaced."""
+    if context.is_pre_ping:
+        return
     if context.connection is None or context.is_disconnect:
         url = context.engine.url.render_as_string(hide_password=False) if context.engine else ""
         raise Unavailable(f"{REGISTRY}: {connection_error_message(context.original_exception, url)}")
