@@ -86,7 +86,7 @@ def record(spec: RunSpec, registry: Registry) -> str:
     _keep_url(run_id, spec.db_url)  # first: once recorded, any reader may start the run, and reads the URL here
     try:
         registry.create(spec.with_db_url(redacted).to_json(), spec.launched_by, spec.source, spec.target,
-                        spec.model, spec.master, target_key=f"{redacted}|{spec.target}", phase=WAITING,
+                        spec.model, spec.master, target_key=db.target_key(spec.db_url, spec.target), phase=WAITING,
                         run_id=run_id)
     except Conflict:
         _waiting_url_path(run_id).unlink(missing_ok=True)

@@ -95,6 +95,28 @@ def test_a_target_in_a_schema_that_does_not_exist_is_named_before_the_run(dialec
     assert db.inspect_run(engine, spec_for(url, target=f"{default}.docs_emb")).target is None  # one that exists
 
 
+def test_one_active_run_per_target_holds_for_a_new_target_typed_in_two_cases(sqlite_url, pg_url, home):
+    """`NEW_EMB` and `new_emb`, neither there yet, are one table to SQLite and SQL Server: two runs into them at once
+    both ran (5,968 and 6,000 rows into one table). PostgreSQL keeps them apart, and so does the key."""
+    from jobs.core.errors import Conflict
+    from jobs.store.registry import Registry
+
+    registry = Registry()
+
+    def record(url, target):
+        return registry.create("{}", "test", "docs", target, "m", "local[1]", target_key=db.target_key(url, target))
+
+    recorded = [record(sqlite_url, "NEW_EMB")]
+    with pytest.raises(Conflict):
+        record(sqlite_url, "new_emb")
+    assert db.target_key("mssql+pyodbc://u:pw@h/db", "Sales.NEW") == db.target_key("mssql+pyodbc://u:pw@h/db",
+                                                                                    "sales.new")
+    assert ":pw@" not in db.target_key("mssql+pyodbc://u:pw@h/db", "t")
+    recorded += [record(pg_url, "NEW_EMB"), record(pg_url, "new_emb")]  # two tables there
+    for run_id in recorded:  # ended, so they pace no later test's pages
+        registry.finish(run_id, "cancelled")
+
+
 def test_names_in_another_case_resolve_to_the_one_table_or_column_the_catalog_has(pg_url):
     """On PostgreSQL, too, `GADGETS` finds the one table "Gadgets" and `id` the column "Id" (each spelled as the
     catalog does in the spec a run records); where two differ only in case, the exact name wins, and a third

@@ -299,6 +299,13 @@ def qualified_name(table: sa.Table) -> str:
     return _qualified(table.schema, table.name)
 
 
+def target_key(url: str, target: str) -> str:
+    """One key per target table, for one active run per target: the URL without its secrets, and the name folded
+    where the database ignores case (SQLite, SQL Server): `NEW_EMB` and `new_emb`, neither there yet, had both run."""
+    folded = target.lower() if parse_url(url).get_backend_name() in ("sqlite", "mssql") else target
+    return f"{redact_url(url)}|{folded}"
+
+
 def _check_schema(engine: Engine, schema: str | None, name: str) -> None:
     """BadRequest when a new table's schema does not exist: the run was recorded and then failed on its CREATE
     with the driver's own "schema … does not exist" (PostgreSQL) or "unknown database …" (SQLite)."""
