@@ -182,7 +182,7 @@ def check_connection(url: str, timeout_s: float | None = None, create: bool = Fa
         raise Unavailable(connection_error_message(exc, url)) from None
 
 
-def _sqlite_file(url: str) -> str | None:
+def sqlite_file(url: str) -> str | None:
     """The file path a SQLite URL names as written; None for other databases, in-memory ones and `file:` URIs."""
     parsed = parse_url(url)
     path = parsed.database
@@ -194,7 +194,7 @@ def _sqlite_file(url: str) -> str | None:
 def absolute_url(url: str) -> str:
     """The URL with a relative SQLite path made absolute against this process's folder: a run's driver and its
     tasks work in folders of their own, where `sqlite:///data.sqlite` named no file."""
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     if path is None or Path(path).is_absolute():
         return url
     return make_url(url).set(database=str(Path(path).resolve())).render_as_string(hide_password=False)
@@ -203,7 +203,7 @@ def absolute_url(url: str) -> str:
 def _missing_sqlite_file(url: str) -> str | None:
     """The file a SQLite URL names where it does not exist: connecting would create it (and its folders), and a
     mistyped path would then read as a database without tables."""
-    path = _sqlite_file(url)
+    path = sqlite_file(url)
     return None if path is None or Path(path).exists() else path
 
 

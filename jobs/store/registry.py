@@ -10,12 +10,11 @@ import uuid
 from dataclasses import dataclass, fields
 
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
 
 from jobs.core.errors import Conflict, EmbedDeckError, Unavailable
 from jobs.core.processes import is_alive, start_time
 from jobs.core.settings import Settings
-from jobs.store.db import absolute_url, check_connection, connection_error_message, create_missing, utcnow
+from jobs.store.db import absolute_url, check_connection, connection_error_message, create_missing, sqlite_file, utcnow
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
@@ -164,8 +163,8 @@ def _unavailable(context: sa.engine.ExceptionContext) -> None:
     through this event too, with is_pre_ping set) is left to be replaced."""
     if context.is_pre_ping:
         return
-    if context.connection is None or context.is_disconnect:
-        url = context.engine.url.render_as_string(hide_password=False) if context.engine else ""
+    if context.connection is None or context.is_disconnect:  # the engine is there but in a pre-ping
+        url = context.engine.url.render_as_string(hide_password=False)
         raise Unavailable(f"{REGISTRY}: {connection_error_message(context.original_exception, url)}")
 
 
@@ -180,7 +179,7 @@ class Registry:
             raise type(exc)(f"{REGISTRY}: {exc}") from None
         if not sa.event.contains(self.engine, "handle_error", _unavailable):
             sa.event.listen(self.engine, "handle_error", _unavailable)
-        self._file = make_url(self.url).database if make_url(self.url).get_backend_name() == "sqlite" else None
+        self._file = sqlite_file(self.url)
         self._file_id = None
         self._ensure_schema()
 
