@@ -2,8 +2,10 @@
 
 import datetime as dt
 import os
+import sqlite3
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -280,6 +282,36 @@ def test_a_process_that_loses_the_race_for_every_table_of_a_schema_goes_on(sqlit
     finally:
         other.dispose()
     assert set(sa.inspect(engine).get_table_names()) >= {"raced_a", "raced_b", "raced_c"}
+
+
+def _open_at(url: str, start: float) -> str:
+    """Connect through the product's engine at the given moment; what went wrong, or ''."""
+    while time.time() < start:
+        pass
+    try:
+        with db.engine_for(url).connect() as conn:
+            conn.execute(sa.text("SELECT count(*) FROM sqlite_master"))
+        return ""
+    except sa.exc.OperationalError as exc:
+        return str(exc.orig)
+
+
+def test_processes_opening_a_sqlite_file_at_once_all_connect(tmp_path):
+    """SQLite answers "database is locked" at once, ignoring its busy timeout, to a connection switching a file to
+    WAL while another does: two `cluster scale 2` at once failed so on the run registry, and a file made by another
+    tool (in SQLite's default journal mode) failed whichever process opened it second."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    for attempt in range(4):
+        path = tmp_path / f"theirs{attempt}.sqlite"
+        with sqlite3.connect(path) as conn:  # as another tool leaves a file: SQLite's default rollback journal
+            conn.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY)")
+        start = time.time() + 0.5
+        with fork.Pool(4) as pool:
+            errors = pool.starmap(_open_at, [(f"sqlite:///{path}", start)] * 4)
+        assert errors == [""] * 4, errors
+        assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])

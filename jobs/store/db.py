@@ -10,6 +10,8 @@ import datetime as dt
 import functools
 import re
 import socket
+import sqlite3
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -89,13 +91,27 @@ def hide_secrets(text: str, url: str) -> str:
     return text
 
 
+SQLITE_BUSY_S = 60  # how long a SQLite statement waits for another process's lock
+
+
 def _sqlite_on_connect(dbapi_conn, _record) -> None:
     # Undecodable bytes in a TEXT column must not abort a whole chunk: decode with U+FFFD.
     dbapi_conn.text_factory = lambda b: b.decode("utf-8", errors="replace")
     cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
     # Concurrent Spark tasks commit to one file; with no busy timeout half the commits fail.
-    cur.execute("PRAGMA busy_timeout=60000")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_S * 1000}")
+    # SQLite answers a switch to WAL while another connection switches the same file with "database is locked" at
+    # once, its busy timeout unasked: processes opening a file at once (two `cluster scale`, a file another tool made
+    # in the default journal mode) failed so. Retried within the same timeout.
+    deadline = time.monotonic() + SQLITE_BUSY_S
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
 
@@ -123,7 +139,7 @@ def engine_for(url: str) -> Engine:
     if backend == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        kwargs["connect_args"] = {"timeout": 60}
+        kwargs["connect_args"] = {"timeout": SQLITE_BUSY_S}
     elif backend == "mssql":
         # Microsoft's driver batches executemany; FreeTDS crashes with it, so only then.
         driver = str(parsed.query.get("driver", ""))
