@@ -13,7 +13,14 @@ import pytest
 
 from tests import postgres
 
-_HOME = Path(tempfile.mkdtemp(prefix="embeddeck-test-"))
+# `make test` runs the suite in two pytest-xdist workers: each works in a folder of the suite's one home, made by
+# the process that runs them (which loads this file first and hands its environment to them).
+if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("EMBEDDECK_TEST_HOME"):
+    _HOME = Path(os.environ["EMBEDDECK_TEST_HOME"]) / os.environ["PYTEST_XDIST_WORKER"]
+    _HOME.mkdir(exist_ok=True)
+else:
+    _HOME = Path(tempfile.mkdtemp(prefix="embeddeck-test-"))
+    os.environ["EMBEDDECK_TEST_HOME"] = str(_HOME)
 os.environ["EMBEDDECK_HOME"] = str(_HOME)
 os.environ.pop("EMBEDDECK_DB_URL", None)
 os.environ.pop("EMBEDDECK_REGISTRY_URL", None)
@@ -25,7 +32,9 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 def pytest_sessionfinish(session, exitstatus):
     """The suite's home goes when it passes (every server it started has stopped by now); a failed run keeps it
-    for its logs."""
+    for its logs. Under pytest -n the process that ran the workers decides, once they have all ended."""
+    if hasattr(session.config, "workerinput"):
+        return
     if exitstatus == 0:
         shutil.rmtree(_HOME, ignore_errors=True)
     else:

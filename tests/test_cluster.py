@@ -484,9 +484,11 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
             except psutil.Error:  # gone, or a zombie: nothing to read
                 return []
 
-        workers = [p.pid for p in psutil.process_iter(["cmdline"])
-                   if "deploy.worker.Worker" in " ".join(p.info["cmdline"] or [])]
-        for proc in [*tree(service["pid"]), *(p for pid in workers for p in tree(pid))]:
+        def workers() -> list[int]:  # this cluster's: another test's may run beside it (pytest -n)
+            return [p.pid for p in psutil.process_iter(["cmdline"])
+                    if "deploy.worker.Worker" in (cmd := " ".join(p.info["cmdline"] or [])) and master in cmd]
+
+        for proc in [*tree(service["pid"]), *(p for pid in workers() for p in tree(pid))]:
             try:
                 seen = " ".join(proc.cmdline()) + " ".join(f"{k}={v}" for k, v in proc.environ().items())
             except psutil.Error:
@@ -495,9 +497,13 @@ def test_run_service_from_cluster_cli_starts_runs_warm_keeps_the_password_and_su
 
         # Scaled back in, no executor outlives its worker: a worker shutting down still launched the
         # executors its master asked for, which then served tasks on a worker that no longer existed.
+        # The service's executors, wherever they are: one that outlived its worker is no longer under it.
+        app = status["master"]["active_apps"][0]["id"]
+
         def executors() -> int:
             return sum(1 for p in psutil.process_iter(["cmdline"])
-                       if "CoarseGrainedExecutorBackend" in " ".join(p.info["cmdline"] or []))
+                       if "CoarseGrainedExecutorBackend" in (cmd := " ".join(p.info["cmdline"] or []))
+                       and f" {app} " in f"{cmd} ")
 
         assert executors() == 2
         cli("scale", "1")

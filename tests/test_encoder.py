@@ -229,12 +229,13 @@ def test_bench_roofline_and_time_shares_follow_the_encoders_own_products(encoder
         assert ratio > 0 and "linear layers" in line
 
 
-def test_bench_runs_the_other_engines_on_our_tokens_and_batches(encoder):
+def test_bench_runs_the_other_engines_on_our_tokens_and_batches(fast_model):
     """The bench's OpenVINO and ONNX Runtime figures encode the same model to the same vectors as ours (the
-    TRICKY texts: empty, truncated, padded batches), and OpenVINO's usage reporting never loads."""
+    TRICKY texts: empty, truncated, padded batches), and OpenVINO's usage reporting never loads. (The tiny model:
+    both engines convert whatever BERT they are given, and the real one took 8-16 s here.)"""
     from jobs.doors.bench import other_engines
 
-    results = other_engines(encoder, TRICKY, rounds=1)
+    results = other_engines(Encoder(fast_model, precision="fp32"), TRICKY, rounds=1)
     assert set(results) == {"openvino_fp32", "onnxruntime_fp32"}
     for rate, ratio, cosine in results.values():
         assert rate > 0 and ratio > 0 and cosine >= 0.9999
@@ -306,14 +307,16 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert int(out.stdout.split()[-1]) < 20 * 512, out.stdout + out.stderr
 
 
-def test_a_task_commits_its_shortest_rows_first_then_whole_batches_of_at_least_the_commit_rows(encoder,
-                                                                                               reference_model):
+def test_a_task_commits_its_shortest_rows_first_then_whole_batches_of_at_least_the_commit_rows(fast_model,
+                                                                                               fast_reference):
     """What a Spark task commits (jobs/embed/pipeline.py): its 32 shortest rows alone, then one pass of batches
-    over the rest of the chunk, gathered into commits of at least 256 rows; every row once, same vectors."""
+    over the rest of the chunk, gathered into commits of at least 256 rows; every row once, same vectors. (The tiny
+    model: what is committed when does not depend on the model, and the real one took 13-38 s here.)"""
     from jobs.core import plan
     from jobs.embed.pipeline import commit_groups
     from jobs.store.demo import products
 
+    encoder = Encoder(fast_model, precision="fp32")
     texts = sorted((p["description"] for p in products(700)), key=len)
     groups = list(commit_groups(encoder, texts, DEFAULT_BATCH_SIZE, first_commit=True))
     sizes = [len(positions) for positions, _ in groups]
@@ -321,9 +324,9 @@ def test_a_task_commits_its_shortest_rows_first_then_whole_batches_of_at_least_t
     assert all(size >= plan.COMMIT_ROWS for size in sizes[1:-1]) and sum(sizes) == len(texts) and len(groups) >= 3
     positions = np.concatenate([p for p, _ in groups])
     assert sorted(positions) == list(range(len(texts)))
-    got = np.empty((len(texts), 384), dtype=np.float32)
+    got = np.empty((len(texts), encoder.dim), dtype=np.float32)
     got[positions] = np.concatenate([v for _, v in groups])
-    assert (got * reference_vectors(reference_model, texts)).sum(1).min() >= 0.99999
+    assert (got * reference_vectors(fast_reference, texts)).sum(1).min() >= 0.99999
     later = list(commit_groups(encoder, texts[:300], DEFAULT_BATCH_SIZE, first_commit=False))
     assert len(later[0][0]) >= plan.COMMIT_ROWS  # no small first commit after the task's first
 
