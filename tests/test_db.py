@@ -876,6 +876,38 @@ def test_a_database_embeddeck_does_not_run_on_is_named_as_bad_input(url, named, 
     assert len(out.stderr.strip().splitlines()) == 1 and "pw-secret" not in out.stderr + out.stdout
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_seed_that_another_seed_beats_to_the_empty_table_reports_its_rows(dialect, sqlite_url, request):
+    """Two `make run` (or `make run` and `seed-demo`) at once on a fresh database: both counted an empty table, and
+    the second to insert ended in a traceback ("UNIQUE constraint failed: products.id", exit 1). The other seed is
+    a second engine, filling the table just before this one's first insert."""
+    from jobs.store.demo import seed_demo
+
+    url = sqlite_url if dialect == "sqlite" else request.getfixturevalue("pg_url")
+    table = f"raced_products_{os.getpid()}"
+    engine, other, beaten = db.engine_for(url), sa.create_engine(url), []
+
+    def other_seed_first(conn, cursor, statement, *_):
+        if statement.startswith(f"INSERT INTO {table}") and not beaten:
+            beaten.append(True)
+            meta = sa.MetaData()
+            theirs = sa.Table(table, meta, autoload_with=other)
+            with other.begin() as their_conn:
+                for part in product_chunks(12):
+                    their_conn.execute(theirs.insert(), part)
+
+    sa.event.listen(engine, "before_cursor_execute", other_seed_first)
+    try:
+        assert seed_demo(url, n=12, table=table) == 12
+    finally:
+        sa.event.remove(engine, "before_cursor_execute", other_seed_first)
+        other.dispose()
+    assert beaten
+    with engine.begin() as conn:
+        assert conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one() == 12
+        conn.execute(sa.text(f"DROP TABLE {table}"))  # the server's database is the session's
+
+
 def test_seed_demo_refuses_a_count_it_cannot_make_and_fills_a_missing_table_in_chunks(sqlite_url):
     # `seed-demo --rows 0` seeded 6,000 rows, and `--rows -5` crashed with a traceback after creating an empty table.
     def seed(*args):

@@ -121,10 +121,18 @@ def seed_demo(url: str | None = None, n: int = DEMO_ROWS, table: str = DEMO_TABL
         sa.Column("description", sa.Text),
     )
     db.create_missing(engine, meta)
-    with engine.begin() as conn:
-        count = conn.execute(sa.select(sa.func.count()).select_from(products_table)).scalar_one()
-        if count == 0:  # one transaction: an interrupted seed leaves the table empty, and the next one fills it
-            for part in product_chunks(n):
-                conn.execute(products_table.insert(), part)
-            count = n
+    counted = sa.select(sa.func.count()).select_from(products_table)
+    try:
+        with engine.begin() as conn:
+            count = conn.execute(counted).scalar_one()
+            if count == 0:  # one transaction: an interrupted seed leaves the table empty, and the next one fills it
+                for part in product_chunks(n):
+                    conn.execute(products_table.insert(), part)
+                count = n
+    except sa.exc.IntegrityError:
+        # Another seed (two `make run` at once) filled the table between this one's count and its insert.
+        with engine.connect() as conn:
+            count = conn.execute(counted).scalar_one()
+        if count == 0:
+            raise
     return int(count)
