@@ -12,7 +12,7 @@ import time
 
 from cluster import backends
 from jobs.core.errors import EmbedDeckError
-from jobs.core.processes import port_taken
+from jobs.core.processes import exclusive, port_taken
 from jobs.core.settings import REPO, Settings
 from jobs.spark import run_service
 from jobs.store.demo import seed_demo
@@ -20,6 +20,7 @@ from jobs.store.registry import Registry
 
 WATCH_EVERY_S = 2.0
 RESTART_AFTER_S = 10.0  # an autoscaler that keeps exiting is started again at most this often
+STOP_GRACE_S = 10.0  # how long the autoscaler and Streamlit have to stop before they are killed
 
 
 def main() -> int:
@@ -28,6 +29,20 @@ def main() -> int:
     except EmbedDeckError as exc:
         print(f"error: {exc}; nothing was started", file=sys.stderr)
         return 2
+    home = Settings().home
+    home.mkdir(parents=True, exist_ok=True)
+    # Held while this runs: two `make run` at once both found the port free and the master down, both started the
+    # cluster, and the one whose Streamlit then lost the port stopped the cluster the other went on showing.
+    with exclusive(home / "make-run.lock", wait=False) as alone:
+        if not alone:
+            print(f"error: another `make run` is running with this EMBEDDECK_HOME ({home}); nothing was started or "
+                  "stopped", file=sys.stderr)
+            return 2
+        return _run()
+
+
+def _run() -> int:
+    """`make run` once it is the only one on its home."""
     port = Settings().integer("EMBEDDECK_DASHBOARD_PORT")
     # Checked before anything starts: a second `make run` found the port taken only after it had scaled the first
     # one's cluster to 0 workers, and then stopped that cluster on its way out.
@@ -88,7 +103,13 @@ def main() -> int:
         for child in children.values():
             child.terminate()
         for child in children.values():
-            child.wait(10)
+            try:
+                child.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                # Streamlit prints as it stops; where this command's output has gone (`make run | tee` ended), the
+                # print raises and its server never stops. Left so, it held the port, and the cluster ran on.
+                child.kill()
+                child.wait()
         if ours:
             backends.stop_all(cluster)
 

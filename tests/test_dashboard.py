@@ -332,7 +332,10 @@ def test_unreachable_database_is_a_clear_state(monkeypatch):
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
 def test_make_run_entry_point_starts_and_stops_everything(tmp_path, stop):
     """`python -m dashboard` (what `make run` calls): demo data, master, autoscaler, Streamlit; SIGTERM (a service
-    manager) and SIGHUP (its terminal closed: the cluster's daemons, in sessions of their own, lived on) clean up."""
+    manager) and SIGHUP (its terminal closed: the cluster's daemons, in sessions of their own, lived on) clean up,
+    also where its output has gone (Streamlit, printing as it stops, then never stopped, and the cluster ran on).
+    Started twice at once, one runs and the other starts and stops nothing: both had found the port free and the
+    master down, and the one whose Streamlit lost the port stopped the cluster the other went on showing."""
     import json
     import os
     import signal
@@ -348,9 +351,17 @@ def test_make_run_entry_point_starts_and_stops_everything(tmp_path, stop):
     ports = {"EMBEDDECK_DASHBOARD_PORT": free_port(), "EMBEDDECK_MASTER_PORT": free_port(),
              "EMBEDDECK_MASTER_WEBUI_PORT": free_port()}
     env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), **{k: str(v) for k, v in ports.items()})
-    proc = subprocess.Popen([sys.executable, "-m", "dashboard"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    procs = [subprocess.Popen([sys.executable, "-m", "dashboard"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     url = f"http://127.0.0.1:{ports['EMBEDDECK_DASHBOARD_PORT']}/_stcore/health"
+    try:
+        second = wait_until(lambda: next((p for p in procs if p.poll() is not None), None), timeout=120,
+                            what="one of two make run to end")
+    except AssertionError:
+        for p in procs:
+            p.terminate()
+        raise
+    proc = next(p for p in procs if p is not second)
 
     def healthy():
         try:
@@ -359,6 +370,10 @@ def test_make_run_entry_point_starts_and_stops_everything(tmp_path, stop):
             return False
 
     try:
+        told = second.communicate()[0]
+        assert second.returncode == 2 and told.strip().endswith(
+            f"error: another `make run` is running with this EMBEDDECK_HOME ({tmp_path}); nothing was started or "
+            "stopped"), told
         wait_until(healthy, timeout=120, every=1)
         cluster = LocalCluster(home=tmp_path, master_port=ports["EMBEDDECK_MASTER_PORT"],
                                webui_port=ports["EMBEDDECK_MASTER_WEBUI_PORT"])
@@ -382,9 +397,17 @@ def test_make_run_entry_point_starts_and_stops_everything(tmp_path, stop):
             service = wait_until(new_service, timeout=120, what="a new run service")
             wait_until(lambda: autoscaler() and autoscaler().pid != killed.pid, timeout=30, what="a new autoscaler")
             assert [a["name"] for a in cluster.master_state().active_apps] == ["embeddeck-runner"]
+        if stop == "SIGHUP":  # its terminal is gone: what it and its children print next goes nowhere
+            out = ""
+            while "run service up" not in out and (line := proc.stdout.readline()):
+                out += line
+            proc.stdout.close()
     finally:
         proc.send_signal(getattr(signal, stop))
-        out, _ = proc.communicate(timeout=60)
+        if stop == "SIGHUP":
+            proc.wait(timeout=60)
+        else:
+            out, _ = proc.communicate(timeout=60)
     assert "demo data: 6000 rows" in out
     assert not cluster.master_alive() and not healthy()
     left = []  # the run service's processes still running; a zombie runs nothing (init reaps it in a moment)

@@ -126,11 +126,16 @@ def stop_groups(leaders: dict[int, int], grace_s: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(lock_path: Path) -> Iterator[None]:
-    """Hold the lock file's exclusive lock, across processes; released when the block ends or its process dies."""
+def exclusive(lock_path: Path, wait: bool = True) -> Iterator[bool]:
+    """Hold the lock file's exclusive lock, across processes; released when the block ends or its process dies.
+    With wait=False the block runs at once, told False (and holding nothing) where another process holds it."""
     with open(lock_path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
 
 
 def write_json(path: Path, data: object) -> None:
