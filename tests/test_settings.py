@@ -71,3 +71,26 @@ def test_home_is_the_owners_alone(tmp_path):
     """Registry, demo database and logs were readable by every user (0644 in a 0755 folder)."""
     home = Settings({"EMBEDDECK_HOME": str(tmp_path / "fresh" / "home")}).home
     assert home.is_dir() and home.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_home_that_cannot_be_a_folder_is_named_by_every_door_in_one_line(tmp_path):
+    """EMBEDDECK_HOME naming a file, or a folder under one, ended every door (the CLI, the cluster's, make run) in
+    a FileExistsError or NotADirectoryError traceback."""
+    import os
+    import subprocess
+    import sys
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    for home, why in [(a_file, "it is a file"), (a_file / "home", "Not a directory")]:
+        with pytest.raises(BadRequest, match=f"EMBEDDECK_HOME '{home}' cannot be EmbedDeck's folder: {why}"):
+            Settings({"EMBEDDECK_HOME": str(home)}).check_values()
+    env = dict(os.environ, EMBEDDECK_HOME=str(a_file))
+    for door in (["jobs", "list"], ["cluster", "status"], ["dashboard"]):
+        out = subprocess.run([sys.executable, "-m", *door], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.startswith(f"error: EMBEDDECK_HOME '{a_file}' cannot be EmbedDeck's folder: it is a file"), \
+            out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert a_file.read_text() == "mine\n"

@@ -199,6 +199,10 @@ class Settings:
         them as it starts, and a run before it is recorded, rather than fail on the first page, request or driver
         that reads one."""
         found = []
+        try:
+            _ = self.home
+        except BadRequest as exc:
+            found.append(str(exc))
         master = self.raw("EMBEDDECK_SPARK_MASTER")
         if master:
             try:
@@ -229,13 +233,18 @@ class Settings:
 
     @property
     def home(self) -> Path:
-        """Where EmbedDeck keeps local state; created on first use."""
+        """Where EmbedDeck keeps local state; created on first use. BadRequest naming it where it cannot be (a file,
+        a folder that cannot be made): every door met that as a traceback."""
         value = self.env.get("EMBEDDECK_HOME")
         home = Path(value) if value else REPO / "var"
-        if not home.is_dir():
-            home.mkdir(mode=0o700, parents=True)  # registry, demo database, logs and secrets: the owner's alone
-        elif not value and home.stat().st_mode & 0o077:
-            home.chmod(0o700)  # the default var/ of an older checkout; a directory named by the operator is theirs
+        try:
+            if not home.is_dir():
+                home.mkdir(mode=0o700, parents=True)  # registry, demo database, logs and secrets: the owner's alone
+            elif not value and home.stat().st_mode & 0o077:
+                home.chmod(0o700)  # the default var/ of an older checkout; a directory named by the operator is theirs
+        except OSError as exc:
+            why = "it is a file" if home.exists() and not home.is_dir() else exc.strerror
+            raise BadRequest(f"EMBEDDECK_HOME {str(home)!r} cannot be EmbedDeck's folder: {why}") from None
         return home
 
     @property
