@@ -131,6 +131,28 @@ def test_cancel_marks_run_cancelled(demo_url, fast_model, hold_file):
     assert final["state"] == "cancelled" and 0 < final["rows_done"] < ROWS
 
 
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_a_blocking_run_stopped_by_a_signal_is_cancelled(demo_url, fast_model, hold_file, stop):
+    """Ctrl-C on a blocking `run` cancels it (exit 3). SIGTERM (a scheduler's timeout) ended the CLI alone: it exited
+    with no word, and its run, in a session of its own, went on unwatched to the end."""
+    target = f"signal_{stop.lower()}_emb"
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", *run_args(demo_url, target, "--master", "local[1]",
+                                                                       "--model", fast_model)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        run_id = wait_until(lambda: next((r.run_id for r in Registry().list() if r.target == target
+                                          and r.rows_done > 0), None), timeout=180, what="the run's first commit")
+        proc.send_signal(getattr(signal, stop))
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, err
+    final = status(run_id)
+    assert final["state"] == "cancelled" and 0 < final["rows_done"] < ROWS, final
+    assert f"{run_id} cancelled" in out
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--master", "spark://127.0.0.1:1"], "Spark master spark://127.0.0.1:1 is unreachable"),
     (["--text-column", "nope"], "text column 'nope' is not in table 'products'"),

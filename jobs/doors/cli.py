@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from jobs import lifecycle
@@ -97,19 +98,29 @@ def progress_line(run: Run) -> str:
             + ("  (no executor yet)" if run.waits_for_executor else ""))
 
 
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
 def follow(registry: Registry, run_id: str, out=sys.stderr) -> Run:
-    """Follow a run until it ends, drawing a progress line on a terminal; Ctrl-C cancels the run."""
+    """Follow a run until it ends, drawing a progress line on a terminal; Ctrl-C, SIGTERM and SIGHUP cancel it."""
 
     def draw(run: Run) -> None:
         if out.isatty():
             out.write("\r" + progress_line(run) + ("   " if run.active else "\n"))
             out.flush()
 
+    # SIGTERM (a scheduler's timeout, a stopped job) and SIGHUP (its terminal closed) ended this process alone: the
+    # run's driver, in a session of its own, went on unwatched, and a run waiting for a slot waited for a reader.
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return lifecycle.wait(run_id, registry, on_tick=draw)
     except KeyboardInterrupt:
         lifecycle.cancel_and_wait(run_id, registry)
         return registry.get(run_id)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def exit_code(run: Run) -> int:
