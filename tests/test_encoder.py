@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from jobs.core.spec import DEFAULT_BATCH_SIZE
 from jobs.embed import bert
 from jobs.embed.encoder import Encoder, model_path
-from tests.conftest import embeddings_endpoint, reference_vectors
+from tests.conftest import embeddings_endpoint, reference_vectors, wait_until
 
 TRICKY = ["Hello world", "  padded with spaces  ", "x", "", "[PAD] [CLS] [SEP] [MASK] written out",
           "Ünïcödé, 東京, emoji 🙂 and tabs\tinside", "word " * 600,  # truncated at 256 tokens
@@ -273,6 +274,24 @@ def test_bench_encoder_processes_load_once_and_each_encodes_its_share_of_the_ran
         assert 0 < split.ask("ceiling", [1])[0][0] < 2
         assert split_rate(split) > 0
     assert [p.returncode for p in split.procs] == [0, 0]
+
+
+def test_a_bench_stopped_by_sigterm_cleans_up_as_one_that_ends(tmp_path):
+    """`timeout 100 make bench` (or a cancelled CI job) ended the bench without its cleanup: the cluster it had
+    started (master, workers, run service) ran on, and its home stayed in the temporary folder."""
+    import os
+
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.doors.bench", "--quick"], env=dict(os.environ,
+                            TMPDIR=str(tmp_path)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: list(tmp_path.glob("embeddeck-bench-*")), timeout=120, what="the bench's home")
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert not list(tmp_path.glob("embeddeck-bench-*"))
 
 
 def test_bench_asks_the_run_service_for_executors_and_says_when_it_cannot(tmp_path, monkeypatch):

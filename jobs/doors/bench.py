@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -605,6 +606,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rows, same code (< 3 minutes)")
     args = parser.parse_args(argv)
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # SIGTERM (`timeout`, a CI job cancelled) and SIGHUP ended the bench without its cleanup: its cluster (master,
+    # workers, run service) ran on, and its home stayed behind.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
     home = tempfile.mkdtemp(prefix="embeddeck-bench-")
     os.environ["EMBEDDECK_HOME"] = home
     try:
