@@ -15,13 +15,16 @@ from tests import postgres
 
 # `make test` runs the suite in two pytest-xdist workers: each works in a folder of the suite's one home, made by
 # the process that runs them (which loads this file first and hands its environment to them).
-if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("EMBEDDECK_TEST_HOME"):
-    _HOME = Path(os.environ["EMBEDDECK_TEST_HOME"]) / os.environ["PYTEST_XDIST_WORKER"]
-    _HOME.mkdir(exist_ok=True)
-else:
-    _HOME = Path(tempfile.mkdtemp(prefix="embeddeck-test-"))
-    os.environ["EMBEDDECK_TEST_HOME"] = str(_HOME)
-os.environ["EMBEDDECK_HOME"] = str(_HOME)
+# Only in a pytest session: tests/e2e_images.py imports the helpers below outside one, and each CI run left an empty
+# home of it in the temporary folder.
+if os.environ.get("PYTEST_VERSION"):
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("EMBEDDECK_TEST_HOME"):
+        _HOME = Path(os.environ["EMBEDDECK_TEST_HOME"]) / os.environ["PYTEST_XDIST_WORKER"]
+        _HOME.mkdir(exist_ok=True)
+    else:
+        _HOME = Path(tempfile.mkdtemp(prefix="embeddeck-test-"))
+        os.environ["EMBEDDECK_TEST_HOME"] = str(_HOME)
+    os.environ["EMBEDDECK_HOME"] = str(_HOME)
 os.environ.pop("EMBEDDECK_DB_URL", None)
 os.environ.pop("EMBEDDECK_REGISTRY_URL", None)
 os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
