@@ -29,8 +29,7 @@ def main() -> int:
     except EmbedDeckError as exc:
         print(f"error: {exc}; nothing was started", file=sys.stderr)
         return 2
-    home = Settings().home
-    home.mkdir(parents=True, exist_ok=True)
+    home = Settings().home  # made by Settings where missing
     # Held while this runs: two `make run` at once both found the port free and the master down, both started the
     # cluster, and the one whose Streamlit then lost the port stopped the cluster the other went on showing.
     with exclusive(home / "make-run.lock", wait=False) as alone:

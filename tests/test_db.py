@@ -1,5 +1,6 @@
 """The database layer against real SQLite and PostgreSQL, and SQL Server by what it compiles."""
 
+import contextlib
 import datetime as dt
 import os
 import sqlite3
@@ -286,7 +287,7 @@ def test_a_process_that_loses_the_race_for_every_table_of_a_schema_goes_on(sqlit
 
 def _open_at(url: str, start: float) -> str:
     """Connect through the product's engine at the given moment; what went wrong, or ''."""
-    while time.time() < start:
+    while time.time() < start:  # spun, not slept: a sleep's wake-up spreads the four apart and hides the race
         pass
     try:
         with db.engine_for(url).connect() as conn:
@@ -311,7 +312,8 @@ def test_processes_opening_a_sqlite_file_at_once_all_connect(tmp_path):
         with fork.Pool(4) as pool:
             errors = pool.starmap(_open_at, [(f"sqlite:///{path}", start)] * 4)
         assert errors == [""] * 4, errors
-        assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
