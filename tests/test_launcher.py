@@ -153,6 +153,30 @@ def test_a_blocking_run_stopped_by_a_signal_is_cancelled(demo_url, fast_model, h
     assert f"{run_id} cancelled" in out
 
 
+def test_a_second_ctrl_c_while_a_run_cancels_is_told_to_wait(demo_url, fast_model, hold_file):
+    """A second Ctrl-C (or SIGTERM) while the first one's cancel is under way raised KeyboardInterrupt out of the
+    wait: a traceback and exit 1, with the run's end unreported. It now says the cancel is under way and waits."""
+    target = "second_signal_emb"
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", *run_args(demo_url, target, "--master", "local[1]",
+                                                                       "--model", fast_model)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        run_id = wait_until(lambda: next((r.run_id for r in Registry().list() if r.target == target
+                                          and r.rows_done > 0), None), timeout=180, what="the run's first commit")
+        proc.send_signal(signal.SIGINT)
+        wait_until(lambda: Registry().get(run_id).cancel_requested, timeout=30, what="the cancel request")
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            proc.send_signal(stop)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, err
+    assert "Traceback" not in err and "already cancelling" in err, err
+    assert status(run_id)["state"] == "cancelled"
+    assert f"{run_id} cancelled" in out
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--master", "spark://127.0.0.1:1"], "Spark master spark://127.0.0.1:1 is unreachable"),
     (["--text-column", "nope"], "text column 'nope' is not in table 'products'"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 
@@ -102,6 +103,11 @@ def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
+def _already_cancelling(*_) -> None:
+    # os.write, not print: a handler that prints while another print is under way raises "reentrant call".
+    os.write(2, b"already cancelling: waiting for the run to stop\n")
+
+
 def follow(registry: Registry, run_id: str, out=sys.stderr) -> Run:
     """Follow a run until it ends, drawing a progress line on a terminal; Ctrl-C, SIGTERM and SIGHUP cancel it."""
 
@@ -112,10 +118,17 @@ def follow(registry: Registry, run_id: str, out=sys.stderr) -> Run:
 
     # SIGTERM (a scheduler's timeout, a stopped job) and SIGHUP (its terminal closed) ended this process alone: the
     # run's driver, in a session of its own, went on unwatched, and a run waiting for a slot waited for a reader.
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.getsignal(sig) for sig in stops}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
         return lifecycle.wait(run_id, registry, on_tick=draw)
     except KeyboardInterrupt:
+        # A second stop while the first one's cancel is under way would end this process in a traceback, its run's
+        # end unreported: the cancel is already on its way, so it is only told to wait.
+        for sig in stops:
+            signal.signal(sig, _already_cancelling)
         lifecycle.cancel_and_wait(run_id, registry)
         return registry.get(run_id)
     finally:
