@@ -131,6 +131,25 @@ def test_cancel_marks_run_cancelled(demo_url, fast_model, hold_file):
     assert final["state"] == "cancelled" and 0 < final["rows_done"] < ROWS
 
 
+@pytest.mark.parametrize("change,message", [
+    ("ALTER TABLE products RENAME COLUMN description TO descr",
+     "text column 'description' is not in table 'products' (columns: id, title, category, price, descr)"),
+    ("DROP TABLE changed_emb", "target table 'changed_emb' does not exist"),
+])
+def test_tables_changed_under_a_run_fail_it_naming_the_change(demo_url, fast_model, hold_file, change, message):
+    """A task's next read or write failed with the database's own words ("no such column: products.description"),
+    which Spark would retry on a cluster; a dropped target ended the run in the error of its final count."""
+    run_id = cli(*run_args(demo_url, "changed_emb", "--master", "local[1]", "--model", fast_model,
+                           "--detach")).stdout.strip()
+    wait_status(run_id, lambda s: s["rows_done"] > 0, 180)
+    with db.engine_for(demo_url).begin() as conn:
+        conn.execute(sa.text(change))
+    hold_file.unlink()
+    final = wait_status(run_id, ended, 120)
+    assert final["state"] == "failed" and final["rows_done"] > 0
+    assert final["error"] == f"{message} (it changed while the run was in flight; a rerun embeds only what is missing)"
+
+
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
 def test_a_blocking_run_stopped_by_a_signal_is_cancelled(demo_url, fast_model, hold_file, stop):
     """Ctrl-C on a blocking `run` cancels it (exit 3). SIGTERM (a scheduler's timeout) ended the CLI alone: it exited

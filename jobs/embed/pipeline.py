@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from jobs.core import plan
 from jobs.core.errors import BadRequest, EmbedDeckError, from_kind
@@ -131,18 +132,39 @@ def _worker_encoder(model: str, endpoint: str | None = None, api_key: str | None
     return get_encoder(model)
 
 
-def _errors_as_results(task):
+def _errors_as_results(task: TaskPlan):
     """Our own errors leave a task as a result the driver turns back into the same kind, not as a
-    traceback: retrying a missing table or model four times would only delay the same answer."""
+    traceback: retrying a missing table or model four times would only delay the same answer. So does a
+    database error whose cause is a table or column changed under the run, named as validation names it."""
 
-    @functools.wraps(task)
-    def run(items: Iterator) -> Iterator[dict]:
-        try:
-            yield from task(items)
-        except EmbedDeckError as exc:
-            yield {"error": {"kind": exc.kind, "message": str(exc)}}
+    def wrap(function):
+        @functools.wraps(function)
+        def run(items: Iterator) -> Iterator[dict]:
+            try:
+                yield from function(items)
+            except EmbedDeckError as exc:
+                yield {"error": {"kind": exc.kind, "message": str(exc)}}
+            except DBAPIError:
+                changed = _catalog_change(task.open()[0])
+                if changed is None:
+                    raise  # a lost connection, a lock: Spark tries the task again
+                yield {"error": {"kind": changed.kind, "message": f"{changed} (it changed while the run was in "
+                                 "flight; a rerun embeds only what is missing)"}}
 
-    return run
+        return run
+
+    return wrap
+
+
+def _catalog_change(spec: RunSpec) -> BadRequest | None:
+    """What validation would now refuse in the run's tables (a column renamed, a table dropped), if anything."""
+    try:
+        _tables(spec)
+        return None
+    except BadRequest as exc:
+        return exc
+    except DBAPIError:  # the database itself failed, not its catalog
+        return None
 
 
 def _raise_task_error(results: list[dict]) -> None:
@@ -175,7 +197,7 @@ def warm_partitions(model: str):
 def scan_partitions(task: TaskPlan):
     """mapPartitions function: count per key range what the run has to embed."""
 
-    @_errors_as_results
+    @_errors_as_results(task)
     def run(ranges: Iterator[tuple]) -> Iterator[dict]:
         spec, api_key = task.open()
         tables = _tables(spec)
@@ -204,7 +226,7 @@ def scan_partitions(task: TaskPlan):
 def embed_partitions(task: TaskPlan):
     """mapPartitions function: read, encode and upsert each key range, committing every few hundred rows."""
 
-    @_errors_as_results
+    @_errors_as_results(task)
     def run(ranges: Iterator[tuple]) -> Iterator[dict]:
         spec, api_key = task.open()
         tables = _tables(spec)
@@ -270,6 +292,14 @@ class _ProgressWatcher(threading.Thread):
         self.samples.append((time.monotonic(), done))
         self.registry.progress(self.run_id, done, rate(self.samples))
         return done
+
+    def rows_done_at_failure(self) -> int:
+        """Rows done by a run that failed: the last count published where the target can no longer be counted
+        (dropped under the run), whose error would have replaced the run's own."""
+        try:
+            return self.sample()
+        except DBAPIError:
+            return self.samples[-1][1] if self.samples else 0
 
     def report_executors(self) -> None:
         count = self.executors() if self.executors else None
@@ -441,7 +471,7 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
                 _record_marks(registry, run_id, marks, scanned, embedded)
         except Exception as exc:
             watcher.stop_event.set()
-            done = watcher.sample()
+            done = watcher.rows_done_at_failure()
             if watcher.cancelled:
                 registry.finish(run_id, CANCELLED, error="cancelled by request", rows_done=done)
                 return CANCELLED
