@@ -128,3 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     except EmbedDeckError as exc:  # bad input, an unreachable master, a run service that did not start
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM, SIGHUP (exit_with gives the status)
+        if args.verb in ("up", "scale"):
+            print(f"{args.verb} interrupted: the master and workers it had started run on (`python -m cluster "
+                  "status` shows them, `python -m cluster down` stops them)", file=sys.stderr)
+        raise

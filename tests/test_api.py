@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -270,6 +271,21 @@ def test_endpoints_are_names_keys_go_only_to_their_own_and_remote_bodies_are_nev
         proc.terminate()
         proc.wait(10)
         listener.close()
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_the_api_shuts_down_gracefully_on_sigterm_and_sighup(tmp_path, stop):
+    """SIGHUP (its terminal closed) ended the server at once, mid-request or not, with no shutdown of its lifespan."""
+    proc, _ = start_server(tmp_path, "stop", f"sqlite:///{tmp_path / 'empty.sqlite'}")
+    try:
+        proc.send_signal(getattr(signal, stop))
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "stop.log").read_text(errors="replace")
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in log, log
+    assert "Application shutdown complete" in log
 
 
 def test_schemathesis_finds_no_server_error_or_schema_violation(tmp_path):

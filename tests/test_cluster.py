@@ -1,6 +1,7 @@
 """A real local standalone cluster: scaling, telemetry, Spark REST, and the autoscaler driving it."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -85,6 +86,37 @@ def test_two_scales_at_once_start_the_workers_once(cluster, tmp_path):
             if "org.apache.spark.deploy.worker.Worker" in (p.info["cmdline"] or []) and cluster.master_url()
             in p.info["cmdline"]]
     assert len(jvms) == 2 and cluster.master_state().alive_workers == 2 and len(cluster.workers()) == 2
+
+
+def run_service_jvms(home: Path) -> list[psutil.Process]:
+    """The spark-submit JVMs of the run service of this home."""
+    return [p for p in psutil.process_iter(["cmdline"]) if any(a.endswith("run_service.py") for a in
+                                                                 p.info["cmdline"] or [])
+            and f"spark.sql.warehouse.dir={home}/spark-warehouse" in p.info["cmdline"]]
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_an_interrupted_up_says_what_runs_on_and_stops_the_run_service_it_was_starting(cluster, tmp_path, stop):
+    """Ctrl-C on `cluster up` ended it in a KeyboardInterrupt traceback, and SIGTERM with no word; either left the
+    run service it was starting to come up unawaited, unknown to a `down` run meanwhile (and to the next `up`, which
+    started a second one)."""
+    cluster.up(workers=0)
+    env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), EMBEDDECK_MASTER_PORT=str(cluster.master_port),
+               EMBEDDECK_MASTER_WEBUI_PORT=str(cluster.webui_port), **{jvm.AUTH_SECRET_ENV: jvm.auth_secret()})
+    proc = subprocess.Popen([sys.executable, "-m", "cluster", "up"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: run_service_jvms(tmp_path), timeout=60, every=0.05, what="the run service's start")
+        proc.send_signal(getattr(signal, stop))
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + getattr(signal, stop) and "Traceback" not in err, err
+    assert err.strip() == ("up interrupted: the master and workers it had started run on (`python -m cluster status` "
+                           "shows them, `python -m cluster down` stops them)")
+    wait_until(lambda: not run_service_jvms(tmp_path), timeout=15, what="the unawaited run service's end")
+    assert cluster.master_state().reachable
 
 
 def test_a_second_make_run_leaves_the_running_cluster_alone(cluster, tmp_path):

@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -164,11 +165,48 @@ def read_json(path: Path) -> object | None:
 
 # What a shell reports for a process that SIGPIPE ended (128 + 13), as `yes | head -1` shows.
 EXIT_CLOSED_STDOUT = 141
+# And for one that Ctrl-C ended (128 + SIGINT).
+EXIT_INTERRUPTED = 130
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Act on Ctrl-C, SIGTERM and SIGHUP only once the block ends: one that lands between a child's start and the
+    line that records it would leave the child unknown to the cleanup. Outside the main thread, which alone takes
+    signals in Python, a plain block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum)) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum in caught:
+            signal.raise_signal(signum)  # its handler runs here, at once
+
+
+def exit_on_stop_signals() -> None:
+    """Make SIGTERM (a service manager, `timeout`) and SIGHUP (a closed terminal) end this process as
+    SystemExit(128 + N): by default they ended it at once, and nothing it had started was cleaned up."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
 
 
 def exit_with(main: Callable[[], int]) -> None:
     """Exit with main's status; where its reader closed stdout first (`| head`, `| grep -q`), quietly with 141
-    rather than a BrokenPipeError traceback."""
+    rather than a BrokenPipeError traceback; on Ctrl-C, SIGTERM or SIGHUP, with 128 + N once its cleanup ran,
+    rather than a KeyboardInterrupt traceback or no cleanup at all."""
+    exit_on_stop_signals()
     try:
         code = main()
         sys.stdout.flush()  # inside the try: an exit's own flush into a closed pipe prints "Exception ignored"
@@ -176,4 +214,6 @@ def exit_with(main: Callable[[], int]) -> None:
         # Python's own advice: point stdout at /dev/null, so that the interpreter's last flush raises nothing.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = EXIT_CLOSED_STDOUT
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
     sys.exit(code)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import signal
 import sys
 import threading
 import time
@@ -352,6 +353,7 @@ def create_app(token: str, registry: Registry | None = None, autoscale_token: st
 def serve(host: str = "127.0.0.1", port: int = 8888) -> int:
     """Run the API with uvicorn; refuses to start without a token rather than run open."""
     import uvicorn
+    from uvicorn.config import STARTUP_FAILURE
 
     token = load_token()
     if not token:
@@ -366,9 +368,14 @@ def serve(host: str = "127.0.0.1", port: int = 8888) -> int:
                      name="embeddeck-settle").start()
     # Bounded: connections at once, idle keep-alive, the size of an unfinished header block.
     app = create_app(token, registry, Settings().raw("EMBEDDECK_AUTOSCALE_TOKEN"))
+    # uvicorn shuts down gracefully on SIGINT and SIGTERM only; a closed terminal (SIGHUP) is asked the same way,
+    # rather than ending it in the middle of its lifespan.
+    signal.signal(signal.SIGHUP, lambda *_: signal.raise_signal(signal.SIGTERM))
     try:
         uvicorn.run(app, host=host, port=port, log_level="info", limit_concurrency=256, timeout_keep_alive=5,
                     h11_max_incomplete_event_size=64 * 1024)
-    except SystemExit as exc:  # uvicorn's startup failure is 3, which the CLI's exit codes give to a cancelled run
-        return 2 if exc.code else 0
+    except SystemExit as exc:
+        if exc.code == STARTUP_FAILURE:  # 3, which the CLI's exit codes give to a cancelled run
+            return 2
+        raise  # SIGTERM or SIGHUP, raised again by uvicorn once it has shut down
     return 0

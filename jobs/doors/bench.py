@@ -10,7 +10,6 @@ import datetime as dt
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jobs.core.processes import exit_with
 from jobs.core.settings import Settings
 from jobs.core.spec import DEFAULT_BATCH_SIZE
 
@@ -607,13 +607,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rows, same code (< 3 minutes)")
     args = parser.parse_args(argv)
 
-    def stop(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    # SIGTERM (`timeout`, a CI job cancelled) and SIGHUP ended the bench without its cleanup: its cluster (master,
-    # workers, run service) ran on, and its home stayed behind.
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGHUP, stop)
     home = tempfile.mkdtemp(prefix="embeddeck-bench-")
     os.environ["EMBEDDECK_HOME"] = home
     try:
@@ -905,4 +898,6 @@ def run_all(args: argparse.Namespace, home: str) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    # SIGTERM (`timeout`, a CI job cancelled) and SIGHUP ended the bench without its cleanup: its cluster (master,
+    # workers, run service) ran on, and its home stayed behind.
+    exit_with(main)

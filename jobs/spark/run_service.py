@@ -21,7 +21,16 @@ import time
 from pathlib import Path
 
 from jobs.core.errors import Unavailable
-from jobs.core.processes import exclusive, free_port, is_alive, read_json, start_time, stop_group, write_json
+from jobs.core.processes import (
+    exclusive,
+    free_port,
+    is_alive,
+    read_json,
+    start_time,
+    stop_group,
+    stops_deferred,
+    write_json,
+)
 from jobs.core.settings import Settings
 from jobs.core.spec import DEFAULT_MODEL, RunSpec
 from jobs.embed.pipeline import execute, spark_error_message, warm_partitions
@@ -157,17 +166,25 @@ def _start(master: str, timeout_s: float) -> dict:
         home = Settings().home
         log_path = home / "runner.log"
         clear_scratch(home, SCRATCH_OWNER)  # what a service that died on its own left
-        proc = start_app(command(SCRIPT, master, free_port(), scratch_dir(home, SCRATCH_OWNER),
-                                 {"spark.scheduler.mode": "FAIR"}), log_path, spark_env(secrets_too=True))
-        while time.monotonic() < deadline:
-            current = info()
-            if current is not None:
-                return current
-            if proc.poll() is not None:
-                break
-            time.sleep(0.3)
-        stop_group(proc.pid, proc.pid)
-        raise Unavailable(f"the run service did not start within {timeout_s:.0f} s; see {log_path}")
+        proc = None
+        try:
+            with stops_deferred():
+                proc = start_app(command(SCRIPT, master, free_port(), scratch_dir(home, SCRATCH_OWNER),
+                                         {"spark.scheduler.mode": "FAIR"}), log_path, spark_env(secrets_too=True))
+            while time.monotonic() < deadline:
+                current = info()
+                if current is not None:
+                    return current
+                if proc.poll() is not None:
+                    break
+                time.sleep(0.3)
+            raise Unavailable(f"the run service did not start within {timeout_s:.0f} s; see {log_path}")
+        except BaseException:
+            # Timed out, or its starter interrupted (Ctrl-C, SIGTERM): a service that came up unawaited would run
+            # unknown to `down`, holding the master's cores.
+            if proc is not None:
+                stop_group(proc.pid, proc.pid)
+            raise
     finally:
         _starting_path().unlink(missing_ok=True)
 
