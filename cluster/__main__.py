@@ -1,4 +1,11 @@
-from cluster.cli import main
 from jobs.core.processes import exit_with
+
+
+def main() -> int:
+    # Imported here: a Ctrl-C during the imports (a second or so) then exits as quietly as one after them.
+    from cluster.cli import main as cli_main
+
+    return cli_main()
+
 
 exit_with(main)
