@@ -14,6 +14,7 @@ import sys
 
 from jobs import lifecycle
 from jobs.core.errors import EmbedDeckError
+from jobs.core.processes import STOP_SIGNALS
 from jobs.core.progress import eta_seconds, format_duration
 from jobs.core.settings import Settings
 from jobs.core.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, RunSpec
@@ -118,8 +119,7 @@ def follow(registry: Registry, run_id: str, out=sys.stderr) -> Run:
 
     # SIGTERM (a scheduler's timeout, a stopped job) and SIGHUP (its terminal closed) ended this process alone: the
     # run's driver, in a session of its own, went on unwatched, and a run waiting for a slot waited for a reader.
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {sig: signal.getsignal(sig) for sig in stops}
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     try:
@@ -127,7 +127,7 @@ def follow(registry: Registry, run_id: str, out=sys.stderr) -> Run:
     except KeyboardInterrupt:
         # A second stop while the first one's cancel is under way would end this process in a traceback, its run's
         # end unreported: the cancel is already on its way, so it is only told to wait.
-        for sig in stops:
+        for sig in STOP_SIGNALS:
             signal.signal(sig, _already_cancelling)
         lifecycle.cancel_and_wait(run_id, registry)
         return registry.get(run_id)
