@@ -82,15 +82,25 @@ def record(spec: RunSpec, registry: Registry) -> str:
     runs are started or the run service is still starting; returns its id. Conflict when its target has an active
     run."""
     redacted = db.redact_url(spec.db_url)
-    run_id = new_run_id()
-    _keep_url(run_id, spec.db_url)  # first: once recorded, any reader may start the run, and reads the URL here
-    try:
-        registry.create(spec.with_db_url(redacted).to_json(), spec.launched_by, spec.source, spec.target,
-                        spec.model, spec.master, target_key=db.target_key(spec.db_url, spec.target), phase=WAITING,
-                        run_id=run_id)
-    except Conflict:
-        _waiting_url_path(run_id).unlink(missing_ok=True)
-        raise
+    while True:
+        run_id = new_run_id()
+        # The URL first: once recorded, any reader may start the run, and reads it here. A file of its own: an id
+        # drawn twice in a second (24 random bits) had shared one, and the second launch, refused by the registry
+        # for the id, removed the file of the first, whose start then failed ("its connection is gone").
+        try:
+            _keep_url(run_id, spec.db_url)
+        except FileExistsError:
+            continue
+        try:
+            registry.create(spec.with_db_url(redacted).to_json(), spec.launched_by, spec.source, spec.target,
+                            spec.model, spec.master, target_key=db.target_key(spec.db_url, spec.target),
+                            phase=WAITING, run_id=run_id)
+        except Conflict:
+            _waiting_url_path(run_id).unlink(missing_ok=True)
+            if registry.get(run_id) is not None:  # the id was taken (by another host's run), not the target
+                continue
+            raise
+        break
     _start_waiting(run_id, spec.master, registry)
     return run_id
 
@@ -139,8 +149,9 @@ def _waiting_url_path(run_id: str) -> Path:
 
 
 def _keep_url(run_id: str, db_url: str) -> None:
-    """A waiting run's real URL, owner-only, until it is handed to the run's driver."""
-    write_private(_waiting_url_path(run_id), db_url)
+    """A waiting run's real URL, owner-only, until it is handed to the run's driver; FileExistsError when another
+    run's file has this id."""
+    write_private(_waiting_url_path(run_id), db_url, new=True)
 
 
 def dispatch(registry: Registry) -> list[str]:

@@ -750,6 +750,37 @@ def test_a_large_target_is_searched_through_the_approximate_index_kept_current(s
     assert index.ann is None and len(index.ids) == 201 and key(5) not in got[1] and min(got[1]) >= key(2800)
 
 
+def test_a_run_id_drawn_twice_takes_another_and_leaves_the_first_runs_url(tmp_path, monkeypatch):
+    """A run id has 24 random bits a second. Drawn twice, the two launches shared the file that keeps a waiting
+    run's URL, and the second, refused by the registry for the id, was told its target had an active run ("just
+    started") and removed that file: the first run's start then failed ("its connection is gone"). A burst of six
+    launches in CI once ended so, one run lost and one failed."""
+    import uuid
+
+    from jobs import lifecycle
+    from jobs.store.registry import WAITING, Registry
+
+    monkeypatch.setenv("EMBEDDECK_MAX_ACTIVE_RUNS", "1")
+    registry = Registry(f"sqlite:///{tmp_path / 'registry.sqlite'}")
+    registry.create("{}", "test", "s", "busy", "m", "local[1]", target_key="busy")  # holds the one slot: none starts
+    repeated, other = (f"r-20261202-000000-{uuid.uuid4().hex[:6]}" for _ in range(2))
+    drawn = iter([repeated, repeated, other])
+    monkeypatch.setattr(lifecycle, "new_run_id", lambda: next(drawn))
+    url = f"sqlite:///{tmp_path / 'source.sqlite'}"
+    recorded = [lifecycle.record(RunSpec(db_url=url, source="products", id_column="id", text_column="description",
+                                         target=target, master="local[1]", launched_by="test"), registry)
+                for target in ("one_emb", "two_emb")]
+    try:
+        assert recorded == [repeated, other]
+        assert [registry.get(run_id).phase for run_id in recorded] == [WAITING, WAITING]
+        assert [lifecycle._waiting_url_path(run_id).read_text() for run_id in recorded] == [url, url]
+    finally:
+        for run_id in recorded:
+            lifecycle.cancel(run_id, registry)
+        lifecycle.refresh(registry)  # ends the waiting runs and removes their URLs
+    assert not any(lifecycle._waiting_url_path(run_id).exists() for run_id in recorded)
+
+
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_waiting_runs_are_taken_once_and_within_the_cap_by_callers_at_once(dialect, tmp_path, request):
     """Launchers and readers race to start waiting runs, from several processes or hosts: the registry lets each

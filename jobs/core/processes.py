@@ -147,10 +147,11 @@ def write_json(path: Path, data: object) -> None:
     os.replace(tmp, path)
 
 
-def write_private(path: Path, text: str) -> None:
-    """Write a secret to a file only its owner can read, created so from the start (never briefly 0644)."""
+def write_private(path: Path, text: str, new: bool = False) -> None:
+    """Write a secret to a file only its owner can read, created so from the start (never briefly 0644); with new,
+    only a file that does not exist yet (FileExistsError)."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if new else os.O_TRUNC), 0o600)
     with os.fdopen(fd, "w") as out:
         out.write(text)
 
