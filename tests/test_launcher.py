@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from jobs.core.processes import port_taken
+from jobs.core.processes import free_port, port_taken
 from jobs.core.settings import REPO
 from jobs.store import db
 from jobs.store.demo import seed_demo
@@ -199,6 +199,31 @@ def test_bad_input_is_one_clear_line(demo_url, extra, message):
     assert out.stderr.strip().startswith("error: ") and message in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert len(Registry().list()) == before  # nothing recorded
+
+
+def test_a_home_whose_path_has_a_space_runs_locally_and_on_the_cluster(tmp_path, demo_url, fast_model):
+    """Spark splits its JVM options as a shell does: a scratch under a home with a space, unquoted, was two options,
+    and the JVM took the second for its main class ("Could not find or load main class with"): every run's driver
+    died at once, and `make run` ended in "Spark master exited at start"."""
+    home = tmp_path / "home with space ü"
+    env = dict(os.environ, EMBEDDECK_HOME=str(home), EMBEDDECK_MASTER_PORT=str(free_port()),
+               EMBEDDECK_MASTER_WEBUI_PORT=str(free_port()))
+
+    def call(module, *args):
+        out = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout
+
+    assert " succeeded " in call("jobs", *run_args(demo_url, "spaced_emb", "--master", "local[1]", "--model",
+                                                   fast_model))
+    try:
+        call("cluster", "up", "--workers", "1")
+        master = f"spark://127.0.0.1:{env['EMBEDDECK_MASTER_PORT']}"
+        assert " succeeded " in call("jobs", *run_args(demo_url, "spaced_emb", "--master", master, "--model",
+                                                       fast_model, "--mode", "full"))
+    finally:
+        call("cluster", "down")
 
 
 def test_a_mistyped_sqlite_path_is_named_and_nothing_is_created(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import shlex
 import shutil
 import subprocess
 import sys
@@ -131,10 +132,12 @@ def java_options(scratch: Path | None = None) -> str:
     scratch where given (Spark's local directories default to java.io.tmpdir)."""
     path = archive_path()
     options = FAST_START
+    # Spark splits these strings as a shell would: a path with a space, unquoted, was two options, and the JVM took
+    # the second for its main class ("Could not find or load main class with"), so every run failed.
     if path is not None and path.is_file():
-        options += f" -Xshare:auto -XX:SharedArchiveFile={path}"
+        options += f" -Xshare:auto {shlex.quote(f'-XX:SharedArchiveFile={path}')}"
     if scratch is not None:
-        options += f" -Djava.io.tmpdir={scratch}"
+        options += f" {shlex.quote(f'-Djava.io.tmpdir={scratch}')}"
     return options
 
 
