@@ -152,7 +152,7 @@ def build_archive(timeout_s: float = 300.0) -> Path | None:
     os.unlink(tmp)  # the JVM writes the file itself, at exit
     cmd = [spark_submit(), "--master", "local[1]", "--conf", "spark.ui.enabled=false",
            "--conf", "spark.ui.showConsoleProgress=false",
-           "--driver-java-options", f"{FAST_START} -XX:ArchiveClassesAtExit={tmp}",
+           "--driver-java-options", f"{FAST_START} {shlex.quote(f'-XX:ArchiveClassesAtExit={tmp}')}",
            str(Path(__file__).resolve()), "--sample-job"]
     out = subprocess.run(cmd, env=spark_env(), capture_output=True, text=True, timeout=timeout_s)
     if out.returncode != 0 or not Path(tmp).is_file():
