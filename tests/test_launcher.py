@@ -201,11 +201,15 @@ def test_bad_input_is_one_clear_line(demo_url, extra, message):
     assert len(Registry().list()) == before  # nothing recorded
 
 
-def test_a_home_whose_path_has_a_space_runs_locally_and_on_the_cluster(tmp_path, demo_url, fast_model):
+def test_a_deep_home_whose_path_has_a_space_runs_locally_and_on_the_cluster_s_run_service(tmp_path, demo_url,
+                                                                                           fast_model):
     """Spark splits its JVM options as a shell does: a scratch under a home with a space, unquoted, was two options,
     and the JVM took the second for its main class ("Could not find or load main class with"): every run's driver
-    died at once, and `make run` ended in "Spark master exited at start"."""
-    home = tmp_path / "home with space ü"
+    died at once, and `make run` ended in "Spark master exited at start". And a home deeper than about 95 bytes made
+    the run service's socket too long for an address ("AF_UNIX path too long"): the service died at its start, and
+    `cluster up` with it."""
+    home = tmp_path / f"home with space ü {'x' * 60}"
+    assert len(os.fsencode(str(home / "runner.sock"))) > 107
     env = dict(os.environ, EMBEDDECK_HOME=str(home), EMBEDDECK_MASTER_PORT=str(free_port()),
                EMBEDDECK_MASTER_WEBUI_PORT=str(free_port()))
 
@@ -218,10 +222,12 @@ def test_a_home_whose_path_has_a_space_runs_locally_and_on_the_cluster(tmp_path,
     assert " succeeded " in call("jobs", *run_args(demo_url, "spaced_emb", "--master", "local[1]", "--model",
                                                    fast_model))
     try:
-        call("cluster", "up", "--workers", "1")
+        assert "run service up" in call("cluster", "up", "--workers", "1")
         master = f"spark://127.0.0.1:{env['EMBEDDECK_MASTER_PORT']}"
         assert " succeeded " in call("jobs", *run_args(demo_url, "spaced_emb", "--master", master, "--model",
                                                        fast_model, "--mode", "full"))
+        ran = json.loads(call("jobs", "list", "--json"))[0]
+        assert ran["log_path"] == str(home / "runner.log")  # handed to the run service, not an application of its own
     finally:
         call("cluster", "down")
 

@@ -22,6 +22,24 @@ import psutil
 log = logging.getLogger(__name__)
 
 
+# The longest path an AF_UNIX address holds on Linux (sun_path is 108 bytes, one of them the terminating NUL).
+UNIX_PATH_MAX = 107
+
+
+@contextlib.contextmanager
+def unix_address(path: Path) -> Iterator[str]:
+    """An address that names path for a Unix socket's bind or connect: the path itself, or, where it is longer than an
+    address holds (a deep EMBEDDECK_HOME), the same file through a descriptor of its folder, open for the block."""
+    if len(os.fsencode(str(path))) <= UNIX_PATH_MAX:
+        yield str(path)
+        return
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{folder}/{path.name}"
+    finally:
+        os.close(folder)
+
+
 def free_port() -> int:
     """A port free on loopback now."""
     with socket.socket() as s:

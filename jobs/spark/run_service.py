@@ -29,6 +29,7 @@ from jobs.core.processes import (
     start_time,
     stop_group,
     stops_deferred,
+    unix_address,
     write_json,
 )
 from jobs.core.settings import Settings
@@ -87,7 +88,8 @@ def submit(run_id: str, db_url: str, master: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(SUBMIT_TIMEOUT_S)
-            conn.connect(str(sock_path))
+            with unix_address(sock_path) as address:
+                conn.connect(address)
             conn.sendall(json.dumps({"run_id": run_id, "db_url": db_url}).encode() + b"\n")
             reply = conn.makefile("rb").readline()
     except OSError as exc:
@@ -176,7 +178,7 @@ def _start(master: str, timeout_s: float) -> dict:
                 if current is not None:
                     return current
                 if proc.poll() is not None:
-                    break
+                    raise Unavailable(f"the run service exited at its start (status {proc.returncode}); see {log_path}")
                 time.sleep(0.3)
             raise Unavailable(f"the run service did not start within {timeout_s:.0f} s; see {log_path}")
         except BaseException:
@@ -290,7 +292,10 @@ def main() -> int:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # the socket carries database URLs: owner only
     try:
-        server.bind(str(sock_path))
+        # A home deeper than about 95 bytes made the path too long for an address: the service died at its start
+        # ("AF_UNIX path too long"), and so did `cluster up` and `make run`.
+        with unix_address(sock_path) as address:
+            server.bind(address)
     finally:
         os.umask(old_umask)
     server.listen(16)

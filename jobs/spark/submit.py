@@ -15,7 +15,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from jobs.core.errors import Unavailable
-from jobs.core.processes import free_port
+from jobs.core.processes import UNIX_PATH_MAX, free_port
 from jobs.core.settings import HOLD_FILE_VAR, REPO, Settings
 from jobs.core.spec import check_master_url, in_process
 from jobs.spark.jvm import auth_secret, java_options, scratch_dir, spark_env, spark_submit
@@ -82,12 +82,12 @@ def same_master(a: str, b: str) -> bool:
 
 
 # Spark names its Unix sockets <java.io.tmpdir>/.<uuid>.sock, and a socket's path takes at most 107 bytes.
-SOCKET_NAME_BYTES, SOCKET_PATH_MAX = len("/.") + 36 + len(".sock"), 107
+SOCKET_NAME_BYTES = len("/.") + 36 + len(".sock")
 
 
 def unix_sockets_fit(scratch: Path | None) -> bool:
     """Whether Spark's Unix sockets fit in a JVM's scratch (else its Python workers talk over loopback TCP)."""
-    return len(os.fsencode(str(scratch or tempfile.gettempdir()))) + SOCKET_NAME_BYTES <= SOCKET_PATH_MAX
+    return len(os.fsencode(str(scratch or tempfile.gettempdir()))) + SOCKET_NAME_BYTES <= UNIX_PATH_MAX
 
 
 def spark_conf(master: str, scratch: Path | None = None) -> dict[str, str]:
