@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM, SIGHUP (exit_with gives the status)
         if args.verb in ("up", "scale"):
-            print(f"{args.verb} interrupted: the master and workers it had started run on (`python -m cluster "
-                  "status` shows them, `python -m cluster down` stops them)", file=sys.stderr)
+            started = "the master and workers" if args.verb == "up" else "the workers"
+            print(f"{args.verb} interrupted: {started} it had started run on (`python -m cluster status` shows them, "
+                  "`python -m cluster down` stops them)", file=sys.stderr)
         raise
