@@ -18,7 +18,7 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 
-# The fast tier alone: pure logic, the encoder, the API in-process, SQLite; no Spark, JVM or server (296 tests, 1 min 57 s on 2 cores, Zen 5 EPYC).
+# The fast tier alone: pure logic, the encoder, the API in-process, SQLite; no Spark, JVM or server (299 tests, 1 min 47 s on 2 cores, Zen 5 EPYC).
 test-unit: setup
 	$(BIN)/python -m pytest -m "not spark and not browser and not server"
 
