@@ -12,7 +12,7 @@ import time
 
 from cluster import backends
 from jobs.core.errors import EmbedDeckError
-from jobs.core.processes import exclusive, port_taken
+from jobs.core.processes import exclusive, exit_with, port_taken
 from jobs.core.settings import REPO, Settings
 from jobs.spark import run_service
 from jobs.store.demo import seed_demo
@@ -67,30 +67,32 @@ def _run() -> int:
     except EmbedDeckError as exc:  # a database or registry that does not answer, or a file that is not one
         print(f"error: {exc}; nothing was started", file=sys.stderr)
         return 2
+    # SIGTERM (a service manager, `timeout`) and SIGHUP (its terminal closed) must clean up like Ctrl-C does: the
+    # cluster's daemons run in sessions of their own, and outlived a closed terminal. Set before the cluster starts:
+    # stopped while it started (its first seconds), this left the master and the run service running, with a
+    # traceback for Ctrl-C, and the next `make run` took that cluster for one it must leave running.
+    for stop in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, lambda *_: sys.exit(0))
     state = cluster.master_state()
     ours = not state.reachable  # a cluster already up (`python -m cluster up`) is left as it is, and running
+    children: dict[str, subprocess.Popen] = {}
+    stopping = threading.Event()
     try:
-        state, service = backends.start_all(cluster) if ours else (state, run_service.start(cluster.master_url()))
+        try:
+            state, service = backends.start_all(cluster) if ours else (state, run_service.start(cluster.master_url()))
+        except EmbedDeckError as exc:  # a port taken, a master that does not start
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(f"Spark master {cluster.master_url()} (UI {cluster.master_webui}); {state.alive_workers} workers"
               + ("" if ours else "; it was already running, and keeps running when the dashboard stops"))
         print(f"run service up (UI {service['ui_url']}): runs start warm")
-    except EmbedDeckError as exc:  # a port taken, a master that does not start
-        print(f"error: {exc}", file=sys.stderr)
-        if ours:
-            backends.stop_all(cluster)
-        return 2
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    # SIGTERM (a service manager, `timeout`) and SIGHUP (its terminal closed) must clean up like Ctrl-C does: the
-    # cluster's daemons run in sessions of their own, and outlived a closed terminal.
-    for stop in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stop, lambda *_: sys.exit(0))
-    children = {"autoscaler": _autoscaler(env)}
-    # The run service is started again when it is gone while the master runs (killed, crashed: the dashboard's runs
-    # then went to local[*], off the cluster). A master stopped from the Cluster page stays stopped until Start master.
-    stopping = threading.Event()
-    threading.Thread(target=run_service.keep, args=(cluster.master_url(), stopping), daemon=True,
-                     name="embeddeck-run-service").start()
-    try:
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        children["autoscaler"] = _autoscaler(env)
+        # The run service is started again when it is gone while the master runs (killed, crashed: the dashboard's
+        # runs then went to local[*], off the cluster). A master stopped from the Cluster page stays stopped until
+        # Start master.
+        threading.Thread(target=run_service.keep, args=(cluster.master_url(), stopping), daemon=True,
+                         name="embeddeck-run-service").start()
         children["streamlit"] = subprocess.Popen(
             [sys.executable, "-m", "dashboard.server", "--server.address", "127.0.0.1", "--server.port", str(port)],
             cwd=REPO, env=env)
@@ -132,4 +134,4 @@ def _watch(children: dict[str, subprocess.Popen], env: dict) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)  # a Ctrl-C before the cluster starts (seeding the demo data): 130, no traceback

@@ -181,6 +181,33 @@ def arguments_of(process) -> list[str]:
         return []
 
 
+def run_service_jvms(home: Path) -> list:
+    """The spark-submit JVMs (psutil processes) of the run service of this home."""
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if any(a.endswith("run_service.py") for a in
+                                                                 p.info["cmdline"] or [])
+            and f"spark.sql.warehouse.dir={home}/spark-warehouse" in p.info["cmdline"]]
+
+
+def stopped_while_run_service_starts(args: list[str], env: dict, home: Path, stop: str) -> tuple[int, str]:
+    """Run `python -m <args>` and send it signal `stop` as soon as the run service of home is starting; its exit
+    status and its output (stdout and stderr together)."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", *args], env=env, cwd=Path(__file__).resolve().parent.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: run_service_jvms(home), timeout=120, every=0.05, what="the run service's start")
+        proc.send_signal(getattr(signal, stop))
+        return proc.wait(60), proc.communicate()[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def files_holding(text: str, root: Path, since: float = 0.0, skip: tuple[Path, ...] = ()) -> list[Path]:
     """Files under root, in its entries changed since `since` (epoch seconds) but not under skip, whose bytes
     contain text: where a secret (or a run's database URL) was written. grep reads them in a process of its own:

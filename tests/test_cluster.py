@@ -24,7 +24,14 @@ from jobs.store import scaling, worker_readings
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
 from jobs.store.scaling import save_settings
-from tests.conftest import answer_json, check_table, files_holding, wait_until
+from tests.conftest import (
+    answer_json,
+    check_table,
+    files_holding,
+    run_service_jvms,
+    stopped_while_run_service_starts,
+    wait_until,
+)
 
 pytestmark = pytest.mark.spark
 ROWS = 400
@@ -88,13 +95,6 @@ def test_two_scales_at_once_start_the_workers_once(cluster, tmp_path):
     assert len(jvms) == 2 and cluster.master_state().alive_workers == 2 and len(cluster.workers()) == 2
 
 
-def run_service_jvms(home: Path) -> list[psutil.Process]:
-    """The spark-submit JVMs of the run service of this home."""
-    return [p for p in psutil.process_iter(["cmdline"]) if any(a.endswith("run_service.py") for a in
-                                                                 p.info["cmdline"] or [])
-            and f"spark.sql.warehouse.dir={home}/spark-warehouse" in p.info["cmdline"]]
-
-
 @pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
 def test_an_interrupted_up_says_what_runs_on_and_stops_the_run_service_it_was_starting(cluster, tmp_path, stop):
     """Ctrl-C on `cluster up` ended it in a KeyboardInterrupt traceback, and SIGTERM with no word; either left the
@@ -103,16 +103,8 @@ def test_an_interrupted_up_says_what_runs_on_and_stops_the_run_service_it_was_st
     cluster.up(workers=0)
     env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), EMBEDDECK_MASTER_PORT=str(cluster.master_port),
                EMBEDDECK_MASTER_WEBUI_PORT=str(cluster.webui_port), **{jvm.AUTH_SECRET_ENV: jvm.auth_secret()})
-    proc = subprocess.Popen([sys.executable, "-m", "cluster", "up"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: run_service_jvms(tmp_path), timeout=60, every=0.05, what="the run service's start")
-        proc.send_signal(getattr(signal, stop))
-        err = proc.communicate(timeout=60)[1]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 128 + getattr(signal, stop) and "Traceback" not in err, err
+    status, err = stopped_while_run_service_starts(["cluster", "up"], env, tmp_path, stop)
+    assert status == 128 + getattr(signal, stop) and "Traceback" not in err, err
     assert err.strip() == ("up interrupted: the master and workers it had started run on (`python -m cluster status` "
                            "shows them, `python -m cluster down` stops them)")
     wait_until(lambda: not run_service_jvms(tmp_path), timeout=15, what="the unawaited run service's end")

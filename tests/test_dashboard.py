@@ -13,7 +13,7 @@ from jobs.core.settings import Settings
 from jobs.store import connections, db
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
-from tests.conftest import arguments_of, wait_until
+from tests.conftest import arguments_of, run_service_jvms, stopped_while_run_service_starts, wait_until
 
 pytestmark = pytest.mark.spark
 ROWS = 200
@@ -420,6 +420,27 @@ def test_make_run_entry_point_starts_and_stops_everything(tmp_path, stop):
             left.append(info)
     assert not left, (left, out[-3000:])
     assert not (tmp_path / "runner.json").exists()
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_make_run_stopped_while_its_cluster_starts_stops_that_cluster(tmp_path, stop):
+    """Stopped in its first seconds, while its master and run service started, `make run` ended in a traceback
+    (Ctrl-C) or with no word (SIGTERM), and left both running: the next `make run` took that cluster for one started
+    by hand, and left it running when it stopped."""
+    import os
+
+    from cluster.local import LocalCluster
+    from jobs.core.processes import free_port
+
+    ports = {"EMBEDDECK_DASHBOARD_PORT": free_port(), "EMBEDDECK_MASTER_PORT": free_port(),
+             "EMBEDDECK_MASTER_WEBUI_PORT": free_port()}
+    env = dict(os.environ, EMBEDDECK_HOME=str(tmp_path), **{k: str(v) for k, v in ports.items()})
+    status, out = stopped_while_run_service_starts(["dashboard"], env, tmp_path, stop)
+    assert status == 0 and "Traceback" not in out, out
+    cluster = LocalCluster(home=tmp_path, master_port=ports["EMBEDDECK_MASTER_PORT"],
+                           webui_port=ports["EMBEDDECK_MASTER_WEBUI_PORT"])
+    assert not cluster.master_alive() and not cluster.workers()
+    wait_until(lambda: not run_service_jvms(tmp_path), timeout=15, what="the run service's end")
 
 
 def test_make_run_on_the_aca_backend_refuses_before_it_starts_anything(tmp_path):
