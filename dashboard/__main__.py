@@ -4,7 +4,6 @@ it started."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -12,7 +11,7 @@ import time
 
 from cluster import backends
 from jobs.core.errors import EmbedDeckError
-from jobs.core.processes import exclusive, exit_with, port_taken
+from jobs.core.processes import exclusive, exit_on_stop_signals, exit_with, port_taken
 from jobs.core.settings import REPO, Settings
 from jobs.spark import run_service
 from jobs.store.demo import seed_demo
@@ -70,9 +69,9 @@ def _run() -> int:
     # SIGTERM (a service manager, `timeout`) and SIGHUP (its terminal closed) must clean up like Ctrl-C does: the
     # cluster's daemons run in sessions of their own, and outlived a closed terminal. Set before the cluster starts:
     # stopped while it started (its first seconds), this left the master and the run service running, with a
-    # traceback for Ctrl-C, and the next `make run` took that cluster for one it must leave running.
-    for stop in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(stop, lambda *_: sys.exit(0))
+    # traceback for Ctrl-C, and the next `make run` took that cluster for one it must leave running. Status 0, as for
+    # Ctrl-C: stopping the product is its normal end (make would report 143 as an error).
+    exit_on_stop_signals(status=0)
     state = cluster.master_state()
     ours = not state.reachable  # a cluster already up (`python -m cluster up`) is left as it is, and running
     children: dict[str, subprocess.Popen] = {}

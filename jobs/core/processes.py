@@ -210,12 +210,12 @@ def stops_deferred() -> Iterator[None]:
             signal.raise_signal(signum)  # its handler runs here, at once
 
 
-def exit_on_stop_signals() -> None:
+def exit_on_stop_signals(status: int | None = None) -> None:
     """Make SIGTERM (a service manager, `timeout`) and SIGHUP (a closed terminal) end this process as
-    SystemExit(128 + N): by default they ended it at once, and nothing it had started was cleaned up."""
+    SystemExit(status, else 128 + N): by default they ended it at once, and nothing it had started was cleaned up."""
 
     def stop(signum: int, _frame: object) -> None:
-        raise SystemExit(128 + signum)
+        raise SystemExit(128 + signum if status is None else status)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, stop)

@@ -606,7 +606,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer rows, same code (< 3 minutes)")
     args = parser.parse_args(argv)
-
     home = tempfile.mkdtemp(prefix="embeddeck-bench-")
     os.environ["EMBEDDECK_HOME"] = home
     try:
