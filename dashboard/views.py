@@ -2,11 +2,32 @@
 
 from __future__ import annotations
 
+import re
+from typing import TYPE_CHECKING
+
 from cluster.spark_rest import MasterState
 from jobs.core.autoscale import ScalingSettings
 from jobs.core.progress import eta_seconds, format_duration
 from jobs.core.settings import size_mib
 from jobs.store.registry import WAITING, Run
+
+if TYPE_CHECKING:  # a hint only: the pages without search need not import it
+    from jobs.embed.search import Hit
+
+# Every ASCII punctuation character, each of which CommonMark lets a backslash escape.
+_PUNCTUATION = re.compile(r"([!-/:-@\[-`{-~])")
+
+
+def literal(text: object) -> str:
+    """text escaped for the Markdown that Streamlit renders in alerts, captions and st.table cells, so that it shows
+    as written: a price of $5 and $10 had become math, __x__ bold, :smile: an emoji, [a](b) a link."""
+    return _PUNCTUATION.sub(r"\\\1", str(text))
+
+
+def hit_rows(hits: list[Hit]) -> list[dict]:
+    """The search hits as st.table rows: score, id and the source text, which Streamlit renders as Markdown there."""
+    return [{"score": round(h.score, 4), "id": literal(h.id) if isinstance(h.id, str) else h.id,
+             "text": None if h.text is None else literal(h.text)} for h in hits]
 
 
 def run_row(run: Run) -> dict:

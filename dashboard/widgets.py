@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 import streamlit as st
 
-from dashboard import services
+from dashboard import services, views
 from jobs.core.errors import EmbedDeckError
 from jobs.store import connections, db
 
@@ -17,7 +17,7 @@ def pick_connection() -> tuple[str, sa.Engine]:
     try:
         return conns[name], db.check_connection(conns[name])
     except EmbedDeckError as exc:
-        st.error(str(exc))
+        st.error(views.literal(exc))
         st.stop()
         raise
 

@@ -24,7 +24,7 @@ def overview() -> None:
     if not state.reachable:
         hint = " Start it below or with `python -m cluster up`." if backend.name == "local" else \
             " It runs in the controller app and is reached from inside the Container Apps environment."
-        st.warning(f"Spark master is down ({state.error}).{hint}")
+        st.warning(f"Spark master is down ({views.literal(state.error)}).{hint}")
     m = st.columns(4)
     m[0].metric("Master", state.status if state.reachable else "down")
     m[1].metric("Alive workers", state.alive_workers)
@@ -65,7 +65,7 @@ def overview() -> None:
         label = ", ".join(run_ids)
         stats = spark_rest.app_stats(ui_url)
         if not stats.reachable:
-            st.caption(f"{label}: Spark UI {stats.error}")
+            st.caption(f"{label}: Spark UI {views.literal(stats.error)}")
             continue
         s = st.columns(5)
         s[0].metric("Executors", len(stats.executors))
@@ -115,7 +115,7 @@ try:
             backends.stop_all(backend, services.registry()) if master_up else backends.start_all(backend)
         st.rerun()
 except EmbedDeckError as exc:
-    st.error(str(exc))
+    st.error(views.literal(exc))
 if not local:
     b2.caption("Replicas follow the worker app's KEDA rule, which reads this count from the controller's "
                "/autoscale at every poll (30 s by default).")

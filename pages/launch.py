@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from dashboard import services, shell, widgets
+from dashboard import services, shell, views, widgets
 from jobs import lifecycle
 from jobs.core.errors import EmbedDeckError
 from jobs.core.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, RunSpec
@@ -38,24 +38,25 @@ spec = RunSpec(db_url=url, source=source, id_column=id_column, text_column=text_
 try:
     spec, checked = lifecycle.validate(spec)
     pending = db.count_unembedded(engine, checked, spec.model)  # as the run records it
-    st.caption(f"{pending:,} rows still need a vector of {model} (new rows or another model; "
+    st.caption(f"{pending:,} rows still need a vector of {views.literal(model)} (new rows or another model; "
                "changed texts are found when the run plans).")
     shown = db.texts(engine, table, table.c[id_column], table.c[text_column], limit=5)  # as a run embeds them
     st.dataframe(pd.DataFrame({id_column: list(shown), text_column: list(shown.values())}),
                  hide_index=True, width="stretch")
     if id_column not in keys:
-        st.warning(f"{id_column!r} is not a key of {source!r} (no primary key or unique constraint on it alone): "
-                   "the run checks that every row has an id of its own and fails in planning if not.")
+        st.warning(views.literal(f"{id_column!r} is not a key of {source!r} (no primary key or unique constraint on "
+                                 "it alone): the run checks that every row has an id of its own and fails in planning "
+                                 "if not."))
     valid = True
 except EmbedDeckError as exc:
-    st.error(str(exc))
+    st.error(views.literal(exc))
     valid = False
 
 if st.button("Launch run", type="primary", disabled=not valid):
     try:
         run_id = lifecycle.record(spec, services.registry())  # validated above, in this same run of the page
     except EmbedDeckError as exc:
-        st.error(str(exc))
+        st.error(views.literal(exc))
     else:
         st.session_state["selected_run"] = run_id
         st.success(f"Run {run_id} launched.")

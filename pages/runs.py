@@ -28,7 +28,7 @@ def rerun(run) -> None:
     try:
         new_id = lifecycle.rerun(run.run_id, services.configured_connections(), "dashboard", registry)
     except EmbedDeckError as exc:
-        st.error(str(exc))
+        st.error(views.literal(exc))
         return
     st.session_state["selected_run"] = new_id
     st.rerun(scope="app")
@@ -48,14 +48,14 @@ def live(run_id: str) -> None:
         waiting = views.waiting_for_workers(run, backend.master_state(), scaling.load_settings(registry),
                                             Settings().size("EMBEDDECK_EXECUTOR_MEMORY"))
         if waiting:
-            st.warning(waiting)
+            st.warning(views.literal(waiting))
     m = st.columns(4)
     m[0].metric("Rows done", f"{run.rows_done:,}")
     m[1].metric("Rows/s", f"{run.rows_per_s:.1f}")
     m[2].metric("Skipped", f"{run.rows_skipped:,}")
     # A master URL is too long for a metric's large type (it showed "spark://127.…"): it goes in the caption.
     m[3].metric("Duration", format_duration(run.duration_s()))
-    st.caption(f"Master: {run.master or '—'}")
+    st.caption(f"Master: {views.literal(run.master or '—')}")
     if in_process(run.master):
         st.caption("Cost: none of the cluster's workers; it ran in its driver's own process on the launching host")
     elif run.started_at is not None:
@@ -64,7 +64,7 @@ def live(run_id: str) -> None:
     if samples:
         st.plotly_chart(charts.throughput_figure(samples), width="stretch")
     if run.error:
-        st.error(f"Error: {run.error}")
+        st.error(f"Error: {views.literal(run.error)}")
     if run.active:
         if run.ui_url:
             st.markdown(f"[Spark UI of this run]({run.ui_url})")

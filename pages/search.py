@@ -3,7 +3,7 @@
 import pandas as pd
 import streamlit as st
 
-from dashboard import shell, widgets
+from dashboard import shell, views, widgets
 from jobs.core.errors import EmbedDeckError
 from jobs.embed.search import search, timings_line
 from jobs.store import db
@@ -24,11 +24,10 @@ if go:
     try:
         result = search(url, target, query, k=k)
     except EmbedDeckError as exc:
-        st.error(str(exc))
+        st.error(views.literal(exc))
     else:
         for w in result.warnings:
-            st.warning(w)
-        st.caption(f"model {result.model} · {timings_line(result)}")
+            st.warning(views.literal(w))
+        st.caption(f"model {views.literal(result.model)} · {timings_line(result)}")
         # A static table: k is small, and the rows stay readable text (copyable, visible to browser tests).
-        st.table(pd.DataFrame([{"score": round(h.score, 4), "id": h.id, "text": h.text} for h in result.hits],
-                              index=range(1, len(result.hits) + 1)))
+        st.table(pd.DataFrame(views.hit_rows(result.hits), index=range(1, len(result.hits) + 1)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -233,6 +234,11 @@ def files_holding(text: str, root: Path, since: float = 0.0, skip: tuple[Path, .
         "No such file or directory", "Permission denied", "No such device or address"))]
     assert not errors, errors
     return [Path(line) for line in out.stdout.splitlines() if not skipped(Path(line))]
+
+
+def shown(markdown: str) -> str:
+    """The text Streamlit shows for Markdown that dashboard.views.literal escaped (AppTest reads the Markdown)."""
+    return re.sub(r"\\(.)", r"\1", markdown)
 
 
 def responds(url: str, **kwargs) -> bool:

@@ -9,9 +9,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from jobs.core.processes import free_port
 from jobs.core.settings import Settings
+from jobs.store import db
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
 from tests.conftest import ARTIFACTS, responds, wait_until
@@ -72,6 +74,8 @@ def no_exception(page) -> None:
 
 
 SIGNED_IN = {"X-MS-CLIENT-PRINCIPAL-NAME": "operator@example.com"}  # what ACA's authentication adds
+# Streamlit renders Markdown in alerts and st.table cells: this had shown as math, bold, an emoji and a link.
+MARKDOWNISH = "*was* $120, now $89 __sale__ :smile: [see](http://e.com) <b>x</b> \\o/"
 
 
 def test_without_the_proxy_user_header_nothing_is_shown(dashboard_url, browser):
@@ -113,6 +117,9 @@ def test_a_page_opened_directly_on_a_fresh_server_shows_the_products_navigation(
 
 
 def test_pages_run_and_search_in_chromium(dashboard_url, browser, home):
+    boots = f"Waterproof hiking boots for mountain trails, {MARKDOWNISH}"
+    with db.engine_for(Settings().db_url).begin() as conn:
+        conn.execute(sa.text("INSERT INTO products VALUES (1000000, 'Boots', 'shoes', 89.0, :text)"), {"text": boots})
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, extra_http_headers=SIGNED_IN)
     page = context.new_page()
     page.goto(dashboard_url)
@@ -122,6 +129,17 @@ def test_pages_run_and_search_in_chromium(dashboard_url, browser, home):
     # The product's .streamlit/config.toml: no Streamlit developer menu or "Deploy" button, even on localhost.
     assert page.locator('[data-testid="stAppDeployButton"]').count() == 0
     shot(page, "launch")
+
+    master = page.get_by_label("Spark master")
+    chosen = master.input_value()
+    master.fill(MARKDOWNISH)
+    master.press("Enter")
+    refused = page.locator('[data-testid="stAlert"]', has_text="master must be")
+    refused.wait_for(timeout=60_000)
+    assert f"not {MARKDOWNISH!r}" in refused.inner_text()
+    master.fill(chosen)
+    master.press("Enter")
+    refused.wait_for(state="detached", timeout=60_000)
 
     target = page.get_by_label("Target table (created when missing)")
     target.fill("browser_embeddings")
@@ -166,6 +184,7 @@ def test_pages_run_and_search_in_chromium(dashboard_url, browser, home):
     rows = table.locator("tbody tr")
     assert rows.count() == 5
     assert "boot" in rows.first.inner_text().lower()
+    assert any(boots in row for row in rows.all_inner_texts()), rows.all_inner_texts()
     no_exception(page)
     shot(page, "search")
 

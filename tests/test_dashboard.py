@@ -13,7 +13,7 @@ from jobs.core.settings import Settings
 from jobs.store import connections, db
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
-from tests.conftest import arguments_of, run_service_jvms, stopped_while_run_service_starts, wait_until
+from tests.conftest import arguments_of, run_service_jvms, shown, stopped_while_run_service_starts, wait_until
 
 pytestmark = pytest.mark.spark
 ROWS = 200
@@ -86,7 +86,7 @@ def test_launch_run_search_flow(demo):
     table = search.table[0].value
     assert len(table) == 5 and table["score"].is_monotonic_decreasing
     assert table["text"].str.contains("boot|shoe|runner", case=False).any()
-    assert any("model all-MiniLM-L6-v2" in c.value for c in search.caption)
+    assert any("model all-MiniLM-L6-v2" in shown(c.value) for c in search.caption)
 
 
 def test_launch_explains_invalid_choices(demo):
@@ -119,7 +119,7 @@ def test_launch_offers_the_tables_key_first_and_previews_only_rows_with_an_id(de
         assert not at.warning
         at.selectbox[2].select("queue").run()
         assert not at.exception and not at.error, at.exception or at.error
-        assert "'queue' is not a key of 'tickets'" in at.warning[0].value
+        assert "'queue' is not a key of 'tickets'" in shown(at.warning[0].value)
         assert at.dataframe[0].value.to_dict("records") == [{"queue": 7, "body": "vpn drops"}]
     finally:
         with engine.begin() as conn:
@@ -236,15 +236,15 @@ def test_a_run_on_a_cluster_without_workers_says_why_it_waits_and_goes_on_when_o
         wait_until(lambda: registry.get(run_id).phase == "planning", timeout=120, what="the run's driver")
         at = page("runs")
         at.selectbox[0].select(run_id).run()
-        assert any("no alive worker" in w.value and "manual at 0 workers" in w.value for w in at.warning), \
-            [w.value for w in at.warning]
+        warnings = [shown(w.value) for w in at.warning]
+        assert any("no alive worker" in w and "manual at 0 workers" in w for w in warnings), warnings
         scaling.save_settings(ScalingSettings(autoscale=True, max_workers=2), registry)
         at.run()
-        assert any("autoscaler starts workers for it (at most 2)" in w.value for w in at.warning)
+        assert any("autoscaler starts workers for it (at most 2)" in shown(w.value) for w in at.warning)
         cluster.scale(1)
         assert lifecycle.wait(run_id, registry, timeout_s=180).state == "succeeded"
         at.run()
-        assert not any("no alive worker" in w.value for w in at.warning)
+        assert not any("no alive worker" in shown(w.value) for w in at.warning)
     finally:
         # As the page's Stop: the run is cancelled first. A failed assertion left it planning, and its own driver,
         # its master stopped under it, then waited for that master indefinitely.
@@ -325,8 +325,8 @@ def test_unreachable_database_is_a_clear_state(monkeypatch):
         at = page(name)
         at.selectbox[0].select_index(1).run()
         assert not at.exception, at.exception
-        assert "cannot connect to postgresql+psycopg://u:***@127.0.0.1:1/db" in at.error[0].value
-        assert "Sekr1t" not in str([e.value for e in at.error])
+        assert "cannot connect to postgresql+psycopg://u:***@127.0.0.1:1/db" in shown(at.error[0].value)
+        assert "Sekr1t" not in str([shown(e.value) for e in at.error])
 
 
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
