@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -572,6 +573,23 @@ def test_search_over_http_is_the_clis_search(server, fast_model):
     with db.engine_for(url).connect() as conn:
         texts = dict(conn.execute(sa.text("SELECT id, description FROM products")).all())
     assert all(h["text"] == texts[h["id"]] for h in body["hits"])
+    # A text with a line break, a tab and a terminal's clear-screen sequence: the listing keeps a line per hit, its
+    # own, and hands the terminal no control character (the text had split the rows, and ESC [2J cleared it).
+    first = printed[0]["id"]
+    with db.engine_for(url).begin() as conn:
+        conn.execute(sa.text("UPDATE products SET description = :text WHERE id = :id"),
+                     {"text": f"first line\n\x1b[2J\tsecond line {texts[first]}", "id": first})
+    try:
+        shown = subprocess.run([sys.executable, "-m", "jobs", "search", "--db", url, "--target", "search_emb", "-k",
+                                "5", query["query"]], capture_output=True, text=True, timeout=120)
+    finally:
+        with db.engine_for(url).begin() as conn:
+            conn.execute(sa.text("UPDATE products SET description = :text WHERE id = :id"),
+                         {"text": texts[first], "id": first})
+    lines = shown.stdout.splitlines()
+    assert shown.returncode == 0 and len(lines) == 5, shown.stdout + shown.stderr
+    assert f"[{first}]  first line [2J second line " in lines[0]
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", shown.stdout)  # no control but the rows' line feeds
     # The same vectors keyed by text (an NVARCHAR code, a UUID): the ids come back as JSON strings.
     coded = db.target_table("coded_emb", sa.String(12), db.vector_type_for("sqlite", 0))
     db.create_missing(db.engine_for(url), coded.metadata)

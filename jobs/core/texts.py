@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 # The model sees at most 256 tokens; cutting the raw text first bounds tokenizer time and
 # memory for pathological rows (a 1 MB text) without changing the tokens the model keeps.
@@ -21,6 +22,16 @@ def normalize_text(value: object) -> str | None:
     if not value.strip():
         return None
     return value[:MAX_TEXT_CHARS]
+
+
+# C0 and C1 controls and DEL: line breaks, tabs, and the ESC or CSI that starts a terminal's escape sequences.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def one_line(text: str, limit: int) -> str:
+    """text as one line of a terminal listing: control characters and runs of whitespace as one space, cut to limit
+    characters. A text's own ESC [2J had cleared the terminal, and its line breaks had split a listing's rows."""
+    return " ".join(_CONTROLS.sub(" ", text).split())[:limit]
 
 
 def content_hash(text: str) -> str:

@@ -18,6 +18,7 @@ from jobs.core.processes import STOP_SIGNALS
 from jobs.core.progress import eta_seconds, format_duration
 from jobs.core.settings import Settings
 from jobs.core.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, RunSpec
+from jobs.core.texts import one_line
 from jobs.store import connections, db
 from jobs.store.registry import CANCELLED, SUCCEEDED, WAITING, Registry, Run
 
@@ -206,7 +207,9 @@ def cmd_search(args) -> int:
         print(json.dumps([{"id": h.id, "score": round(h.score, 6), "text": h.text} for h in result.hits]))
     else:
         for rank, hit in enumerate(result.hits, 1):
-            print(f"{rank:>3}. {hit.score:.4f}  [{hit.id}]  {(hit.text or '')[:100]}")
+            # Texts and text keys come from the data: as they are, they could split rows or drive the terminal.
+            key = one_line(hit.id, 1000) if isinstance(hit.id, str) else hit.id
+            print(f"{rank:>3}. {hit.score:.4f}  [{key}]  {one_line(hit.text or '', 100)}")
         print(f"model {result.model} · {timings_line(result)}", file=sys.stderr)
     return EXIT_OK
 
