@@ -266,6 +266,12 @@ def test_run_views_are_pure():
     assert frac == 0.25 and "ETA 15s" in caption and "7 skipped" in caption and "removed" not in caption
     assert views.run_progress(dataclasses.replace(run, rows_removed=3))[1].endswith("7 skipped · 3 vectors removed")
     assert views.run_row(run)["source → target"] == "s → t"
+    from jobs.embed.search import Hit
+
+    long, short = "word " * 13_000, "*a* $5 and $6"  # a text cut to what a run embeds holds 65,536 characters
+    rows = views.hit_rows([Hit(7, 0.91234, long), Hit("k_1", 0.5, short), Hit(9, 0.1, None)])
+    assert rows[0]["text"] == long[:views.SHOWN_TEXT_CHARS] + " …" and rows[0]["score"] == 0.9123
+    assert [shown(rows[1]["text"]), shown(rows[1]["id"]), rows[2]["text"]] == [short, "k_1", None]
 
     service, own = "http://127.0.0.1:4040", "http://127.0.0.1:4041"
     runs = [dataclasses.replace(run, run_id="r-a", ui_url=service), dataclasses.replace(run, run_id="r-b", ui_url=own),
