@@ -28,14 +28,15 @@ def literal(text: object) -> str:
 SHOWN_TEXT_CHARS = 1000
 
 
+def _preview(text: str) -> str:
+    return literal(text[:SHOWN_TEXT_CHARS]) + (" …" if len(text) > SHOWN_TEXT_CHARS else "")
+
+
 def hit_rows(hits: list[Hit]) -> list[dict]:
     """The search hits as st.table rows: score, id and the first SHOWN_TEXT_CHARS of the source text (… where cut),
     escaped, as Streamlit renders Markdown there."""
-    def shown(text: str) -> str:
-        return literal(text[:SHOWN_TEXT_CHARS]) + (" …" if len(text) > SHOWN_TEXT_CHARS else "")
-
     return [{"score": round(h.score, 4), "id": literal(h.id) if isinstance(h.id, str) else h.id,
-             "text": None if h.text is None else shown(h.text)} for h in hits]
+             "text": None if h.text is None else _preview(h.text)} for h in hits]
 
 
 def run_row(run: Run) -> dict:
