@@ -38,7 +38,8 @@ spec = RunSpec(db_url=url, source=source, id_column=id_column, text_column=text_
 try:
     spec, checked = lifecycle.validate(spec)
     pending = db.count_unembedded(engine, checked, spec.model)  # as the run records it
-    st.caption(f"{pending:,} rows still need a vector of {views.literal(model)} (new rows or another model; "
+    need = "row still needs" if pending == 1 else "rows still need"
+    st.caption(f"{pending:,} {need} a vector of {views.literal(model)} (new rows or another model; "
                "changed texts are found when the run plans).")
     shown = db.texts(engine, table, table.c[id_column], table.c[text_column], limit=5)  # as a run embeds them
     st.dataframe(pd.DataFrame({id_column: list(shown), text_column: list(shown.values())}),

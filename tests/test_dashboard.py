@@ -113,6 +113,7 @@ def test_launch_offers_the_tables_key_first_and_previews_only_rows_with_an_id(de
         assert at.selectbox[2].options == ["sku", "body"] and at.selectbox[2].value == "sku"
         assert not at.exception and not at.error and not at.warning, at.exception or at.error or at.warning
         assert at.dataframe[0].value.to_dict("records") == [{"sku": "KY-01", "body": "red kayak"}]
+        assert any(c.value.startswith("1 row still needs a vector") for c in at.caption), at.caption
         at.selectbox[1].select("tickets").run()
         assert [sb.value for sb in at.selectbox[2:4]] == ["ticket_no", "body"]
         assert at.selectbox[2].options == ["ticket_no", "queue", "body"]
