@@ -116,10 +116,20 @@ def test_a_page_opened_directly_on_a_fresh_server_shows_the_products_navigation(
         context.close()
 
 
-def test_pages_run_and_search_in_chromium(dashboard_url, browser, home):
-    boots = f"Waterproof hiking boots for mountain trails, {MARKDOWNISH}"
-    with db.engine_for(Settings().db_url).begin() as conn:
-        conn.execute(sa.text("INSERT INTO products VALUES (1000000, 'Boots', 'shoes', 89.0, :text)"), {"text": boots})
+@pytest.fixture
+def boots(dashboard_url) -> Iterator[str]:
+    """A product whose description reads as Markdown, removed after the test: a pytest worker's home, and its demo
+    table, serve the other test files it runs, which count the demo's rows."""
+    text = f"Waterproof hiking boots for mountain trails, {MARKDOWNISH}"
+    engine = db.engine_for(Settings().db_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("INSERT INTO products VALUES (1000000, 'Boots', 'shoes', 89.0, :text)"), {"text": text})
+    yield text
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM products WHERE id = 1000000"))
+
+
+def test_pages_run_and_search_in_chromium(dashboard_url, browser, home, boots):
     context = browser.new_context(viewport={"width": 1400, "height": 1000}, extra_http_headers=SIGNED_IN)
     page = context.new_page()
     page.goto(dashboard_url)
