@@ -574,7 +574,7 @@ def test_search_over_http_is_the_clis_search(server, fast_model):
         texts = dict(conn.execute(sa.text("SELECT id, description FROM products")).all())
     assert all(h["text"] == texts[h["id"]] for h in body["hits"])
     # A text with a line break, a tab and a terminal's clear-screen sequence: the listing keeps a line per hit, its
-    # own, and hands the terminal no control character (the text had split the rows, and ESC [2J cleared it).
+    # own, and hands the terminal no control character (the text split the rows, and its ESC [2J would clear it).
     first = printed[0]["id"]
     with db.engine_for(url).begin() as conn:
         conn.execute(sa.text("UPDATE products SET description = :text WHERE id = :id"),

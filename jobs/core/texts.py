@@ -30,7 +30,7 @@ _CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 def one_line(text: str, limit: int) -> str:
     """text as one line of a terminal listing: control characters and runs of whitespace as one space, cut to limit
-    characters. A text's own ESC [2J had cleared the terminal, and its line breaks had split a listing's rows."""
+    characters. A text's own ESC [2J would clear the terminal, and its line breaks split a listing's rows."""
     return " ".join(_CONTROLS.sub(" ", text).split())[:limit]
 
 
