@@ -24,7 +24,7 @@ def literal(text: object) -> str:
     return _PUNCTUATION.sub(r"\\\1", str(text))
 
 
-# Characters of a hit's text the Search page shows: a text may hold 65,536, and 50 such hits made a page of 3 MB.
+# Characters of a hit's text the Search page shows: a text may hold 65,536, and 50 such hits would make 3 MB of page.
 SHOWN_TEXT_CHARS = 1000
 
 
