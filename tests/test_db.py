@@ -2,6 +2,7 @@
 
 import contextlib
 import datetime as dt
+import json
 import os
 import sqlite3
 import subprocess
@@ -651,14 +652,21 @@ def test_vector_index_over_its_cap_holds_nothing(sqlite_url, monkeypatch):
 
 
 def test_registry_written_by_an_older_version_gains_new_columns(tmp_path):
+    """An older EmbedDeck's registry: its runs table without the newest columns, and named without the prefix."""
     from jobs.store import registry as runs
 
     url = f"sqlite:///{tmp_path / 'old.sqlite'}"
     old = sa.MetaData()
-    sa.Table("runs", old, *[sa.Column(c.name, c.type, primary_key=c.primary_key)
-                            for c in runs.runs_table.columns if c.name not in ("timings", "rows_removed", "executors")])
+    older_runs = sa.Table("runs", old, *[sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+                                         for c in runs.runs_table.columns
+                                         if c.name not in ("timings", "rows_removed", "executors")])
     old.create_all(db.engine_for(url))
+    with db.engine_for(url).begin() as conn:
+        conn.execute(older_runs.insert().values(run_id="r-old", state="succeeded", cancel_requested=False,
+                                                spec_json="{}", launched_by="cli", created_at=db.utcnow(),
+                                                rows_done=7, rows_skipped=0, rows_per_s=1.0))
     registry = runs.Registry(url)
+    assert registry.get("r-old").rows_done == 7  # the history an older version kept
     run_id = registry.create("{}", "test", "s", "t", "m", "local[1]")
     registry.set_executors(run_id, 0)
     assert registry.get(run_id).executors == 0
@@ -668,8 +676,69 @@ def test_registry_written_by_an_older_version_gains_new_columns(tmp_path):
     assert registry.get(run_id).rows_removed == 3
     # SQL Server's ALTER TABLE has no COLUMN keyword: the registry of an ACA deployment may be there.
     removed = runs.runs_table.c.rows_removed
-    assert runs.add_column_ddl(removed, mssql.dialect()) == "ALTER TABLE runs ADD rows_removed INTEGER"
-    assert runs.add_column_ddl(removed, postgresql.dialect()) == "ALTER TABLE runs ADD COLUMN rows_removed INTEGER"
+    assert runs.add_column_ddl(removed, mssql.dialect()) == "ALTER TABLE embeddeck_runs ADD rows_removed INTEGER"
+    assert runs.add_column_ddl(removed, postgresql.dialect()) == ("ALTER TABLE embeddeck_runs ADD COLUMN rows_removed "
+                                                                 "INTEGER")
+    assert db.rename_table_ddl("runs", "embeddeck_runs", mssql.dialect()) == "EXEC sp_rename N'runs', N'embeddeck_runs'"
+    assert db.rename_table_ddl("runs", "embeddeck_runs", postgresql.dialect()) == ("ALTER TABLE runs RENAME TO "
+                                                                                   "embeddeck_runs")
+    assert sa.inspect(registry.engine).get_table_names() == ["embeddeck_run_progress", "embeddeck_run_slots",
+                                                             "embeddeck_runs"]
+
+
+def fresh_pg_database(request, prefix: str) -> str:
+    """The URL of a new database on the tests' PostgreSQL server: one that no other test's tables are in."""
+    import uuid
+
+    server = sa.engine.make_url(request.getfixturevalue("pg_url"))
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with db.engine_for(server.render_as_string(hide_password=False)).connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text(f"CREATE DATABASE {name}"))
+    return server.set(database=name).render_as_string(hide_password=False)
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_the_registry_keeps_to_its_own_tables_in_a_shared_database(dialect, tmp_path, request):
+    """On ACA the registry is the run's SQL database. A users' `runs` table there was taken for the registry's own:
+    its 29 columns added to it, then a traceback. EmbedDeck's tables now carry its prefix; an older EmbedDeck's are
+    renamed to theirs, and a users' table of an old name stays as it was."""
+    from jobs.store import scaling
+    from jobs.store.registry import Registry
+
+    url = f"sqlite:///{tmp_path / 'shared.sqlite'}" if dialect == "sqlite" else fresh_pg_database(request, "shared")
+    engine = db.engine_for(url)
+    users, older = sa.MetaData(), sa.MetaData()
+    users_runs = sa.Table("runs", users, sa.Column("id", sa.Integer, primary_key=True),
+                          sa.Column("athlete", sa.String(40), nullable=False), sa.Column("km", sa.Float))
+    sa.Table("worker_samples", users, sa.Column("batch", sa.String(20), primary_key=True))
+    for table in (scaling.events_table, scaling.settings_table):  # as an older EmbedDeck made them
+        table.to_metadata(older, name=table.name.removeprefix("embeddeck_"))
+    users.create_all(engine)
+    older.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(users_runs.insert().values(id=1, athlete="ana", km=5.2))
+        conn.execute(older.tables["scale_events"].insert().values(at=db.utcnow(), from_workers=0, to_workers=3,
+                                                                  reason="backlog", source="autoscaler"))
+        conn.execute(older.tables["scaling_settings"].insert().values(
+            id=1, settings_json=json.dumps({"max_workers": 3}), updated_at=db.utcnow()))
+
+    def columns() -> dict:
+        inspector = sa.inspect(engine)
+        return {name: [(c["name"], str(c["type"]), c["nullable"]) for c in inspector.get_columns(name)]
+                for name in ("runs", "worker_samples")}
+
+    users_columns = columns()
+
+    registry = Registry(url)
+    run_id = registry.create("{}", "test", "s", "t", "m", "local[1]")
+    history = scaling.ScaleHistory(registry)
+    history.sample(3, 3)
+    assert [r.run_id for r in registry.list()] == [run_id]
+    assert [e["reason"] for e in history.events()] == ["backlog"] and scaling.load_settings(registry).max_workers == 3
+    assert columns() == users_columns
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(users_runs)).all() == [(1, "ana", 5.2)]
+    assert not {"scale_events", "scaling_settings"} & set(sa.inspect(engine).get_table_names())
 
 
 def test_a_deleted_registry_file_is_started_again_not_split(tmp_path):
@@ -784,20 +853,13 @@ def test_a_run_id_drawn_twice_takes_another_and_leaves_the_first_runs_url(tmp_pa
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_waiting_runs_are_taken_once_and_within_the_cap_by_callers_at_once(dialect, tmp_path, request):
     """Launchers and readers race to start waiting runs, from several processes or hosts: the registry lets each
-    run be taken once, and no more than the cap in all (one decision at a time, under its run_slots row)."""
+    run be taken once, and no more than the cap in all (one decision at a time, under its embeddeck_run_slots row)."""
     import threading
-    import uuid
 
     from jobs.store.registry import WAITING, Registry
 
-    if dialect == "sqlite":
-        url = f"sqlite:///{tmp_path / 'slots.sqlite'}"
-    else:  # a database of its own: the cap counts every active run in the registry
-        server = sa.engine.make_url(request.getfixturevalue("pg_url"))
-        name = f"slots_{uuid.uuid4().hex[:8]}"
-        with db.engine_for(server.render_as_string(hide_password=False)).connect() as conn:
-            conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text(f"CREATE DATABASE {name}"))
-        url = server.set(database=name).render_as_string(hide_password=False)
+    # On PostgreSQL a database of its own: the cap counts every active run in the registry.
+    url = f"sqlite:///{tmp_path / 'slots.sqlite'}" if dialect == "sqlite" else fresh_pg_database(request, "slots")
     registry = Registry(url)
     ids = [registry.create("{}", "test", "s", f"t{i}", "m", "local[1]", target_key=f"k{i}", phase=WAITING)
            for i in range(6)]

@@ -172,6 +172,39 @@ def create_missing(engine: Engine, schema: sa.MetaData | sa.Index) -> None:
                 raise
 
 
+# EmbedDeck's own tables carry this prefix. The run registry may share the users' database (on ACA it is the run's
+# SQL database), where a registry that took a users' existing `runs` table for its own added its 29 columns to it.
+OWN_PREFIX = "embeddeck_"
+
+
+def adopt_older_names(engine: Engine, schema: sa.MetaData) -> None:
+    """Rename the tables an older EmbedDeck made without OWN_PREFIX (`runs`) to their names now, where the new name is
+    free and the old table is ours: every required column of ours and no other. A users' table of that name stays."""
+    inspector = sa.inspect(engine)
+    names = set(inspector.get_table_names())
+    for table in schema.tables.values():
+        old = table.name.removeprefix(OWN_PREFIX)
+        if old == table.name or table.name in names or old not in names:
+            continue
+        have = {c["name"] for c in inspector.get_columns(old)}
+        if not {c.name for c in table.columns if not c.nullable} <= have <= set(table.columns.keys()):
+            continue
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text(rename_table_ddl(old, table.name, engine.dialect)))
+        except sa.exc.DatabaseError:
+            if not sa.inspect(engine).has_table(table.name):  # else another process renamed it first
+                raise
+
+
+def rename_table_ddl(old: str, new: str, dialect: sa.Dialect) -> str:
+    """The statement that renames a default schema's table, as the dialect spells it (SQL Server has sp_rename)."""
+    if dialect.name == "mssql":
+        return "EXEC sp_rename {}, {}".format(*(("N'" + name.replace("'", "''") + "'") for name in (old, new)))
+    prep = dialect.identifier_preparer
+    return f"ALTER TABLE {prep.quote(old)} RENAME TO {prep.quote(new)}"
+
+
 def connection_error_message(exc: Exception, url: str) -> str:
     """One line naming what failed, without the password."""
     first = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
@@ -732,7 +765,7 @@ def target_models(engine: Engine, target: sa.Table) -> list[str]:
 
 
 targets_table = sa.Table(
-    "embeddeck_targets", sa.MetaData(),
+    f"{OWN_PREFIX}targets", sa.MetaData(),
     sa.Column("target", sa.String(400), primary_key=True),
     sa.Column("source", sa.String(400), nullable=False),
     sa.Column("id_column", sa.String(400), nullable=False),

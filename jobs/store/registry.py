@@ -14,7 +14,16 @@ import sqlalchemy as sa
 from jobs.core.errors import Conflict, EmbedDeckError, Unavailable
 from jobs.core.processes import is_alive, start_time
 from jobs.core.settings import Settings
-from jobs.store.db import absolute_url, check_connection, connection_error_message, create_missing, sqlite_file, utcnow
+from jobs.store.db import (
+    OWN_PREFIX,
+    absolute_url,
+    adopt_older_names,
+    check_connection,
+    connection_error_message,
+    create_missing,
+    sqlite_file,
+    utcnow,
+)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
@@ -27,7 +36,7 @@ VOUCH_EVERY_S = 10
 
 metadata = sa.MetaData()
 runs_table = sa.Table(
-    "runs", metadata,
+    f"{OWN_PREFIX}runs", metadata,
     sa.Column("run_id", sa.String(40), primary_key=True),
     sa.Column("state", sa.String(16), nullable=False),
     sa.Column("cancel_requested", sa.Boolean, nullable=False, default=False),
@@ -68,13 +77,13 @@ one_active_run_per_target = sa.Index("one_active_run_per_target", runs_table.c.t
 # One row whose update serializes the decision to start a run, across processes and hosts: it takes the
 # database's write lock (SQLite) or the row's lock (PostgreSQL, SQL Server) until the transaction ends.
 slots_table = sa.Table(
-    "run_slots", metadata,
+    f"{OWN_PREFIX}run_slots", metadata,
     sa.Column("name", sa.String(40), primary_key=True),
     sa.Column("decisions", sa.Integer, nullable=False),
 )
 SLOTS_ROW = "start"
 progress_table = sa.Table(
-    "run_progress", metadata,
+    f"{OWN_PREFIX}run_progress", metadata,
     sa.Column("run_id", sa.String(40), nullable=False, index=True),
     sa.Column("at", sa.DateTime, nullable=False),
     sa.Column("rows_done", sa.Integer, nullable=False),
@@ -185,6 +194,7 @@ class Registry:
 
     def _ensure_schema(self) -> None:
         self._beside: set[sa.MetaData] = set()  # other modules' tables made in this database file (see ensure)
+        adopt_older_names(self.engine, metadata)
         create_missing(self.engine, metadata)
         self._add_new_columns()
         create_missing(self.engine, one_active_run_per_target)
@@ -216,12 +226,13 @@ class Registry:
         """Make another module's tables beside the runs, once per database file (not at every call)."""
         self._fresh()
         if tables not in self._beside:
+            adopt_older_names(self.engine, tables)
             create_missing(self.engine, tables)
             self._beside.add(tables)
 
     def _add_new_columns(self) -> None:
         """Registries written by an older EmbedDeck lack newer nullable columns: add them in place."""
-        have = {c["name"] for c in sa.inspect(self.engine).get_columns("runs")}
+        have = {c["name"] for c in sa.inspect(self.engine).get_columns(runs_table.name)}
         with self.engine.begin() as conn:
             for column in runs_table.columns:
                 if column.name not in have:

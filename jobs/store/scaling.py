@@ -19,7 +19,7 @@ from jobs.core.errors import BadRequest
 from jobs.core.samples import redundant
 from jobs.core.settings import Settings
 from jobs.core.spec import in_process
-from jobs.store.db import utcnow
+from jobs.store.db import OWN_PREFIX, utcnow
 from jobs.store.registry import QUEUED, RUNNING, Registry, Run
 
 log = logging.getLogger("embeddeck.scaling")
@@ -28,7 +28,7 @@ KEEP_EVERY_SAMPLE_S = 86_400.0
 THIN_EVERY_S = 3_600.0
 metadata = sa.MetaData()
 events_table = sa.Table(
-    "scale_events", metadata,
+    f"{OWN_PREFIX}scale_events", metadata,
     sa.Column("at", sa.DateTime, nullable=False, index=True),
     sa.Column("from_workers", sa.Integer, nullable=False),
     sa.Column("to_workers", sa.Integer, nullable=False),
@@ -36,13 +36,13 @@ events_table = sa.Table(
     sa.Column("source", sa.String(20), nullable=False),  # autoscaler or manual
 )
 samples_table = sa.Table(
-    "worker_samples", metadata,
+    f"{OWN_PREFIX}worker_samples", metadata,
     sa.Column("at", sa.DateTime, nullable=False, index=True),
     sa.Column("workers", sa.Integer, nullable=False),
     sa.Column("desired", sa.Integer, nullable=False),
 )
 settings_table = sa.Table(
-    "scaling_settings", metadata,
+    f"{OWN_PREFIX}scaling_settings", metadata,
     sa.Column("id", sa.Integer, primary_key=True),  # always 1: one operator setting per deployment
     sa.Column("settings_json", sa.Text, nullable=False),
     sa.Column("updated_at", sa.DateTime, nullable=False),
