@@ -741,6 +741,18 @@ def test_the_registry_keeps_to_its_own_tables_in_a_shared_database(dialect, tmp_
     assert not {"scale_events", "scaling_settings"} & set(sa.inspect(engine).get_table_names())
 
 
+def test_a_target_named_as_embeddecks_record_of_targets_is_refused(sqlite_url):
+    """`--target embeddeck_targets` on a database without that record yet made it a vector table, and every later
+    run there failed with "no such column: source"."""
+    make_source(sqlite_url)
+    spec = RunSpec(db_url=sqlite_url, source="docs", id_column="id", text_column="body", target="x")
+    engine = db.engine_for(sqlite_url)
+    for name in ("embeddeck_targets", "EMBEDDECK_TARGETS", "main.embeddeck_targets"):
+        with pytest.raises(BadRequest, match="is where EmbedDeck records each target's source: pick another target"):
+            db.inspect_run(engine, replace(spec, target=name))
+    assert not sa.inspect(engine).has_table("embeddeck_targets")
+
+
 def test_a_deleted_registry_file_is_started_again_not_split(tmp_path):
     """A registry file deleted under a running API once left it writing the old file while new processes
     wrote a new one: every process now follows the file at the path."""

@@ -471,6 +471,11 @@ def inspect_run(engine: Engine, spec: RunSpec) -> Tables:
         raise BadRequest(problem)
     target = None
     schema, name = _split_name(engine, spec.target)
+    fold = str.lower if engine.dialect.name in ("sqlite", "mssql") else str  # as target_key folds
+    if schema is None and fold(name) == targets_table.name:
+        # Made as a target before its first run recorded one, it broke every later run on the database.
+        raise BadRequest(f"target table {spec.target!r} is where EmbedDeck records each target's source: pick "
+                         f"another target")
     _check_schema(engine, schema, spec.target)
     _check_name_length(engine, name)
     if sa.inspect(engine).has_table(name, schema=schema):
