@@ -177,6 +177,17 @@ def test_an_id_column_that_is_no_key_fails_the_run_naming_it_and_writes_nothing(
         assert conn.execute(sa.text("SELECT count(*) FROM loose_more_emb")).scalar() == 0
 
 
+def test_a_repeated_text_id_is_named_with_what_hides_in_it(spark, sqlite_url):
+    """Keys imported from a CSV with their lines' carriage returns: the error named `id T-1`, and no row has that id."""
+    engine = db.engine_for(sqlite_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE tickets (item_id TEXT, descr TEXT)"))
+        conn.execute(sa.text("INSERT INTO tickets VALUES (:k, :text)"), [
+            {"k": "T-1\r", "text": "printer jams"}, {"k": "T-1\r", "text": "again"}, {"k": "T-2\r", "text": "vpn"}])
+    with pytest.raises(BadRequest, match=r"of 'tickets' is not unique: id 'T-1\\r' is in more than one row"):
+        run(spark, sqlite_url, source="tickets", target="tickets_emb")
+
+
 @pytest.mark.parametrize(("declared", "values", "named"), [
     ("BIGINT", [1, 2, "abc", 2.5, b"\x01"], r"is declared BIGINT, but 3 of its ids are not integers \(such as 'abc'\)"),
     ("NUMERIC(10, 0)", [1, "x"], r"is declared NUMERIC\(10, 0\), but 1 of its ids are not integers \(such as 'x'\)"),

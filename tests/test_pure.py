@@ -1,7 +1,9 @@
 """Pure logic: spec validation, texts, vector codecs, planning, progress."""
 
+import decimal
 import itertools
 import re
+import uuid
 
 import numpy as np
 import pytest
@@ -147,6 +149,13 @@ def test_needs_vector(text, h, sh, sm, mode, expected):
 ])
 def test_a_repeated_id_is_one_equal_to_its_neighbour(previous, ids, expected):
     assert plan.repeated_id(previous, ids) == expected
+
+
+def test_an_error_names_a_text_or_uuid_id_quoted_and_a_number_as_it_is():
+    """`id T-1 is in more than one row` hid the key's carriage return (a CSV's line end) from whoever looked it up."""
+    key = uuid.UUID("12345678-1234-5678-1234-567812345678")
+    assert [plan.shown_id(v) for v in (8, decimal.Decimal("8"), "T-1\r", "8", key)] == [
+        "8", "8", "'T-1\\r'", "'8'", "'12345678-1234-5678-1234-567812345678'"]
 
 
 def test_rate_and_eta():

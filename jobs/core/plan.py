@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
+from numbers import Number
 from typing import TypeVar
 
 
@@ -47,6 +48,12 @@ def repeated_id(previous: Hashable | None, ids: list[Hashable]) -> Hashable | No
             return row_id
         previous = row_id
     return None
+
+
+def shown_id(row_id: Hashable) -> str:
+    """A row id as an error names it: a number as it is, any other key quoted with its escapes. A key imported from
+    a CSV with its line's carriage return, `T-1\\r`, had been named as T-1, which no query finds."""
+    return str(row_id) if isinstance(row_id, Number) else repr(str(row_id))
 
 
 def needs_vector(text: str | None, text_hash: str | None, stored_hash: str | None,

@@ -67,8 +67,8 @@ def _chunks(spec: RunSpec, tables: db.Tables, after, hi) -> Iterator[list]:
             return
         repeated = plan.repeated_id(last, [row[0] for row in rows])
         if repeated is not None:
-            raise BadRequest(f"id column {spec.id_column!r} of {spec.source!r} is not unique: id {repeated} is in "
-                             f"more than one row. {ONE_ROW_PER_ID}")
+            raise BadRequest(f"id column {spec.id_column!r} of {spec.source!r} is not unique: id "
+                             f"{plan.shown_id(repeated)} is in more than one row. {ONE_ROW_PER_ID}")
         yield rows
         last = rows[-1][0]
 
