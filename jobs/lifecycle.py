@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from jobs.core.errors import BadRequest, Conflict, EmbedDeckError, NotFound
+from jobs.core.errors import BadRequest, Conflict, EmbedDeckError, NotFound, Unavailable
 from jobs.core.processes import is_alive, stop_group, write_private
 from jobs.core.settings import Settings
 from jobs.core.spec import RunSpec
@@ -254,8 +254,17 @@ def wait(run_id: str, registry: Registry | None = None, every_s: float = 1.0, ti
     """Follow a run until it ends (or timeout_s passes); on_tick sees it at each poll."""
     registry = registry or Registry()
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    away_since = None
     while True:
-        run = get(run_id, registry)
+        try:
+            run = get(run_id, registry)
+        except Unavailable:  # the registry fails over or restarts under a run that waits for it: so does its follower
+            away_since = away_since or time.monotonic()
+            if time.monotonic() - away_since > Settings().number("EMBEDDECK_DB_OUTAGE_S"):
+                raise
+            time.sleep(every_s)
+            continue
+        away_since = None
         if on_tick:
             on_tick(run)
         if not run.active or (deadline is not None and time.monotonic() > deadline):

@@ -23,6 +23,19 @@ def _bin(name: str) -> str:
     return path
 
 
+_pg_ctl: dict[str, list[str]] = {}  # a running server's pg_ctl command, by its URL
+
+
+def start(url: str) -> None:
+    """Start the server of url (one `server()` started) again; returns once it takes connections."""
+    subprocess.run(_pg_ctl[url] + ["start"], check=True, capture_output=True)
+
+
+def stop(url: str) -> None:
+    """Stop the server of url as an operator's restart or a failover does: its sessions are ended."""
+    subprocess.run(_pg_ctl[url] + ["-m", "fast", "stop"], check=True, capture_output=True)
+
+
 @contextmanager
 def server() -> Iterator[str]:
     """Start a server with password authentication; yield its SQLAlchemy URL; stop it and remove its files."""
@@ -32,6 +45,7 @@ def server() -> Iterator[str]:
     if os.geteuid() == 0:  # postgres refuses to run as root
         shutil.chown(data, "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
+    url = ""
     pwfile = data / "pw"
     pwfile.write_text("s3cret-pg\n")
     if as_user:
@@ -40,11 +54,13 @@ def server() -> Iterator[str]:
         subprocess.run(as_user + [_bin("initdb"), "-D", str(data / "db"), "-U", "embeddeck", "-A",
                                   "scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8"],
                        check=True, capture_output=True)
-        subprocess.run(as_user + [_bin("pg_ctl"), "-D", str(data / "db"), "-l", str(data / "log"),
-                                  "-o", f"-h 127.0.0.1 -p {port} -k {data}", "-w", "start"],
-                       check=True, capture_output=True)
-        yield f"postgresql+psycopg://embeddeck:s3cret-pg@127.0.0.1:{port}/postgres"
+        url = f"postgresql+psycopg://embeddeck:s3cret-pg@127.0.0.1:{port}/postgres"
+        _pg_ctl[url] = as_user + [_bin("pg_ctl"), "-D", str(data / "db"), "-l", str(data / "log"),
+                                  "-o", f"-h 127.0.0.1 -p {port} -k {data}", "-w"]
+        start(url)
+        yield url
     finally:
+        _pg_ctl.pop(url, None)
         if (data / "db" / "postmaster.pid").exists():
             subprocess.run(as_user + [_bin("pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
                            capture_output=True)

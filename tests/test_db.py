@@ -753,6 +753,35 @@ def test_a_target_named_as_embeddecks_record_of_targets_is_refused(sqlite_url):
     assert not sa.inspect(engine).has_table("embeddeck_targets")
 
 
+def test_transient_database_errors_are_those_a_failover_or_restart_gives(sqlite_url):
+    """Runs wait out (EMBEDDECK_DB_OUTAGE_S) what a database answers while it fails over, restarts or sheds load; any
+    other error fails the run at once. Shapes as psycopg and pyodbc raise them."""
+    import psycopg
+    import pyodbc
+
+    def error(orig, invalidated=False):
+        return sa.exc.OperationalError("SELECT 1", {}, orig, connection_invalidated=invalidated)
+
+    answering, silent = db.engine_for(sqlite_url), db.engine_for(f"postgresql+psycopg://u:p@127.0.0.1:{free_port()}/x")
+    sqlserver = "[{}] [Microsoft][ODBC Driver 18 for SQL Server][SQL Server]{} ({}) (SQLExecDirectW)"
+    away = [
+        error(ValueError("server closed the connection unexpectedly"), invalidated=True),
+        error(psycopg.errors.AdminShutdown("terminating connection due to administrator command")),
+        error(pyodbc.OperationalError("08S01", sqlserver.format("08S01", "TCP Provider: Error code 0x68", 10054))),
+        error(pyodbc.ProgrammingError("42000", sqlserver.format("42000", "Database 'shop' on server 'sql1' is not "
+                                                                         "currently available.", 40613))),
+        error(pyodbc.Error("40001", sqlserver.format("40001", "Transaction was deadlocked", 1205))),
+    ]
+    refused = [
+        error(psycopg.errors.UniqueViolation("duplicate key value violates unique constraint")),
+        error(pyodbc.ProgrammingError("22001", sqlserver.format("22001", "String or binary data would be truncated "
+                                                                         "in VARCHAR(64)", 2628))),
+        error(sqlite3.OperationalError("no such column: source")),
+    ]
+    assert [db.transient(exc, answering) for exc in away + refused] == [True] * len(away) + [False] * len(refused)
+    assert db.transient(refused[0], silent)  # whatever it said, a database that does not answer now is away
+
+
 def test_a_deleted_registry_file_is_started_again_not_split(tmp_path):
     """A registry file deleted under a running API once left it writing the old file while new processes
     wrote a new one: every process now follows the file at the path."""

@@ -19,6 +19,7 @@ from jobs.core.settings import REPO
 from jobs.store import db
 from jobs.store.demo import seed_demo
 from jobs.store.registry import Registry
+from tests import postgres
 from tests.conftest import check_table, files_holding, wait_until
 
 pytestmark = pytest.mark.spark
@@ -345,6 +346,42 @@ def test_a_memory_size_spark_would_refuse_is_named_before_the_run_is_recorded(de
     assert out.returncode == 2
     assert out.stderr.strip() == "error: EMBEDDECK_EXECUTOR_MEMORY must be a memory size such as 512m or 2g, not 'lots'"
     assert len(Registry().list()) == before  # nothing recorded
+
+
+def test_a_run_and_its_follower_ride_out_a_database_restart(pg_url, hold_file):
+    """As on ACA, the data and the registry in one database, stopped for 3 s under a run (a failover, a restart):
+    the run failed as "driver process exited without reporting an end (killed or crashed)", and `run` exited 2 when
+    its registry did not answer. Tasks and driver now wait for the database (EMBEDDECK_DB_OUTAGE_S), as `run` does."""
+    engine = db.engine_for(pg_url)
+    with engine.begin() as conn:
+        for name in ("outage_emb", "outage_items"):
+            conn.execute(sa.text(f"DROP TABLE IF EXISTS {name}"))
+        conn.execute(sa.text("CREATE TABLE outage_items (id INTEGER PRIMARY KEY, body TEXT)"))
+        conn.execute(sa.text("INSERT INTO outage_items VALUES (:id, :body)"),
+                     [{"id": i, "body": f"a blue chair with arms, model {i}"} for i in range(1, ROWS + 1)])
+    follower = subprocess.Popen([sys.executable, "-m", "jobs", "run", "--db", pg_url, "--source", "outage_items",
+                                 "--id-column", "id", "--text-column", "body", "--target", "outage_emb", "--master",
+                                 "local[2]"], env=dict(os.environ, EMBEDDECK_REGISTRY_URL=pg_url),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        registry = Registry(pg_url)
+        # Held after its first commit, however fast the machine encodes.
+        wait_until(lambda: any(r.rows_done for r in registry.list(active_only=True) if r.target == "outage_emb"),
+                   timeout=300)
+        postgres.stop(pg_url)
+        try:
+            hold_file.unlink()
+            time.sleep(3)
+            assert follower.poll() is None, follower.communicate()
+        finally:
+            postgres.start(pg_url)
+        out, err = follower.communicate(timeout=300)
+    finally:
+        follower.kill()
+    assert follower.returncode == 0, err
+    assert f"{ROWS}/{ROWS} rows" in out
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM outage_emb")).scalar() == ROWS
 
 
 def test_wrong_password_exit_2_without_the_password(pg_url):

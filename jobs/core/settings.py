@@ -64,6 +64,9 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
                                        "AMX/AVX-512-BF16, else fp32, and logs why"),
     Var("EMBEDDECK_TORCH_THREADS", "1", "torch threads in each Spark Python worker (one per task); 0: torch's own "
                                         "choice", least=0),
+    Var("EMBEDDECK_DB_OUTAGE_S", "60", "how long a run's tasks wait for a database that stopped answering (a "
+        "failover, a restart) before the run fails; each then does its key range again, the rows it committed "
+        "already skipped", least=0, fractional=True),
     Var("EMBEDDECK_EXECUTOR_MEMORY", "1g", "`spark.executor.memory` of every run", size=True),
     Var("EMBEDDECK_MASTER_PORT", "7077", "local master's RPC port (a port another program holds is refused by "
         "name at `up`: Spark would take the next one and say so only in its log)", **PORT),

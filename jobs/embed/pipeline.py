@@ -15,13 +15,14 @@ import threading
 import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from jobs.core import plan
-from jobs.core.errors import BadRequest, EmbedDeckError, from_kind
+from jobs.core.errors import BadRequest, EmbedDeckError, Unavailable, from_kind
 from jobs.core.processes import started_at
 from jobs.core.progress import rate
 from jobs.core.settings import HOLD_FILE_VAR, Settings
@@ -37,6 +38,8 @@ PROGRESS_EVERY_S = 2.0
 # Executors register within seconds of an application's start (or of a worker's): a run that held none for longer
 # waits for a worker's cores, and says so.
 NO_EXECUTOR_GRACE_S = 10.0
+OUTAGE_POLL_S = 1.0  # how often a task tries its database again while it does not answer
+T = TypeVar("T")
 ONE_ROW_PER_ID = "A target keeps one vector per id: pick a column that is the table's key (a primary key)."
 
 
@@ -200,7 +203,7 @@ def scan_partitions(task: TaskPlan):
     @_errors_as_results(task)
     def run(ranges: Iterator[tuple]) -> Iterator[dict]:
         spec, api_key = task.open()
-        tables = _tables(spec)
+        tables = _through_outages(spec, functools.partial(_tables, spec))
         # Python workers are reused by the embedding job: loading the model here overlaps the
         # import and load (seconds) with planning instead of stalling the first chunk.
         marks = {"worker_started": started_at()}  # forked from the executor's daemon
@@ -208,9 +211,8 @@ def scan_partitions(task: TaskPlan):
         _worker_encoder(spec.model, task.endpoint_url, api_key, spec.endpoint)
         marks["model_ready"] = time.time()
         marks["model_load_s"] = time.perf_counter() - t0  # ~0 when this worker already holds the model
-        for index, after, hi in ranges:
-            counts = {"index": index, "after": after, "hi": hi, "rows": 0, "needed": 0, "emptied": 0, "empty": 0,
-                      "current": 0, "marks": marks}
+        def scan(after, hi) -> dict:
+            counts = {"rows": 0, "needed": 0, "emptied": 0, "empty": 0, "current": 0}
             for chunk in _chunks(spec, tables, after, hi):
                 todo, emptied, empty, current = _classify(spec, chunk)
                 counts["rows"] += len(chunk)
@@ -218,7 +220,11 @@ def scan_partitions(task: TaskPlan):
                 counts["emptied"] += len(emptied)
                 counts["empty"] += empty
                 counts["current"] += current
-            yield counts
+            return counts
+
+        for index, after, hi in ranges:
+            counts = _through_outages(spec, functools.partial(scan, after, hi))
+            yield {"index": index, "after": after, "hi": hi, **counts, "marks": marks}
 
     return run
 
@@ -229,23 +235,25 @@ def embed_partitions(task: TaskPlan):
     @_errors_as_results(task)
     def run(ranges: Iterator[tuple]) -> Iterator[dict]:
         spec, api_key = task.open()
-        tables = _tables(spec)
+        tables = _through_outages(spec, functools.partial(_tables, spec))
         engine = db.engine_for(spec.db_url)
         hold = Settings().raw(HOLD_FILE_VAR)
         encoder = _worker_encoder(spec.model, task.endpoint_url, api_key, spec.endpoint)
-        for index, after, hi in ranges:
-            t0, embedded, removed, first_commit, encoding = time.perf_counter(), 0, 0, None, 0.0
+
+        def embed(after, hi, done: dict) -> None:
+            """One key range; `done` keeps its counts across attempts, as a repeat skips what the last committed."""
             for chunk in _chunks(spec, tables, after, hi):
                 todo, emptied, _, _ = _classify(spec, chunk)
                 if emptied:
                     with engine.begin() as conn:
-                        removed += db.delete_vectors(conn, tables.target, emptied)
+                        done["removed"] += db.delete_vectors(conn, tables.target, emptied)
                 todo.sort(key=lambda row: len(row[1]))  # shortest first: the first commit's rows
-                groups = commit_groups(encoder, [text for _, text, _ in todo], spec.batch_size, first_commit is None)
+                groups = commit_groups(encoder, [text for _, text, _ in todo], spec.batch_size,
+                                       done["first_commit"] is None)
                 while True:
                     t1 = time.perf_counter()
                     group = next(groups, None)
-                    encoding += time.perf_counter() - t1
+                    done["encoding_s"] += time.perf_counter() - t1
                     if group is None:
                         break
                     positions, vecs = group
@@ -258,14 +266,35 @@ def embed_partitions(task: TaskPlan):
                             for p, v in zip(positions, vecs)]
                     with engine.begin() as conn:
                         db.upsert(conn, tables.target, rows)
-                    if first_commit is None and hold:
+                    if done["first_commit"] is None and hold:
                         _hold_while_exists(hold)
-                    first_commit = first_commit or time.time()
-                    embedded += len(rows)
-            yield {"index": index, "embedded": embedded, "removed": removed, "seconds": time.perf_counter() - t0,
-                   "encoding_s": encoding, "first_commit": first_commit}
+                    done["first_commit"] = done["first_commit"] or time.time()
+                    done["embedded"] += len(rows)
+
+        for index, after, hi in ranges:
+            t0, done = time.perf_counter(), {"embedded": 0, "removed": 0, "first_commit": None, "encoding_s": 0.0}
+            _through_outages(spec, functools.partial(embed, after, hi, done))
+            yield {"index": index, **done, "seconds": time.perf_counter() - t0}
 
     return run
+
+
+def _through_outages(spec: RunSpec, attempt: Callable[[], T]) -> T:
+    """attempt(), again while the run's database (or the registry) fails over or restarts, for up to
+    EMBEDDECK_DB_OUTAGE_S from its first failure. A task's attempt is one key range, which a repeat does again
+    (upserts; the rows it committed are skipped); the driver's are single statements."""
+    deadline = None
+    while True:
+        try:
+            return attempt()
+        except (DBAPIError, Unavailable) as exc:  # Unavailable: the registry's lost connection (on ACA, one database)
+            engine = db.engine_for(spec.db_url)
+            deadline = deadline or time.monotonic() + Settings().number("EMBEDDECK_DB_OUTAGE_S")
+            if time.monotonic() >= deadline or (isinstance(exc, DBAPIError) and not db.transient(exc, engine)):
+                raise
+            log.warning("a database is unavailable (%s); trying again", type(getattr(exc, "orig", exc)).__name__)
+            engine.dispose()  # its pooled connections are to the server that went away
+            time.sleep(min(OUTAGE_POLL_S, max(0.0, deadline - time.monotonic())))
 
 
 class _ProgressWatcher(threading.Thread):
@@ -298,7 +327,7 @@ class _ProgressWatcher(threading.Thread):
         (dropped under the run), whose error would have replaced the run's own."""
         try:
             return self.sample()
-        except DBAPIError:
+        except (DBAPIError, Unavailable):  # the database or the registry is what failed the run
             return self.samples[-1][1] if self.samples else 0
 
     def report_executors(self) -> None:
@@ -468,25 +497,25 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
                          "over %.1f s on %d cores", run_id, len(embedded), busy,
                          100 * sum(r["encoding_s"] for r in embedded) / max(busy, 1e-9),
                          max(r["seconds"] for r in embedded), time.monotonic() - t0, sc.defaultParallelism)
-                _record_marks(registry, run_id, marks, scanned, embedded)
+                _through_outages(spec, functools.partial(_record_marks, registry, run_id, marks, scanned, embedded))
         except Exception as exc:
             watcher.stop_event.set()
             done = watcher.rows_done_at_failure()
-            if watcher.cancelled:
-                registry.finish(run_id, CANCELLED, error="cancelled by request", rows_done=done)
-                return CANCELLED
-            registry.finish(run_id, FAILED, error=spark_error_message(exc), rows_done=done)
-            return FAILED
-        done = watcher.sample()
+            state, error = ((CANCELLED, "cancelled by request") if watcher.cancelled
+                            else (FAILED, spark_error_message(exc)))
+            _through_outages(spec, functools.partial(registry.finish, run_id, state, error=error, rows_done=done))
+            return state
+        done = _through_outages(spec, watcher.sample)
         elapsed = time.monotonic() - t0
         # Heartbeats only from here: removing the vectors of rows gone from a large source can take minutes, and a
         # reader on another host fails a run whose heartbeat is a minute old.
         watcher.publish_from(None)
         if not spec.limit_rows:  # a run over the whole table: the target keeps no vector of a row gone from it
-            removed += db.delete_orphans(engine, tables.id_col, target)
+            removed += _through_outages(spec, functools.partial(db.delete_orphans, engine, tables.id_col, target))
         watcher.stop_event.set()
-        registry.finish(run_id, SUCCEEDED, rows_done=done, rows_per_s=done / elapsed if elapsed > 0 else 0.0,
-                        rows_removed=removed)
+        _through_outages(spec, functools.partial(registry.finish, run_id, SUCCEEDED, rows_done=done,
+                                                 rows_per_s=done / elapsed if elapsed > 0 else 0.0,
+                                                 rows_removed=removed))
         return SUCCEEDED
     finally:
         watcher.stop_event.set()

@@ -205,6 +205,40 @@ def rename_table_ddl(old: str, new: str, dialect: sa.Dialect) -> str:
     return f"ALTER TABLE {prep.quote(old)} RENAME TO {prep.quote(new)}"
 
 
+# What a database answers while it fails over, restarts or sheds load, and the same statement survives later: SQL
+# Server's native errors of SqlClient's and Entity Framework's retry lists (failover, busy, resource limits, deadlock,
+# transport), and the SQLSTATEs of a lost connection (08…), a login timeout, a deadlock or serialization failure, too
+# many connections, and a server shutting down or starting up.
+_SQLSERVER_TRANSIENT = frozenset({20, 64, 233, 1205, 1222, 10053, 10054, 10060, 10928, 10929, 40197, 40501, 40613,
+                                  49918, 49919, 49920})
+_TRANSIENT_STATES = ("08", "HYT00", "40001", "40P01", "53300", "57P01", "57P02", "57P03")
+
+
+def transient(exc: sa.exc.DBAPIError, engine: Engine) -> bool:
+    """Whether a statement failed because its database was away or busy for a while (the same statement succeeds
+    later), not because the database refused it: a dropped connection, a failover's error, or no answer now."""
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    args = getattr(orig, "args", ())
+    state = getattr(orig, "sqlstate", None) or (args[0] if args and isinstance(args[0], str) else "")  # pyodbc's
+    if re.fullmatch(r"[0-9A-Z]{5}", state or "") and state.startswith(_TRANSIENT_STATES):
+        return True
+    if any(int(n) in _SQLSERVER_TRANSIENT for n in re.findall(r"\((\d+)\) \(SQL\w+\)", str(orig))):
+        return True
+    return not answers(engine)
+
+
+def answers(engine: Engine) -> bool:
+    """Whether the database takes a connection and a query now."""
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        return True
+    except Exception:
+        return False
+
+
 def connection_error_message(exc: Exception, url: str) -> str:
     """One line naming what failed, without the password."""
     first = str(getattr(exc, "orig", exc) or exc).strip().splitlines()
