@@ -485,7 +485,7 @@ def test_readers_settle_only_their_own_hosts_runs_fail_gone_hosts_waiting_runs_a
         bystander.kill()
 
     # Their replica gone: nobody there vouches for its waiting run any more, and only it kept the run's URL.
-    long_ago = db.utcnow() - dt.timedelta(seconds=runs.HEARTBEAT_TIMEOUT_S + 5)
+    long_ago = db.utcnow() - dt.timedelta(seconds=runs.heartbeat_timeout_s() + 5)
     with registry.engine.begin() as conn:
         conn.execute(table.update().where(table.c.run_id == theirs).values(created_at=long_ago, heartbeat_at=long_ago))
     lifecycle.refresh(registry)

@@ -782,6 +782,27 @@ def test_transient_database_errors_are_those_a_failover_or_restart_gives(sqlite_
     assert db.transient(refused[0], silent)  # whatever it said, a database that does not answer now is away
 
 
+def test_a_driver_elsewhere_is_taken_for_gone_half_a_minute_after_runs_stop_waiting_for_a_database(tmp_path,
+                                                                                                   monkeypatch):
+    """A driver waits out its database for EMBEDDECK_DB_OUTAGE_S (60 s), and on ACA the registry is that database: no
+    heartbeat meanwhile. Readers on other hosts, who failed a run whose heartbeat was 60 s old, allow 30 s more."""
+    from jobs.store import registry as runs
+
+    registry = runs.Registry(f"sqlite:///{tmp_path / 'registry.sqlite'}")
+    run_id = registry.create("{}", "test", "s", "t", "m", "spark://controller:7077")
+    now = db.utcnow()
+
+    def gone(age_s: float) -> str | None:
+        with registry.engine.begin() as conn:
+            conn.execute(runs.runs_table.update().values(state="running", driver_pid=1, driver_host="replica-2",
+                                                         heartbeat_at=now - dt.timedelta(seconds=age_s)))
+        return runs.driver_gone_reason(registry.get(run_id), "replica-1", now)
+
+    assert gone(85) is None and gone(95) == "no heartbeat from the driver on replica-2 for 90s"
+    monkeypatch.setenv("EMBEDDECK_DB_OUTAGE_S", "0")
+    assert gone(65) == "no heartbeat from the driver on replica-2 for 60s"
+
+
 def test_a_deleted_registry_file_is_started_again_not_split(tmp_path):
     """A registry file deleted under a running API once left it writing the old file while new processes
     wrote a new one: every process now follows the file at the path."""

@@ -29,7 +29,8 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded"
 FINAL_STATES = (SUCCEEDED, FAILED, CANCELLED)
 WAITING = "waiting"  # the phase of a queued run held back by the cap on active runs, or until the run service is up
 # A driver on another host that has not written a heartbeat for this long is taken for dead; so is the host of a
-# waiting run that no reader there has vouched for in this long (its URL is kept only there).
+# waiting run that no reader there has vouched for in this long (its URL is kept only there). At least: see
+# heartbeat_timeout_s.
 HEARTBEAT_TIMEOUT_S = 60
 # How often a host's readers renew their waiting runs' heartbeat: a write at most this often, well inside the timeout.
 VOUCH_EVERY_S = 10
@@ -329,7 +330,7 @@ class Registry:
 
     def beat(self, run_id: str) -> None:
         """Renew the heartbeat of a run whose driver is alive but has no progress to record (it plans, or waits for
-        executors): readers on other hosts fail a run whose heartbeat is older than HEARTBEAT_TIMEOUT_S."""
+        executors): readers on other hosts fail a run whose heartbeat is older than heartbeat_timeout_s()."""
         self._update(run_id, heartbeat_at=utcnow())
 
     def set_executors(self, run_id: str, executors: int | None) -> None:
@@ -396,18 +397,26 @@ class Registry:
         return failed
 
 
+def heartbeat_timeout_s() -> float:
+    """How old a heartbeat may be before readers on other hosts take its driver or host for gone: a minute, or half a
+    minute more than runs wait for a database that stopped answering (EMBEDDECK_DB_OUTAGE_S). On ACA the registry is
+    that database: no heartbeat is written while they wait, and a reader there could fail a run as it came back."""
+    return max(HEARTBEAT_TIMEOUT_S, Settings().number("EMBEDDECK_DB_OUTAGE_S") + HEARTBEAT_TIMEOUT_S / 2)
+
+
 def driver_gone_reason(run: Run, host: str, now: dt.datetime) -> str | None:
     """Why the run's driver is known to be dead, or None while it may be alive."""
+    timeout = heartbeat_timeout_s()
     if run.driver_pid is None:
         if run.phase == WAITING:
             # It waits for a free slot or the run service, by design (lifecycle.dispatch starts it), on the host that
             # keeps its URL. Only another host's run can be stranded: an ACA replica that launched it and is gone.
             beat = run.heartbeat_at or run.created_at
-            if run.driver_host in (None, host) or (now - beat).total_seconds() <= HEARTBEAT_TIMEOUT_S:
+            if run.driver_host in (None, host) or (now - beat).total_seconds() <= timeout:
                 return None
             return (f"it waited to start, and {run.driver_host}, the host that launched it and alone keeps its "
-                    f"connection, has not been seen for {HEARTBEAT_TIMEOUT_S}s (gone?); launch it again")
-        if (now - run.created_at).total_seconds() > HEARTBEAT_TIMEOUT_S:
+                    f"connection, has not been seen for {timeout:g}s (gone?); launch it again")
+        if (now - run.created_at).total_seconds() > timeout:
             return "the run was never started by a driver process"
         return None
     if run.driver_host == host:
@@ -415,6 +424,6 @@ def driver_gone_reason(run: Run, host: str, now: dt.datetime) -> str | None:
             return None
         return f"driver process {run.driver_pid} exited without reporting an end (killed or crashed)"
     beat = run.heartbeat_at or run.created_at
-    if (now - beat).total_seconds() > HEARTBEAT_TIMEOUT_S:
-        return f"no heartbeat from the driver on {run.driver_host} for {HEARTBEAT_TIMEOUT_S}s"
+    if (now - beat).total_seconds() > timeout:
+        return f"no heartbeat from the driver on {run.driver_host} for {timeout:g}s"
     return None
