@@ -1,13 +1,15 @@
 """The Spark job end to end, in-process on a real local[2] SparkSession: SQLite and PostgreSQL."""
 
+import functools
 import itertools
+import threading
 import uuid
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 
-from jobs.core.errors import BadRequest
+from jobs.core.errors import BadRequest, Unavailable
 from jobs.core.spec import RunSpec
 from jobs.core.texts import normalize_text
 from jobs.doors.cli import progress_line
@@ -15,6 +17,7 @@ from jobs.embed import pipeline
 from jobs.store import db
 from jobs.store.demo import products
 from jobs.store.registry import Registry
+from tests import postgres
 from tests.conftest import embeddings_endpoint, reference_vectors, wait_until
 
 pytestmark = pytest.mark.spark
@@ -175,6 +178,40 @@ def test_an_id_column_that_is_no_key_fails_the_run_naming_it_and_writes_nothing(
         run(spark, url, source="loose", target="loose_more_emb")
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM loose_more_emb")).scalar() == 0
+
+
+def test_a_driver_plans_through_a_database_restart_and_not_beyond_the_outage_window(pg_url, monkeypatch):
+    """A run whose driver planned while its database restarted failed at its first statement. Planning now waits
+    for the database (EMBEDDECK_DB_OUTAGE_S), and fails once the window is spent."""
+    engine = db.engine_for(pg_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DROP TABLE IF EXISTS restart_plan_emb"))
+        conn.execute(sa.text("DROP TABLE IF EXISTS restart_plan"))
+        conn.execute(sa.text("CREATE TABLE restart_plan (item_id INTEGER PRIMARY KEY, descr TEXT)"))
+        conn.execute(sa.text("INSERT INTO restart_plan VALUES (:id, 'a lamp')"), [{"id": i} for i in range(1, 11)])
+    spec = RunSpec(db_url=pg_url, source="restart_plan", id_column="item_id", text_column="descr",
+                   target="restart_plan_emb")
+    prepare = functools.partial(pipeline._through_outages, spec, functools.partial(pipeline._prepare, spec, 2))
+
+    def away_for(seconds: float):
+        postgres.stop(pg_url)
+        timer = threading.Timer(seconds, postgres.start, [pg_url])
+        timer.start()
+        return timer
+
+    timer = away_for(2.0)
+    try:
+        *_, rows, ranges = prepare()
+    finally:
+        timer.join()
+    assert rows == 10 and len(ranges) >= 1
+    monkeypatch.setenv("EMBEDDECK_DB_OUTAGE_S", "0.5")
+    timer = away_for(3.0)
+    try:
+        with pytest.raises(Unavailable, match="cannot connect to"):
+            prepare()
+    finally:
+        timer.join()
 
 
 def test_a_repeated_text_id_is_named_with_what_hides_in_it(spark, sqlite_url):

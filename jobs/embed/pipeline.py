@@ -422,11 +422,9 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
         watcher.stop_event.set()
 
 
-def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str, float],
-             watcher: _ProgressWatcher) -> str:
-    # Spark's UI names our jobs by these, instead of by the thread that submitted them.
-    title = f"{spec.source} \u2192 {spec.target} ({run_id})"
-    sc.setJobGroup(run_id, f"embed {title}", interruptOnCancel=True)
+def _prepare(spec: RunSpec, cores: int) -> tuple:
+    """(engine, tables, endpoint, vector size, target, rows, key ranges) of a run, its target made where missing;
+    BadRequest where its id column is no key. Statements only: done again whole while the database is away."""
     engine = db.check_connection(spec.db_url)
     tables = db.inspect_run(engine, spec)
     endpoint = endpoints.resolve(spec.endpoint) if spec.endpoint else None
@@ -446,12 +444,24 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
                          f"any column, a target's key only its own kind. Make them so, or key the run by another "
                          f"column.")
     rows = min(rows, spec.limit_rows or rows)
+    if not rows:
+        return engine, tables, endpoint, dim, target, 0, []
+    parts = spec.partitions or plan.default_partitions(cores, rows)
+    return engine, tables, endpoint, dim, target, rows, [(r.index, r.after, r.hi)
+                                                        for r in key_ranges(engine, tables, rows, parts)]
+
+
+def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str, float],
+             watcher: _ProgressWatcher) -> str:
+    # Spark's UI names our jobs by these, instead of by the thread that submitted them.
+    title = f"{spec.source} \u2192 {spec.target} ({run_id})"
+    sc.setJobGroup(run_id, f"embed {title}", interruptOnCancel=True)
+    engine, tables, endpoint, dim, target, rows, ranges = _through_outages(
+        spec, functools.partial(_prepare, spec, sc.defaultParallelism))
     if not rows:  # an emptied source leaves its target empty too
         registry.start(run_id, 0, 0)
         registry.finish(run_id, SUCCEEDED, rows_done=0, rows_removed=db.delete_orphans(engine, tables.id_col, target))
         return SUCCEEDED
-    parts = spec.partitions or plan.default_partitions(sc.defaultParallelism, rows)
-    ranges = [(r.index, r.after, r.hi) for r in key_ranges(engine, tables, rows, parts)]
     # A broadcast, not a file Spark's file server keeps offering: executors that join the run service later
     # would fetch every file ever added, and a destroyed broadcast is gone from every executor.
     secrets = sc.broadcast({"db_url": spec.db_url, "api_key": endpoint.api_key if endpoint else None})

@@ -219,22 +219,30 @@ def transient(exc: sa.exc.DBAPIError, engine: Engine) -> bool:
     later), not because the database refused it: a dropped connection, a failover's error, or no answer now."""
     if exc.connection_invalidated:
         return True
-    orig = exc.orig
-    args = getattr(orig, "args", ())
-    state = getattr(orig, "sqlstate", None) or (args[0] if args and isinstance(args[0], str) else "")  # pyodbc's
-    if re.fullmatch(r"[0-9A-Z]{5}", state or "") and state.startswith(_TRANSIENT_STATES):
+    if _sqlstate(exc.orig).startswith(_TRANSIENT_STATES):
         return True
-    if any(int(n) in _SQLSERVER_TRANSIENT for n in re.findall(r"\((\d+)\) \(SQL\w+\)", str(orig))):
+    if any(int(n) in _SQLSERVER_TRANSIENT for n in re.findall(r"\((\d+)\) \(SQL\w+\)", str(exc.orig))):
         return True
     return not answers(engine)
 
 
+def _sqlstate(error: BaseException | None) -> str:
+    """The SQLSTATE of a driver's error where it gives one (psycopg's attribute, pyodbc's first argument), else ''."""
+    args = getattr(error, "args", ())
+    state = getattr(error, "sqlstate", None) or (args[0] if args and isinstance(args[0], str) else "")
+    return state if re.fullmatch(r"[0-9A-Z]{5}", state or "") else ""
+
+
 def answers(engine: Engine) -> bool:
-    """Whether the database takes a connection and a query now."""
+    """Whether the database answers now: it takes a connection and a query, or refuses the login or the database by
+    SQLSTATE (class 28 or 3D, as SQL Server's driver says; psycopg's connect errors carry none, so a refused login
+    there reads as no answer, and a run waits EMBEDDECK_DB_OUTAGE_S before it fails with it)."""
     try:
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
         return True
+    except sa.exc.DBAPIError as exc:
+        return _sqlstate(exc.orig).startswith(("28", "3D"))
     except Exception:
         return False
 
