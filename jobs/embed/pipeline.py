@@ -282,15 +282,18 @@ def embed_partitions(task: TaskPlan):
 def _through_outages(spec: RunSpec, attempt: Callable[[], T]) -> T:
     """attempt(), again while the run's database (or the registry) fails over or restarts, for up to
     EMBEDDECK_DB_OUTAGE_S from its first failure. A task's attempt is one key range, which a repeat does again
-    (upserts; the rows it committed are skipped); the driver's are single statements."""
+    (upserts; the rows it committed are skipped); the driver's are its planning, done again whole, and statements."""
     deadline = None
     while True:
         try:
             return attempt()
-        except (DBAPIError, Unavailable) as exc:  # Unavailable: the registry's lost connection (on ACA, one database)
+        except (DBAPIError, Unavailable) as exc:
+            # Unavailable: a connection that failed, its cause not kept; it is waited for while the run's database
+            # does not answer (on ACA the registry is that database).
             engine = db.engine_for(spec.db_url)
             deadline = deadline or time.monotonic() + Settings().number("EMBEDDECK_DB_OUTAGE_S")
-            if time.monotonic() >= deadline or (isinstance(exc, DBAPIError) and not db.transient(exc, engine)):
+            away = db.transient(exc, engine) if isinstance(exc, DBAPIError) else not db.answers(engine)
+            if time.monotonic() >= deadline or not away:
                 raise
             log.warning("a database is unavailable (%s); trying again", type(getattr(exc, "orig", exc)).__name__)
             engine.dispose()  # its pooled connections are to the server that went away
