@@ -7,12 +7,14 @@ from dashboard import services, shell, views, widgets
 from jobs import lifecycle
 from jobs.core.errors import EmbedDeckError
 from jobs.core.spec import DEFAULT_BATCH_SIZE, DEFAULT_MODEL, RunSpec
-from jobs.store import db
+from jobs.store import db, registry, scaling
 
 shell.open_page()
 st.title("Launch an embedding run")
 url, engine = widgets.pick_connection()
-tables = [t for t in db.list_tables(engine) if t != db.targets_table.name]
+# EmbedDeck's own tables are no source: on ACA the registry's share the users' database.
+own_tables = {db.targets_table.name, *registry.metadata.tables, *scaling.metadata.tables}
+tables = [t for t in db.list_tables(engine) if t not in own_tables]
 if not tables:
     st.info("This database has no tables yet. Load the demo with `python -m jobs seed-demo`.")
     st.stop()

@@ -89,6 +89,20 @@ def test_launch_run_search_flow(demo):
     assert any("model all-MiniLM-L6-v2" in shown(c.value) for c in search.caption)
 
 
+def test_launch_offers_no_table_of_embeddecks_own_as_a_source(tmp_path, monkeypatch):
+    """On ACA the registry is the run's SQL database: the Launch page offered its seven tables as sources."""
+    from jobs.store import registry, scaling
+
+    url = f"sqlite:///{tmp_path / 'shared.sqlite'}"
+    seed_demo(url, n=5)
+    for metadata in (registry.metadata, scaling.metadata, db.targets_table.metadata):
+        metadata.create_all(db.engine_for(url))
+    monkeypatch.setenv("EMBEDDECK_DB_URL", url)
+    at = page("launch")
+    at.selectbox[0].select_index(1).run()  # the environment's connection
+    assert at.selectbox[1].options == ["products"]
+
+
 def test_launch_explains_invalid_choices(demo):
     at = page("launch")
     at.text_input[0].set_value("products").run()  # target == source
