@@ -191,7 +191,7 @@ def test_a_driver_plans_through_a_database_restart_and_not_beyond_the_outage_win
         conn.execute(sa.text("INSERT INTO restart_plan VALUES (:id, 'a lamp')"), [{"id": i} for i in range(1, 11)])
     spec = RunSpec(db_url=pg_url, source="restart_plan", id_column="item_id", text_column="descr",
                    target="restart_plan_emb")
-    prepare = functools.partial(pipeline._through_outages, spec, functools.partial(pipeline._prepare, spec, 2))
+    prepare = functools.partial(pipeline._through_outages, spec, pipeline._prepare, spec, 2)
 
     def away_for(seconds: float):
         postgres.stop(pg_url)

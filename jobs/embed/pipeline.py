@@ -203,7 +203,7 @@ def scan_partitions(task: TaskPlan):
     @_errors_as_results(task)
     def run(ranges: Iterator[tuple]) -> Iterator[dict]:
         spec, api_key = task.open()
-        tables = _through_outages(spec, functools.partial(_tables, spec))
+        tables = _through_outages(spec, _tables, spec)
         # Python workers are reused by the embedding job: loading the model here overlaps the
         # import and load (seconds) with planning instead of stalling the first chunk.
         marks = {"worker_started": started_at()}  # forked from the executor's daemon
@@ -223,7 +223,7 @@ def scan_partitions(task: TaskPlan):
             return counts
 
         for index, after, hi in ranges:
-            counts = _through_outages(spec, functools.partial(scan, after, hi))
+            counts = _through_outages(spec, scan, after, hi)
             yield {"index": index, "after": after, "hi": hi, **counts, "marks": marks}
 
     return run
@@ -235,7 +235,7 @@ def embed_partitions(task: TaskPlan):
     @_errors_as_results(task)
     def run(ranges: Iterator[tuple]) -> Iterator[dict]:
         spec, api_key = task.open()
-        tables = _through_outages(spec, functools.partial(_tables, spec))
+        tables = _through_outages(spec, _tables, spec)
         engine = db.engine_for(spec.db_url)
         hold = Settings().raw(HOLD_FILE_VAR)
         encoder = _worker_encoder(spec.model, task.endpoint_url, api_key, spec.endpoint)
@@ -273,20 +273,20 @@ def embed_partitions(task: TaskPlan):
 
         for index, after, hi in ranges:
             t0, done = time.perf_counter(), {"embedded": 0, "removed": 0, "first_commit": None, "encoding_s": 0.0}
-            _through_outages(spec, functools.partial(embed, after, hi, done))
+            _through_outages(spec, embed, after, hi, done)
             yield {"index": index, **done, "seconds": time.perf_counter() - t0}
 
     return run
 
 
-def _through_outages(spec: RunSpec, attempt: Callable[[], T]) -> T:
-    """attempt(), again while the run's database (or the registry) fails over or restarts, for up to
+def _through_outages(spec: RunSpec, attempt: Callable[..., T], *args, **kwargs) -> T:
+    """attempt(*args, **kwargs), again while the run's database (or the registry) fails over or restarts, for up to
     EMBEDDECK_DB_OUTAGE_S from its first failure. A task's attempt is one key range, which a repeat does again
     (upserts; the rows it committed are skipped); the driver's are its planning, done again whole, and statements."""
     deadline = None
     while True:
         try:
-            return attempt()
+            return attempt(*args, **kwargs)
         except (DBAPIError, Unavailable) as exc:
             # Unavailable: a connection that failed, its cause not kept; it is waited for while the run's database
             # does not answer (on ACA the registry is that database).
@@ -459,8 +459,8 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
     # Spark's UI names our jobs by these, instead of by the thread that submitted them.
     title = f"{spec.source} \u2192 {spec.target} ({run_id})"
     sc.setJobGroup(run_id, f"embed {title}", interruptOnCancel=True)
-    engine, tables, endpoint, dim, target, rows, ranges = _through_outages(
-        spec, functools.partial(_prepare, spec, sc.defaultParallelism))
+    engine, tables, endpoint, dim, target, rows, ranges = _through_outages(spec, _prepare, spec,
+                                                                           sc.defaultParallelism)
     if not rows:  # an emptied source leaves its target empty too
         registry.start(run_id, 0, 0)
         registry.finish(run_id, SUCCEEDED, rows_done=0, rows_removed=db.delete_orphans(engine, tables.id_col, target))
@@ -471,7 +471,8 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
     task = TaskPlan(spec.with_db_url(""), secrets, endpoint.url if endpoint else None, dim)
 
     try:
-        registry.set_phase(run_id, "planning")
+        # The registry's idempotent writes and its reads wait out an outage too; start, which moves the run once, not.
+        _through_outages(spec, registry.set_phase, run_id, "planning")
         # Plain RDDs: the tasks read the database themselves, so Spark SQL and Arrow would only add
         # their start-up cost (seconds per run) and carry nothing.
         sc.setJobDescription(f"plan {title}")
@@ -480,16 +481,18 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
         except Exception:
             if not watcher.cancelled:
                 raise
-            registry.finish(run_id, CANCELLED, error="cancelled by request before embedding started")
+            _through_outages(spec, registry.finish, run_id, CANCELLED,
+                             error="cancelled by request before embedding started")
             return CANCELLED
         _raise_task_error(scanned)
         marks["planned"] = time.time()
         total = sum(r["needed"] for r in scanned)
         skipped = sum(r["empty"] + r["current"] for r in scanned)
         work = [(r["index"], r["after"], r["hi"]) for r in scanned if r["needed"] or r["emptied"]]
-        _record_marks(registry, run_id, marks, scanned, [])
-        if registry.get(run_id).cancel_requested:
-            registry.finish(run_id, CANCELLED, error="cancelled by request before embedding started")
+        _through_outages(spec, _record_marks, registry, run_id, marks, scanned, [])
+        if _through_outages(spec, registry.get, run_id).cancel_requested:
+            _through_outages(spec, registry.finish, run_id, CANCELLED,
+                             error="cancelled by request before embedding started")
             return CANCELLED
         since = db.utcnow()
         if not registry.start(run_id, total, skipped):
@@ -499,7 +502,7 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
         t0, removed = time.monotonic(), 0
         try:
             if work:
-                registry.set_phase(run_id, "embedding")
+                _through_outages(spec, registry.set_phase, run_id, "embedding")
                 sc.setJobDescription(f"embed {title}")
                 embedded = sc.parallelize(work, len(work)).mapPartitions(embed_partitions(task)).collect()
                 _raise_task_error(embedded)
@@ -510,13 +513,13 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
                          "over %.1f s on %d cores", run_id, len(embedded), busy,
                          100 * sum(r["encoding_s"] for r in embedded) / max(busy, 1e-9),
                          max(r["seconds"] for r in embedded), time.monotonic() - t0, sc.defaultParallelism)
-                _through_outages(spec, functools.partial(_record_marks, registry, run_id, marks, scanned, embedded))
+                _through_outages(spec, _record_marks, registry, run_id, marks, scanned, embedded)
         except Exception as exc:
             watcher.stop_event.set()
             done = watcher.rows_done_at_failure()
             state, error = ((CANCELLED, "cancelled by request") if watcher.cancelled
                             else (FAILED, spark_error_message(exc)))
-            _through_outages(spec, functools.partial(registry.finish, run_id, state, error=error, rows_done=done))
+            _through_outages(spec, registry.finish, run_id, state, error=error, rows_done=done)
             return state
         done = _through_outages(spec, watcher.sample)
         elapsed = time.monotonic() - t0
@@ -524,11 +527,11 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
         # reader on another host fails a run whose heartbeat is a minute old.
         watcher.publish_from(None)
         if not spec.limit_rows:  # a run over the whole table: the target keeps no vector of a row gone from it
-            removed += _through_outages(spec, functools.partial(db.delete_orphans, engine, tables.id_col, target))
+            removed += _through_outages(spec, db.delete_orphans, engine, tables.id_col, target)
         watcher.stop_event.set()
-        _through_outages(spec, functools.partial(registry.finish, run_id, SUCCEEDED, rows_done=done,
+        _through_outages(spec, registry.finish, run_id, SUCCEEDED, rows_done=done,
                                                  rows_per_s=done / elapsed if elapsed > 0 else 0.0,
-                                                 rows_removed=removed))
+                                                 rows_removed=removed)
         return SUCCEEDED
     finally:
         watcher.stop_event.set()
