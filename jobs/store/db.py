@@ -390,11 +390,15 @@ def qualified_name(table: sa.Table) -> str:
     return _qualified(table.schema, table.name)
 
 
+def folded(dialect_name: str, table: str) -> str:
+    """A table name as the database compares it: regardless of case on SQLite and SQL Server."""
+    return table.lower() if dialect_name in ("sqlite", "mssql") else table
+
+
 def target_key(url: str, target: str) -> str:
     """One key per target table, for one active run per target: the URL without its secrets, and the name folded
-    where the database ignores case (SQLite, SQL Server): `NEW_EMB` and `new_emb`, neither there yet, had both run."""
-    folded = target.lower() if parse_url(url).get_backend_name() in ("sqlite", "mssql") else target
-    return f"{redact_url(url)}|{folded}"
+    where the database ignores case: `NEW_EMB` and `new_emb`, neither there yet, had both run."""
+    return f"{redact_url(url)}|{folded(parse_url(url).get_backend_name(), target)}"
 
 
 def _check_schema(engine: Engine, schema: str | None, name: str) -> None:
@@ -513,8 +517,7 @@ def inspect_run(engine: Engine, spec: RunSpec) -> Tables:
         raise BadRequest(problem)
     target = None
     schema, name = _split_name(engine, spec.target)
-    fold = str.lower if engine.dialect.name in ("sqlite", "mssql") else str  # as target_key folds
-    if schema is None and fold(name) == targets_table.name:
+    if schema is None and folded(engine.dialect.name, name) == targets_table.name:
         # Made as a target before its first run recorded one, it broke every later run on the database.
         raise BadRequest(f"target table {spec.target!r} is where EmbedDeck records each target's source: pick "
                          f"another target")
