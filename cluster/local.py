@@ -23,8 +23,9 @@ from jobs.core.processes import (
     free_port,
     is_alive,
     port_taken,
+    process_identity,
     read_json,
-    start_time,
+    started_at,
     stop_groups,
     write_json,
 )
@@ -35,16 +36,18 @@ from jobs.store import scaling, worker_readings
 
 @dataclass
 class Proc:
-    """A daemon we started: its pid and start time (to tell it from a reused pid)."""
+    """A daemon we started: its pid, when it started (shown), and its process identity (to tell it from a later
+    process of its pid; None in an older EmbedDeck's state file, which has only the start time)."""
 
     pid: int
     started: float
     port: int
     webui_port: int
     log: str
+    identity: str | None = None
 
     def alive(self) -> bool:
-        return is_alive(self.pid, self.started)
+        return is_alive(self.pid, self.identity or self.started)
 
 
 class LocalCluster:
@@ -102,7 +105,7 @@ class LocalCluster:
         with open(log, "ab") as out:
             p = subprocess.Popen([jvm.spark_class(), *args], stdout=out, stderr=subprocess.STDOUT,
                                  stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        proc = Proc(p.pid, start_time(p.pid) or time.time(), port, webui_port, str(log))
+        proc = Proc(p.pid, time.time(), port, webui_port, str(log), process_identity(p.pid))
         self._save(name, proc)
         return proc
 
@@ -125,11 +128,11 @@ class LocalCluster:
     def adopt_master(self, pid: int) -> None:
         """Hold a master started outside this backend, on this backend's ports, as this cluster's: the container's
         entrypoint starts its own in the foreground, and the dashboard beside it said "Spark master is down"."""
-        started = start_time(pid)
-        if started is None:
+        identity = process_identity(pid)
+        if identity is None:
             raise Unavailable(f"no process {pid} to hold as this cluster's Spark master")
         with self._changing():
-            self._save("master", Proc(pid, started, self.master_port, self.webui_port, ""))
+            self._save("master", Proc(pid, started_at(pid), self.master_port, self.webui_port, "", identity))
 
     def master_alive(self) -> bool:
         proc = self._load("master")

@@ -195,7 +195,7 @@ def refresh(registry: Registry) -> None:
         # A driver on another host is its own host's to stop (or the heartbeat check's to declare dead): its pid
         # here could be any process of ours.
         if overdue and run.driver_host in (None, here):
-            if run.driver_pid and not run_service.serves(run) and is_alive(run.driver_pid, run.driver_started):
+            if run.driver_pid and not run_service.serves(run) and is_alive(run.driver_pid, run.driver_start):
                 stop_group(run.driver_pid, run.driver_pid, grace_s=5.0)  # never the run service
             registry.finish(run.run_id, CANCELLED, error="cancelled by request (the driver did not stop in time)")
     if waiting:
@@ -231,7 +231,7 @@ def _forget_run_files(registry: Registry, active_ids: set[str]) -> None:
         run = registry.get(run_id)
         # A missing run may be one being recorded right now, or another registry's; a driver that is still
         # exiting removes its own scratch.
-        if run is None or run.active or is_alive(run.driver_pid, run.driver_started):
+        if run is None or run.active or is_alive(run.driver_pid, run.driver_start):
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

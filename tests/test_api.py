@@ -14,7 +14,7 @@ import requests
 import sqlalchemy as sa
 
 from jobs.core.errors import BadRequest
-from jobs.core.processes import free_port
+from jobs.core.processes import free_port, process_identity
 from jobs.core.spec import RunSpec
 from jobs.embed import pipeline, search
 from jobs.store import db
@@ -453,8 +453,6 @@ def test_readers_settle_only_their_own_hosts_runs_fail_gone_hosts_waiting_runs_a
     stopped vouching for it (a replica gone) is failed by any reader, with why; it had stayed waiting for ever."""
     import datetime as dt
 
-    import psutil
-
     from jobs import lifecycle
     from jobs.core.settings import Settings
     from jobs.core.spec import RunSpec
@@ -473,7 +471,7 @@ def test_readers_settle_only_their_own_hosts_runs_fail_gone_hosts_waiting_runs_a
     with registry.engine.begin() as conn:  # as the dashboard's replica wrote them
         conn.execute(table.update().where(table.c.run_id == theirs).values(driver_host=elsewhere))
         conn.execute(table.update().where(table.c.run_id == driving).values(
-            driver_host=elsewhere, driver_pid=bystander.pid, driver_started=psutil.Process(bystander.pid).create_time(),
+            driver_host=elsewhere, driver_pid=bystander.pid, driver_identity=process_identity(bystander.pid),
             heartbeat_at=now, cancel_requested=True, cancel_requested_at=now - dt.timedelta(hours=1)))
     try:
         assert lifecycle.dispatch(registry) == []

@@ -282,15 +282,15 @@ def test_a_run_that_loses_its_master_fails_by_name_unless_its_executors_can_fini
         assert failed.error.startswith(f"Spark master {cluster.master_url()} is unreachable"), failed.error
         assert "went away while the run was in flight, and a Spark application never rejoins a master: launch the " \
                "run again once the cluster is up" in failed.error
-        wait_until(lambda: not is_alive(failed.driver_pid, failed.driver_started), timeout=30, what="its driver's end")
+        wait_until(lambda: not is_alive(failed.driver_pid, failed.driver_start), timeout=30, what="its driver's end")
         assert registry.get(holding).state == "running"
         hold_file.unlink()
         done = wait_until(lambda: (run := registry.get(holding)).state != "running" and run, timeout=180)
         assert done.state == "succeeded" and done.rows_done == ROWS, done.error
-        wait_until(lambda: not is_alive(done.driver_pid, done.driver_started), timeout=30, what="its driver's end")
+        wait_until(lambda: not is_alive(done.driver_pid, done.driver_start), timeout=30, what="its driver's end")
     finally:  # a driver that outlived a failed assertion waits for its lost master for ever
         for run in map(registry.get, runs):
-            if is_alive(run.driver_pid, run.driver_started):
+            if is_alive(run.driver_pid, run.driver_start):
                 stop_group(run.driver_pid)
 
 
@@ -326,10 +326,10 @@ def test_a_run_whose_master_restarts_under_it_fails_by_name(cluster, tmp_path, f
         assert failed.error.startswith(f"Spark master {cluster.master_url()} restarted: it no longer lists "
                                        "application app-"), failed.error
         assert "launch the run again once the cluster is up; it embeds only what is missing" in failed.error
-        wait_until(lambda: not is_alive(failed.driver_pid, failed.driver_started), timeout=30, what="its driver's end")
+        wait_until(lambda: not is_alive(failed.driver_pid, failed.driver_start), timeout=30, what="its driver's end")
     finally:  # a driver that outlived a failed assertion waits for ever
         run = registry.get(run_id)
-        if is_alive(run.driver_pid, run.driver_started):
+        if is_alive(run.driver_pid, run.driver_start):
             stop_group(run.driver_pid)
 
 
@@ -363,7 +363,7 @@ def test_a_cancel_before_the_runs_first_job_stops_that_job(cluster, pg_url, fast
             ended.error
     finally:  # a driver left planning on a master without workers waits for ever
         run = registry.get(run_id)
-        if is_alive(run.driver_pid, run.driver_started):
+        if is_alive(run.driver_pid, run.driver_start):
             stop_group(run.driver_pid)
 
 

@@ -659,7 +659,7 @@ def test_registry_written_by_an_older_version_gains_new_columns(tmp_path):
     old = sa.MetaData()
     older_runs = sa.Table("runs", old, *[sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
                                          for c in runs.runs_table.columns
-                                         if c.name not in ("timings", "rows_removed", "executors")])
+                                         if c.name not in ("timings", "rows_removed", "executors", "driver_identity")])
     old.create_all(db.engine_for(url))
     with db.engine_for(url).begin() as conn:
         conn.execute(older_runs.insert().values(run_id="r-old", state="succeeded", cancel_requested=False,
@@ -801,6 +801,61 @@ def test_a_driver_elsewhere_is_taken_for_gone_half_a_minute_after_runs_stop_wait
     assert gone(85) is None and gone(95) == "no heartbeat from the driver on replica-2 for 90s"
     monkeypatch.setenv("EMBEDDECK_DB_OUTAGE_S", "0")
     assert gone(65) == "no heartbeat from the driver on replica-2 for 60s"
+
+
+def test_a_step_of_the_wall_clock_leaves_drivers_and_daemons_alive(tmp_path):
+    """A process was told apart from a later one of its pid by psutil's create_time, which counts from /proc/stat's
+    boot time in whole seconds, and that moves with the wall clock: a step of 0.3 s made a reader fail every live
+    driver as "killed or crashed", and `down` forget live daemons. The clock is stepped here across a second of
+    that boot time and back at once, as NTP may step it, where this process may set the clock."""
+    import socket
+
+    import psutil
+
+    from cluster.local import LocalCluster
+    from jobs.core.processes import write_json
+    from jobs.store import registry as runs
+
+    registry = runs.Registry(f"sqlite:///{tmp_path / 'registry.sqlite'}")
+    driver, older_driver, master, older_master = (subprocess.Popen(["sleep", "60"]) for _ in range(4))
+    try:
+        run_id = registry.create("{}", "test", "s", "t", "m", "local[1]", target_key="k")
+        registry.set_driver(run_id, driver.pid, "driver.log")
+        older_run = registry.create("{}", "test", "s", "t2", "m", "local[1]", target_key="k2")
+        with registry.engine.begin() as conn:  # as an older EmbedDeck recorded its driver
+            conn.execute(runs.runs_table.update().where(runs.runs_table.c.run_id == older_run).values(
+                driver_pid=older_driver.pid, driver_host=socket.gethostname(),
+                driver_started=psutil.Process(older_driver.pid).create_time()))
+        cluster, older_cluster = LocalCluster(home=tmp_path / "new"), LocalCluster(home=tmp_path / "old")
+        cluster.adopt_master(master.pid)
+        write_json(tmp_path / "old" / "cluster" / "master.json",  # an older EmbedDeck's state file
+                   {"pid": older_master.pid, "started": psutil.Process(older_master.pid).create_time(),
+                    "port": 7077, "webui_port": 8080, "log": ""})
+
+        def alive() -> list:
+            return [runs.driver_gone_reason(registry.get(run), socket.gethostname(), db.utcnow()) is None
+                    for run in (run_id, older_run)] + [cluster.master_alive(), older_cluster.master_alive()]
+
+        assert alive() == [True] * 4
+        boot = time.clock_gettime(time.CLOCK_REALTIME) - time.clock_gettime(time.CLOCK_BOOTTIME)
+        shift = 1.05 - boot % 1 if boot % 1 > 0.5 else -(boot % 1 + 0.05)  # across the boot time's next second
+        btime = psutil.boot_time()
+        now = time.clock_gettime(time.CLOCK_REALTIME)
+        try:
+            time.clock_settime(time.CLOCK_REALTIME, now + shift)
+        except PermissionError:
+            pytest.skip("stepping the wall clock needs CAP_SYS_TIME")
+        try:
+            moved, seen = psutil.boot_time() - btime, alive()
+        finally:
+            time.clock_settime(time.CLOCK_REALTIME, time.clock_gettime(time.CLOCK_REALTIME) - shift)
+        assert abs(moved) == 1  # what psutil's create_time moved by
+        assert seen == [True] * 4
+    finally:
+        for proc in (driver, older_driver, master, older_master):
+            proc.kill()
+            proc.wait()
+    assert not any(alive())
 
 
 def test_a_deleted_registry_file_is_started_again_not_split(tmp_path):

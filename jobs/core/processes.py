@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -58,12 +59,25 @@ def port_taken(port: int, host: str = "127.0.0.1") -> bool:
         return exc.errno == errno.EADDRINUSE
 
 
-def start_time(pid: int) -> float | None:
-    """The process's start time (tells it apart from a later process that reuses its pid), or None."""
+def process_identity(pid: int) -> str | None:
+    """What tells the process apart from every other that ever had its pid, or None where there is no such process:
+    the boot it runs in and the clock tick it started at since that boot. Neither moves with the wall clock, where
+    psutil's create_time adds /proc/stat's btime, whole seconds the wall clock moves: a 0.3 s step of the clock made
+    every running daemon and driver look gone."""
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
         return None
+    # Field 22, starttime; the fields before it are counted from the end of the name, which may itself hold ") ".
+    ticks = int(stat[stat.rindex(b")") + 2:].split()[19])
+    return f"{_boot_id()}:{ticks}"
+
+
+@functools.cache
+def _boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
 
 
 def started_at(pid: int | None = None) -> float:
@@ -79,14 +93,18 @@ def started_at(pid: int | None = None) -> float:
     return booted + (created - psutil.boot_time())
 
 
-def is_alive(pid: int | None, started: float | None = None) -> bool:
-    """Whether pid runs (and is the process that started at `started`, when given), not a zombie."""
+def is_alive(pid: int | None, started: str | float | None = None) -> bool:
+    """Whether pid runs, not a zombie, and is the process that `started` names when given: its process_identity, or
+    the psutil create_time an older EmbedDeck recorded (within 1.5 s: a step of the clock moves that by a second)."""
     if pid is None:
         return False
     try:
         proc = psutil.Process(pid)
-        same = started is None or abs(proc.create_time() - started) < 1
-        return same and proc.status() != psutil.STATUS_ZOMBIE
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if isinstance(started, str):
+            return process_identity(pid) == started
+        return started is None or abs(proc.create_time() - started) < 1.5
     except psutil.Error:
         return False
 

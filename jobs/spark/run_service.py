@@ -25,8 +25,8 @@ from jobs.core.processes import (
     exclusive,
     free_port,
     is_alive,
+    process_identity,
     read_json,
-    start_time,
     stop_group,
     stops_deferred,
     unix_address,
@@ -161,7 +161,8 @@ def _start(master: str, timeout_s: float) -> dict:
     _paths()[1].unlink(missing_ok=True)
     # Runs launched meanwhile wait for the service (lifecycle): a run in a spark-submit of its own would ask
     # the master for the cores the service is about to take, and wait for them for ever.
-    write_json(_starting_path(), {"pid": os.getpid(), "pid_started": start_time(os.getpid()), "master": master})
+    write_json(_starting_path(), {"pid": os.getpid(), "pid_started": process_identity(os.getpid()),
+                                     "master": master})
     try:
         deadline = time.monotonic() + timeout_s
         _wait_for_master(master, deadline)
@@ -279,8 +280,6 @@ def _exit_when_orphaned(sc, registry, sock_path: Path, state_path: Path) -> None
 
 def main() -> int:
     """spark-submit entry point: hold a SparkContext and run what the lifecycle hands over."""
-    import psutil
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     use_installed_pyspark()
     from pyspark import InheritableThread, SparkContext
@@ -299,10 +298,10 @@ def main() -> int:
     finally:
         os.umask(old_umask)
     server.listen(16)
-    me = psutil.Process()
+    me = os.getpid()
     log_path = str(Settings().home / "runner.log")
     # pgid: spark-submit's JVM leads the group (spark/submit.start gives it a session of its own).
-    state = {"pid": me.pid, "pgid": os.getpgid(0), "pid_started": me.create_time(),
+    state = {"pid": me, "pgid": os.getpgid(0), "pid_started": process_identity(me),
              "master": sc.master, "ui_url": sc.uiWebUrl, "log_path": log_path}
     write_json(state_path, state)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -320,7 +319,7 @@ def main() -> int:
                     run_id, db_url = request["run_id"], request["db_url"]
                     # Atomic: only a queued run nobody drives yet is taken, so a run handed over
                     # twice runs once.
-                    if not registry.claim(run_id, me.pid, log_path, sc.uiWebUrl):
+                    if not registry.claim(run_id, me, log_path, sc.uiWebUrl):
                         raise ValueError(f"run {run_id} is not queued")
                     InheritableThread(target=_serve_run, args=(sc, registry, run_id, db_url), daemon=True).start()
                     reply = {"ok": True}

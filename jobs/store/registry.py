@@ -12,7 +12,7 @@ from dataclasses import dataclass, fields
 import sqlalchemy as sa
 
 from jobs.core.errors import Conflict, EmbedDeckError, Unavailable
-from jobs.core.processes import is_alive, start_time
+from jobs.core.processes import is_alive, process_identity
 from jobs.core.settings import Settings
 from jobs.store.db import (
     OWN_PREFIX,
@@ -61,7 +61,7 @@ runs_table = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("driver_pid", sa.Integer),
     sa.Column("driver_host", sa.String(200)),
-    sa.Column("driver_started", sa.Float),
+    sa.Column("driver_started", sa.Float),  # an older EmbedDeck's: psutil's create_time, which the wall clock moves
     sa.Column("log_path", sa.Text),
     sa.Column("ui_url", sa.String(200)),
     sa.Column("timings", sa.Text),  # JSON: start-up marks, seconds since launch
@@ -69,6 +69,7 @@ runs_table = sa.Table(
     # The executors its Spark application holds, once it has held none for NO_EXECUTOR_GRACE_S (None on a local[N]
     # master, whose driver runs the tasks): a run at 0 waits for a worker's cores.
     sa.Column("executors", sa.Integer),
+    sa.Column("driver_identity", sa.String(80)),  # processes.process_identity of driver_pid on driver_host
 )
 # One active run per target: a second one is refused by the database itself, so two doors racing to
 # launch into one target cannot both win.
@@ -132,6 +133,12 @@ class Run:
     target_key: str | None = None
     rows_removed: int | None = None
     executors: int | None = None
+    driver_identity: str | None = None
+
+    @property
+    def driver_start(self) -> str | float | None:
+        """What tells its driver apart from a later process of its pid (is_alive's `started`)."""
+        return self.driver_identity or self.driver_started
 
     @property
     def active(self) -> bool:
@@ -267,7 +274,7 @@ class Registry:
     def set_driver(self, run_id: str, pid: int, log_path: str, ui_url: str | None = None) -> None:
         """Remember the driver process so a dead one can be detected."""
         self._update(run_id, driver_pid=pid, driver_host=socket.gethostname(),
-                     driver_started=start_time(pid), log_path=log_path, ui_url=ui_url)
+                     driver_identity=process_identity(pid), log_path=log_path, ui_url=ui_url)
 
     def waiting(self) -> list[Run]:
         """Queued runs held back, oldest first, launched on this host: only its home holds their URL. On ACA the
@@ -310,7 +317,7 @@ class Registry:
         """Take a queued run that no driver has yet, atomically; False when it is not such a run."""
         stmt = (runs_table.update().where(runs_table.c.run_id == run_id, runs_table.c.state == QUEUED,
                                           runs_table.c.driver_pid.is_(None))
-                .values(driver_pid=pid, driver_host=socket.gethostname(), driver_started=start_time(pid),
+                .values(driver_pid=pid, driver_host=socket.gethostname(), driver_identity=process_identity(pid),
                         log_path=log_path, ui_url=ui_url))
         with self.engine.begin() as conn:
             return conn.execute(stmt).rowcount == 1
@@ -420,7 +427,7 @@ def driver_gone_reason(run: Run, host: str, now: dt.datetime) -> str | None:
             return "the run was never started by a driver process"
         return None
     if run.driver_host == host:
-        if is_alive(run.driver_pid, run.driver_started):
+        if is_alive(run.driver_pid, run.driver_start):
             return None
         return f"driver process {run.driver_pid} exited without reporting an end (killed or crashed)"
     beat = run.heartbeat_at or run.created_at
