@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from jobs.core.processes import free_port, port_taken
+from jobs.core.processes import FREE_PORT_FLOOR, free_port, port_taken
 from jobs.core.settings import REPO
 from jobs.store import db
 from jobs.store.demo import seed_demo
@@ -436,6 +436,19 @@ def test_a_port_is_taken_while_listened_on_and_free_in_time_wait():
     client.close()
     server.close()
     assert not port_taken(port)
+
+
+def test_a_free_port_is_one_no_connection_or_bind_to_port_0_can_take_meanwhile():
+    """free_port had the kernel choose, from its ephemeral range, where every outgoing connection and bind(0) take
+    their ports: a Spark master lost its web UI port so to the other test worker's processes, in the second between
+    the choice and its bind. Ports now come from below that range, at random, each free when chosen."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral = int(f.read().split()[0])
+    ports = [free_port() for _ in range(20)]
+    assert all(FREE_PORT_FLOOR <= port < ephemeral for port in ports), ports
+    assert len(set(ports)) > 10, ports  # not one sequence that two test workers would both follow
+    with socket.create_server(("127.0.0.1", ports[0])):
+        assert port_taken(ports[0]) and ports[0] not in [free_port() for _ in range(200)]
 
 
 @pytest.mark.parametrize("command", [("jobs", "list", "--json"), ("cluster", "status", "--json")])

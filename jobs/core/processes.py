@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import sys
@@ -41,9 +42,28 @@ def unix_address(path: Path) -> Iterator[str]:
         os.close(folder)
 
 
+# Where free_port looks: from here up to the kernel's ephemeral range.
+FREE_PORT_FLOOR = 20000
+
+
 def free_port() -> int:
-    """A port free on loopback now."""
-    with socket.socket() as s:
+    """A port free on loopback now, from below the kernel's ephemeral range: one from inside it (a bind to port 0)
+    could be taken by any connection's or bind(0)'s port before the server it was chosen for bound it (a test's
+    Spark master lost its web UI port so, to the other test worker's processes)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux
+        ephemeral = FREE_PORT_FLOOR
+    # Chosen at random (from the OS, not a seedable generator): two choosers at once take different ports.
+    for port in random.SystemRandom().sample(range(FREE_PORT_FLOOR, ephemeral), min(64, ephemeral - FREE_PORT_FLOOR)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # a machine that leaves no room below its ephemeral range
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
