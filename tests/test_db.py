@@ -858,6 +858,23 @@ def test_a_step_of_the_wall_clock_leaves_drivers_and_daemons_alive(tmp_path):
     assert not any(alive())
 
 
+def test_a_run_started_again_after_a_lost_reply_keeps_its_first_start(tmp_path):
+    """A driver repeats the start of its run when the database's reply was lost in a failover (the start may have
+    committed): the run keeps the time it started embedding, and a run cancelled meanwhile is not started."""
+    from jobs.store import registry as runs
+
+    registry = runs.Registry(f"sqlite:///{tmp_path / 'registry.sqlite'}")
+    run_id = registry.create("{}", "test", "s", "t", "m", "local[1]")
+    assert registry.start(run_id, 10, 2)
+    first = registry.get(run_id)
+    time.sleep(0.01)
+    assert registry.start(run_id, 10, 2)
+    again = registry.get(run_id)
+    assert (again.state, again.started_at, again.rows_total, again.rows_skipped) == ("running", first.started_at, 10, 2)
+    registry.finish(run_id, "cancelled", error="cancelled by request")
+    assert not registry.start(run_id, 10, 2) and registry.get(run_id).state == "cancelled"
+
+
 def test_a_deleted_registry_file_is_started_again_not_split(tmp_path):
     """A registry file deleted under a running API once left it writing the old file while new processes
     wrote a new one: every process now follows the file at the path."""

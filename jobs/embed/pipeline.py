@@ -462,8 +462,9 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
     engine, tables, endpoint, dim, target, rows, ranges = _through_outages(spec, _prepare, spec,
                                                                            sc.defaultParallelism)
     if not rows:  # an emptied source leaves its target empty too
-        registry.start(run_id, 0, 0)
-        registry.finish(run_id, SUCCEEDED, rows_done=0, rows_removed=db.delete_orphans(engine, tables.id_col, target))
+        _through_outages(spec, registry.start, run_id, 0, 0)
+        removed = _through_outages(spec, db.delete_orphans, engine, tables.id_col, target)
+        _through_outages(spec, registry.finish, run_id, SUCCEEDED, rows_done=0, rows_removed=removed)
         return SUCCEEDED
     # A broadcast, not a file Spark's file server keeps offering: executors that join the run service later
     # would fetch every file ever added, and a destroyed broadcast is gone from every executor.
@@ -471,7 +472,7 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
     task = TaskPlan(spec.with_db_url(""), secrets, endpoint.url if endpoint else None, dim)
 
     try:
-        # The registry's idempotent writes and its reads wait out an outage too; start, which moves the run once, not.
+        # The registry's writes (each idempotent) and its reads wait out an outage too.
         _through_outages(spec, registry.set_phase, run_id, "planning")
         # Plain RDDs: the tasks read the database themselves, so Spark SQL and Arrow would only add
         # their start-up cost (seconds per run) and carry nothing.
@@ -495,8 +496,8 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
                              error="cancelled by request before embedding started")
             return CANCELLED
         since = db.utcnow()
-        if not registry.start(run_id, total, skipped):
-            return registry.get(run_id).state
+        if not _through_outages(spec, registry.start, run_id, total, skipped):
+            return _through_outages(spec, registry.get, run_id).state
         log.info("run %s: %d rows to embed in %d ranges, %d skipped", run_id, total, len(work), skipped)
         watcher.publish_from(since, target)
         t0, removed = time.monotonic(), 0

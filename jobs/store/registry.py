@@ -327,9 +327,11 @@ class Registry:
         self._update(run_id, only_active=False, timings=json.dumps({k: round(v, 3) for k, v in marks.items()}))
 
     def start(self, run_id: str, rows_total: int, rows_skipped: int) -> bool:
-        """Mark running with the planned totals; False if the run already ended (cancelled)."""
+        """Mark running with the planned totals; False if the run already ended (cancelled). Again after a lost reply
+        it changes nothing: the first start's time stays."""
         now = utcnow()
-        return self._update(run_id, state=RUNNING, started_at=now, heartbeat_at=now,
+        return self._update(run_id, state=RUNNING, started_at=sa.func.coalesce(runs_table.c.started_at, now),
+                            heartbeat_at=now,
                             rows_total=rows_total, rows_skipped=rows_skipped, phase="embedding")
 
     def set_phase(self, run_id: str, phase: str) -> None:
