@@ -597,6 +597,18 @@ def test_search_over_http_is_the_clis_search(server, fast_model):
     r = requests.post(f"{base}/search", json={**query, "target": "coded_emb"}, headers=auth(), timeout=60)
     assert r.status_code == 200, r.text
     assert [h["id"] for h in r.json()["hits"]] == [f"p-{h['id']}" for h in body["hits"]]
+    # A key with a CSV's line end, and one with a terminal's sequence: listed with their escapes, not as p-N.
+    with db.engine_for(url).begin() as conn:
+        conn.execute(sa.text("UPDATE coded_emb SET source_id = source_id || :tail WHERE source_id = :id"),
+                     [{"tail": "\r", "id": f"p-{body['hits'][0]['id']}"},
+                      {"tail": "\x1b[2J", "id": f"p-{body['hits'][1]['id']}"}])
+    shown = subprocess.run([sys.executable, "-m", "jobs", "search", "--db", url, "--target", "coded_emb", "-k", "5",
+                            query["query"]], capture_output=True, text=True, timeout=120)
+    lines = shown.stdout.splitlines()
+    assert shown.returncode == 0 and len(lines) == 5, shown.stdout + shown.stderr
+    assert f"['p-{body['hits'][0]['id']}\\r']" in lines[0]
+    assert f"['p-{body['hits'][1]['id']}\\x1b[2J']" in lines[1] and f"[p-{body['hits'][2]['id']}]" in lines[2]
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", shown.stdout)
 
     for bad, says in [({"target": "nope"}, "target table 'nope' does not exist"),
                       ({"k": 0}, "k must be between 1 and 1000"),

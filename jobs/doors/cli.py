@@ -14,6 +14,7 @@ import sys
 
 from jobs import lifecycle
 from jobs.core.errors import EmbedDeckError
+from jobs.core.plan import shown_id
 from jobs.core.processes import STOP_SIGNALS
 from jobs.core.progress import eta_seconds, format_duration
 from jobs.core.settings import Settings
@@ -207,8 +208,10 @@ def cmd_search(args) -> int:
         print(json.dumps([{"id": h.id, "score": round(h.score, 6), "text": h.text} for h in result.hits]))
     else:
         for rank, hit in enumerate(result.hits, 1):
-            # Texts and text keys come from the data: as they are, they could split rows or drive the terminal.
-            key = one_line(hit.id, 1000) if isinstance(hit.id, str) else hit.id
+            # Texts and keys come from the data: as they are, they could split rows or drive the terminal. A key
+            # is shown exactly, quoted with its escapes where it holds a character that does not print (a CSV's
+            # `T-1\r` had been shown as T-1, which no query finds).
+            key = hit.id if not isinstance(hit.id, str) or hit.id.isprintable() else shown_id(hit.id)
             print(f"{rank:>3}. {hit.score:.4f}  [{key}]  {one_line(hit.text or '', 100)}")
         print(f"model {result.model} · {timings_line(result)}", file=sys.stderr)
     return EXIT_OK
