@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 
+from jobs.core.processes import is_alive, process_identity
 from jobs.store.worker_readings import GpuReading, Reading, publish, store_dir
 
 PUBLISH_EVERY_S = 3.0
@@ -79,8 +80,10 @@ def sample(worker: str, pid: int) -> Reading:
 
 
 def run_publisher(worker: str, pid: int, directory: Path, every_s: float = PUBLISH_EVERY_S) -> None:
-    """Publish until the watched worker process exits."""
-    while psutil.pid_exists(pid):
+    """Publish until the watched worker process exits: once it is a zombie its starter has yet to reap, or its pid
+    another process's, it is gone (a pid that merely existed went on being published, as a worker of no process)."""
+    identity = process_identity(pid)
+    while is_alive(pid, identity):
         publish(sample(worker, pid), directory)
         time.sleep(max(0.0, every_s - 0.5))
 

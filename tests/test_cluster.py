@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -154,6 +155,20 @@ def test_scale_0_2_1_0_agrees_with_master_json_and_telemetry(cluster, tmp_path):
     os.killpg(cluster.worker_pids()["worker-0"], 9)
     wait_until(lambda: cluster.workers()[0].state == "DEAD", timeout=10)
     assert cluster.scale(1)[0].state == "ALIVE"
+
+
+def test_a_worker_s_telemetry_ends_with_the_worker_not_with_its_pid(tmp_path):
+    """The sidecar published while the worker's pid existed: a worker dead but not yet reaped by the process that
+    started it (a zombie) went on being published, as a worker of no process."""
+    worker = subprocess.Popen(["sleep", "60"])
+    publisher = threading.Thread(target=telemetry.run_publisher, args=("worker-0", worker.pid, tmp_path, 0.6),
+                                 daemon=True)
+    publisher.start()
+    wait_until(lambda: worker_readings.read_all(tmp_path), timeout=10, what="its first reading")
+    worker.kill()  # not reaped until wait(): a zombie meanwhile
+    publisher.join(timeout=10)
+    assert not publisher.is_alive()
+    worker.wait()
 
 
 def test_nvml_absence_is_reported_not_raised():
