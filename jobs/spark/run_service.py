@@ -161,8 +161,8 @@ def _start(master: str, timeout_s: float) -> dict:
     _paths()[1].unlink(missing_ok=True)
     # Runs launched meanwhile wait for the service (lifecycle): a run in a spark-submit of its own would ask
     # the master for the cores the service is about to take, and wait for them for ever.
-    write_json(_starting_path(), {"pid": os.getpid(), "pid_started": process_identity(os.getpid()),
-                                     "master": master})
+    starter = os.getpid()
+    write_json(_starting_path(), {"pid": starter, "pid_started": process_identity(starter), "master": master})
     try:
         deadline = time.monotonic() + timeout_s
         _wait_for_master(master, deadline)
