@@ -191,7 +191,7 @@ def test_a_driver_plans_through_a_database_restart_and_not_beyond_the_outage_win
         conn.execute(sa.text("INSERT INTO restart_plan VALUES (:id, 'a lamp')"), [{"id": i} for i in range(1, 11)])
     spec = RunSpec(db_url=pg_url, source="restart_plan", id_column="item_id", text_column="descr",
                    target="restart_plan_emb")
-    prepare = functools.partial(pipeline._through_outages, spec, pipeline._prepare, spec, 2)
+    prepare = functools.partial(pipeline._through_outages, (engine,), pipeline._prepare, spec, 2)
 
     def away_for(seconds: float):
         postgres.stop(pg_url)
@@ -212,6 +212,23 @@ def test_a_driver_plans_through_a_database_restart_and_not_beyond_the_outage_win
             prepare()
     finally:
         timer.join()
+
+
+def test_a_driver_waits_out_its_registry_s_server_as_it_does_its_data_s(pg_url, sqlite_url):
+    """The wait asked only the run's database whether it answered: a registry on another server (a shared
+    PostgreSQL) that restarted, with the run's data answering all along, failed the run at its next registry
+    write."""
+    registry = Registry(pg_url)
+    run_id = registry.create("{}", "test", "items", f"items_{uuid.uuid4().hex[:6]}", "m", "local[1]")
+    ride = functools.partial(pipeline._through_outages, (db.engine_for(sqlite_url), registry.engine))
+    postgres.stop(pg_url)
+    timer = threading.Timer(2.0, postgres.start, [pg_url])
+    timer.start()
+    try:
+        ride(registry.set_phase, run_id, "planning")
+    finally:
+        timer.join()
+    assert registry.get(run_id).phase == "planning"
 
 
 def test_a_repeated_text_id_is_named_with_what_hides_in_it(spark, sqlite_url):

@@ -203,7 +203,8 @@ def scan_partitions(task: TaskPlan):
     @_errors_as_results(task)
     def run(ranges: Iterator[tuple]) -> Iterator[dict]:
         spec, api_key = task.open()
-        tables = _through_outages(spec, _tables, spec)
+        ride = functools.partial(_through_outages, (db.engine_for(spec.db_url),))
+        tables = ride(_tables, spec)
         # Python workers are reused by the embedding job: loading the model here overlaps the
         # import and load (seconds) with planning instead of stalling the first chunk.
         marks = {"worker_started": started_at()}  # forked from the executor's daemon
@@ -223,7 +224,7 @@ def scan_partitions(task: TaskPlan):
             return counts
 
         for index, after, hi in ranges:
-            counts = _through_outages(spec, scan, after, hi)
+            counts = ride(scan, after, hi)
             yield {"index": index, "after": after, "hi": hi, **counts, "marks": marks}
 
     return run
@@ -235,8 +236,9 @@ def embed_partitions(task: TaskPlan):
     @_errors_as_results(task)
     def run(ranges: Iterator[tuple]) -> Iterator[dict]:
         spec, api_key = task.open()
-        tables = _through_outages(spec, _tables, spec)
         engine = db.engine_for(spec.db_url)
+        ride = functools.partial(_through_outages, (engine,))
+        tables = ride(_tables, spec)
         hold = Settings().raw(HOLD_FILE_VAR)
         encoder = _worker_encoder(spec.model, task.endpoint_url, api_key, spec.endpoint)
 
@@ -273,30 +275,31 @@ def embed_partitions(task: TaskPlan):
 
         for index, after, hi in ranges:
             t0, done = time.perf_counter(), {"embedded": 0, "removed": 0, "first_commit": None, "encoding_s": 0.0}
-            _through_outages(spec, embed, after, hi, done)
+            ride(embed, after, hi, done)
             yield {"index": index, **done, "seconds": time.perf_counter() - t0}
 
     return run
 
 
-def _through_outages(spec: RunSpec, attempt: Callable[..., T], *args, **kwargs) -> T:
-    """attempt(*args, **kwargs), again while the run's database (or the registry) fails over or restarts, for up to
-    EMBEDDECK_DB_OUTAGE_S from its first failure. A task's attempt is one key range, which a repeat does again
-    (upserts; the rows it committed are skipped); the driver's are its planning, done again whole, and statements."""
+def _through_outages(databases: tuple[Engine, ...], attempt: Callable[..., T], *args, **kwargs) -> T:
+    """attempt(*args, **kwargs), again while a database it uses (the run's; the driver's registry too, which may be
+    on another server) fails over or restarts, for up to EMBEDDECK_DB_OUTAGE_S from its first failure. A task's
+    attempt is one key range, which a repeat does again (upserts; the rows it committed are skipped); the driver's
+    are its planning, done again whole, and statements."""
     deadline = None
     while True:
         try:
             return attempt(*args, **kwargs)
         except (DBAPIError, Unavailable) as exc:
-            # Unavailable: a connection that failed, its cause not kept; it is waited for while the run's database
-            # does not answer (on ACA the registry is that database).
-            engine = db.engine_for(spec.db_url)
             deadline = deadline or time.monotonic() + Settings().number("EMBEDDECK_DB_OUTAGE_S")
-            away = db.transient(exc, engine) if isinstance(exc, DBAPIError) else not db.answers(engine)
+            # Unavailable: a connection that failed, its cause not kept; waited for while a database does not answer.
+            away = (db.transient(exc, *databases) if isinstance(exc, DBAPIError)
+                    else not all(db.answers(engine) for engine in databases))
             if time.monotonic() >= deadline or not away:
                 raise
             log.warning("a database is unavailable (%s); trying again", type(getattr(exc, "orig", exc)).__name__)
-            engine.dispose()  # its pooled connections are to the server that went away
+            for engine in databases:
+                engine.dispose()  # its pooled connections are to the server that went away
             time.sleep(min(OUTAGE_POLL_S, max(0.0, deadline - time.monotonic())))
 
 
@@ -459,12 +462,13 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
     # Spark's UI names our jobs by these, instead of by the thread that submitted them.
     title = f"{spec.source} \u2192 {spec.target} ({run_id})"
     sc.setJobGroup(run_id, f"embed {title}", interruptOnCancel=True)
-    engine, tables, endpoint, dim, target, rows, ranges = _through_outages(spec, _prepare, spec,
-                                                                           sc.defaultParallelism)
+    # The registry's writes (each idempotent) and its reads wait out an outage too.
+    ride = functools.partial(_through_outages, (db.engine_for(spec.db_url), registry.engine))
+    engine, tables, endpoint, dim, target, rows, ranges = ride(_prepare, spec, sc.defaultParallelism)
     if not rows:  # an emptied source leaves its target empty too
-        _through_outages(spec, registry.start, run_id, 0, 0)
-        removed = _through_outages(spec, db.delete_orphans, engine, tables.id_col, target)
-        _through_outages(spec, registry.finish, run_id, SUCCEEDED, rows_done=0, rows_removed=removed)
+        ride(registry.start, run_id, 0, 0)
+        removed = ride(db.delete_orphans, engine, tables.id_col, target)
+        ride(registry.finish, run_id, SUCCEEDED, rows_done=0, rows_removed=removed)
         return SUCCEEDED
     # A broadcast, not a file Spark's file server keeps offering: executors that join the run service later
     # would fetch every file ever added, and a destroyed broadcast is gone from every executor.
@@ -472,8 +476,7 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
     task = TaskPlan(spec.with_db_url(""), secrets, endpoint.url if endpoint else None, dim)
 
     try:
-        # The registry's writes (each idempotent) and its reads wait out an outage too.
-        _through_outages(spec, registry.set_phase, run_id, "planning")
+        ride(registry.set_phase, run_id, "planning")
         # Plain RDDs: the tasks read the database themselves, so Spark SQL and Arrow would only add
         # their start-up cost (seconds per run) and carry nothing.
         sc.setJobDescription(f"plan {title}")
@@ -482,7 +485,7 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
         except Exception:
             if not watcher.cancelled:
                 raise
-            _through_outages(spec, registry.finish, run_id, CANCELLED,
+            ride(registry.finish, run_id, CANCELLED,
                              error="cancelled by request before embedding started")
             return CANCELLED
         _raise_task_error(scanned)
@@ -490,20 +493,20 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
         total = sum(r["needed"] for r in scanned)
         skipped = sum(r["empty"] + r["current"] for r in scanned)
         work = [(r["index"], r["after"], r["hi"]) for r in scanned if r["needed"] or r["emptied"]]
-        _through_outages(spec, _record_marks, registry, run_id, marks, scanned, [])
-        if _through_outages(spec, registry.get, run_id).cancel_requested:
-            _through_outages(spec, registry.finish, run_id, CANCELLED,
+        ride(_record_marks, registry, run_id, marks, scanned, [])
+        if ride(registry.get, run_id).cancel_requested:
+            ride(registry.finish, run_id, CANCELLED,
                              error="cancelled by request before embedding started")
             return CANCELLED
         since = db.utcnow()
-        if not _through_outages(spec, registry.start, run_id, total, skipped):
-            return _through_outages(spec, registry.get, run_id).state
+        if not ride(registry.start, run_id, total, skipped):
+            return ride(registry.get, run_id).state
         log.info("run %s: %d rows to embed in %d ranges, %d skipped", run_id, total, len(work), skipped)
         watcher.publish_from(since, target)
         t0, removed = time.monotonic(), 0
         try:
             if work:
-                _through_outages(spec, registry.set_phase, run_id, "embedding")
+                ride(registry.set_phase, run_id, "embedding")
                 sc.setJobDescription(f"embed {title}")
                 embedded = sc.parallelize(work, len(work)).mapPartitions(embed_partitions(task)).collect()
                 _raise_task_error(embedded)
@@ -514,23 +517,23 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
                          "over %.1f s on %d cores", run_id, len(embedded), busy,
                          100 * sum(r["encoding_s"] for r in embedded) / max(busy, 1e-9),
                          max(r["seconds"] for r in embedded), time.monotonic() - t0, sc.defaultParallelism)
-                _through_outages(spec, _record_marks, registry, run_id, marks, scanned, embedded)
+                ride(_record_marks, registry, run_id, marks, scanned, embedded)
         except Exception as exc:
             watcher.stop_event.set()
             done = watcher.rows_done_at_failure()
             state, error = ((CANCELLED, "cancelled by request") if watcher.cancelled
                             else (FAILED, spark_error_message(exc)))
-            _through_outages(spec, registry.finish, run_id, state, error=error, rows_done=done)
+            ride(registry.finish, run_id, state, error=error, rows_done=done)
             return state
-        done = _through_outages(spec, watcher.sample)
+        done = ride(watcher.sample)
         elapsed = time.monotonic() - t0
         # Heartbeats only from here: removing the vectors of rows gone from a large source can take minutes, and a
         # reader on another host fails a run whose heartbeat is a minute old.
         watcher.publish_from(None)
         if not spec.limit_rows:  # a run over the whole table: the target keeps no vector of a row gone from it
-            removed += _through_outages(spec, db.delete_orphans, engine, tables.id_col, target)
+            removed += ride(db.delete_orphans, engine, tables.id_col, target)
         watcher.stop_event.set()
-        _through_outages(spec, registry.finish, run_id, SUCCEEDED, rows_done=done,
+        ride(registry.finish, run_id, SUCCEEDED, rows_done=done,
                                                  rows_per_s=done / elapsed if elapsed > 0 else 0.0,
                                                  rows_removed=removed)
         return SUCCEEDED

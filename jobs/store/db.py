@@ -214,16 +214,17 @@ _SQLSERVER_TRANSIENT = frozenset({20, 64, 233, 1205, 1222, 10053, 10054, 10060, 
 _TRANSIENT_STATES = ("08", "HYT00", "40001", "40P01", "53300", "57P01", "57P02", "57P03")
 
 
-def transient(exc: sa.exc.DBAPIError, engine: Engine) -> bool:
+def transient(exc: sa.exc.DBAPIError, *engines: Engine) -> bool:
     """Whether a statement failed because its database was away or busy for a while (the same statement succeeds
-    later), not because the database refused it: a dropped connection, a failover's error, or no answer now."""
+    later), not because the database refused it: a dropped connection, a failover's error, or no answer now from
+    one of the engines (those the failed step uses)."""
     if exc.connection_invalidated:
         return True
     if _sqlstate(exc.orig).startswith(_TRANSIENT_STATES):
         return True
     if any(int(n) in _SQLSERVER_TRANSIENT for n in re.findall(r"\((\d+)\) \(SQL\w+\)", str(exc.orig))):
         return True
-    return not answers(engine)
+    return not all(answers(engine) for engine in engines)
 
 
 def _sqlstate(error: BaseException | None) -> str:
