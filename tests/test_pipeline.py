@@ -231,6 +231,30 @@ def test_a_driver_waits_out_its_registry_s_server_as_it_does_its_data_s(pg_url, 
     assert registry.get(run_id).phase == "planning"
 
 
+def test_a_run_failed_by_a_long_outage_is_recorded_once_its_registry_answers(spark, pg_url, monkeypatch):
+    """A database away for longer than the window fails the run, and on ACA the registry is that database: the
+    driver's record of the failure failed with it, and the run stayed "running". The end now waits out the
+    registry too."""
+    load_source(pg_url, "long_outage", n=10)
+    spec = RunSpec(db_url=pg_url, source="long_outage", id_column="item_id", text_column="descr",
+                   target="long_outage_emb")
+    registry = Registry(pg_url)
+    run_id = registry.create(spec.with_db_url(db.redact_url(pg_url)).to_json(), "test", spec.source, spec.target,
+                             spec.model, "local[2]")
+    # Away for 4 s against a window of 3: planning gives up at 3 s, the record of it waits until 6 s.
+    monkeypatch.setenv("EMBEDDECK_DB_OUTAGE_S", "3")
+    postgres.stop(pg_url)
+    timer = threading.Timer(4.0, postgres.start, [pg_url])
+    timer.start()
+    try:
+        with pytest.raises(Unavailable, match="cannot connect to"):
+            pipeline.execute(spark.sparkContext, spec, registry, run_id)
+    finally:
+        timer.join()
+    ended = registry.get(run_id)
+    assert ended.state == "failed" and "cannot connect to" in ended.error and "***" in ended.error
+
+
 def test_a_repeated_text_id_is_named_with_what_hides_in_it(spark, sqlite_url):
     """Keys imported from a CSV with their lines' carriage returns: the error named `id T-1`, and no row has that id."""
     engine = db.engine_for(sqlite_url)

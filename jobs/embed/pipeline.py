@@ -413,7 +413,7 @@ def key_ranges(engine: Engine, tables: db.Tables, rows: int, parts: int) -> list
 
 def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str, float] | None = None,
             executors: Callable[[], int | None] | None = None) -> str:
-    """Run the whole job on an existing SparkContext; returns the final state.
+    """Run the whole job on an existing SparkContext; returns the final state, or raises what failed it (recorded).
 
     marks: epoch times the caller already knows (driver_started, app_ready), completed here; executors: how many
     executors the application holds now (None where the driver runs the tasks), recorded for the doors.
@@ -424,6 +424,12 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
     watcher.start()
     try:
         return _execute(sc, spec, registry, run_id, dict(marks or {}), watcher)
+    except Exception as exc:
+        # Recorded here, where the end waits out the registry too: a database away for longer than the window
+        # fails the run, and on ACA the registry is that database (the caller's end of it had failed with it).
+        _through_outages((db.engine_for(spec.db_url), registry.engine), registry.finish, run_id, FAILED,
+                         error=spark_error_message(exc))
+        raise
     finally:
         watcher.stop_event.set()
 
