@@ -382,8 +382,8 @@ def test_a_chunk_reads_long_texts_cut_in_the_database_to_what_the_model_can_see(
         assert [r.id for r in rows] == ids
         for r in rows:
             assert normalize_text(r.text) == normalize_text(whole[r.id]), r.id
-            if isinstance(r.text, str):
-                assert len(r.text) <= MAX_TEXT_CHARS
+            if isinstance(r.text, str):  # one holding a NUL is cut by its bytes (at most 4 a character)
+                assert len(r.text) <= (4 if "\x00" in r.text else 1) * MAX_TEXT_CHARS
             elif r.text is not None and not isinstance(r.text, int):
                 assert len(bytes(r.text)) <= 4 * MAX_TEXT_CHARS
 

@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import sqlite3
 import threading
 import uuid
 
@@ -121,6 +122,26 @@ def test_non_utf8_bytes_are_embedded_with_replacement(spark, sqlite_url, referen
     row = next(r for r in stored(sqlite_url) if r.source_id == 777)
     assert row.descr == "cafe \ufffdlaite"
     assert_matches_reference([row], reference_model)
+
+
+def test_a_utf16_sqlite_database_is_embedded_as_its_texts(spark, tmp_path, reference_model):
+    """A SQLite database made UTF-16 (as Windows tools may make it): a text holding a zero byte is read as its bytes,
+    which there every text holds, and those bytes were decoded as UTF-8: "hello" was embedded as "h e l l o"."""
+    path = tmp_path / "utf16.sqlite"
+    with sqlite3.connect(path) as conn:  # the encoding holds from the first table on
+        conn.execute("PRAGMA encoding = 'UTF-16le'")
+        conn.execute("CREATE TABLE made_first (x INTEGER)")
+    conn.close()
+    url = f"sqlite:///{path}"
+    load_source(url, n=20)
+    with db.engine_for(url).begin() as conn:
+        assert conn.exec_driver_sql("PRAGMA encoding").scalar() == "UTF-16le"
+        conn.execute(sa.text("INSERT INTO items VALUES (778, :text)"), {"text": "a chair\x00 with arms"})
+    result = run(spark, url)
+    assert result.state == "succeeded", result.error
+    rows = stored(url)
+    assert len(rows) == 20 + 4  # SPECIAL's NULL, empty and blank have none
+    assert_matches_reference(rows, reference_model)
 
 
 def test_postgres_end_to_end(spark, pg_url, reference_model):
