@@ -144,6 +144,28 @@ def test_a_utf16_sqlite_database_is_embedded_as_its_texts(spark, tmp_path, refer
     assert_matches_reference(rows, reference_model)
 
 
+def test_a_postgres_database_in_sql_ascii_is_embedded_as_its_utf8_texts(spark, pg_url, reference_model):
+    """A legacy PostgreSQL database in SQL_ASCII (bytes of no declared encoding, UTF-8 as applications write them):
+    psycopg handed its texts over as bytes, and the first query failed ("cannot connect …: cannot use a string
+    pattern on a bytes-like object"). Texts are now asked for in UTF-8; one that is not UTF-8 is named by the server."""
+    name = f"legacy_{uuid.uuid4().hex[:8]}"
+    with db.engine_for(pg_url).connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text(
+            f"CREATE DATABASE {name} ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"))
+    url = sa.engine.make_url(pg_url).set(database=name).render_as_string(hide_password=False)
+    load_source(url, n=20)
+    result = run(spark, url)
+    assert result.state == "succeeded", result.error
+    rows = stored(url)
+    assert len(rows) == 20 + 3 and any(not r.descr.isascii() for r in rows)
+    assert_matches_reference(rows, reference_model)
+    with db.engine_for(url).begin() as conn:
+        conn.execute(sa.text("INSERT INTO items VALUES (779, convert_from('\\x636166e9'::bytea, 'SQL_ASCII'))"))
+    with pytest.raises(Exception, match="invalid byte sequence"):
+        run(spark, url)
+    assert 'invalid byte sequence for encoding "UTF8": 0xe9' in Registry().list(limit=1)[0].error
+
+
 def test_postgres_end_to_end(spark, pg_url, reference_model):
     load_source(pg_url, name="pg items", n=120)
     result = run(spark, pg_url, source="pg items", target="pg items emb")

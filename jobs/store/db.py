@@ -146,6 +146,11 @@ def engine_for(url: str) -> Engine:
         kwargs["fast_executemany"] = "ODBC Driver" in driver
     elif backend == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": 10}
+        # Texts in UTF-8 whatever the database's encoding (the server converts them; one in SQL_ASCII holds bytes
+        # of no declared encoding, which psycopg then handed over undecoded, and SQLAlchemy's first query failed on
+        # them: "cannot connect …: cannot use a string pattern on a bytes-like object").
+        if "client_encoding" not in parsed.query:
+            kwargs["connect_args"]["client_encoding"] = "utf8"
     try:
         engine = sa.create_engine(parsed, **kwargs)
     except (ImportError, sa.exc.NoSuchModuleError) as exc:
