@@ -298,6 +298,25 @@ def test_a_run_failed_by_a_long_outage_is_recorded_once_its_registry_answers(spa
     assert ended.state == "failed" and "cannot connect to" in ended.error and "***" in ended.error
 
 
+def test_the_run_service_records_a_run_it_lost_to_its_registry_once_that_answers(spark, pg_url):
+    """The run service outlives its runs, and readers on its host go by whether a run's driver (the service) lives:
+    a run whose end was lost with the registry read "running" for as long as the service ran. The service now
+    offers the end again until the registry takes it."""
+    from jobs.spark import run_service
+
+    registry = Registry(pg_url)
+    run_id = registry.create("{}", "test", "items", f"items_{uuid.uuid4().hex[:6]}", "m", "local[2]")
+    postgres.stop(pg_url)
+    timer = threading.Timer(3.0, postgres.start, [pg_url])
+    timer.start()
+    try:
+        run_service._serve_run(spark.sparkContext, registry, run_id, pg_url)  # the run as it is handed over
+    finally:
+        timer.join()
+    ended = registry.get(run_id)
+    assert ended.state == "failed" and "the run registry (EMBEDDECK_REGISTRY_URL): cannot connect to" in ended.error
+
+
 def test_a_repeated_text_id_is_named_with_what_hides_in_it(spark, sqlite_url):
     """Keys imported from a CSV with their lines' carriage returns: the error named `id T-1`, and no row has that id."""
     engine = db.engine_for(sqlite_url)

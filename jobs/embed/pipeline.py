@@ -427,9 +427,12 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
     except Exception as exc:
         # Recorded here, where the end waits out the registry too: a database away for longer than the window
         # fails the run, and on ACA the registry is that database (the caller's end of it had failed with it).
-        _through_outages((db.engine_for(spec.db_url), registry.engine), registry.finish, run_id, FAILED,
-                         error=spark_error_message(exc))
-        raise
+        try:
+            _through_outages((db.engine_for(spec.db_url), registry.engine), registry.finish, run_id, FAILED,
+                             error=spark_error_message(exc))
+        except (DBAPIError, Unavailable) as lost:
+            log.warning("run %s failed, and its end was not recorded: %s", run_id, lost)
+        raise  # what failed the run, for the caller to record where the registry did not take it
     finally:
         watcher.stop_event.set()
 

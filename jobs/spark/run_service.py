@@ -20,6 +20,8 @@ import threading
 import time
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError
+
 from jobs.core.errors import Unavailable
 from jobs.core.processes import (
     exclusive,
@@ -214,12 +216,27 @@ def serves(run) -> bool:
     return current is not None and run.driver_pid == current["pid"]
 
 
+# How often a run's end that the registry did not take is offered again.
+END_RETRY_S = 1.0
+
+
 def _serve_run(sc, registry, run_id: str, db_url: str) -> None:
     try:
         spec = RunSpec.from_json(registry.get(run_id).spec_json).with_db_url(db_url)
         execute(sc, spec, registry, run_id, executors=functools.partial(master_watch.executor_count, sc))
     except Exception as exc:
-        registry.finish(run_id, FAILED, error=spark_error_message(exc))
+        error, told = spark_error_message(exc), False
+        # Until the registry takes it: readers here go by whether a run's driver lives, and this service outlives
+        # its runs, so a failed run whose end was lost with the registry read "running" for as long as it served.
+        while True:
+            try:
+                registry.finish(run_id, FAILED, error=error)
+                return
+            except (Unavailable, DBAPIError) as lost:
+                if not told:
+                    log.warning("run %s failed, and its end waits for the registry: %s", run_id, lost)
+                    told = True
+                time.sleep(END_RETRY_S)
 
 
 def _warm_executors(sc, state: dict, state_path: Path, settle_s: float = 2.0, every_s: float = 0.5) -> None:
