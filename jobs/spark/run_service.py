@@ -42,6 +42,7 @@ from jobs.spark.jvm import clear_scratch, scratch_dir, spark_env
 from jobs.spark.python_path import use_installed_pyspark
 from jobs.spark.submit import app_conf, check_master, command, same_master
 from jobs.spark.submit import start as start_app
+from jobs.store import db
 from jobs.store.registry import FAILED, Registry
 
 log = logging.getLogger("embeddeck.run_service")
@@ -233,6 +234,9 @@ def _serve_run(sc, registry, run_id: str, db_url: str) -> None:
                 registry.finish(run_id, FAILED, error=error)
                 return
             except (Unavailable, DBAPIError) as lost:
+                if isinstance(lost, DBAPIError) and not db.transient(lost, registry.engine):
+                    log.error("run %s failed, and the registry refused its end: %s", run_id, lost)
+                    return
                 if not told:
                     log.warning("run %s failed, and its end waits for the registry: %s", run_id, lost)
                     told = True
