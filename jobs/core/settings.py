@@ -70,8 +70,10 @@ VARIABLES: dict[str, Var] = {v.name: v for v in (
     Var("EMBEDDECK_EXECUTOR_MEMORY", "1g", "`spark.executor.memory` of every run", size=True),
     Var("EMBEDDECK_MASTER_PORT", "7077", "local master's RPC port (a port another program holds is refused by "
         "name at `up`: Spark would take the next one and say so only in its log)", **PORT),
-    Var("EMBEDDECK_MASTER_WEBUI_PORT", "8080", "local master's web UI port (workers use the ports after it); "
-        "drivers read their master's JSON at this port of its host, to tell a master that restarted", **PORT),
+    Var("EMBEDDECK_MASTER_WEBUI_PORT", "8080", "local master's web UI port (workers use the ports after it for "
+        "theirs; their RPC ports, and runs' Spark UIs, take a port free at random from 20000 up to the kernel's "
+        "ephemeral range, where no connection's or `bind(0)`'s port can take it before the JVM binds it); drivers "
+        "read their master's JSON at this port of its host, to tell a master that restarted", **PORT),
     Var("EMBEDDECK_WORKER_CORES", "1", "cores of each local worker", least=1),
     Var("EMBEDDECK_WORKER_MEMORY", "2g", "memory of each local worker", size=True),
     Var("EMBEDDECK_API_PORT", "8888", "port of the controller image's trigger API (`APP_MODE=trigger`)", **PORT),
