@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from jobs.core.processes import FREE_PORT_FLOOR, free_port, port_taken
+from jobs.core.processes import FREE_PORT_FLOOR, free_port, port_taken, ports_below
 from jobs.core.settings import REPO
 from jobs.store import db
 from jobs.store.demo import seed_demo
@@ -449,6 +449,9 @@ def test_a_free_port_is_one_no_connection_or_bind_to_port_0_can_take_meanwhile()
     assert len(set(ports)) > 10, ports  # not one sequence that two test workers would both follow
     with socket.create_server(("127.0.0.1", ports[0])):
         assert port_taken(ports[0]) and ports[0] not in [free_port() for _ in range(200)]
+    # A kernel whose ephemeral range starts low (`1024 65535`, as some tune it) leaves no room: free_port binds port 0.
+    assert ports_below(1024) == []
+    assert sorted(ports_below(FREE_PORT_FLOOR + 3)) == [FREE_PORT_FLOOR, FREE_PORT_FLOOR + 1, FREE_PORT_FLOOR + 2]
 
 
 @pytest.mark.parametrize("command", [("jobs", "list", "--json"), ("cluster", "status", "--json")])

@@ -55,8 +55,7 @@ def free_port() -> int:
             ephemeral = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):  # not Linux
         ephemeral = FREE_PORT_FLOOR
-    # Chosen at random (from the OS, not a seedable generator): two choosers at once take different ports.
-    for port in random.SystemRandom().sample(range(FREE_PORT_FLOOR, ephemeral), min(64, ephemeral - FREE_PORT_FLOOR)):
+    for port in ports_below(ephemeral):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -66,6 +65,13 @@ def free_port() -> int:
     with socket.socket() as s:  # a machine that leaves no room below its ephemeral range
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ports_below(ephemeral: int, n: int = 64) -> list[int]:
+    """Up to n ports at random from FREE_PORT_FLOOR up to the ephemeral range's first, none where that is lower (a
+    range tuned to start at 1024). From the OS, not a seedable generator: two choosers at once take different ports."""
+    span = range(FREE_PORT_FLOOR, max(FREE_PORT_FLOOR, ephemeral))
+    return random.SystemRandom().sample(span, min(n, len(span)))
 
 
 def port_taken(port: int, host: str = "127.0.0.1") -> bool:
