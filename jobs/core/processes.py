@@ -56,11 +56,7 @@ def free_port() -> int:
     except (OSError, ValueError, IndexError):  # not Linux
         ephemeral = FREE_PORT_FLOOR
     for port in ports_below(ephemeral):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
+        if not port_taken(port):
             return port
     with socket.socket() as s:  # a machine that leaves no room below its ephemeral range
         s.bind(("127.0.0.1", 0))

@@ -420,16 +420,17 @@ def execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str,
     """
     # Watched from the start: reading a large source's counts and ids takes a while before planning, and a reader on
     # another host fails a run whose heartbeat is a minute old.
+    # The driver's database steps, the registry's reads and writes among them (each idempotent), wait out an outage.
+    ride = functools.partial(_through_outages, (db.engine_for(spec.db_url), registry.engine))
     watcher = _ProgressWatcher(sc, registry, run_id, spec, executors)
     watcher.start()
     try:
-        return _execute(sc, spec, registry, run_id, dict(marks or {}), watcher)
+        return _execute(sc, spec, registry, run_id, dict(marks or {}), watcher, ride)
     except Exception as exc:
         # Recorded here, where the end waits out the registry too: a database away for longer than the window
         # fails the run, and on ACA the registry is that database (the caller's end of it had failed with it).
         try:
-            _through_outages((db.engine_for(spec.db_url), registry.engine), registry.finish, run_id, FAILED,
-                             error=spark_error_message(exc))
+            ride(registry.finish, run_id, FAILED, error=spark_error_message(exc))
         except (DBAPIError, Unavailable) as lost:
             log.warning("run %s failed, and its end was not recorded: %s", run_id, lost)
         raise  # what failed the run, for the caller to record where the registry did not take it
@@ -467,12 +468,10 @@ def _prepare(spec: RunSpec, cores: int) -> tuple:
 
 
 def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str, float],
-             watcher: _ProgressWatcher) -> str:
+             watcher: _ProgressWatcher, ride: Callable) -> str:
     # Spark's UI names our jobs by these, instead of by the thread that submitted them.
     title = f"{spec.source} \u2192 {spec.target} ({run_id})"
     sc.setJobGroup(run_id, f"embed {title}", interruptOnCancel=True)
-    # The registry's writes (each idempotent) and its reads wait out an outage too.
-    ride = functools.partial(_through_outages, (db.engine_for(spec.db_url), registry.engine))
     engine, tables, endpoint, dim, target, rows, ranges = ride(_prepare, spec, sc.defaultParallelism)
     if not rows:  # an emptied source leaves its target empty too
         ride(registry.start, run_id, 0, 0)
@@ -494,8 +493,7 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
         except Exception:
             if not watcher.cancelled:
                 raise
-            ride(registry.finish, run_id, CANCELLED,
-                             error="cancelled by request before embedding started")
+            ride(registry.finish, run_id, CANCELLED, error="cancelled by request before embedding started")
             return CANCELLED
         _raise_task_error(scanned)
         marks["planned"] = time.time()
@@ -504,8 +502,7 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
         work = [(r["index"], r["after"], r["hi"]) for r in scanned if r["needed"] or r["emptied"]]
         ride(_record_marks, registry, run_id, marks, scanned, [])
         if ride(registry.get, run_id).cancel_requested:
-            ride(registry.finish, run_id, CANCELLED,
-                             error="cancelled by request before embedding started")
+            ride(registry.finish, run_id, CANCELLED, error="cancelled by request before embedding started")
             return CANCELLED
         since = db.utcnow()
         if not ride(registry.start, run_id, total, skipped):
@@ -542,9 +539,8 @@ def _execute(sc, spec: RunSpec, registry: Registry, run_id: str, marks: dict[str
         if not spec.limit_rows:  # a run over the whole table: the target keeps no vector of a row gone from it
             removed += ride(db.delete_orphans, engine, tables.id_col, target)
         watcher.stop_event.set()
-        ride(registry.finish, run_id, SUCCEEDED, rows_done=done,
-                                                 rows_per_s=done / elapsed if elapsed > 0 else 0.0,
-                                                 rows_removed=removed)
+        ride(registry.finish, run_id, SUCCEEDED, rows_done=done, rows_per_s=done / elapsed if elapsed > 0 else 0.0,
+             rows_removed=removed)
         return SUCCEEDED
     finally:
         watcher.stop_event.set()
