@@ -348,9 +348,10 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def test_a_task_commits_its_shortest_rows_first_then_whole_batches_of_at_least_the_commit_rows(fast_model,
                                                                                                fast_reference):
-    """What a Spark task commits (jobs/embed/pipeline.py): its 32 shortest rows alone, then one pass of batches
-    over the rest of the chunk, gathered into commits of at least 256 rows; every row once, same vectors. (The tiny
-    model: what is committed when does not depend on the model, and the real one took 13-38 s here.)"""
+    """What a Spark task commits (jobs/embed/pipeline.py): its FIRST_COMMIT_ROWS shortest rows alone, then one pass
+    of batches over the rest of the chunk, gathered into commits of at least 256 rows; every row once, same
+    vectors. (The tiny model: what is committed when does not depend on the model, and the real one took 13-38 s
+    here.)"""
     from jobs.core import plan
     from jobs.embed.pipeline import commit_groups
     from jobs.store.demo import products

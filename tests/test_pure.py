@@ -186,9 +186,9 @@ def test_start_breakdown_cold_and_warm():
 
 @pytest.mark.parametrize("n,batch_size,first_commit,want", [
     (0, 128, True, []),
-    (10, 128, True, [(0, 10, 10)]),
-    (600, 128, True, [(0, 32, 32), (32, 600, 256)]),
-    (600, 8, True, [(0, 8, 8), (8, 600, 256)]),  # a first commit is never more than one batch
+    (6, 128, True, [(0, 6, 6)]),
+    (600, 128, True, [(0, 8, 8), (8, 600, 256)]),
+    (600, 4, True, [(0, 4, 4), (4, 600, 256)]),  # a first commit is never more than one batch
     (600, 128, False, [(0, 600, 256)]),
 ])
 def test_a_tasks_first_commit_is_its_shortest_rows_alone_then_one_pass_over_the_rest(n, batch_size, first_commit,

@@ -84,7 +84,9 @@ def default_partitions(cores: int, rows: int) -> int:
 
 
 COMMIT_ROWS = 256  # rows per transaction: each worker's progress shows every few seconds
-FIRST_COMMIT_ROWS = 32  # a task's first commit: this many of its shortest rows, encoded in a fraction of a second
+# A task's first commit: this many of its shortest rows alone, so that vectors land within a second of its start.
+# On one fp32 core of an AVX2-only EPYC the 32 shortest of 200 demo rows took 0.45-0.5 s to encode, 8 of them 0.1 s.
+FIRST_COMMIT_ROWS = 8
 
 
 def encode_spans(n: int, batch_size: int, first_commit: bool) -> list[tuple[slice, int]]:
