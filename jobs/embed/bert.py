@@ -136,8 +136,7 @@ class _Bert:
         if self.packed is None:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
         # At a few dozen tokens and head size 32, torch's CPU flash kernel took twice the time of two batched
-        # bf16 products around a softmax over fp32 scores (2.6 ms against 1.3 ms a layer at 32 x 44 tokens); on
-        # fp32 (AVX2 EPYC, 64 x 48 tokens) 1.08x the time at two threads, 0.74x at one: the encoder 1.01x there.
+        # bf16 products around a softmax over fp32 scores (2.6 ms against 1.3 ms a layer at 32 x 44 tokens).
         scores = torch.matmul(q, k.transpose(-1, -2)).float()
         if mask is not None:
             scores += mask
