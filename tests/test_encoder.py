@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from jobs.core.spec import DEFAULT_BATCH_SIZE
 from jobs.embed import bert
@@ -34,30 +33,11 @@ def test_default_model_runs_on_the_plain_torch_encoder(encoder):
 
 @pytest.mark.parametrize("batch_size", [1, 7, 64, DEFAULT_BATCH_SIZE])
 def test_vectors_match_sentence_transformers_in_input_order(encoder, reference_model, batch_size):
-    """fp32 products on weights packed once for oneDNN (wherever torch has it), as every CPU without bf16 units
-    runs them."""
-    assert encoder.model.model.packed == (torch.float32 if torch.backends.mkldnn.is_available() else None)
     got = encoder.encode(TRICKY, batch_size=batch_size)
     want = reference_vectors(reference_model, TRICKY)
     assert got.shape == (len(TRICKY), 384) and got.dtype == np.float32
     assert (got * want).sum(1).min() >= 0.99999
     assert np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def unpacked_model():
-    return bert.BertSentenceEncoder(model_path("all-MiniLM-L6-v2"))
-
-
-@pytest.mark.parametrize("batch_size", [1, 64])
-def test_unpacked_products_match_sentence_transformers(unpacked_model, reference_model, batch_size):
-    """The path of a GPU, and of a torch without oneDNN: plain products and torch's own attention."""
-    assert unpacked_model.model.packed is None
-    with torch.inference_mode():
-        got = np.empty((len(TRICKY), 384), dtype=np.float32)
-        for rows, vecs in unpacked_model.encode_batches(TRICKY, batch_size):
-            got[rows] = vecs
-    assert (got * reference_vectors(reference_model, TRICKY)).sum(1).min() >= 0.99999
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +148,11 @@ def test_a_long_list_is_tokenized_over_torchs_threads_and_keeps_its_order(encode
 
 
 @pytest.mark.parametrize("texts", [["x"], ["a fairly ordinary product description"], TRICKY[:12]])
-def test_flop_count_matches_torchs_counter_for_the_linear_layers(unpacked_model, texts):
-    """On the unpacked path, whose products torch's counter sees (oneDNN's packed ones it does not)."""
+def test_flop_count_matches_torchs_counter_for_the_linear_layers(encoder, texts):
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    model, counts = unpacked_model, [len(ids) for ids in unpacked_model.token_ids(texts)]
+    model, counts = encoder.model, [len(ids) for ids in encoder.model.token_ids(texts)]
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         for ids in model.token_ids(texts):  # one text per forward: no padding to count
             model.model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.bool))

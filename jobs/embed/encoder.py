@@ -164,14 +164,10 @@ class Encoder:
             raise BadRequest(f"model {model!r} could not be loaded from {path}: {exc}") from exc
         if self.precision.device == "cuda" and self.precision.dtype == "fp16":
             self.model.half()
-        import torch
-
-        dtypes = {"bf16": torch.bfloat16, "fp32": torch.float32}
-        pack = getattr(self.model, "pack", None)  # the plain-torch BERT only
-        packed = bool(pack and self.precision.device == "cpu" and self.precision.dtype in dtypes
-                      and pack(dtypes[self.precision.dtype]))
+        pack_bf16 = getattr(self.model, "pack_bf16", None)  # the plain-torch BERT only
         # Where the model runs bf16 itself, autocast would only add a dispatch layer to every operation.
-        self.self_cast = bool(packed and self.precision.dtype == "bf16")
+        self.self_cast = bool(self.precision.device == "cpu" and self.precision.dtype == "bf16" and pack_bf16
+                              and pack_bf16())
         self.dim = self.model.dim
         self.max_tokens = self.model.max_tokens
         self.ready_at = time.perf_counter()  # a caller that asked for it before this waited for its load
