@@ -85,7 +85,8 @@ def default_partitions(cores: int, rows: int) -> int:
 
 COMMIT_ROWS = 256  # rows per transaction: each worker's progress shows every few seconds
 # A task's first commit: this many of its shortest rows alone, so that vectors land within a second of its start.
-# On one fp32 core of an AVX2-only EPYC the 32 shortest of 200 demo rows took 0.45-0.5 s to encode, 8 of them 0.1 s.
+# On one fp32 core of an AVX2-only EPYC the 32 shortest of 200 demo rows took 0.41-0.56 s to encode, 8 of them
+# 0.07-0.11 s.
 FIRST_COMMIT_ROWS = 8
 
 
