@@ -31,6 +31,11 @@ os.environ.pop("EMBEDDECK_REGISTRY_URL", None)
 os.environ["SPARK_LOCAL_IP"] = "127.0.0.1"
 # Tests share one registry: the cap on runs at once is tested where a server sets it, not between tests.
 os.environ["EMBEDDECK_MAX_ACTIVE_RUNS"] = "8"
+# Two test workers share the cores with JVMs, servers and each other: torch's OpenMP threads spun while they waited
+# for each other, on CPU the other worker needed. test_encoder.py beside one busy core: 128-133 s spinning, 100-103 s
+# with them sleeping. Set before anything loads torch (and its OpenMP runtime); subprocesses inherit it. Tests
+# time no encoder, so how its threads wait changes no result; the product keeps OpenMP's default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 
 
