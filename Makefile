@@ -13,7 +13,7 @@ run: setup
 	$(BIN)/python -m dashboard
 
 # Two pytest workers, a test file each at a time: the suite waits on JVMs, servers and browsers about half the time,
-# and kept one core of two idle (serial: 13-14 min on 2 cores, Zen 5 EPYC; 8-9.5 min in two).
+# and kept one core of two idle (serial: 13-14 min on 2 cores, Zen 5 EPYC; 8-10 min in two).
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile
