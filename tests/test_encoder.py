@@ -14,7 +14,7 @@ import torch
 
 from jobs.core.spec import DEFAULT_BATCH_SIZE
 from jobs.embed import bert
-from jobs.embed.encoder import Encoder, model_path
+from jobs.embed.encoder import Encoder, cpu_flags, model_path
 from tests.conftest import embeddings_endpoint, reference_vectors, wait_until
 
 TRICKY = ["Hello world", "  padded with spaces  ", "x", "", "[PAD] [CLS] [SEP] [MASK] written out",
@@ -334,18 +334,12 @@ def test_bench_asks_the_run_service_for_executors_and_says_when_it_cannot(tmp_pa
     assert service_executors(tries=2) == -1
 
 
-def _has_avx512() -> bool:
-    try:
-        return "avx512f" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("env", [
     pytest.param({}, id="default"),
     # Where the CPU has no AVX-512 the default case is this one (fp32 on AVX2 kernels): not run twice.
     pytest.param({"EMBEDDECK_PRECISION": "fp32", "ONEDNN_MAX_CPU_ISA": "AVX2"}, id="fp32-on-avx2-kernels",
-                 marks=pytest.mark.skipif(not _has_avx512(), reason="the default case runs fp32 on AVX2 kernels here")),
+                 marks=pytest.mark.skipif("avx512f" not in cpu_flags(),
+                                          reason="the default case runs fp32 on AVX2 kernels here")),
 ])
 def test_a_repeated_encode_reuses_freed_memory_instead_of_faulting_it_in_again(env):
     """glibc's malloc gave each batch's activations back to the OS, so every batch mapped and zeroed them afresh

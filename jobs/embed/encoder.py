@@ -62,13 +62,18 @@ def absolute_model(model: str) -> str:
         return model  # no model directory: validation names the problem where it checks the model
 
 
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags as Linux lists them (`avx512f`, `amx_bf16`, ...); empty where it lists none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
 def cpu_has_bf16_units() -> bool:
     """Whether this CPU has bf16 matrix units (AMX or AVX-512 BF16), where bf16 pays."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
 # glibc's malloc hands a freed block back to the OS once its thresholds say so, and adapts them as it goes:
